@@ -1,0 +1,194 @@
+"""The organ catalogue: the single source of names, colours, terminology and
+label values for every organ FocusNet knows.
+
+Names follow AAPM TG-263. SNOMED CT codes and laterality qualifiers follow the
+HL7 mCODE TG-263 concept map (left 7771000, right 24028007), with the map's
+known slip corrected: OpticNrv_R carries the *right* qualifier.
+
+Two organ sets are defined, each an ordered tuple of catalogue names whose
+position + 1 is the label value:
+
+- ``oar22``: the paper's own 22 OARs (section 4.1), small organs as in its
+  footnote 1 (lenses, optic nerves, chiasm, pituitary).
+- ``pddca9``: the MICCAI 2015 / PDDCA set (brain stem, mandible, chiasm, optic
+  nerves, parotids, submandibular glands), small organs: optic nerves, chiasm.
+
+This module must stay importable without torch, Slicer or Qt: the Slicer
+process reads it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
+
+LEFT = ("7771000", "Left")
+RIGHT = ("24028007", "Right")
+ANATOMICAL_STRUCTURE = ("123037004", "Anatomical Structure")
+
+
+@dataclass(frozen=True)
+class Organ:
+    """One catalogue entry.
+
+    ``volume_cc`` is the typical adult volume range in cm^3, used to flag
+    implausible segmentations and to check the phantom.
+    """
+
+    name: str  # AAPM TG-263
+    display_name: str
+    color: Tuple[int, int, int]  # RGB 0..255
+    snomed_code: str
+    snomed_meaning: str
+    laterality: Optional[str]  # "L", "R" or None
+    small: bool
+    volume_cc: Tuple[float, float]
+    # Extra SNOMED modifier, e.g. internal/middle for the ear.
+    modifier: Optional[Tuple[str, str]] = None
+
+    @property
+    def laterality_code(self) -> Optional[Tuple[str, str]]:
+        return {"L": LEFT, "R": RIGHT}.get(self.laterality or "")
+
+    @property
+    def mirror_name(self) -> Optional[str]:
+        """The contralateral organ's name (``Parotid_L`` -> ``Parotid_R``)."""
+        if self.laterality == "L":
+            return self.name[:-2] + "_R"
+        if self.laterality == "R":
+            return self.name[:-2] + "_L"
+        return None
+
+
+def _pair(base, display, color_l, color_r, code, meaning, small, volume, modifier=None):
+    return (
+        Organ(f"{base}_L", f"{display} left", color_l, code, meaning, "L", small, volume, modifier),
+        Organ(f"{base}_R", f"{display} right", color_r, code, meaning, "R", small, volume, modifier),
+    )
+
+
+_ENTRIES = (
+    *_pair("Eye", "Eye", (194, 135, 96), (216, 160, 120), "81745001", "Eye", False, (4.5, 9.5)),
+    *_pair("Lens", "Lens", (120, 220, 255), (80, 180, 240), "78076003", "Lens", True, (0.12, 0.6)),
+    *_pair("OpticNrv", "Optic nerve", (255, 230, 0), (230, 190, 0), "18234004", "Optic nerve",
+           True, (0.25, 1.4)),
+    Organ("OpticChiasm", "Optic chiasm", (255, 120, 0), "244453006", "Optic chiasm", None, True,
+          (0.2, 1.3)),
+    Organ("Pituitary", "Pituitary gland", (255, 80, 160), "56329008", "Pituitary gland", None,
+          True, (0.15, 0.9)),
+    Organ("Brainstem", "Brain stem", (160, 90, 220), "15926001", "Brainstem", None, False,
+          (15.0, 40.0)),
+    *_pair("Lobe_Temporal", "Temporal lobe", (120, 200, 120), (90, 170, 90), "78277001",
+           "Temporal lobe", False, (35.0, 110.0)),
+    Organ("SpinalCord", "Spinal cord", (255, 255, 140), "2748008", "Spinal cord", None, False,
+          (8.0, 40.0)),
+    *_pair("Parotid", "Parotid gland", (60, 120, 255), (30, 80, 200), "45289007",
+           "Parotid gland", False, (12.0, 50.0)),
+    *_pair("Ear_Internal", "Inner ear", (255, 60, 60), (200, 30, 30), "117590005", "Ear",
+           False, (0.1, 1.0), ("260521003", "Internal")),
+    *_pair("Ear_Middle", "Middle ear", (255, 160, 140), (220, 120, 100), "117590005", "Ear",
+           False, (0.3, 3.0), ("260528009", "Middle")),
+    *_pair("Joint_TM", "Temporomandibular joint", (140, 255, 200), (90, 220, 160), "53620006",
+           "Temporomandibular joint", False, (0.4, 4.0)),
+    *_pair("Bone_Mandible", "Mandible", (240, 240, 220), (210, 210, 190), "91609006",
+           "Mandible", False, (15.0, 45.0)),
+    Organ("Bone_Mandible", "Mandible", (230, 230, 210), "91609006", "Mandible", None, False,
+          (35.0, 90.0)),
+    *_pair("Glnd_Submand", "Submandibular gland", (190, 110, 40), (150, 85, 30), "385296007",
+           "Submandibular gland", False, (3.5, 15.0)),
+)
+
+CATALOGUE: Dict[str, Organ] = {organ.name: organ for organ in _ENTRIES}
+
+# Paper section 4.1, in the paper's order.
+OAR22 = (
+    "Eye_L", "Eye_R", "Lens_L", "Lens_R", "OpticNrv_L", "OpticNrv_R", "OpticChiasm",
+    "Pituitary", "Brainstem", "Lobe_Temporal_L", "Lobe_Temporal_R", "SpinalCord",
+    "Parotid_L", "Parotid_R", "Ear_Internal_L", "Ear_Internal_R", "Ear_Middle_L",
+    "Ear_Middle_R", "Joint_TM_L", "Joint_TM_R", "Bone_Mandible_L", "Bone_Mandible_R",
+)
+# Paper section 4.5 (MICCAI 2015 / PDDCA).
+PDDCA9 = (
+    "Brainstem", "Bone_Mandible", "OpticChiasm", "OpticNrv_L", "OpticNrv_R",
+    "Parotid_L", "Parotid_R", "Glnd_Submand_L", "Glnd_Submand_R",
+)
+PDDCA9_SMALL = ("OpticChiasm", "OpticNrv_L", "OpticNrv_R")
+
+# The PDDCA archive's own structure file names.
+PDDCA_FILE_NAMES: Mapping[str, str] = {
+    "Brainstem": "BrainStem", "Bone_Mandible": "Mandible", "OpticChiasm": "Chiasm",
+    "OpticNrv_L": "OpticNerve_L", "OpticNrv_R": "OpticNerve_R", "Parotid_L": "Parotid_L",
+    "Parotid_R": "Parotid_R", "Glnd_Submand_L": "Submandibular_L",
+    "Glnd_Submand_R": "Submandibular_R",
+}
+
+
+@dataclass(frozen=True)
+class OrganSet:
+    """An ordered organ set; label value = position + 1, background = 0."""
+
+    key: str
+    names: Tuple[str, ...]
+    small_names: Tuple[str, ...]
+
+    def __post_init__(self):
+        unknown = [n for n in self.names if n not in CATALOGUE]
+        if unknown:
+            raise ValueError(f"organ set {self.key!r}: names not in the catalogue: {unknown}")
+        stray = [n for n in self.small_names if n not in self.names]
+        if stray:
+            raise ValueError(f"organ set {self.key!r}: small organs not in the set: {stray}")
+
+    @property
+    def organs(self) -> Tuple[Organ, ...]:
+        return tuple(CATALOGUE[n] for n in self.names)
+
+    @property
+    def num_classes(self) -> int:
+        """Organ classes plus background."""
+        return len(self.names) + 1
+
+    def label_of(self, name: str) -> int:
+        try:
+            return self.names.index(name) + 1
+        except ValueError:
+            raise KeyError(f"organ {name!r} is not in organ set {self.key!r}") from None
+
+    def name_of(self, label: int) -> str:
+        if not 1 <= label <= len(self.names):
+            raise KeyError(f"label {label} is not in organ set {self.key!r} (1..{len(self.names)})")
+        return self.names[label - 1]
+
+    @property
+    def small_labels(self) -> Tuple[int, ...]:
+        return tuple(self.label_of(n) for n in self.small_names)
+
+
+ORGAN_SETS: Dict[str, OrganSet] = {
+    "oar22": OrganSet("oar22", OAR22, tuple(n for n in OAR22 if CATALOGUE[n].small)),
+    "pddca9": OrganSet("pddca9", PDDCA9, PDDCA9_SMALL),
+}
+
+
+def get_organ_set(key: str) -> OrganSet:
+    try:
+        return ORGAN_SETS[key]
+    except KeyError:
+        raise KeyError(f"unknown organ set {key!r}; known: {sorted(ORGAN_SETS)}") from None
+
+
+def terminology_entry(organ: Organ) -> dict:
+    """The organ's segment context in the dcmqi segment-context JSON schema
+    (the form Slicer's Terminologies module reads from a ``.term.json``)."""
+    entry = {
+        "CodeMeaning": organ.snomed_meaning,
+        "CodingSchemeDesignator": "SCT",
+        "CodeValue": organ.snomed_code,
+        "recommendedDisplayRGBValue": list(organ.color),
+    }
+    modifiers = [m for m in (organ.modifier, organ.laterality_code) if m]
+    if modifiers:
+        entry["Modifier"] = [
+            {"CodeMeaning": meaning, "CodingSchemeDesignator": "SCT", "CodeValue": code}
+            for code, meaning in modifiers
+        ]
+    return entry

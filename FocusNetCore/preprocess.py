@@ -1,0 +1,331 @@
+"""Preprocessing (paper section 4.2) and its exact inverse.
+
+The model sees every scan on a *model grid*:
+
+- canonical orientation: identity direction in LPS (x runs to the patient's
+  left, y to posterior, z to superior), so flipped, permuted or oblique input
+  axes land the same anatomy at the same indices and left organs stay left;
+- model spacing, 1 x 1 x 3 mm by default (x, y, z; PDDCA: 1 x 1 x 2.5 mm);
+- an in-plane window of 240 x 240 voxels centred on the head found in the
+  image (the paper crops the image centre, which misses heads placed off
+  centre); what falls outside the scan is padded with air;
+- the full z extent of the scan, cut into 40-slice chunks (padded with air).
+
+Resampling the CT onto that grid is one SimpleITK resample: orientation,
+spacing and crop happen together, with no intermediate copies. Labels go back
+between grids by linear interpolation of each organ's signed distance map,
+restricted to the organ's bounding box, which keeps thin structures that
+nearest-neighbour resampling would break.
+
+No torch here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+AIR_HU = -1024.0
+# Body mask threshold: everything denser than lung/air is patient (or couch).
+BODY_THRESHOLD_HU = -400.0
+# Head finding works on a coarse copy of the scan with about this spacing.
+HEAD_FINDER_SPACING_MM = 4.0
+# Slices wider than this multiple of the median body area are shoulders and
+# are left out of the head centre.
+SHOULDER_AREA_FACTOR = 1.25
+# Voxels of margin around each label's box when resampling labels: room for
+# the distance map to turn positive outside the organ.
+LABEL_BOX_MARGIN = 3
+IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Model-side geometry and intensity settings; stored in the model bundle."""
+
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 3.0)  # x, y, z in mm
+    crop_size: Tuple[int, int] = (240, 240)  # x, y voxels
+    chunk_slices: int = 40
+    # Intensity normalisation: clip to [hu_min, hu_max], then divide by hu_scale.
+    hu_min: float = -1000.0
+    hu_max: float = 1600.0
+    hu_scale: float = 1000.0
+
+    def __post_init__(self):
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be three positive numbers (x, y, z mm), got {self.spacing}")
+        if len(self.crop_size) != 2 or min(self.crop_size) < 8:
+            raise ValueError(f"crop_size must be two sizes >= 8 (x, y voxels), got {self.crop_size}")
+        if self.chunk_slices < 1:
+            raise ValueError(f"chunk_slices must be >= 1, got {self.chunk_slices}")
+        if self.hu_max <= self.hu_min or self.hu_scale <= 0:
+            raise ValueError(f"bad intensity window: hu_min={self.hu_min}, hu_max={self.hu_max}, hu_scale={self.hu_scale}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
+        data = dict(data)
+        for key in ("spacing", "crop_size"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid: size (x, y, z), origin, spacing and direction (row-major 3x3)."""
+
+    size: Tuple[int, int, int]
+    origin: Tuple[float, float, float]
+    spacing: Tuple[float, float, float]
+    direction: Tuple[float, ...] = IDENTITY_DIRECTION
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Grid":
+        return cls(tuple(image.GetSize()), tuple(image.GetOrigin()), tuple(image.GetSpacing()),
+                   tuple(image.GetDirection()))
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """Array shape (z, y, x)."""
+        return tuple(reversed(self.size))
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    def index_to_physical(self, index) -> np.ndarray:
+        """Continuous (x, y, z) indices (..., 3) -> physical points (..., 3)."""
+        index = np.asarray(index, dtype=float)
+        return np.asarray(self.origin) + (index * np.asarray(self.spacing)) @ self.matrix.T
+
+    def physical_to_index(self, point) -> np.ndarray:
+        point = np.asarray(point, dtype=float)
+        return ((point - np.asarray(self.origin)) @ self.matrix) / np.asarray(self.spacing)
+
+    def corners(self) -> np.ndarray:
+        """Physical positions of the 8 corner voxel centres, (8, 3)."""
+        last = np.asarray(self.size) - 1
+        idx = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * last
+        return self.index_to_physical(idx)
+
+    def sub_grid(self, start: Sequence[int], size: Sequence[int]) -> "Grid":
+        origin = self.index_to_physical(np.asarray(start, dtype=float))
+        return Grid(tuple(int(s) for s in size), tuple(float(v) for v in origin), self.spacing, self.direction)
+
+    def empty_image(self, pixel_type=sitk.sitkUInt8) -> sitk.Image:
+        image = sitk.Image([int(s) for s in self.size], pixel_type)
+        self.apply_to(image)
+        return image
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+    def to_dict(self) -> dict:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Grid":
+        return cls(tuple(int(v) for v in data["size"]), tuple(data["origin"]), tuple(data["spacing"]),
+                   tuple(data["direction"]))
+
+
+@dataclass
+class Preprocessed:
+    """A scan on the model grid: normalised intensities (z, y, x) and both grids."""
+
+    image: np.ndarray  # (D, H, W) float32, normalised
+    grid: Grid  # the model grid
+    source: Grid  # the original scan's grid
+    head_centre: Tuple[float, float] = field(default=(0.0, 0.0))  # physical x, y (mm)
+
+
+def _resample(image: sitk.Image, grid: Grid, interpolator, default: float, pixel_type) -> sitk.Image:
+    return sitk.Resample(image, [int(s) for s in grid.size], sitk.Transform(), interpolator,
+                         grid.origin, grid.spacing, grid.direction, float(default), pixel_type)
+
+
+def find_head_centre(image: sitk.Image) -> Tuple[float, float]:
+    """Physical (x, y) centre of the head: the body's largest connected
+    component above the threshold, averaged over the slices narrower than
+    the shoulders. Falls back to the image's centre when no body is found."""
+    spacing = image.GetSpacing()
+    factors = [max(1, int(round(HEAD_FINDER_SPACING_MM / spacing[0]))),
+               max(1, int(round(HEAD_FINDER_SPACING_MM / spacing[1]))), 1]
+    coarse = sitk.Shrink(image, factors) if factors != [1, 1, 1] else image
+    body = sitk.BinaryMorphologicalOpening(coarse > BODY_THRESHOLD_HU, [1, 1, 0])
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(body), sortByObjectSize=True)
+    mask = sitk.GetArrayViewFromImage(components) == 1  # (z, y, x)
+    grid = Grid.of(coarse)
+    if not mask.any():
+        centre = grid.index_to_physical((np.asarray(grid.size) - 1) / 2.0)
+        return float(centre[0]), float(centre[1])
+    areas = mask.sum(axis=(1, 2))
+    occupied = np.nonzero(areas)[0]
+    median_area = float(np.median(areas[occupied]))
+    head_slices = [k for k in occupied if areas[k] <= SHOULDER_AREA_FACTOR * median_area]
+    points = []
+    for k in head_slices:
+        ys, xs = np.nonzero(mask[k])
+        points.append((xs.mean(), ys.mean(), float(k)))
+    centre = grid.index_to_physical(np.mean(points, axis=0))
+    return float(centre[0]), float(centre[1])
+
+
+def model_grid(image: sitk.Image, config: PreprocessConfig, head_centre=None) -> Grid:
+    """The canonical LPS grid at model spacing: crop_size in-plane around the
+    head, covering the scan's whole physical z extent."""
+    if head_centre is None:
+        head_centre = find_head_centre(image)
+    sx, sy, sz = config.spacing
+    nx, ny = config.crop_size
+    corners = Grid.of(image).corners()
+    z_low, z_high = float(corners[:, 2].min()), float(corners[:, 2].max())
+    nz = int(math.floor((z_high - z_low) / sz + 1e-6)) + 1
+    z0 = z_low + ((z_high - z_low) - (nz - 1) * sz) / 2.0  # centre the slices in the extent
+    x0 = head_centre[0] - (nx - 1) / 2.0 * sx
+    y0 = head_centre[1] - (ny - 1) / 2.0 * sy
+    origin = _snap_to_lattice((x0, y0, z0), Grid.of(image))
+    return Grid((nx, ny, nz), origin, (sx, sy, sz))
+
+
+def _snap_to_lattice(origin, source: Grid) -> Tuple[float, float, float]:
+    """Move the model grid's origin onto the nearest source voxel centre when
+    the source axes are the LPS axes (possibly flipped or permuted): samples
+    then coincide wherever the spacings agree, and a label that does not need
+    resampling is not blurred by a half-voxel shift. Oblique grids are left
+    as they are."""
+    matrix = np.abs(source.matrix)
+    if not np.allclose(np.sort(matrix, axis=1), [[0, 0, 1]] * 3, atol=1e-6):
+        return tuple(float(v) for v in origin)
+    snapped = []
+    for axis in range(3):
+        step = source.spacing[int(np.argmax(matrix[axis]))]
+        base = source.origin[axis]
+        snapped.append(float(base + round((origin[axis] - base) / step) * step))
+    return tuple(snapped)
+
+
+def normalise(hu: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    return (np.clip(hu, config.hu_min, config.hu_max) / config.hu_scale).astype(np.float32)
+
+
+def preprocess(image: sitk.Image, config: PreprocessConfig = PreprocessConfig()) -> Preprocessed:
+    """CT (HU, any orientation and spacing) -> normalised array on the model grid."""
+    centre = find_head_centre(image)
+    grid = model_grid(image, config, centre)
+    resampled = _resample(image, grid, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    array = normalise(sitk.GetArrayViewFromImage(resampled), config)
+    return Preprocessed(array, grid, Grid.of(image), centre)
+
+
+def resample_labels(labels: sitk.Image, target: Grid) -> np.ndarray:
+    """Resample a label image onto ``target`` (returns a (z, y, x) array).
+
+    Each label's signed distance map (mm, negative inside) is computed inside
+    the label's own bounding box, linearly interpolated onto the target grid,
+    and the label claims the target voxels where its distance is negative and
+    the smallest. Interpolating distances instead of binary masks keeps
+    surfaces between samples, so thin and small organs survive a round trip
+    through a coarser grid. Works for any pair of orientations.
+    """
+    source = Grid.of(labels)
+    out = np.zeros(target.shape, dtype=np.uint8 if _max_label(labels) < 256 else np.uint16)
+    best = np.zeros(target.shape, dtype=np.float32)  # distance of the winning label (< 0)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(labels, sitk.sitkUInt16))
+    array = sitk.GetArrayViewFromImage(labels)
+    for label in stats.GetLabels():
+        if label == 0:
+            continue
+        box = stats.GetBoundingBox(label)  # (x, y, z start, x, y, z size)
+        start = np.maximum(np.asarray(box[:3]) - LABEL_BOX_MARGIN, 0)
+        stop = np.minimum(np.asarray(box[:3]) + np.asarray(box[3:]) + LABEL_BOX_MARGIN, source.size)
+        crop = array[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]] == label
+        box_grid = source.sub_grid(start, stop - start)
+        distance = sitk.GetImageFromArray(signed_distance(crop, box_grid.spacing))
+        box_grid.apply_to(distance)
+        # Target voxels that the source box can reach.
+        corners = target.physical_to_index(box_grid.corners())
+        lo = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, target.size)
+        hi = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, target.size)
+        if np.any(hi <= lo):
+            continue
+        region = target.sub_grid(lo, hi - lo)
+        far = float(max(source.spacing)) * LABEL_BOX_MARGIN
+        dist = sitk.GetArrayFromImage(_resample(distance, region, sitk.sitkLinear, far, sitk.sitkFloat32))
+        window = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+        wins = dist < best[window]
+        best[window][wins] = dist[wins]
+        out[window][wins] = label
+    return out
+
+
+def signed_distance(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Signed distance (mm) of a (z, y, x) mask: negative inside, positive
+    outside, zero half-way between an inside and an outside voxel centre."""
+    sampling = tuple(float(s) for s in reversed(tuple(spacing)))
+    outside = ndimage.distance_transform_edt(~mask, sampling=sampling)
+    inside = ndimage.distance_transform_edt(mask, sampling=sampling)
+    return (outside - inside).astype(np.float32)
+
+
+def _max_label(labels: sitk.Image) -> int:
+    return int(sitk.GetArrayViewFromImage(labels).max(initial=0))
+
+
+def labels_to_model_grid(labels: sitk.Image, grid: Grid) -> np.ndarray:
+    """Ground-truth labels (original grid) -> (z, y, x) array on the model grid."""
+    return resample_labels(labels, grid)
+
+
+def labels_to_original(labels: np.ndarray, grid: Grid, reference: sitk.Image) -> sitk.Image:
+    """Labels (z, y, x) on the model grid -> label image on ``reference``'s grid,
+    with ``reference``'s origin, spacing and direction exactly."""
+    if labels.shape != grid.shape:
+        raise ValueError(f"label array shape {labels.shape} does not match the model grid {grid.shape}")
+    image = sitk.GetImageFromArray(labels)
+    grid.apply_to(image)
+    out = sitk.GetImageFromArray(resample_labels(image, Grid.of(reference)))
+    out.CopyInformation(reference)
+    return out
+
+
+def chunk_bounds(num_slices: int, chunk_slices: int) -> List[Tuple[int, int]]:
+    """Non-overlapping [start, stop) slice ranges; the last one may be short
+    (see :func:`pad_to_chunks`)."""
+    return [(s, min(s + chunk_slices, num_slices)) for s in range(0, num_slices, chunk_slices)]
+
+
+def pad_to_chunks(array: np.ndarray, chunk_slices: int, value: float) -> np.ndarray:
+    """Pad the slice axis (axis -3) up to a multiple of ``chunk_slices``."""
+    missing = (-array.shape[-3]) % chunk_slices
+    if not missing:
+        return array
+    pad = [(0, 0)] * array.ndim
+    pad[-3] = (0, missing)
+    return np.pad(array, pad, constant_values=value)
+
+
+def iter_chunks(array: np.ndarray, chunk_slices: int, value: float) -> Iterator[np.ndarray]:
+    """40-slice chunks of a (..., D, H, W) array, the last one padded with ``value``."""
+    padded = pad_to_chunks(array, chunk_slices, value)
+    for start in range(0, padded.shape[-3], chunk_slices):
+        yield padded[..., start:start + chunk_slices, :, :]
+
+
+def stack_chunks(chunks: Sequence[np.ndarray], num_slices: int) -> np.ndarray:
+    """Inverse of :func:`iter_chunks`: concatenate along the slice axis and drop the padding."""
+    return np.concatenate(list(chunks), axis=-3)[..., :num_slices, :, :]
