@@ -166,7 +166,14 @@ class OrganSet:
 ORGAN_SETS: Dict[str, OrganSet] = {
     "oar22": OrganSet("oar22", OAR22, tuple(n for n in OAR22 if CATALOGUE[n].small)),
     "pddca9": OrganSet("pddca9", PDDCA9, PDDCA9_SMALL),
+    # What the phantom labels: the 22 OARs plus the submandibular glands, so
+    # both sets above can be derived from it.
+    "phantom24": OrganSet("phantom24", OAR22 + ("Glnd_Submand_L", "Glnd_Submand_R"),
+                          tuple(n for n in OAR22 if CATALOGUE[n].small)),
 }
+
+# A whole organ made of halves that other sets keep apart.
+UNIONS: Mapping[str, Tuple[str, ...]] = {"Bone_Mandible": ("Bone_Mandible_L", "Bone_Mandible_R")}
 
 
 def get_organ_set(key: str) -> OrganSet:
@@ -174,6 +181,29 @@ def get_organ_set(key: str) -> OrganSet:
         return ORGAN_SETS[key]
     except KeyError:
         raise KeyError(f"unknown organ set {key!r}; known: {sorted(ORGAN_SETS)}") from None
+
+
+def convert_labels(labels, source: OrganSet, target: OrganSet):
+    """Map a label array from one organ set to another by organ name.
+
+    Organs of ``source`` that ``target`` lacks become background; a target
+    organ that ``source`` holds only as halves (the whole mandible) is their
+    union. Returns the new array and the target organs that could not be
+    made (absent from ``source``).
+    """
+    import numpy as np
+
+    lookup = np.zeros(max(source.num_classes, int(labels.max(initial=0)) + 1), dtype=np.uint16)
+    missing = []
+    for name in target.names:
+        parts = (name,) if name in source.names else UNIONS.get(name, ())
+        parts = [p for p in parts if p in source.names]
+        if not parts:
+            missing.append(name)
+        for part in parts:
+            lookup[source.label_of(part)] = target.label_of(name)
+    out = lookup[labels]
+    return out.astype(np.uint8 if target.num_classes < 256 else np.uint16), missing
 
 
 def terminology_entry(organ: Organ) -> dict:

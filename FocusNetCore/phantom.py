@@ -1,0 +1,427 @@
+"""Synthetic head-and-neck CT phantoms with ground truth for the 22 OARs of
+the paper plus the submandibular glands (organ set ``phantom24``).
+
+The anatomy is built from analytic shapes in a head frame (millimetres; x to
+the patient's left, y posterior, z superior; origin between the orbits at
+the level of the pituitary), then placed in the scanner by a per-patient
+transform (scale, rotation, translation, neck flexion) and rendered with
+partial volume (see :mod:`FocusNetCore.shapes`), mild blur and noise.
+
+Hounsfield units and sizes follow ../shared/DESIGN.md ("Organ catalogue").
+What makes the paper's problem real here: the chiasm sits in the
+suprasellar cistern about 15 HU above CSF, the intracranial optic nerves and
+the pituitary differ from the brain around them by 5-10 HU, while the
+mandible is bone against soft tissue.
+
+``generate_case(seed)`` is deterministic: the same seed gives the same case
+bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .organs import ORGAN_SETS
+from .shapes import Canvas, Capsule, Ellipsoid, HalfSpace, Intersection, RenderGrid
+
+PHANTOM_SET = ORGAN_SETS["phantom24"]
+AIR = -1000.0
+
+# Tissue Hounsfield units (DESIGN "Phantom reference values"); each patient
+# gets these jittered by HU_JITTER.
+TISSUE_HU = {
+    "fat": -90.0, "muscle": 45.0, "cortical": 1500.0, "cancellous": 600.0, "dense_bone": 1700.0,
+    "grey": 40.0, "white": 26.0, "csf": 12.0, "vitreous": 10.0, "sclera": 45.0, "lens": 105.0,
+    "optic_nerve": 33.0, "chiasm": 30.0, "pituitary": 45.0, "cavernous": 40.0, "brainstem": 33.0,
+    "cord": 34.0, "parotid": -4.0, "submand": 50.0, "inner_ear": 15.0, "middle_ear": -900.0,
+    "disc": 80.0, "tract": 32.0,
+}
+HU_JITTER = 4.0
+
+SIZES = {
+    # matrix (x, y), in-plane spacing range, slice thickness range, z range of the scan (head frame)
+    "full": dict(matrix=512, spacing=(0.78, 1.25), thickness=(2.5, 3.5), top=(55.0, 125.0), bottom=(-200.0, -135.0)),
+    "small": dict(matrix=160, spacing=(1.5, 1.6), thickness=(3.0, 3.0), top=(40.0, 50.0), bottom=(-110.0, -105.0)),
+}
+
+
+@dataclass
+class PhantomCase:
+    """A generated case: CT (HU) and labels (``phantom24``) on the same grid."""
+
+    name: str
+    image: sitk.Image
+    labels: sitk.Image
+    landmarks: Dict[str, Tuple[float, float, float]] = field(default_factory=dict)  # world mm
+    parameters: Dict[str, float] = field(default_factory=dict)
+
+
+def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    """Rotation matrix from angles (degrees) about x, y, z."""
+    a, b, c = np.radians([ax, ay, az])
+    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+class PatientTransform:
+    """Head frame -> scanner (world LPS) for one patient."""
+
+    FLEXION_PIVOT = np.array([0.0, 30.0, -45.0])  # near the atlanto-occipital joint
+    FLEXION_RAMP_MM = 60.0
+
+    def __init__(self, scale: float, angles, translation, flexion_deg: float):
+        self.scale = float(scale)
+        self.rotation = _rotation(*angles)
+        self.translation = np.asarray(translation, dtype=float)
+        self.flexion_deg = float(flexion_deg)
+
+    def _flex(self, p) -> np.ndarray:
+        """Neck flexion: points below the pivot turn about the x axis, more so
+        further down (a smooth bend, not a kink)."""
+        drop = self.FLEXION_PIVOT[2] - p[2]
+        if drop <= 0 or not self.flexion_deg:
+            return np.eye(3)
+        ramp = min(drop / self.FLEXION_RAMP_MM, 1.0)
+        return _rotation(self.flexion_deg * ramp, 0.0, 0.0)
+
+    def point(self, p) -> np.ndarray:
+        p = np.asarray(p, dtype=float)
+        flexed = self.FLEXION_PIVOT + self._flex(p) @ (p - self.FLEXION_PIVOT)
+        return self.translation + self.scale * (self.rotation @ flexed)
+
+    def axes(self, p, local: Optional[np.ndarray] = None) -> np.ndarray:
+        local = np.eye(3) if local is None else local
+        return self.rotation @ self._flex(np.asarray(p, dtype=float)) @ local
+
+
+class _Painter:
+    """Builds world shapes from head-frame descriptions, with per-organ
+    variation drawn from the patient's random generator."""
+
+    def __init__(self, canvas: Canvas, transform: PatientTransform, rng: np.random.Generator, hu):
+        self.canvas = canvas
+        self.t = transform
+        self.rng = rng
+        self.hu = hu
+
+    def ellipsoid(self, centre, radii, jitter=0.0, vary=0.0, harmonics=0.0, local=None):
+        rng = self.rng
+        centre = np.asarray(centre, float) + rng.uniform(-jitter, jitter, 3)
+        radii = np.asarray(radii, float) * (1.0 + rng.uniform(-vary, vary, 3))
+        coeffs = rng.uniform(-harmonics, harmonics, 7) if harmonics else None
+        return Ellipsoid(self.t.point(centre), radii * self.t.scale, self.t.axes(centre, local), coeffs)
+
+    def fixed_ellipsoid(self, centre, radii, local=None):
+        return Ellipsoid(self.t.point(centre), np.asarray(radii, float) * self.t.scale, self.t.axes(centre, local))
+
+    def capsule(self, a, b, ra, rb=None, wobble=0.0):
+        phase = self.rng.uniform(0, 2 * np.pi) if wobble else 0.0
+        return Capsule(self.t.point(a), self.t.point(b), ra * self.t.scale,
+                       (ra if rb is None else rb) * self.t.scale, (wobble, phase))
+
+    def half_space(self, point, normal):
+        return HalfSpace(self.t.point(point), self.t.axes(point) @ np.asarray(normal, float))
+
+    def paint(self, shape, tissue, label=0):
+        value = self.hu[tissue] if isinstance(tissue, str) else float(tissue)
+        self.canvas.paint(shape, value, label)
+
+    def chain(self, points, radius, tissue, label=0, wobble=0.0):
+        for a, b in zip(points[:-1], points[1:]):
+            self.paint(self.capsule(a, b, radius, wobble=wobble), tissue, label)
+
+
+def _mirror(p, side):
+    """Head-frame point on the patient's left (side=+1) or right (side=-1)."""
+    return (side * p[0], p[1], p[2])
+
+
+def _paint_anatomy(p: _Painter, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    L = PHANTOM_SET.label_of
+    landmarks = {}
+
+    # --- Body outline: fat under the skin, muscle inside -------------------
+    body = [
+        ((0, 8, 28), (78, 98, 86)),      # cranium
+        ((0, 5, -30), (68, 70, 50)),     # skull base / ears / parotids
+        ((0, -28, -35), (64, 58, 62)),   # face
+    ]
+    neck = [(0, 10, -60), (0, 18, -120), (0, 25, -230)]
+    shoulders = ((0, 20, -235), (190, 75, 60))
+    for inset, tissue in ((0.0, "fat"), (6.0, "muscle")):
+        for centre, radii in body:
+            p.paint(p.fixed_ellipsoid(centre, np.subtract(radii, inset)), tissue)
+        p.chain(neck, 56 - inset, tissue)
+        p.paint(p.fixed_ellipsoid(shoulders[0], np.subtract(shoulders[1], inset)), tissue)
+
+    # --- Skull, CSF and brain ---------------------------------------------
+    brain_c, brain_r = np.array([0, 8, 30.0]), np.array([66, 86, 72.0]) * (1 + rng.uniform(-0.03, 0.03, 3))
+    for grow, tissue in ((8.0, "cortical"), (6.5, "cancellous"), (3.5, "cortical"), (2.0, "csf")):
+        p.paint(p.fixed_ellipsoid(brain_c, brain_r + grow), tissue)
+    # Face below the anterior cranial fossa: soft tissue for the orbits,
+    # nose and sinuses to be carved into.
+    skull_outer = p.fixed_ellipsoid(brain_c, brain_r + 8.0)
+    p.paint(Intersection([skull_outer, p.half_space((0, -32, 0), (0, 1, 0)),
+                          p.half_space((0, 0, 10), (0, 0, 1))]), "muscle")
+    anterior_floor = Intersection([p.half_space((0, -28, 0), (0, 1, 0)), p.half_space((0, 0, 14), (0, 0, 1))])
+    brain = p.fixed_ellipsoid(brain_c, brain_r)
+
+    def brain_part(shape):
+        return Intersection([shape, brain], minus=[anterior_floor])
+
+    p.paint(brain_part(brain), "grey")
+    p.paint(brain_part(p.ellipsoid((0, 10, 40), (48, 66, 48), vary=0.05, harmonics=0.05)), "white")
+    for side in (1, -1):
+        p.paint(p.ellipsoid((side * 10, 5, 35), (5, 25, 8), vary=0.15), "csf")
+
+    # Skull base bones: sella turcica, sphenoid sinus, petrous bones.
+    p.paint(p.fixed_ellipsoid((0, -6, -11), (10, 8.5, 6)), "cortical")
+    p.paint(p.fixed_ellipsoid((0, -18, -22), (14, 12, 11)), "cortical")
+    p.paint(p.ellipsoid((0, -18, -22), (12, 10, 9), vary=0.1), AIR)
+    for side in (1, -1):
+        p.paint(p.fixed_ellipsoid(_mirror((36, 14, -10), side), (16, 13, 10)), "dense_bone")
+        p.paint(p.fixed_ellipsoid(_mirror((47, -4, -12), side), (12, 8, 4)), "cortical")  # glenoid fossa
+
+    # Cisterns around the brainstem and the chiasm; the foramen magnum.
+    p.chain([(0, 30, -30), (0, 34, -65)], 16, "csf")
+    p.chain([(0, 16, 10), (0, 20, -20), (0, 26, -42)], 15, "csf")
+    p.paint(p.ellipsoid((0, -12, 6), (20, 14, 8), vary=0.1), "csf")
+
+    # --- Temporal lobes (brain tissue; borders invisible, as in real CT) ---
+    for side, name in ((1, "Lobe_Temporal_L"), (-1, "Lobe_Temporal_R")):
+        lobe = p.ellipsoid(_mirror((44, 2, -5), side), (19, 34, 21), jitter=2.0, vary=0.06, harmonics=0.06)
+        p.paint(brain_part(lobe), 38.0, L(name))
+
+    # --- Brainstem, vertebral column, spinal cord -------------------------
+    stem = [(0, 22, 12), (0, 26, -20), (0, 30, -42)]
+    stem = [np.add(q, rng.uniform(-1.5, 1.5, 3) * (1, 1, 0)) for q in stem]
+    p.chain(stem, 10.5 * (1 + rng.uniform(-0.05, 0.05)), "brainstem", L("Brainstem"), wobble=0.05)
+    cord_path = [(0, 30, -42), (0, 34, -70), (0, 38, -110), (0, 40, -150), (0, 42, -235)]
+    p.chain([(x, y, z) for x, y, z in cord_path[1:]], 13, "cancellous")  # arches
+    for top in np.arange(-58.0, -240.0, -21.0):  # vertebral bodies with discs below
+        y = np.interp(-top, [-c[2] for c in cord_path], [c[1] for c in cord_path]) - 22
+        p.paint(p.fixed_ellipsoid((0, y, top - 8), (14, 11, 8)), "cortical")
+        p.paint(p.fixed_ellipsoid((0, y, top - 8), (12, 9, 6.5)), "cancellous")
+        p.paint(p.fixed_ellipsoid((0, y, top - 18.5), (12, 9.5, 2.5)), "disc")
+    p.chain([(x, y, z) for x, y, z in cord_path[1:]], 8.5, "csf")
+    p.chain(cord_path, 5.6 * (1 + rng.uniform(-0.05, 0.05)), "cord", L("SpinalCord"), wobble=0.05)
+
+    # --- Orbits, eyes, lenses ---------------------------------------------
+    for side, sfx in ((1, "_L"), (-1, "_R")):
+        eye_c = np.add(_mirror((31, -60, 0), side), rng.uniform(-1.5, 1.5, 3))
+        apex = _mirror((15, -30, 0), side)
+        p.paint(p.capsule(eye_c, apex, 19, 6), "cortical")
+        p.paint(p.capsule(eye_c, apex, 17, 4), "fat")
+        radius = 12.0 * (1 + rng.uniform(-0.05, 0.05))
+        p.paint(p.ellipsoid(eye_c, (radius,) * 3, harmonics=0.03), "sclera", L("Eye" + sfx))
+        p.paint(p.fixed_ellipsoid(eye_c, (radius - 1.2,) * 3), "vitreous", None)
+        lens_c = np.add(eye_c, (0, -(radius - 3.0), 0))
+        p.paint(p.ellipsoid(lens_c, (4.8, 2.1, 4.8), jitter=0.3, vary=0.08), "lens", L("Lens" + sfx))
+        landmarks["eye" + sfx] = eye_c
+
+    # --- Visual pathway: optic nerves, chiasm (X-shaped), tracts -----------
+    chiasm_c = np.array([0, -10, 5.5]) + rng.uniform(-1.5, 1.5, 3)
+    front = [chiasm_c + (side * 7.5, -7, -1.5) for side in (1, -1)]
+    back = [chiasm_c + (side * 7.5, 7, 1.5) for side in (1, -1)]
+    for side, sfx, start in ((1, "_L", front[0]), (-1, "_R", front[1])):
+        eye_back = np.add(landmarks["eye" + sfx], (-side * 4, 11.5, 0))
+        p.paint(p.capsule(back[0 if side == 1 else 1], np.add(back[0 if side == 1 else 1], (side * 12, 16, -3)), 2.0),
+                "tract", None)
+        p.paint(p.capsule(eye_back, start, 2.6 * (1 + rng.uniform(-0.08, 0.08)), wobble=0.08),
+                "optic_nerve", L("OpticNrv" + sfx))
+    for a, b in ((front[0], back[1]), (front[1], back[0])):
+        p.paint(p.capsule(a, b, 2.1), "chiasm", L("OpticChiasm"))
+    landmarks["chiasm"] = chiasm_c
+
+    # --- Pituitary in the sella, cavernous sinuses beside it ---------------
+    for side in (1, -1):
+        p.paint(p.ellipsoid((side * 9, -6, -5), (4, 7, 5)), "cavernous")
+    pit_c = np.array([0, -6, -7.0]) + rng.uniform(-1.0, 1.0, 3)
+    p.paint(p.ellipsoid(pit_c, (6, 4.5, 3.2), vary=0.1, harmonics=0.05), "pituitary", L("Pituitary"))
+    landmarks["pituitary"] = pit_c
+
+    # --- Ears --------------------------------------------------------------
+    for side, sfx in ((1, "_L"), (-1, "_R")):
+        p.paint(p.ellipsoid(_mirror((30, 10, -10), side), (4, 3.5, 3), jitter=0.5, vary=0.08),
+                "inner_ear", L("Ear_Internal" + sfx))
+        p.paint(p.ellipsoid(_mirror((35, 15, -9), side), (2.5, 2.5, 2.5), jitter=0.3), "inner_ear",
+                L("Ear_Internal" + sfx))
+        middle = np.add(_mirror((43, 10, -10), side), rng.uniform(-0.8, 0.8, 3))
+        p.paint(p.ellipsoid(middle, (4.5, 7, 7.5), vary=0.1, harmonics=0.05), "middle_ear", L("Ear_Middle" + sfx))
+        p.paint(p.fixed_ellipsoid(np.add(middle, (0, 0, 2)), (1.5, 1.5, 1.5)), 600.0, L("Ear_Middle" + sfx))
+        p.paint(p.capsule(_mirror((50, 10, -10), side), _mirror((72, 10, -12), side), 4), AIR)
+
+    # --- Parotids, mandible (halves), TMJ condyles, submandibular glands ---
+    for side, sfx in ((1, "_L"), (-1, "_R")):
+        p.paint(p.ellipsoid(_mirror((49, 14, -42), side), (11, 17, 22), jitter=1.5, vary=0.08, harmonics=0.08),
+                p.hu["parotid"] + rng.normal(0, 8), L("Parotid" + sfx))
+    jaw = [(47, -3, -24), (46, 2, -62), (40, -28, -70), (22, -58, -74), (0, -70, -76)]
+    jaw = [np.add(q, rng.uniform(-1.5, 1.5, 3)) for q in jaw]
+    mandible_shapes = []
+    for side in (1, -1):
+        pts = [_mirror(q, side) for q in jaw]
+        for k, (a, b) in enumerate(zip(pts[:-1], pts[1:])):
+            if k == 0:  # ramus: a plate, two rods side by side
+                offsets = [(0, -5, 0), (0, 5, 0)]
+                radius = 4.5
+            else:  # body: taller than wide
+                offsets = [(0, 0, 0), (0, 0, -10)]
+                radius = 6.0
+            for off in offsets:
+                mandible_shapes.append((np.add(a, off), np.add(b, off), radius))
+    for tissue, shrink in (("cortical", 0.0), ("cancellous", 2.5)):
+        for a, b, r in mandible_shapes:
+            p.paint(p.capsule(a, b, r - shrink), tissue, L("Bone_Mandible_L"))
+    for side, sfx in ((1, "_L"), (-1, "_R")):
+        condyle = np.add(_mirror((47, -4, -20), side), rng.uniform(-0.8, 0.8, 3))
+        p.paint(p.fixed_ellipsoid(condyle + (0, 0, 1), (11, 6.5, 7.5)), 30.0)  # joint space and disc
+        p.paint(p.ellipsoid(condyle, (9, 4.5, 5.5), vary=0.08), "cortical", L("Joint_TM" + sfx))
+        p.paint(p.fixed_ellipsoid(condyle, (7, 3, 4)), "cancellous", None)
+        p.paint(p.capsule(condyle - (0, 0, 3), _mirror(jaw[0], side), 3.5),
+                "cortical", L("Bone_Mandible_L"))
+        p.paint(p.ellipsoid(_mirror((28, -20, -92), side), (10, 12, 8.5), jitter=1.5, vary=0.08, harmonics=0.06),
+                "submand", L("Glnd_Submand" + sfx))
+
+    # --- Airway and sinuses -----------------------------------------------
+    p.chain([(0, -30, -25), (0, -10, -35), (0, -10, -70), (0, -12, -120), (0, -10, -235)], 8, AIR)
+    p.paint(p.ellipsoid((0, -55, -18), (9, 26, 14), vary=0.1), AIR)
+    for side in (1, -1):
+        p.paint(p.ellipsoid(_mirror((24, -50, -28), side), (14, 16, 17)), "cortical")
+        p.paint(p.ellipsoid(_mirror((24, -50, -28), side), (12, 14, 15), vary=0.1), AIR)
+    return landmarks
+
+
+def _sample(rng: np.random.Generator, lo_hi) -> float:
+    lo, hi = lo_hi
+    return float(lo if lo == hi else rng.uniform(lo, hi))
+
+
+def generate_case(seed: int, size: str = "full", name: Optional[str] = None,
+                  z_range: Optional[Tuple[float, float]] = None) -> PhantomCase:
+    """One synthetic patient. ``z_range`` (head-frame mm, bottom and top)
+    overrides the scan's extent, e.g. to make a scan that stops below the eyes."""
+    if size not in SIZES:
+        raise ValueError(f"unknown phantom size {size!r}; choose one of {sorted(SIZES)}")
+    setting = SIZES[size]
+    rng = np.random.default_rng(seed)
+    hu = {k: v + rng.normal(0.0, HU_JITTER) for k, v in TISSUE_HU.items()}
+    scale = rng.uniform(0.9, 1.1)
+    angles = rng.uniform(-4.0, 4.0, 3)
+    shift = np.r_[rng.uniform(-15.0, 15.0, 2), 0.0]
+    flexion = rng.uniform(-12.0, 12.0)
+    transform = PatientTransform(scale, angles, shift, flexion)
+
+    spacing_xy = round(_sample(rng, setting["spacing"]), 3)
+    thickness = round(_sample(rng, setting["thickness"]), 1)
+    bottom, top = z_range or (_sample(rng, setting["bottom"]), _sample(rng, setting["top"]))
+    matrix = setting["matrix"]
+    nz = int(round((top - bottom) * scale / thickness)) + 1
+    origin = np.array([-(matrix - 1) / 2 * spacing_xy, -(matrix - 1) / 2 * spacing_xy,
+                       shift[2] + bottom * scale])
+    grid = RenderGrid(origin, np.array([spacing_xy, spacing_xy, thickness]), (matrix, matrix, nz))
+
+    canvas = Canvas(grid, AIR)
+    painter = _Painter(canvas, transform, rng, hu)
+    landmarks = _paint_anatomy(painter, rng)
+    # The mandible was painted as one bone; its halves are the patient's
+    # left (+x in the head frame) and right.
+    _split_mandible(canvas, transform)
+
+    noise_sigma = rng.uniform(10.0, 30.0)
+    blur_mm = rng.uniform(0.4, 0.8)
+    image = sitk.GetImageFromArray(canvas.image)
+    image.SetOrigin(tuple(grid.origin))
+    image.SetSpacing(tuple(float(s) for s in grid.spacing))
+    image = sitk.SmoothingRecursiveGaussian(image, [blur_mm, blur_mm, blur_mm * 0.5])
+    array = sitk.GetArrayFromImage(image)
+    array += rng.standard_normal(array.shape, dtype=np.float32) * np.float32(noise_sigma)
+    ct = sitk.GetImageFromArray(np.clip(np.round(array), -1024, 3071).astype(np.int16))
+    ct.CopyInformation(image)
+    labels = sitk.GetImageFromArray(canvas.labels)
+    labels.CopyInformation(image)
+    params = dict(seed=seed, scale=scale, yaw=float(angles[2]), pitch=float(angles[0]), roll=float(angles[1]),
+                  flexion=flexion, noise_sigma=noise_sigma, blur_mm=blur_mm, spacing_xy=spacing_xy,
+                  thickness=thickness, z_bottom=bottom, z_top=top)
+    world = {k: tuple(float(v) for v in transform.point(c)) for k, c in landmarks.items()}
+    return PhantomCase(name or f"phantom_{seed:04d}", ct, labels, world, params)
+
+
+def _split_mandible(canvas: Canvas, transform: PatientTransform) -> None:
+    """Voxels labelled Bone_Mandible_L on the patient's right become _R: the
+    midsagittal plane of the head, carried into the scanner."""
+    left, right = PHANTOM_SET.label_of("Bone_Mandible_L"), PHANTOM_SET.label_of("Bone_Mandible_R")
+    idx = np.argwhere(canvas.labels == left)
+    if not len(idx):
+        return
+    world = canvas.grid.origin + idx[:, ::-1] * canvas.grid.spacing
+    head_x = ((world - transform.translation) @ transform.rotation)[:, 0]
+    right_side = idx[head_x < 0]
+    canvas.labels[tuple(right_side.T)] = right
+
+
+# --------------------------------------------------------------------------
+# Writing cases in the formats users have
+# --------------------------------------------------------------------------
+
+FORMATS = ("nrrd", "nifti", "pddca", "nnunet", "dicom")
+
+
+def label_table(organ_set=PHANTOM_SET) -> dict:
+    return {"organ_set": organ_set.key,
+            "labels": {name: organ_set.label_of(name) for name in organ_set.names}}
+
+
+def write_case(case: PhantomCase, out, fmt: str, overwrite: bool = False) -> list:
+    """Write one case in ``fmt``; returns the paths written."""
+    import json
+    from pathlib import Path
+
+    from .dicom import write_ct_series
+    from .imageio import OutputExistsError, atomic_output, write_image
+    from .organs import ORGAN_SETS, PDDCA_FILE_NAMES, convert_labels
+
+    out = Path(out)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown phantom format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    written = []
+    if fmt in ("nrrd", "nifti"):
+        suffix = ".nrrd" if fmt == "nrrd" else ".nii.gz"
+        written.append(write_image(case.image, out / f"{case.name}_ct{suffix}", overwrite))
+        written.append(write_image(case.labels, out / f"{case.name}_labels{suffix}", overwrite))
+    elif fmt == "pddca":
+        folder = out / case.name
+        written.append(write_image(case.image, folder / "img.nrrd", overwrite))
+        pddca = ORGAN_SETS["pddca9"]
+        labels, _ = convert_labels(sitk.GetArrayViewFromImage(case.labels), PHANTOM_SET, pddca)
+        for name in pddca.names:
+            mask = sitk.GetImageFromArray((labels == pddca.label_of(name)).astype(np.uint8))
+            mask.CopyInformation(case.image)
+            written.append(write_image(mask, folder / "structures" / f"{PDDCA_FILE_NAMES[name]}.nrrd", overwrite))
+    elif fmt == "nnunet":
+        written.append(write_image(case.image, out / "imagesTr" / f"{case.name}_0000.nii.gz", overwrite))
+        written.append(write_image(case.labels, out / "labelsTr" / f"{case.name}.nii.gz", overwrite))
+        dataset = {"channel_names": {"0": "CT"},
+                   "labels": {"background": 0, **label_table()["labels"]},
+                   "numTraining": len(list((out / "labelsTr").glob("*.nii.gz"))),
+                   "file_ending": ".nii.gz", "name": "FocusNetPhantom",
+                   "description": "FocusNet synthetic head-and-neck CT phantoms; not patient data"}
+        with atomic_output(out / "dataset.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps(dataset, indent=2))
+        written.append(out / "dataset.json")
+    else:  # dicom
+        folder = out / case.name / "CT"
+        if folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise OutputExistsError(folder)
+        write_ct_series(case.image, folder, patient_id=case.name, patient_name=f"Phantom^{case.name}")
+        written.append(folder)
+        written.append(write_image(case.labels, out / case.name / "labels.nrrd", overwrite))
+    if fmt in ("nrrd", "nifti", "dicom"):
+        with atomic_output(out / "labels.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps(label_table(), indent=2))
+    return written
