@@ -80,7 +80,7 @@ _ENTRIES = (
     *_pair("Lobe_Temporal", "Temporal lobe", (120, 200, 120), (90, 170, 90), "78277001",
            "Temporal lobe", False, (35.0, 110.0)),
     Organ("SpinalCord", "Spinal cord", (255, 255, 140), "2748008", "Spinal cord", None, False,
-          (8.0, 40.0)),
+          (4.0, 40.0)),  # in the field of view, which varies with the scan
     *_pair("Parotid", "Parotid gland", (60, 120, 255), (30, 80, 200), "45289007",
            "Parotid gland", False, (12.0, 50.0)),
     *_pair("Ear_Internal", "Inner ear", (255, 60, 60), (200, 30, 30), "117590005", "Ear",

@@ -162,18 +162,24 @@ def _paint_anatomy(p: _Painter, rng: np.random.Generator) -> Dict[str, np.ndarra
 
     # --- Skull, CSF and brain ---------------------------------------------
     brain_c, brain_r = np.array([0, 8, 30.0]), np.array([66, 86, 72.0]) * (1 + rng.uniform(-0.03, 0.03, 3))
+
+    def above_base(offset):
+        """Above the skull base, a plane lower at the back (posterior fossa)."""
+        return p.half_space((0, 0, -26.0 + offset), (0, -0.3, -1))
+
     for grow, tissue in ((8.0, "cortical"), (6.5, "cancellous"), (3.5, "cortical"), (2.0, "csf")):
-        p.paint(p.fixed_ellipsoid(brain_c, brain_r + grow), tissue)
+        p.paint(Intersection([p.fixed_ellipsoid(brain_c, brain_r + grow), above_base(0.0)]), tissue)
+    skull_outer = p.fixed_ellipsoid(brain_c, brain_r + 8.0)
     # Face below the anterior cranial fossa: soft tissue for the orbits,
     # nose and sinuses to be carved into.
-    skull_outer = p.fixed_ellipsoid(brain_c, brain_r + 8.0)
     p.paint(Intersection([skull_outer, p.half_space((0, -32, 0), (0, 1, 0)),
                           p.half_space((0, 0, 10), (0, 0, 1))]), "muscle")
+    p.paint(Intersection([skull_outer, above_base(0.0)], minus=[above_base(6.0)]), "cortical")  # the floor
     anterior_floor = Intersection([p.half_space((0, -28, 0), (0, 1, 0)), p.half_space((0, 0, 14), (0, 0, 1))])
     brain = p.fixed_ellipsoid(brain_c, brain_r)
 
     def brain_part(shape):
-        return Intersection([shape, brain], minus=[anterior_floor])
+        return Intersection([shape, brain, above_base(6.0)], minus=[anterior_floor])
 
     p.paint(brain_part(brain), "grey")
     p.paint(brain_part(p.ellipsoid((0, 10, 40), (48, 66, 48), vary=0.05, harmonics=0.05)), "white")
@@ -186,7 +192,6 @@ def _paint_anatomy(p: _Painter, rng: np.random.Generator) -> Dict[str, np.ndarra
     p.paint(p.ellipsoid((0, -18, -22), (12, 10, 9), vary=0.1), AIR)
     for side in (1, -1):
         p.paint(p.fixed_ellipsoid(_mirror((36, 14, -10), side), (16, 13, 10)), "dense_bone")
-        p.paint(p.fixed_ellipsoid(_mirror((47, -4, -12), side), (12, 8, 4)), "cortical")  # glenoid fossa
 
     # Cisterns around the brainstem and the chiasm; the foramen magnum.
     p.chain([(0, 30, -30), (0, 34, -65)], 16, "csf")
@@ -195,7 +200,7 @@ def _paint_anatomy(p: _Painter, rng: np.random.Generator) -> Dict[str, np.ndarra
 
     # --- Temporal lobes (brain tissue; borders invisible, as in real CT) ---
     for side, name in ((1, "Lobe_Temporal_L"), (-1, "Lobe_Temporal_R")):
-        lobe = p.ellipsoid(_mirror((44, 2, -5), side), (19, 34, 21), jitter=2.0, vary=0.06, harmonics=0.06)
+        lobe = p.ellipsoid(_mirror((44, 2, -2), side), (20, 36, 22), jitter=2.0, vary=0.06, harmonics=0.06)
         p.paint(brain_part(lobe), 38.0, L(name))
 
     # --- Brainstem, vertebral column, spinal cord -------------------------
@@ -259,9 +264,9 @@ def _paint_anatomy(p: _Painter, rng: np.random.Generator) -> Dict[str, np.ndarra
 
     # --- Parotids, mandible (halves), TMJ condyles, submandibular glands ---
     for side, sfx in ((1, "_L"), (-1, "_R")):
-        p.paint(p.ellipsoid(_mirror((49, 14, -42), side), (11, 17, 22), jitter=1.5, vary=0.08, harmonics=0.08),
+        p.paint(p.ellipsoid(_mirror((49, 14, -48), side), (13, 19, 24), jitter=1.5, vary=0.08, harmonics=0.08),
                 p.hu["parotid"] + rng.normal(0, 8), L("Parotid" + sfx))
-    jaw = [(47, -3, -24), (46, 2, -62), (40, -28, -70), (22, -58, -74), (0, -70, -76)]
+    jaw = [(47, -3, -41), (46, 2, -64), (40, -28, -70), (22, -58, -74), (0, -70, -76)]
     jaw = [np.add(q, rng.uniform(-1.5, 1.5, 3)) for q in jaw]
     mandible_shapes = []
     for side in (1, -1):
@@ -279,13 +284,13 @@ def _paint_anatomy(p: _Painter, rng: np.random.Generator) -> Dict[str, np.ndarra
         for a, b, r in mandible_shapes:
             p.paint(p.capsule(a, b, r - shrink), tissue, L("Bone_Mandible_L"))
     for side, sfx in ((1, "_L"), (-1, "_R")):
-        condyle = np.add(_mirror((47, -4, -20), side), rng.uniform(-0.8, 0.8, 3))
-        p.paint(p.fixed_ellipsoid(condyle + (0, 0, 1), (11, 6.5, 7.5)), 30.0)  # joint space and disc
-        p.paint(p.ellipsoid(condyle, (9, 4.5, 5.5), vary=0.08), "cortical", L("Joint_TM" + sfx))
-        p.paint(p.fixed_ellipsoid(condyle, (7, 3, 4)), "cancellous", None)
+        # The condyle sits below the skull base with a joint space of a few mm.
+        condyle = np.add(_mirror((47, -4, -37), side), rng.uniform(-0.8, 0.8, 3))
+        p.paint(p.ellipsoid(condyle, (9, 4.5, 5), vary=0.08), "cortical", L("Joint_TM" + sfx))
+        p.paint(p.fixed_ellipsoid(condyle, (7, 3, 3.5)), "cancellous", None)
         p.paint(p.capsule(condyle - (0, 0, 3), _mirror(jaw[0], side), 3.5),
                 "cortical", L("Bone_Mandible_L"))
-        p.paint(p.ellipsoid(_mirror((28, -20, -92), side), (10, 12, 8.5), jitter=1.5, vary=0.08, harmonics=0.06),
+        p.paint(p.ellipsoid(_mirror((28, -20, -92), side), (11, 13, 9.5), jitter=1.5, vary=0.08, harmonics=0.06),
                 "submand", L("Glnd_Submand" + sfx))
 
     # --- Airway and sinuses -----------------------------------------------
