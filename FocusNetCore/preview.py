@@ -15,6 +15,8 @@ from .organs import CATALOGUE, OrganSet
 from .preprocess import IDENTITY_DIRECTION
 
 WINDOW = (-160.0, 240.0)  # soft-tissue window, HU
+BODY_HU = -500.0  # views are cropped to voxels denser than this
+CROP_MARGIN_VOXELS = 8
 
 
 def _canonical(image: sitk.Image, interpolator) -> sitk.Image:
@@ -53,6 +55,13 @@ def save_overlay(image: sitk.Image, labels: Optional[sitk.Image], organ_set: Org
     ]
     figure, axes = plt.subplots(1, 3, figsize=(15, 5.4))
     for ax, (name, plane, plane_labels, aspect, flip) in zip(axes, views):
+        body = np.argwhere(plane > BODY_HU)
+        if len(body):  # crop to the patient, with a margin
+            (r0, c0), (r1, c1) = body.min(axis=0), body.max(axis=0)
+            m = CROP_MARGIN_VOXELS
+            crop = (slice(max(r0 - m, 0), r1 + m + 1), slice(max(c0 - m, 0), c1 + m + 1))
+            plane = plane[crop]
+            plane_labels = None if plane_labels is None else plane_labels[crop]
         if flip:  # superior up
             plane = plane[::-1]
             plane_labels = None if plane_labels is None else plane_labels[::-1]
