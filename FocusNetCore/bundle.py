@@ -1,0 +1,85 @@
+"""The model bundle: one file with everything inference needs (DESIGN "Model bundle").
+
+It holds the format version, the network configuration (organ set with
+label values, small organs, spacing, crop, chunk, normalisation, widths), the
+weights, and provenance (data set, cases, validation metrics, date, code
+version) with a SHA-256 checksum of the weights. It loads with
+``torch.load(weights_only=True)``: a model file from elsewhere can never run
+code.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import __version__
+from .imageio import atomic_output
+from .networks import FocusNetConfig, FocusNetV2
+
+FORMAT_VERSION = 1
+
+
+class BundleError(ValueError):
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+
+
+def weights_checksum(state_dict: Dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, overwrite: bool = False) -> Path:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    organs = model.config.organs
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "organs": {name: organs.label_of(name) for name in organs.names},
+        "small_organs": list(organs.small_names),
+        "state_dict": state,
+        "checksum": weights_checksum(state),
+        "provenance": {"code_version": __version__, "date": datetime.date.today().isoformat(),
+                       **(provenance or {})},
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with atomic_output(Path(path), overwrite) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return Path(path)
+
+
+def load_bundle(path, map_location="cpu") -> Tuple[FocusNetV2, dict]:
+    """Rebuild the model from the bundle alone; returns (model in eval mode, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(path, "no such model bundle")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated, corrupt, or holding code
+        raise BundleError(path, f"not a readable FocusNet model bundle ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:200]})") from None
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise BundleError(path, "not a FocusNet model bundle (no format_version)")
+    if payload["format_version"] > FORMAT_VERSION:
+        raise BundleError(path, f"bundle format {payload['format_version']} is newer than this FocusNet "
+                          f"understands ({FORMAT_VERSION}); update FocusNet")
+    state = payload["state_dict"]
+    if weights_checksum(state) != payload.get("checksum"):
+        raise BundleError(path, "weights checksum mismatch: the file was altered or damaged")
+    config = FocusNetConfig.from_dict(payload["config"])
+    model = FocusNetV2(config)
+    model.load_state_dict(state)
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, meta

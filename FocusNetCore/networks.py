@@ -1,0 +1,302 @@
+"""FocusNetv2 networks: S-Net, SOL-Net, SOS-Net (paper section 3, table 10)
+and the adversarial shape autoencoder (table 9).
+
+Shapes: (B, C, D, H, W), D the slice axis. The configuration is one frozen
+dataclass that the model bundle stores; a width multiplier makes a small CPU
+model and the paper model from the same code.
+
+The authors' code differs from the paper (DenseASPP 192 channels, SOS-Net on
+the CT crop alone); the paper is implemented, the CT-only crop is the
+``sos_input="ct"`` option (table 6, "no concat").
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import DenseASPP, SEResBlock, se_stack
+from .organs import get_organ_set
+from .preprocess import PreprocessConfig
+
+# S-Net downsamples by (1, 2, 2) then (2, 2, 2): inputs are padded to these multiples.
+S_NET_MULTIPLE = (2, 4, 4)
+SOS_INPUTS = ("features+ct", "ct")
+
+
+@dataclass(frozen=True)
+class FocusNetConfig:
+    organ_set: str = "oar22"
+    width: float = 1.0  # multiplies every channel count of table 10
+    roi_size: Tuple[int, int, int] = (8, 64, 64)  # D, H, W voxels (24 x 64 x 64 mm at 3 mm)
+    sos_input: str = "features+ct"
+    aspp_rates: Tuple[int, ...] = (3, 6, 12, 18)
+    heatmap_threshold: float = 0.3  # below it a small organ is absent from the scan
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __post_init__(self):
+        get_organ_set(self.organ_set)
+        if self.sos_input not in SOS_INPUTS:
+            raise ValueError(f"sos_input must be one of {SOS_INPUTS}, got {self.sos_input!r}")
+        if self.width <= 0:
+            raise ValueError(f"width must be positive, got {self.width}")
+        if any(s % 8 for s in self.roi_size[1:]) or self.roi_size[0] % 8:
+            raise ValueError(f"roi_size must be multiples of 8 (autoencoder strides), got {self.roi_size}")
+
+    def channels(self, n: int) -> int:
+        return max(4, int(round(n * self.width)))
+
+    @property
+    def organs(self):
+        return get_organ_set(self.organ_set)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["preprocess"] = self.preprocess.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FocusNetConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown network configuration keys: {sorted(unknown)}")
+        data = dict(data)
+        for key in ("roi_size", "aspp_rates"):
+            if key in data:
+                data[key] = tuple(data[key])
+        if "preprocess" in data:
+            data["preprocess"] = PreprocessConfig.from_dict(data["preprocess"])
+        return cls(**data)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple=S_NET_MULTIPLE, value: float = 0.0):
+    """Pad D, H, W at the end up to multiples; returns the padded tensor and the original size."""
+    size = x.shape[-3:]
+    pad = []
+    for n, m in reversed(list(zip(size, multiple))):
+        pad += [0, (-n) % m]
+    return (F.pad(x, pad, value=value) if any(pad) else x), tuple(size)
+
+
+class SNet(nn.Module):
+    """Table 10, S-Net. Returns logits (B, K+1, D, H, W) and the last decoder
+    features (B, c32, D, H, W) that SOL-Net and SOS-Net read."""
+
+    def __init__(self, config: FocusNetConfig):
+        super().__init__()
+        c = config.channels
+        classes = config.organs.num_classes
+        self.stem = nn.Sequential(nn.Conv3d(1, c(32), 3, padding=1, bias=False), nn.BatchNorm3d(c(32)),
+                                  nn.ReLU(inplace=True))                       # row 1
+        self.enc1 = se_stack(c(32), c(32), 1)                                  # row 2
+        self.pool1 = nn.MaxPool3d((1, 2, 2))                                   # row 3
+        self.enc2 = se_stack(c(32), c(48), 2)                                  # row 4
+        self.pool2 = nn.MaxPool3d((2, 2, 2))                                   # row 5
+        self.enc3 = se_stack(c(48), c(64), 2)                                  # row 6
+        self.dilated = se_stack(c(64), c(64), 2, dilation=2)                   # row 7
+        # Growth c(64) on c(64) input: 64 + 4 x 64 = 320 at width 1 (row 8).
+        self.aspp = DenseASPP(c(64), c(64), config.aspp_rates)
+        self.dec2 = SEResBlock(self.aspp.out_channels + c(48), c(48))          # rows 9-10, skip from enc2
+        self.dec1 = SEResBlock(c(48) + c(32), c(32))                           # rows 11-12, skip from enc1
+        self.head = nn.Conv3d(c(32), classes, 1)                               # row 13
+
+    def forward(self, ct: torch.Tensor):
+        x, size = pad_to_multiple(ct, value=float(ct.min()) if ct.numel() else 0.0)
+        s1 = self.enc1(self.stem(x))                                 # (B, 32, D, H, W)
+        s2 = self.enc2(self.pool1(s1))                               # (B, 48, D, H/2, W/2)
+        deep = self.aspp(self.dilated(self.enc3(self.pool2(s2))))    # (B, 320, D/2, H/4, W/4)
+        up = F.interpolate(deep, size=s2.shape[-3:], mode="trilinear", align_corners=False)
+        d2 = self.dec2(torch.cat([up, s2], dim=1))                   # (B, 48, D, H/2, W/2)
+        up = F.interpolate(d2, size=s1.shape[-3:], mode="trilinear", align_corners=False)
+        features = self.dec1(torch.cat([up, s1], dim=1))             # (B, 32, D, H, W)
+        d, h, w = size
+        features = features[..., :d, :h, :w]
+        return self.head(features), features
+
+
+class SOLNet(nn.Module):
+    """Table 10, SOL-Net: one sigmoid heat map per small organ, (B, S, D, H, W)."""
+
+    def __init__(self, config: FocusNetConfig):
+        super().__init__()
+        c = config.channels
+        self.block = SEResBlock(c(32), c(32))
+        self.head = nn.Conv3d(c(32), len(config.organs.small_names), 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(self.block(features)))
+
+
+class SOSHead(nn.Module):
+    """Table 10, SOS-Net for one small organ: ROI (B, C, 8, 64, 64) -> mask probability (B, 1, 8, 64, 64)."""
+
+    def __init__(self, in_channels: int, width: int):
+        super().__init__()
+        self.blocks = se_stack(in_channels, width, 2)
+        self.head = nn.Conv3d(width, 1, 1)
+
+    def forward(self, roi: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(self.blocks(roi)))
+
+
+class SOSNet(nn.Module):
+    def __init__(self, config: FocusNetConfig):
+        super().__init__()
+        c = config.channels
+        in_channels = 1 if config.sos_input == "ct" else c(32) + 1
+        self.heads = nn.ModuleList([SOSHead(in_channels, c(32)) for _ in config.organs.small_names])
+
+
+def roi_start(centre: Tuple[int, int, int], roi_size: Tuple[int, int, int]) -> Tuple[int, int, int]:
+    """Corner of an ROI centred on ``centre`` (it may lie outside the volume)."""
+    return tuple(int(c) - s // 2 for c, s in zip(centre, roi_size))
+
+
+def roi_pool(volume: torch.Tensor, start: Tuple[int, int, int], roi_size: Tuple[int, int, int]) -> torch.Tensor:
+    """Crop (B, C, D, H, W) -> (B, C, *roi_size) at ``start``; zeros outside the volume."""
+    out = volume.new_zeros(volume.shape[:2] + tuple(roi_size))
+    src, dst = _overlap(volume.shape[-3:], start, roi_size)
+    out[(..., *dst)] = volume[(..., *src)]
+    return out
+
+
+def roi_paste(target: torch.Tensor, roi: torch.Tensor, start: Tuple[int, int, int]) -> torch.Tensor:
+    """Write ``roi`` back into ``target`` at ``start`` (the inverse of roi_pool inside the volume)."""
+    src, dst = _overlap(target.shape[-3:], start, roi.shape[-3:])
+    target[(..., *src)] = roi[(..., *dst)]
+    return target
+
+
+def _overlap(shape, start, size):
+    """Slices of the volume and of the ROI where they overlap."""
+    vol, roi = [], []
+    for n, s, k in zip(shape, start, size):
+        lo, hi = max(s, 0), min(s + k, n)
+        hi = max(hi, lo)
+        vol.append(slice(lo, hi))
+        roi.append(slice(lo - s, hi - s))
+    return tuple(vol), tuple(roi)
+
+
+class FocusNetV2(nn.Module):
+    """S-Net + SOL-Net + SOS-Net."""
+
+    def __init__(self, config: FocusNetConfig):
+        super().__init__()
+        self.config = config
+        self.snet = SNet(config)
+        self.solnet = SOLNet(config)
+        self.sosnet = SOSNet(config)
+
+    def sos_input(self, ct: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return ct if self.config.sos_input == "ct" else torch.cat([features, ct], dim=1)
+
+    def forward(self, ct: torch.Tensor, centres: List[Tuple[int, int, int]] = None) -> Dict[str, torch.Tensor]:
+        """Training forward on a chunk (B=1): logits, heat maps, and for each
+        small organ its ROI mask at ``centres`` (default: the heat-map arg-max)."""
+        logits, features = self.snet(ct)
+        heatmaps = self.solnet(features)                          # (1, S, D, H, W)
+        if centres is None:
+            centres = [argmax_3d(heatmaps[0, k]) for k in range(heatmaps.shape[1])]
+        joined = self.sos_input(ct, features)
+        starts = [roi_start(c, self.config.roi_size) for c in centres]
+        masks = [head(roi_pool(joined, s, self.config.roi_size)) for head, s in zip(self.sosnet.heads, starts)]
+        return {"logits": logits, "features": features, "heatmaps": heatmaps, "masks": masks, "starts": starts}
+
+    @torch.no_grad()
+    def segment(self, volume: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Whole-volume inference on (1, 1, D, H, W): non-overlapping chunks
+        through S-Net and SOL-Net, then each small organ's centre is the
+        arg-max of its heat map over the *whole* volume, and its ROI is pooled
+        from the whole volume's features, so an ROI across a chunk border is
+        the same as on one big chunk. A heat-map maximum below the threshold
+        means the organ is not in the scan; it gets no contour."""
+        chunk = self.config.preprocess.chunk_slices
+        depth = volume.shape[2]
+        logits, features, heatmaps = [], [], []
+        for start in range(0, depth, chunk):
+            piece = volume[:, :, start:start + chunk]
+            short = chunk - piece.shape[2]
+            if short:  # pad the last chunk with air so every chunk sees 40 slices
+                piece = F.pad(piece, (0, 0, 0, 0, 0, short), value=float(volume.min()))
+            lg, ft = self.snet(piece)
+            hm = self.solnet(ft)
+            keep = chunk - short
+            logits.append(lg[:, :, :keep])
+            features.append(ft[:, :, :keep])
+            heatmaps.append(hm[:, :, :keep])
+        logits, features, heatmaps = (torch.cat(t, dim=2) for t in (logits, features, heatmaps))
+        probabilities = torch.softmax(logits, dim=1)
+        labels = probabilities.argmax(dim=1)                      # (1, D, H, W)
+        joined = self.sos_input(volume, features)
+        small_labels = self.config.organs.small_labels
+        present = []
+        for k, (head, label) in enumerate(zip(self.sosnet.heads, small_labels)):
+            peak = float(heatmaps[0, k].max())
+            if peak < self.config.heatmap_threshold:
+                labels[labels == label] = 0
+                present.append(False)
+                continue
+            start = roi_start(argmax_3d(heatmaps[0, k]), self.config.roi_size)
+            mask = head(roi_pool(joined, start, self.config.roi_size))[:, 0] > 0.5   # (1, 8, 64, 64)
+            region = roi_pool(labels.unsqueeze(1).float(), start, self.config.roi_size)[:, 0].long()
+            region[region == label] = 0
+            region[mask] = label
+            roi_paste(labels, region, start)
+            present.append(True)
+        return {"labels": labels, "probabilities": probabilities, "heatmaps": heatmaps,
+                "present": torch.tensor(present)}
+
+
+def argmax_3d(volume: torch.Tensor) -> Tuple[int, int, int]:
+    """(D, H, W) index of the maximum."""
+    flat = int(torch.argmax(volume))
+    d, rest = divmod(flat, volume.shape[1] * volume.shape[2])
+    h, w = divmod(rest, volume.shape[2])
+    return d, h, w
+
+
+class ShapeAutoencoder(nn.Module):
+    """Table 9, the adversarial shape autoencoder, on one small organ's ROI mask
+    (B, 1, 8, 64, 64).
+
+    Encoder: Conv k5 s2 64 -> k5 s2 128 -> k5 s1 128 -> k5 s2 256 (BN before
+    each ReLU) -> FC 512 = the latent code (no activation).
+    Decoder: FC 256 + ReLU, reshaped to (4, D/8, H/8, W/8) — table 9 leaves the
+    reshape open; 4 x 1 x 8 x 8 = 256 for the 8 x 64 x 64 ROI — then
+    upsample x2 -> conv 128 -> conv 128 -> upsample x2 -> conv 64 -> upsample
+    x2 -> conv 1. Table 9 gives the last layer a ReLU; a mask is a
+    probability, so the last activation here is a sigmoid.
+    Returns the reconstruction, the latent code and the decoder features at
+    two scales, which the shape loss compares.
+    """
+
+    def __init__(self, roi_size=(8, 64, 64), width: float = 1.0):
+        super().__init__()
+        c = lambda n: max(4, int(round(n * width)))  # noqa: E731
+        self.bottom = tuple(s // 8 for s in roi_size)
+        bottom_voxels = self.bottom[0] * self.bottom[1] * self.bottom[2]
+        self.seed_channels = max(1, 256 // bottom_voxels)
+
+        def conv(i, o, stride):
+            return nn.Sequential(nn.Conv3d(i, o, 5, stride=stride, padding=2, bias=False), nn.BatchNorm3d(o),
+                                 nn.ReLU(inplace=True))
+
+        self.encoder = nn.Sequential(conv(1, c(64), 2), conv(c(64), c(128), 2), conv(c(128), c(128), 1),
+                                     conv(c(128), c(256), 2))
+        self.to_latent = nn.Linear(c(256) * bottom_voxels, 512)
+        self.from_latent = nn.Linear(512, self.seed_channels * bottom_voxels)
+        self.dec3 = nn.Sequential(conv(self.seed_channels, c(128), 1), conv(c(128), c(128), 1))
+        self.dec2 = conv(c(128), c(64), 1)
+        self.out = nn.Conv3d(c(64), 1, 5, padding=2)
+
+    def forward(self, mask: torch.Tensor):
+        z = self.to_latent(self.encoder(mask).flatten(1))                      # (B, 512)
+        x = F.relu(self.from_latent(z)).view(-1, self.seed_channels, *self.bottom)
+        f3 = self.dec3(F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False))   # (B, 128, D/4, ...)
+        f2 = self.dec2(F.interpolate(f3, scale_factor=2, mode="trilinear", align_corners=False))  # (B, 64, D/2, ...)
+        recon = torch.sigmoid(self.out(F.interpolate(f2, scale_factor=2, mode="trilinear", align_corners=False)))
+        return recon, z, [f3, f2]

@@ -1,0 +1,158 @@
+import pytest
+import torch
+
+from FocusNetCore.blocks import DenseASPP, SEResBlock
+from FocusNetCore.bundle import BundleError, FORMAT_VERSION, load_bundle, save_bundle
+from FocusNetCore.networks import (
+    FocusNetConfig, FocusNetV2, ShapeAutoencoder, SNet, argmax_3d, roi_paste, roi_pool, roi_start,
+)
+from FocusNetCore.preprocess import PreprocessConfig
+
+TINY = FocusNetConfig(width=0.125, roi_size=(8, 16, 16), preprocess=PreprocessConfig(chunk_slices=8))
+
+
+@pytest.mark.parametrize("size", [(6, 30, 22), (8, 32, 32), (5, 17, 19)])
+def test_snet_shapes_for_sizes_not_multiple_of_4(size):
+    torch.manual_seed(0)
+    net = SNet(TINY).eval()
+    logits, features = net(torch.randn(1, 1, *size))
+    assert logits.shape == (1, 23, *size)
+    assert features.shape == (1, TINY.channels(32), *size)
+
+
+def test_paper_widths():
+    config = FocusNetConfig()
+    net = SNet(config)
+    assert net.aspp.out_channels == 320  # table 10, S-Net row 8
+    assert net.head.out_channels == 23
+    model = FocusNetV2(config)
+    assert model.solnet.head.out_channels == 6  # lenses, optic nerves, chiasm, pituitary
+    assert len(model.sosnet.heads) == 6
+    assert model.sosnet.heads[0].blocks[0].body[0].in_channels == 33  # features (32) + CT
+    ablation = FocusNetV2(FocusNetConfig(organ_set="pddca9", sos_input="ct"))
+    assert len(ablation.sosnet.heads) == 3 and ablation.sosnet.heads[0].blocks[0].body[0].in_channels == 1
+
+
+def test_dilation_is_in_plane_only():
+    block = SEResBlock(8, 8, dilation=2)
+    assert block.body[0].dilation == (1, 2, 2)
+    aspp = DenseASPP(8, 4)
+    assert [layer[3].dilation for layer in aspp.layers] == [(1, 3, 3), (1, 6, 6), (1, 12, 12), (1, 18, 18)]
+
+
+@pytest.mark.parametrize("centre", [(4, 16, 16), (0, 0, 0), (7, 31, 2), (3, 20, 30)])
+def test_roi_pool_then_paste_reproduces_the_region(centre):
+    volume = torch.randn(1, 3, 8, 32, 32)
+    start = roi_start(centre, (8, 16, 16))
+    roi = roi_pool(volume, start, (8, 16, 16))
+    assert roi.shape == (1, 3, 8, 16, 16)
+    target = torch.zeros_like(volume)
+    roi_paste(target, roi, start)
+    inside = target != 0
+    assert torch.equal(target[inside], volume[inside])
+    # Everything the ROI covered inside the volume came back, nothing else changed.
+    expected = torch.zeros_like(volume, dtype=torch.bool)
+    lo = [max(s, 0) for s in start]
+    hi = [min(s + k, n) for s, k, n in zip(start, (8, 16, 16), volume.shape[-3:])]
+    expected[..., lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    assert torch.equal(inside, expected)
+    # Outside the volume the ROI is zero-padded.
+    assert roi.abs().sum() > 0 and (roi == 0).sum() >= roi.numel() - expected.sum()
+
+
+def test_argmax_3d():
+    volume = torch.zeros(5, 7, 9)
+    volume[3, 2, 8] = 1.0
+    assert argmax_3d(volume) == (3, 2, 8)
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = FocusNetV2(TINY).train()
+    out = model(torch.randn(1, 1, 8, 24, 24))
+    loss = out["logits"].mean() + out["heatmaps"].mean() + sum(m.mean() for m in out["masks"])
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    aae = ShapeAutoencoder((8, 16, 16), width=0.125)
+    recon, latent, feats = aae(torch.rand(2, 1, 8, 16, 16))
+    assert recon.shape == (2, 1, 8, 16, 16) and latent.shape == (2, 512)
+    (recon.mean() + latent.mean() + sum(f.mean() for f in feats)).backward()
+    assert all(p.grad is not None for p in aae.parameters())
+
+
+def test_autoencoder_paper_roi():
+    aae = ShapeAutoencoder((8, 64, 64))
+    recon, latent, feats = aae(torch.rand(1, 1, 8, 64, 64))
+    assert recon.shape == (1, 1, 8, 64, 64) and latent.shape == (1, 512)
+    assert [f.shape[1] for f in feats] == [128, 64]
+    assert 0.0 <= float(recon.min()) and float(recon.max()) <= 1.0
+
+
+def _tiny_model(seed=0, **changes):
+    torch.manual_seed(seed)
+    return FocusNetV2(FocusNetConfig(**{**TINY.__dict__, **changes})).eval()
+
+
+def test_chunked_and_single_chunk_inference_agree_on_presence():
+    model = _tiny_model(heatmap_threshold=0.0)
+    volume = torch.randn(1, 1, 16, 24, 24)
+    chunked = model.segment(volume)
+    big = _tiny_model(heatmap_threshold=0.0, preprocess=PreprocessConfig(chunk_slices=16))
+    big.load_state_dict(model.state_dict())
+    whole = big.segment(volume)
+    # BatchNorm in eval mode and per-chunk S-Net: features agree exactly only
+    # where a chunk sees the same context; ROI pooling and paste must not add
+    # differences of their own: the small-organ decisions use the same centre.
+    assert chunked["labels"].shape == (1, 16, 24, 24)
+    assert torch.equal(chunked["present"], whole["present"])
+
+
+def test_absent_small_organ_gets_no_contour():
+    model = _tiny_model(heatmap_threshold=1.01)  # no heat map can reach it
+    result = model.segment(torch.randn(1, 1, 8, 24, 24))
+    assert not result["present"].any()
+    for label in model.config.organs.small_labels:
+        assert not (result["labels"] == label).any()
+
+
+def test_eval_mode_is_deterministic():
+    model = _tiny_model()
+    volume = torch.randn(1, 1, 12, 24, 24)
+    a, b = model.segment(volume), model.segment(volume)
+    assert torch.equal(a["labels"], b["labels"])
+    assert torch.equal(a["probabilities"], b["probabilities"])
+
+
+def test_bundle_round_trip(tmp_path):
+    model = _tiny_model()
+    path = save_bundle(model, tmp_path / "tiny.pt", provenance={"dataset": "unit test", "cases": 0})
+    loaded, meta = load_bundle(path)
+    assert loaded.config == model.config
+    assert meta["organs"]["Lens_L"] == 3 and meta["provenance"]["dataset"] == "unit test"
+    volume = torch.randn(1, 1, 8, 24, 24)
+    assert torch.equal(loaded.segment(volume)["labels"], model.segment(volume)["labels"])
+    # weights_only loading is what makes a foreign file safe: it holds no code.
+    torch.load(path, weights_only=True)
+
+
+def test_bundle_refuses_tampered_truncated_and_newer(tmp_path):
+    model = _tiny_model()
+    path = save_bundle(model, tmp_path / "tiny.pt")
+    payload = torch.load(path, weights_only=True)
+    key = next(iter(payload["state_dict"]))
+    payload["state_dict"][key] = payload["state_dict"][key] + 1.0
+    torch.save(payload, tmp_path / "tampered.pt")
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        load_bundle(tmp_path / "tampered.pt")
+    data = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="truncated.pt: not a readable"):
+        load_bundle(tmp_path / "truncated.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = FORMAT_VERSION + 1
+    torch.save(payload, tmp_path / "newer.pt")
+    with pytest.raises(BundleError, match="newer than this FocusNet"):
+        load_bundle(tmp_path / "newer.pt")
+    with pytest.raises(FileExistsError):
+        save_bundle(model, path)
