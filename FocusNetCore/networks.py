@@ -235,15 +235,16 @@ class FocusNetV2(nn.Module):
         small_labels = self.config.organs.small_labels
         present = []
         for k, (head, label) in enumerate(zip(self.sosnet.heads, small_labels)):
+            # A small organ lies inside its ROI only: S-Net's votes for it
+            # elsewhere are false positives, and go in any case.
+            labels[labels == label] = 0
             peak = float(heatmaps[0, k].max())
             if peak < self.config.heatmap_threshold:
-                labels[labels == label] = 0
                 present.append(False)
                 continue
             start = roi_start(argmax_3d(heatmaps[0, k]), self.config.roi_size)
             mask = head(roi_pool(joined, start, self.config.roi_size))[:, 0] > 0.5   # (1, 8, 64, 64)
             region = roi_pool(labels.unsqueeze(1).float(), start, self.config.roi_size)[:, 0].long()
-            region[region == label] = 0
             region[mask] = label
             roi_paste(labels, region, start)
             present.append(True)

@@ -94,7 +94,7 @@ def _tiny_model(seed=0, **changes):
     return FocusNetV2(FocusNetConfig(**{**TINY.__dict__, **changes})).eval()
 
 
-def test_chunked_and_single_chunk_inference_agree_on_presence():
+def test_chunk_size_does_not_change_which_small_organs_are_found():
     model = _tiny_model(heatmap_threshold=0.0)
     volume = torch.randn(1, 1, 16, 24, 24)
     chunked = model.segment(volume)
@@ -106,6 +106,52 @@ def test_chunked_and_single_chunk_inference_agree_on_presence():
     # differences of their own: the small-organ decisions use the same centre.
     assert chunked["labels"].shape == (1, 16, 24, 24)
     assert torch.equal(chunked["present"], whole["present"])
+
+
+class _PeakAt(torch.nn.Module):
+    """Stand-in SOL-Net: one heat-map peak for the first small organ at a
+    chosen whole-volume position, whichever chunk holds it."""
+
+    def __init__(self, where, chunk, organs):
+        super().__init__()
+        self.where, self.chunk, self.organs, self.calls = where, chunk, organs, 0
+
+    def forward(self, features):
+        maps = torch.zeros(1, self.organs, *features.shape[2:])
+        z = self.where[0] - self.calls * self.chunk
+        if 0 <= z < features.shape[2]:
+            maps[0, 0, z, self.where[1], self.where[2]] = 1.0
+        self.calls += 1
+        return maps
+
+
+def test_roi_across_a_chunk_border_reads_the_stitched_volume():
+    model = _tiny_model(heatmap_threshold=0.5)
+    chunk, roi = model.config.preprocess.chunk_slices, model.config.roi_size
+    volume = torch.randn(1, 1, 20, 24, 24)
+    centre = (chunk - 1, 5, 20)  # ROI slices 3..10 straddle the border at 8, and cross two borders in-plane
+    model.solnet = _PeakAt(centre, chunk, len(model.sosnet.heads))
+    result = model.segment(volume)
+    assert result["present"].tolist() == [True] + [False] * (len(model.sosnet.heads) - 1)
+    # The expected mask: the SOS head on the ROI of the chunk-by-chunk features, stitched.
+    with torch.no_grad():
+        pieces = []
+        for start in range(0, 20, chunk):
+            piece = volume[:, :, start:start + chunk]
+            keep = piece.shape[2]
+            piece = torch.nn.functional.pad(piece, (0, 0, 0, 0, 0, chunk - keep), value=float(volume.min()))
+            pieces.append(model.snet(piece)[1][:, :, :keep])
+        joined = torch.cat([torch.cat(pieces, dim=2), volume], dim=1)
+        start = roi_start(centre, roi)
+        mask = model.sosnet.heads[0](roi_pool(joined, start, roi))[0, 0] > 0.5
+    label = model.config.organs.small_labels[0]
+    got = roi_pool((result["labels"] == label).unsqueeze(1).float(), start, roi)[0, 0] > 0.5
+    inside = roi_pool(torch.ones_like(volume), start, roi)[0, 0] > 0.5
+    assert torch.equal(got[inside], mask[inside])
+    # Nowhere outside its ROI does the small organ appear.
+    outside = torch.ones(1, 1, 20, 24, 24)
+    roi_paste(outside, torch.zeros(1, 1, *roi), start)
+    assert not ((result["labels"] == label) & (outside[:, 0] > 0)).any()
 
 
 def test_absent_small_organ_gets_no_contour():
