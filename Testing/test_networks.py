@@ -86,7 +86,7 @@ def test_autoencoder_paper_roi():
     recon, latent, feats = aae(torch.rand(1, 1, 8, 64, 64))
     assert recon.shape == (1, 1, 8, 64, 64) and latent.shape == (1, 512)
     assert [f.shape[1] for f in feats] == [128, 64]
-    assert 0.0 <= float(recon.min()) and float(recon.max()) <= 1.0
+    assert 0.0 <= float(recon.detach().min()) and float(recon.detach().max()) <= 1.0
 
 
 def _tiny_model(seed=0, **changes):
