@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from FocusNetCore.losses import (
+    autoencoder_loss, binary_segmentation_loss, dice_loss, focal_loss, generator_loss, heatmap_loss,
+    organ_weights, reconstruction_loss, segmentation_loss, shape_loss,
+)
+
+
+def one_voxel(logits_per_class, label):
+    logits = torch.tensor(logits_per_class, dtype=torch.float64).view(1, -1, 1, 1, 1)
+    return logits, torch.tensor([label]).view(1, 1, 1, 1)
+
+
+def test_focal_loss_hand_computed():
+    logits, target = one_voxel([0.0, math.log(3.0)], 1)  # p = (0.25, 0.75)
+    expected = -(0.25 ** 2) * math.log(0.75)
+    assert float(focal_loss(logits, target, gamma=2.0)) == pytest.approx(expected)
+    alpha = torch.tensor([1.0, 4.0])
+    assert float(focal_loss(logits, target, alpha=alpha)) == pytest.approx(4.0 * expected)
+    # gamma 0 is cross-entropy
+    assert float(focal_loss(logits, target, gamma=0.0)) == pytest.approx(-math.log(0.75))
+
+
+def test_dice_loss_hand_computed():
+    # Two voxels, classes {0, 1}; probabilities 0.75/0.25 and 0.25/0.75; labels 0 and 1.
+    logits = torch.tensor([[0.0, -math.log(3.0)], [0.0, math.log(3.0)]], dtype=torch.float64)
+    logits = logits.T.reshape(1, 2, 1, 1, 2)
+    target = torch.tensor([0, 1]).view(1, 1, 1, 2)
+    # Per class: 1 - 2 * 0.75 / (1 + 1) = 0.25; summed over two classes.
+    assert float(dice_loss(logits, target)) == pytest.approx(0.5, abs=1e-4)
+
+
+def test_missing_organ_is_not_learned_as_background():
+    # A voxel labelled background where the net says "organ 2" with certainty.
+    logits, target = one_voxel([0.0, 0.0, 20.0], 0)
+    present_all = torch.tensor([[True, True, True]])
+    missing_2 = torch.tensor([[True, True, False]])
+    assert float(segmentation_loss(logits, target, present=present_all)) > 1.0
+    # Organ 2 is not contoured in this case: predicting it there costs (almost) nothing.
+    assert float(focal_loss(logits, target, present=missing_2)) < 1e-6
+    full = dice_loss(logits, target, present=present_all)
+    partial = dice_loss(logits, target, present=missing_2)
+    assert float(partial) < float(full)
+
+
+def test_binary_and_heatmap_losses():
+    prob = torch.full((1, 1, 2, 2, 2), 0.5)
+    target = torch.ones_like(prob)
+    expected_focal = -(0.5 ** 2) * math.log(0.5)
+    expected_dice = 1 - (2 * 4 + 1e-5) / (4 + 8 + 1e-5)
+    assert float(binary_segmentation_loss(prob, target)) == pytest.approx(expected_focal + expected_dice, abs=1e-5)
+    assert float(heatmap_loss(prob, target)) == pytest.approx(0.25)
+
+
+def test_adversarial_terms():
+    y, g = torch.ones(1, 1, 2, 2, 2), torch.zeros(1, 1, 2, 2, 2)
+    assert float(reconstruction_loss(y * 0.5, y, g + 0.5, g)) == pytest.approx(0.5)
+    codes_t, codes_p = [torch.zeros(1, 4), torch.zeros(1, 2, 2)], [torch.ones(1, 4), torch.full((1, 2, 2), 2.0)]
+    assert float(shape_loss(codes_t, codes_p)) == pytest.approx(1.0 + 4.0)
+    assert float(generator_loss(torch.tensor(1.0), torch.tensor(2.0))) == pytest.approx(11.0)
+    assert float(autoencoder_loss(torch.tensor(1.0), torch.tensor(2.0))) == pytest.approx(1.0 - 0.002)
+
+
+def test_organ_weights_inverse_to_size():
+    alpha = organ_weights([1000.0, 100.0, 10.0])
+    assert float(alpha[2] / alpha[1]) == pytest.approx(10.0)
+    assert float(alpha.mean()) == pytest.approx(1.0)
+    soft = organ_weights([1000.0, 100.0, 10.0], power=0.5)
+    assert float(soft[2] / soft[1]) == pytest.approx(math.sqrt(10.0))
