@@ -39,7 +39,7 @@ def test_square_grown_by_one_voxel():
     assert result["hd95_symmetric"] == pytest.approx(0.8, abs=1e-6)
     assert result["hd95_paper"] == pytest.approx(0.8, abs=1e-6)
     assert surface_dice(a, b, spacing, tolerance_mm=1.2) == pytest.approx(1.0)  # corners: 0.8 * sqrt(2)
-    assert surface_dice(a, b, spacing, tolerance_mm=0.5) < 0.5
+    assert surface_dice(a, b, spacing, tolerance_mm=0.5) < 0.8  # only the shared top and bottom faces count
 
 
 def test_sphere_shifted_by_2mm():
