@@ -66,6 +66,15 @@ def _cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def _cmd_train(args) -> int:
+    from .train import train
+
+    bundle = train(args.config, args.data, args.out, resume=args.resume, device=args.device,
+                   progress=not args.no_progress)
+    print(f"model bundle: {bundle}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -82,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: 512 x 512 clinical matrix; small: 160 x 160 for fast tests")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("train", help="train FocusNetv2 on contoured CTs (runs under torchrun for several GPUs)")
+    p.add_argument("--config", required=True, help="training configuration (YAML), e.g. configs/paper.yaml")
+    p.add_argument("--data", required=True, help="folder of cases: phantom/NRRD pairs, PDDCA, nnU-Net or DICOM")
+    p.add_argument("--out", required=True, help="run folder: cache, checkpoints, validation CSV/PNG, model.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="the main job on its embedded default: a phantom case end to end")
     p.add_argument("--out", default="demo-output", help="output folder (default demo-output)")

@@ -207,13 +207,15 @@ class FocusNetV2(nn.Module):
         return {"logits": logits, "features": features, "heatmaps": heatmaps, "masks": masks, "starts": starts}
 
     @torch.no_grad()
-    def segment(self, volume: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def segment(self, volume: torch.Tensor, small_organ_branch: bool = True) -> Dict[str, torch.Tensor]:
         """Whole-volume inference on (1, 1, D, H, W): non-overlapping chunks
         through S-Net and SOL-Net, then each small organ's centre is the
         arg-max of its heat map over the *whole* volume, and its ROI is pooled
         from the whole volume's features, so an ROI across a chunk border is
         the same as on one big chunk. A heat-map maximum below the threshold
-        means the organ is not in the scan; it gets no contour."""
+        means the organ is not in the scan; it gets no contour.
+        ``small_organ_branch=False`` returns the S-Net's labels alone (the
+        ablation's "S-Net" row)."""
         chunk = self.config.preprocess.chunk_slices
         depth = volume.shape[2]
         logits, features, heatmaps = [], [], []
@@ -231,6 +233,9 @@ class FocusNetV2(nn.Module):
         logits, features, heatmaps = (torch.cat(t, dim=2) for t in (logits, features, heatmaps))
         probabilities = torch.softmax(logits, dim=1)
         labels = probabilities.argmax(dim=1)                      # (1, D, H, W)
+        if not small_organ_branch:
+            return {"labels": labels, "probabilities": probabilities, "heatmaps": heatmaps,
+                    "present": torch.ones(len(self.sosnet.heads), dtype=torch.bool)}
         joined = self.sos_input(volume, features)
         small_labels = self.config.organs.small_labels
         present = []

@@ -1,0 +1,279 @@
+"""Training data: finding contoured cases in the layouts users have, a
+preprocessing cache, and the sampling of 40-slice training chunks with the
+paper's augmentation (section 4.2).
+
+Layouts read:
+
+- phantom / plain pairs: ``<case>_ct.<ext>`` + ``<case>_labels.<ext>`` with a
+  ``labels.json`` label table beside them (what ``focusnet phantom`` writes);
+- PDDCA: ``<case>/img.nrrd`` + ``<case>/structures/<Structure>.nrrd``;
+- nnU-Net: ``imagesTr/<case>_0000.nii.gz`` + ``labelsTr/<case>.nii.gz`` +
+  ``dataset.json``;
+- DICOM: ``<case>/CT/`` (a CT series) + ``<case>/labels.nrrd`` with the
+  folder's ``labels.json``.
+
+Labels are mapped to the training organ set by organ name. An organ a case
+is not contoured for is marked absent and left out of that case's loss.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .imageio import ImageReadError, has_volume_suffix, read_image, read_label_image
+from .organs import CATALOGUE, PDDCA_FILE_NAMES, UNIONS, OrganSet
+from .preprocess import PreprocessConfig, labels_to_model_grid, preprocess
+
+# Voxels of margin (z) kept between the small organs and the crop's ends.
+SMALL_ORGAN_Z_MARGIN = 3
+HEATMAP_SIGMA_VOXELS = 5.0
+
+
+@dataclass
+class CaseSource:
+    """Where one contoured case lives; ``label_files`` maps organ name -> (file, value)."""
+
+    name: str
+    image: Path
+    label_files: Dict[str, Tuple[Path, int]]
+
+    def fingerprint(self) -> str:
+        parts = [str(self.image)]
+        for path in sorted({p for p, _ in self.label_files.values()} | {self.image}):
+            files = sorted(path.rglob("*")) if path.is_dir() else [path]
+            parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _name_to_catalogue(name: str) -> Optional[str]:
+    if name in CATALOGUE:
+        return name
+    reverse = {v: k for k, v in PDDCA_FILE_NAMES.items()}
+    return reverse.get(name)
+
+
+def discover_cases(folder) -> Tuple[List[CaseSource], List[str]]:
+    """Cases below ``folder`` and the problems met (reported, never silent)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageReadError(folder, "training data folder does not exist")
+    cases: List[CaseSource] = []
+    problems: List[str] = []
+    if (folder / "dataset.json").is_file() and (folder / "imagesTr").is_dir():
+        table = json.loads((folder / "dataset.json").read_text())["labels"]
+        ending = json.loads((folder / "dataset.json").read_text()).get("file_ending", ".nii.gz")
+        for label_file in sorted((folder / "labelsTr").glob(f"*{ending}")):
+            name = label_file.name[: -len(ending)]
+            image = folder / "imagesTr" / f"{name}_0000{ending}"
+            if not image.is_file():
+                problems.append(f"{label_file}: no image {image.name}")
+                continue
+            cases.append(CaseSource(name, image, {n: (label_file, int(v)) for n, v in table.items()
+                                                  if n != "background"}))
+        return cases, problems
+    table_file = folder / "labels.json"
+    table = json.loads(table_file.read_text())["labels"] if table_file.is_file() else None
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and has_volume_suffix(path) and "_ct." in path.name:
+            labels = path.with_name(path.name.replace("_ct.", "_labels."))
+            if table is None:
+                problems.append(f"{path}: no labels.json label table in {folder}")
+            elif not labels.is_file():
+                problems.append(f"{path}: no label file {labels.name}")
+            else:
+                cases.append(CaseSource(path.name.split("_ct.")[0], path,
+                                        {n: (labels, int(v)) for n, v in table.items()}))
+        elif path.is_dir() and (path / "img.nrrd").is_file():
+            structures = sorted((path / "structures").glob("*.nrrd")) if (path / "structures").is_dir() else []
+            files = {}
+            for s in structures:
+                organ = _name_to_catalogue(s.name[: -len(".nrrd")])
+                if organ is None:
+                    problems.append(f"{s}: structure name not in the organ catalogue, ignored")
+                else:
+                    files[organ] = (s, 1)
+            if not files:
+                problems.append(f"{path}: no structures")
+                continue
+            cases.append(CaseSource(path.name, path / "img.nrrd", files))
+        elif path.is_dir() and (path / "CT").is_dir():
+            if table is None or not (path / "labels.nrrd").is_file():
+                problems.append(f"{path}: DICOM case without labels.nrrd and labels.json")
+                continue
+            cases.append(CaseSource(path.name, path / "CT", {n: (path / "labels.nrrd", int(v))
+                                                             for n, v in table.items()}))
+    return cases, problems
+
+
+def load_case(source: CaseSource, organs: OrganSet):
+    """(CT image, label array (z, y, x) in ``organs``, present flags (num_classes,))."""
+    image = read_image(source.image)
+    labels = np.zeros(tuple(reversed(image.GetSize())), dtype=np.uint8)
+    present = np.zeros(organs.num_classes, dtype=bool)
+    present[0] = True
+    arrays: Dict[Path, np.ndarray] = {}
+    for organ in organs.names:
+        parts = [organ] if organ in source.label_files else [p for p in UNIONS.get(organ, ()) if p in source.label_files]
+        for part in parts:
+            path, value = source.label_files[part]
+            if path not in arrays:
+                arrays[path] = sitk.GetArrayFromImage(read_label_image(path, reference=image))
+            mask = arrays[path] == value
+            if mask.any():
+                labels[mask] = organs.label_of(organ)
+                present[organs.label_of(organ)] = True
+    return image, labels, present
+
+
+@dataclass
+class CachedCase:
+    name: str
+    image: np.ndarray  # (D, H, W) float32, normalised, model grid
+    labels: np.ndarray  # (D, H, W) uint8
+    present: np.ndarray  # (C,) bool
+
+
+class PreprocessCache:
+    """Each scan is resampled to the model grid once; the result is kept as
+    ``<cache>/<case>-<key>.npz`` where the key covers the files and settings."""
+
+    def __init__(self, folder, config: PreprocessConfig, organs: OrganSet):
+        self.folder = Path(folder)
+        self.config = config
+        self.organs = organs
+
+    def key(self, source: CaseSource) -> str:
+        settings = json.dumps([self.config.to_dict(), self.organs.key, self.organs.names], sort_keys=True)
+        return hashlib.sha1((source.fingerprint() + settings).encode()).hexdigest()[:16]
+
+    def get(self, source: CaseSource) -> CachedCase:
+        path = self.folder / f"{source.name}-{self.key(source)}.npz"
+        if path.is_file():
+            data = np.load(path)
+            return CachedCase(source.name, data["image"].astype(np.float32), data["labels"], data["present"])
+        image, labels, present = load_case(source, self.organs)
+        label_image = sitk.GetImageFromArray(labels)
+        label_image.CopyInformation(image)
+        pre = preprocess(image, self.config)
+        model_labels = labels_to_model_grid(label_image, pre.grid)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, image=pre.image.astype(np.float16), labels=model_labels, present=present)
+        tmp.replace(path)
+        return CachedCase(source.name, pre.image.astype(np.float16).astype(np.float32), model_labels, present)
+
+
+def load_training_cases(folder, cache_folder, config: PreprocessConfig, organs: OrganSet, log=print):
+    """All usable cases, preprocessed; malformed ones are reported by name and skipped."""
+    sources, problems = discover_cases(folder)
+    cache = PreprocessCache(cache_folder, config, organs)
+    cases = []
+    for source in sources:
+        try:
+            cases.append(cache.get(source))
+        except (ImageReadError, ValueError, RuntimeError, OSError) as error:
+            problems.append(f"{source.name}: {error}")
+    for problem in problems:
+        log(f"skipped: {problem}")
+    if problems:
+        log(f"{len(problems)} problem(s); {len(cases)} case(s) usable")
+    return cases, problems
+
+
+# --------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Paper section 4.2: translation within 40 voxels in x and y, rotation
+    within 10 degrees, scale 0.7-1.3; applied in-plane to the whole chunk."""
+
+    enabled: bool = True
+    max_translation: float = 40.0
+    max_rotation_deg: float = 10.0
+    scale: Tuple[float, float] = (0.7, 1.3)
+
+
+def _pad_depth(array: np.ndarray, depth: int, value) -> np.ndarray:
+    missing = depth - array.shape[0]
+    if missing <= 0:
+        return array
+    return np.pad(array, [(0, missing), (0, 0), (0, 0)], constant_values=value)
+
+
+def choose_z(case: CachedCase, depth: int, rng: np.random.Generator, small_labels=None) -> int:
+    """Start slice of a crop: uniform, or (``small_labels`` given) such that
+    every small organ of the case lies inside with a margin."""
+    total = case.image.shape[0]
+    if total <= depth:
+        return 0
+    if small_labels:
+        zs = np.nonzero(np.isin(case.labels, small_labels).any(axis=(1, 2)))[0]
+        if len(zs):
+            low = max(0, zs.max() + 1 + SMALL_ORGAN_Z_MARGIN - depth)
+            high = min(total - depth, max(zs.min() - SMALL_ORGAN_Z_MARGIN, 0))
+            if low <= high:
+                return int(rng.integers(low, high + 1))
+            return int(np.clip((zs.min() + zs.max() + 1 - depth) // 2, 0, total - depth))
+    return int(rng.integers(0, total - depth + 1))
+
+
+def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, config: AugmentConfig):
+    """Random in-plane affine of a (D, H, W) chunk: image bilinear, labels nearest."""
+    import torch
+    import torch.nn.functional as F
+
+    if not config.enabled:
+        return image, labels
+    d, h, w = image.shape
+    angle = math.radians(rng.uniform(-config.max_rotation_deg, config.max_rotation_deg))
+    scale = rng.uniform(*config.scale)
+    tx, ty = rng.uniform(-config.max_translation, config.max_translation, 2)
+    # affine_grid maps output to input coordinates in [-1, 1]; x is W, y is H.
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    theta = torch.tensor([[cos * 1.0, -sin * h / w, 0.0, 2.0 * tx / w],
+                          [sin * w / h, cos * 1.0, 0.0, 2.0 * ty / h],
+                          [0.0, 0.0, 1.0, 0.0]], dtype=torch.float32)[None]
+    grid = F.affine_grid(theta, (1, 1, d, h, w), align_corners=False)
+    img = torch.from_numpy(np.ascontiguousarray(image))[None, None]
+    air = float(image.min())
+    out_img = F.grid_sample(img - air, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + air
+    lab = torch.from_numpy(labels.astype(np.float32))[None, None]
+    out_lab = F.grid_sample(lab, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out_img[0, 0].numpy(), out_lab[0, 0].numpy().astype(np.uint8)
+
+
+def heatmaps(labels: np.ndarray, small_labels, sigma: float = HEATMAP_SIGMA_VOXELS):
+    """Gaussian heat maps (S, D, H, W) at each small organ's centre (zeros
+    where an organ is not in the chunk) and the centres (None if absent)."""
+    maps = np.zeros((len(small_labels),) + labels.shape, dtype=np.float32)
+    centres = []
+    grids = [np.arange(n, dtype=np.float32) for n in labels.shape]
+    for k, label in enumerate(small_labels):
+        idx = np.argwhere(labels == label)
+        if not len(idx):
+            centres.append(None)
+            continue
+        c = idx.mean(axis=0)
+        centres.append(tuple(int(round(v)) for v in c))
+        gz, gy, gx = (np.exp(-((g - cv) ** 2) / (2 * sigma ** 2)) for g, cv in zip(grids, c))
+        maps[k] = gz[:, None, None] * gy[None, :, None] * gx[None, None, :]
+    return maps, centres
+
+
+def sample_chunk(case: CachedCase, depth: int, rng: np.random.Generator, augment_config: AugmentConfig,
+                 small_labels=None, around_small: bool = False):
+    """One training chunk: image (D, H, W), labels (D, H, W)."""
+    start = choose_z(case, depth, rng, small_labels if around_small else None)
+    image = _pad_depth(case.image[start:start + depth], depth, float(case.image.min()))
+    labels = _pad_depth(case.labels[start:start + depth], depth, 0)
+    return augment(image, labels, rng, augment_config)

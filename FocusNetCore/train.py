@@ -1,0 +1,621 @@
+"""Headless training of FocusNetv2 (paper sections 3.2-3.3, 4.2).
+
+The schedule is a sequence of stages, each a number of iterations from the
+configuration:
+
+    snet          S-Net with L_seg (focal + Dice)
+    solnet        SOL-Net heat maps (L2), S-Net frozen
+    aae_pretrain  the shape autoencoder on ground-truth small-organ masks
+    sos           SOS-Net heads and the autoencoder, alternating:
+                  G: L_seg + 5 L_shape;  D: L_rec - 0.001 L_shape
+    finetune      everything together (S-Net, SOL-Net, SOS-Net), D alternating
+
+Adam, lr 5e-4, batch 1. Every iteration draws its sample from a random
+generator seeded by (seed, stage, iteration, rank), so a resumed run sees
+exactly the data an uninterrupted one would, and ends with the same weights.
+Under ``torchrun`` each process trains on its own samples and
+DistributedDataParallel averages the gradients; on a GPU the forward passes
+run under bf16 autocast.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import losses
+from .data import AugmentConfig, CachedCase, heatmaps, load_training_cases, sample_chunk
+from .metrics import organ_metrics
+from .networks import FocusNetConfig, FocusNetV2, ShapeAutoencoder, roi_pool, roi_start
+
+STAGES = ("snet", "solnet", "aae_pretrain", "sos", "finetune")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    network: FocusNetConfig = field(default_factory=FocusNetConfig)
+    stages: Tuple[Tuple[str, int], ...] = (("snet", 2000), ("solnet", 500), ("aae_pretrain", 500),
+                                           ("sos", 1000), ("finetune", 500))
+    seed: int = 0
+    lr: float = 5e-4
+    focal_gamma: float = 2.0
+    dice_weight: float = 1.0
+    alpha_power: float = 1.0  # 1 = the paper: alpha inversely proportional to organ size
+    shape_weight: float = 5.0
+    adversarial_weight: float = 0.001
+    adversarial: bool = True  # False: FocusNetv1 (no autoencoder)
+    autoencoder_width: float = 1.0
+    sos_jitter: Tuple[int, int, int] = (1, 3, 3)  # voxels of ROI-centre noise while training SOS
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    validation_cases: int = 2
+    validate_every: int = 500
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        for name, count in self.stages:
+            if name not in STAGES:
+                raise ValueError(f"unknown stage {name!r}; stages are {STAGES}")
+            if count < 0:
+                raise ValueError(f"stage {name} has a negative length {count}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown training configuration keys: {sorted(unknown)}")
+        if "network" in data:
+            data["network"] = FocusNetConfig.from_dict(data["network"])
+        if "stages" in data:
+            stages = data["stages"]
+            items = stages.items() if isinstance(stages, dict) else stages
+            data["stages"] = tuple((str(k), int(v)) for k, v in items)
+        if "augment" in data:
+            aug = dict(data["augment"])
+            unknown = set(aug) - set(AugmentConfig.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown augment keys: {sorted(unknown)}")
+            if "scale" in aug:
+                aug["scale"] = tuple(aug["scale"])
+            data["augment"] = AugmentConfig(**aug)
+        if "sos_jitter" in data:
+            data["sos_jitter"] = tuple(data["sos_jitter"])
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["network"] = self.network.to_dict()
+        data["stages"] = {k: v for k, v in self.stages}
+        return data
+
+
+def load_config(path) -> TrainConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such training configuration")
+    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+# --------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------
+
+def distributed_setup(device: str):
+    """(rank, world size, device) from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        if device.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+    return rank, world, device
+
+
+def _wrap(module: nn.Module, world: int, device: str) -> nn.Module:
+    if world <= 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+
+# --------------------------------------------------------------------------
+# Stage steps: each an nn.Module returning the loss, so DDP can wrap it
+# --------------------------------------------------------------------------
+
+class SNetStep(nn.Module):
+    def __init__(self, model: FocusNetV2, alpha, config: TrainConfig):
+        super().__init__()
+        self.model, self.config = model, config
+        self.register_buffer("alpha", alpha)
+
+    def forward(self, ct, labels, present):
+        logits, _ = self.model.snet(ct)
+        return losses.segmentation_loss(logits, labels, self.alpha, self.config.focal_gamma,
+                                        self.config.dice_weight, present)
+
+
+class SOLNetStep(nn.Module):
+    def __init__(self, model: FocusNetV2):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ct, target_maps):
+        with torch.no_grad():
+            _, features = self.model.snet(ct)
+        return losses.heatmap_loss(self.model.solnet(features), target_maps)
+
+
+def _roi_targets(labels: torch.Tensor, starts, small_labels, roi):
+    """Ground-truth masks (B, 1, *roi) per small organ at ``starts``."""
+    return [roi_pool((labels == lab).unsqueeze(1).float(), s, roi) for lab, s in zip(small_labels, starts)]
+
+
+class AAEPretrainStep(nn.Module):
+    def __init__(self, aae: ShapeAutoencoder):
+        super().__init__()
+        self.aae = aae
+
+    def forward(self, masks: torch.Tensor):
+        recon, _, _ = self.aae(masks)
+        return torch.nn.functional.mse_loss(recon, masks)
+
+
+class GeneratorStep(nn.Module):
+    """SOS-Net (and in fine-tuning S-Net and SOL-Net) with L_G = L_seg + 5 L_shape."""
+
+    def __init__(self, model: FocusNetV2, aae: Optional[ShapeAutoencoder], alpha, config: TrainConfig,
+                 joint: bool):
+        super().__init__()
+        self.model, self.config, self.joint = model, config, joint
+        # Held outside the module tree: the autoencoder is trained by its own
+        # step (and its own DDP wrapper), not by the generator's optimiser.
+        self._aae = (aae,)
+        self.register_buffer("alpha", alpha)
+
+    @property
+    def aae(self):
+        return self._aae[0]
+
+    def forward(self, ct, labels, present, target_maps, starts, valid):
+        small_labels = self.model.config.organs.small_labels
+        roi = self.model.config.roi_size
+        if self.joint:
+            logits, features = self.model.snet(ct)
+            loss = losses.segmentation_loss(logits, labels, self.alpha, self.config.focal_gamma,
+                                            self.config.dice_weight, present)
+            loss = loss + losses.heatmap_loss(self.model.solnet(features), target_maps)
+        else:
+            with torch.no_grad():
+                _, features = self.model.snet(ct)
+            loss = ct.new_zeros(())
+        joined = self.model.sos_input(ct, features)
+        truths = _roi_targets(labels, starts, small_labels, roi)
+        preds = []
+        for k, (head, start) in enumerate(zip(self.model.sosnet.heads, starts)):
+            pred = head(roi_pool(joined, start, roi))
+            preds.append(pred)
+            # An organ outside this chunk adds nothing, but stays in the graph
+            # so every DDP process reduces the same parameters.
+            loss = loss + (losses.binary_segmentation_loss(pred, truths[k]) if valid[k] else 0.0 * pred.sum())
+        if self.aae is not None:
+            keep = [k for k, v in enumerate(valid) if v] or list(range(len(valid)))
+            batch_t = torch.cat([truths[k] for k in keep])
+            batch_p = torch.cat([preds[k] for k in keep])
+            _, z_t, f_t = self.aae(batch_t)
+            _, z_p, f_p = self.aae(batch_p)
+            shape = losses.shape_loss([z_t.detach()] + [f.detach() for f in f_t], [z_p] + f_p)
+            loss = loss + self.config.shape_weight * shape * float(any(valid))
+        return loss, [p.detach() for p in preds], truths
+
+
+class DiscriminatorStep(nn.Module):
+    """The autoencoder with L_D = L_rec - 0.001 L_shape."""
+
+    def __init__(self, aae: ShapeAutoencoder, config: TrainConfig):
+        super().__init__()
+        self.aae, self.config = aae, config
+
+    def forward(self, truths: torch.Tensor, preds: torch.Tensor):
+        rec_t, z_t, f_t = self.aae(truths)
+        rec_p, z_p, f_p = self.aae(preds)
+        rec = losses.reconstruction_loss(rec_t, truths, rec_p, preds)
+        shape = losses.shape_loss([z_t] + f_t, [z_p] + f_p)
+        return losses.autoencoder_loss(rec, shape, self.config.adversarial_weight)
+
+
+# --------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, config: TrainConfig, data_dir, run_dir, device: str = "cpu", log=print):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.rank, self.world, self.device = distributed_setup(device)
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        net = config.network
+        self.organs = net.organs
+        # Rank 0 fills the preprocessing cache; the others then read it.
+        if self.world > 1 and self.rank != 0:
+            dist.barrier()
+        cases, self.problems = load_training_cases(data_dir, self.run_dir / "cache", net.preprocess, self.organs,
+                                                   self.log)
+        if self.world > 1 and self.rank == 0:
+            dist.barrier()
+        if len(cases) < 2:
+            raise ValueError(f"{data_dir}: need at least 2 usable cases (1 training, 1 validation), found {len(cases)}")
+        n_val = min(config.validation_cases, len(cases) - 1)
+        self.train_cases: List[CachedCase] = cases[:len(cases) - n_val]
+        self.val_cases: List[CachedCase] = cases[len(cases) - n_val:]
+        self.data_dir = str(data_dir)
+        torch.manual_seed(config.seed)
+        self.model = FocusNetV2(net).to(self.device)
+        self.aae = ShapeAutoencoder(net.roi_size, config.autoencoder_width).to(self.device)
+        self.alpha = self._class_weights().to(self.device)
+        self.history: List[dict] = []
+        self.position = (0, 0)  # (stage index, iteration within it)
+        self.optimizers: Dict[str, torch.optim.Optimizer] = {}
+        self.runners: Dict[str, nn.Module] = {}
+        self.stage: Optional[str] = None
+
+    # -- data --------------------------------------------------------------
+    def _class_weights(self) -> torch.Tensor:
+        counts = np.zeros(self.organs.num_classes)
+        seen = np.zeros(self.organs.num_classes)
+        for case in self.train_cases:
+            counts += np.bincount(case.labels.ravel(), minlength=self.organs.num_classes)[: self.organs.num_classes]
+            seen += case.present
+        mean = counts / np.maximum(seen, 1)
+        return losses.organ_weights(mean, self.config.alpha_power)
+
+    def _rng(self, stage: int, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, stage, step, self.rank])
+
+    def _sample(self, rng, around_small: bool):
+        case = self.train_cases[int(rng.integers(len(self.train_cases)))]
+        small = list(self.organs.small_labels)
+        image, labels = sample_chunk(case, self.config.network.preprocess.chunk_slices, rng, self.config.augment,
+                                     small, around_small)
+        maps, centres = heatmaps(labels, small)
+        to = lambda a, dtype=torch.float32: torch.as_tensor(a, dtype=dtype, device=self.device)  # noqa: E731
+        return (to(image)[None, None], to(labels, torch.long)[None], to(case.present, torch.bool)[None],
+                to(maps)[None], centres)
+
+    def _starts(self, centres, rng):
+        """ROI corners at the true centres plus noise (the localisation error
+        SOS-Net must tolerate); absent organs get a dummy ROI and no loss."""
+        jitter = self.config.sos_jitter
+        starts, valid = [], []
+        for c in centres:
+            if c is None:
+                starts.append((0, 0, 0))
+                valid.append(False)
+                continue
+            noisy = tuple(int(v + rng.integers(-j, j + 1)) for v, j in zip(c, jitter))
+            starts.append(roi_start(noisy, self.config.network.roi_size))
+            valid.append(True)
+        return starts, valid
+
+    # -- stages --------------------------------------------------------------
+    def _set_trainable(self, stage: str):
+        self.stage = stage
+        model = self.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        parts = {"snet": [model.snet], "solnet": [model.solnet], "aae_pretrain": [],
+                 "sos": [model.sosnet], "finetune": [model.snet, model.solnet, model.sosnet]}[stage]
+        for part in parts:
+            for p in part.parameters():
+                p.requires_grad_(True)
+        model.train()
+        for module in (model.snet, model.solnet, model.sosnet):
+            if module not in parts:
+                module.eval()  # frozen BatchNorm statistics too
+        for p in self.aae.parameters():
+            p.requires_grad_(stage in ("aae_pretrain", "sos", "finetune") and self.config.adversarial)
+        self.aae.train()
+
+    def _runner(self, key: str, factory) -> nn.Module:
+        """The stage's step module, wrapped in DDP once per stage."""
+        if key not in self.runners:
+            self.runners[key] = _wrap(factory(), self.world, self.device)
+        return self.runners[key]
+
+    def _optimizer(self, key: str, params) -> torch.optim.Optimizer:
+        if key not in self.optimizers:
+            self.optimizers[key] = torch.optim.Adam([p for p in params if p.requires_grad], lr=self.config.lr)
+        return self.optimizers[key]
+
+    def _autocast(self):
+        if self.device.startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def run(self, resume: bool = False, progress: bool = True, stop_after: Optional[int] = None):
+        """Train to the end of the schedule (or, with ``stop_after``, save a
+        checkpoint after that many iterations and return None, as an
+        interrupted run would leave it)."""
+        if resume:
+            self._load_checkpoint()
+        total = sum(n for _, n in self.config.stages)
+        done_before = sum(n for _, n in self.config.stages[: self.position[0]]) + self.position[1]
+        bar = _progress(total, done_before, enabled=progress and self.rank == 0)
+        start_time = time.perf_counter()
+        for stage_index in range(self.position[0], len(self.config.stages)):
+            stage, length = self.config.stages[stage_index]
+            first = self.position[1] if stage_index == self.position[0] else 0
+            if stage in ("aae_pretrain",) and not self.config.adversarial:
+                first = length  # FocusNetv1 has no autoencoder
+            self._set_trainable(stage)
+            for step in range(first, length):
+                loss = self._step(stage, stage_index, step)
+                self.position = (stage_index, step + 1)
+                global_step = sum(n for _, n in self.config.stages[:stage_index]) + step + 1
+                bar.update(stage, loss)
+                if self.rank == 0 and global_step % self.config.checkpoint_every == 0:
+                    self._save_checkpoint()
+                if stop_after is not None and global_step >= stop_after:
+                    if self.rank == 0:
+                        self._save_checkpoint()
+                    bar.close()
+                    return None
+                if global_step % self.config.validate_every == 0:
+                    self.validate(global_step, stage)
+            self.position = (stage_index + 1, 0)
+            self.optimizers.clear()  # each stage starts its own Adam
+            self.runners.clear()
+            if self.rank == 0:
+                self._save_checkpoint()
+        bar.close()
+        final = self.validate(total, "final")
+        self.training_seconds = time.perf_counter() - start_time
+        return final
+
+    def _step(self, stage: str, stage_index: int, step: int) -> float:
+        rng = self._rng(stage_index, step)
+        model = self.model
+        around_small = stage in ("aae_pretrain", "sos")
+        ct, labels, present, maps, centres = self._sample(rng, around_small)
+        if stage == "snet":
+            opt = self._optimizer("snet", model.snet.parameters())
+            runner = self._runner("snet", lambda: SNetStep(model, self.alpha, self.config))
+            with self._autocast():
+                loss = runner(ct, labels, present)
+            return _apply(opt, loss)
+        if stage == "solnet":
+            opt = self._optimizer("solnet", model.solnet.parameters())
+            runner = self._runner("solnet", lambda: SOLNetStep(model))
+            with self._autocast():
+                loss = runner(ct, maps)
+            return _apply(opt, loss)
+        starts, valid = self._starts(centres, rng)
+        if stage == "aae_pretrain":
+            opt = self._optimizer("aae", self.aae.parameters())
+            targets = _roi_targets(labels, starts, self.organs.small_labels, self.config.network.roi_size)
+            keep = [k for k, v in enumerate(valid) if v] or list(range(len(valid)))
+            runner = self._runner("aae", lambda: AAEPretrainStep(self.aae))
+            with self._autocast():
+                loss = runner(torch.cat([targets[k] for k in keep])) * float(any(valid))
+            return _apply(opt, loss)
+        # sos / finetune: G step then D step
+        joint = stage == "finetune"
+        parts = [model.sosnet] + ([model.snet, model.solnet] if joint else [])
+        opt_g = self._optimizer(f"{stage}_g", [p for part in parts for p in part.parameters()])
+        aae = self.aae if self.config.adversarial else None
+        runner = self._runner("g", lambda: GeneratorStep(model, aae, self.alpha, self.config, joint))
+        with self._autocast():
+            loss, preds, truths = runner(ct, labels, present, maps, starts, valid)
+        value = _apply(opt_g, loss)
+        if aae is not None:
+            opt_d = self._optimizer(f"{stage}_d", self.aae.parameters())
+            d_runner = self._runner("d", lambda: DiscriminatorStep(self.aae, self.config))
+            keep = [k for k, v in enumerate(valid) if v] or list(range(len(valid)))
+            t = torch.cat([truths[k] for k in keep])
+            p = torch.cat([preds[k] for k in keep]).float()
+            with self._autocast():
+                d_loss = d_runner(t, p) * float(any(valid))
+            _apply(opt_d, d_loss)
+        return value
+
+    # -- validation ----------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, global_step: int, stage: str) -> Dict[str, Dict[str, float]]:
+        if self.rank != 0:
+            return {}
+        self.model.eval()
+        # Before SOS-Net has trained, the S-Net's own labels are what there is.
+        branch = self._sos_trained()
+        spacing = tuple(reversed(self.config.network.preprocess.spacing))
+        per_organ: Dict[str, List[dict]] = {}
+        for case in self.val_cases:
+            volume = torch.as_tensor(case.image, device=self.device)[None, None]
+            with self._autocast():
+                labels = self.model.segment(volume, small_organ_branch=branch)["labels"][0].cpu().numpy()
+            present = [lab for lab in range(1, self.organs.num_classes) if case.present[lab]]
+            for lab, values in organ_metrics(labels, case.labels, present, spacing).items():
+                per_organ.setdefault(self.organs.name_of(lab), []).append(values)
+        summary = {name: {k: _nanmean([v[k] for v in vals]) for k in vals[0]} for name, vals in per_organ.items()}
+        rows = [{"step": global_step, "stage": stage, "organ": name, **vals} for name, vals in summary.items()]
+        self.history.extend(rows)
+        self._write_metrics()
+        mean_dice = np.mean([v["dice"] for v in summary.values()]) if summary else float("nan")
+        small = [summary[n]["dice"] for n in self.organs.small_names if n in summary]
+        self.log(f"validation at step {global_step} ({stage}): mean Dice {mean_dice:.3f}, "
+                 f"small organs {np.mean(small) if small else float('nan'):.3f}")
+        if self.stage is not None:
+            self._set_trainable(self.stage)  # back to training mode
+        return summary
+
+    def _sos_trained(self) -> bool:
+        for index, (name, length) in enumerate(self.config.stages):
+            if name in ("sos", "finetune") and length:
+                if index < self.position[0] or (index == self.position[0] and self.position[1] > 0):
+                    return True
+        return False
+
+    def _write_metrics(self):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "validation.csv"
+        fields = ["step", "stage", "organ", "dice", "hd95_paper", "hd95_symmetric", "surface_dice"]
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.history)
+        tmp.replace(path)
+        _plot_history(self.history, self.run_dir / "validation.png", self.organs.small_names)
+
+    # -- checkpoints ---------------------------------------------------------
+    def _checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def _save_checkpoint(self):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.model.state_dict(), "aae": self.aae.state_dict(),
+                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                 "position": list(self.position), "history": self.history,
+                 "config": json.dumps(self.config.to_dict())}
+        tmp = self._checkpoint_path().with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self._checkpoint_path())
+
+    def _load_checkpoint(self):
+        path = self._checkpoint_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if json.loads(state["config"]) != json.loads(json.dumps(self.config.to_dict())):
+            raise ValueError(f"{path}: the checkpoint was made with another configuration")
+        self.model.load_state_dict(state["model"])
+        self.aae.load_state_dict(state["aae"])
+        self.position = tuple(state["position"])
+        self.history = state["history"]
+        stage = self.config.stages[self.position[0]][0] if self.position[0] < len(self.config.stages) else None
+        if stage is not None:
+            self._set_trainable(stage)
+            model = self.model
+            params = {"snet": model.snet.parameters, "solnet": model.solnet.parameters, "aae": self.aae.parameters,
+                      f"{stage}_g": lambda: [p for part in ([model.sosnet] + ([model.snet, model.solnet]
+                                                                              if stage == "finetune" else []))
+                                             for p in part.parameters()],
+                      f"{stage}_d": self.aae.parameters}
+            for key, opt_state in state["optimizers"].items():
+                self._optimizer(key, params[key]()).load_state_dict(opt_state)
+
+    def provenance(self) -> dict:
+        last = [r for r in self.history if r["stage"] == "final"]
+        return {"dataset": self.data_dir, "training_cases": len(self.train_cases),
+                "validation_cases": len(self.val_cases), "skipped_cases": len(self.problems),
+                "validation_metrics": {r["organ"]: {k: r[k] for k in ("dice", "hd95_paper", "hd95_symmetric")}
+                                       for r in last},
+                "training_config": self.config.to_dict(),
+                "training_seconds": round(getattr(self, "training_seconds", 0.0), 1),
+                "device": self.device, "world_size": self.world}
+
+
+def _nanmean(values) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _apply(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+class _progress:
+    """A tqdm bar with the loss and the ETA, or nothing."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="it", dynamic_ncols=True)
+        self.smoothed = None
+
+    def update(self, stage: str, loss: float):
+        if self.bar is None:
+            return
+        self.smoothed = loss if self.smoothed is None or not math.isfinite(self.smoothed) else 0.95 * self.smoothed + 0.05 * loss
+        self.bar.set_postfix(stage=stage, loss=f"{self.smoothed:.4f}")
+        self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _plot_history(history: List[dict], path: Path, small_names):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    steps = sorted({r["step"] for r in history})
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, title in ((axes[0], "dice", "validation Dice"), (axes[1], "hd95_paper", "validation 95HD (paper form), mm")):
+        organs = sorted({r["organ"] for r in history})
+        for organ in organs:
+            values = [next((r[metric] for r in history if r["step"] == s and r["organ"] == organ), np.nan) for s in steps]
+            ax.plot(steps, values, lw=2.0 if organ in small_names else 0.8, label=organ if organ in small_names else None)
+        mean = [np.nanmean([r[metric] for r in history if r["step"] == s]) for s in steps]
+        ax.plot(steps, mean, "k--", lw=2.5, label="mean")
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    figure.savefig(tmp, dpi=90)
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "auto", progress: bool = True,
+          log=print) -> Path:
+    """``focusnet train``: returns the path of the model bundle it wrote."""
+    from .bundle import save_bundle
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = load_config(config_path)
+    run_dir = Path(run_dir)
+    if not resume and (run_dir / "checkpoint.pt").exists():
+        raise FileExistsError(f"{run_dir}: already holds a training run; pass --resume to continue it "
+                              "or choose another --out")
+    trainer = Trainer(config, data_dir, run_dir, device, log)
+    trainer.run(resume=resume, progress=progress)
+    bundle = run_dir / "model.pt"
+    if trainer.rank == 0:
+        save_bundle(trainer.model, bundle, trainer.provenance(), overwrite=True)
+        log(f"wrote {bundle}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return bundle

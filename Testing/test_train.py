@@ -1,0 +1,152 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FocusNetCore.bundle import load_bundle
+from FocusNetCore.data import (
+    AugmentConfig, CachedCase, augment, choose_z, discover_cases, heatmaps, load_case, load_training_cases,
+)
+from FocusNetCore.organs import ORGAN_SETS
+from FocusNetCore.phantom import generate_case, write_case
+from FocusNetCore.preprocess import PreprocessConfig
+from FocusNetCore.train import TrainConfig, Trainer, load_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-test.yaml"
+
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantoms")
+    for seed in (300, 301, 302):
+        write_case(generate_case(seed, "small"), folder, "nrrd")
+    return folder
+
+
+def test_configs_load_and_reject_unknown_keys(tmp_path):
+    paper = load_config(ROOT / "configs" / "paper.yaml")
+    assert paper.network.width == 1.0 and paper.lr == 5e-4 and paper.shape_weight == 5.0
+    assert paper.adversarial_weight == 0.001 and paper.network.preprocess.spacing == (1.0, 1.0, 3.0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("network: {width: 0.5}\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="bad.yaml: unknown training configuration keys: \\['learning_rate'\\]"):
+        load_config(bad)
+    bad.write_text("stages: {snet: 1, warmup: 2}\n")
+    with pytest.raises(ValueError, match="unknown stage 'warmup'"):
+        load_config(bad)
+
+
+def test_discovers_every_layout_and_reports_bad_cases(tmp_path):
+    case = generate_case(310, "small")
+    for fmt in ("nrrd", "pddca", "nnunet", "dicom"):
+        write_case(case, tmp_path / fmt, fmt)
+        sources, problems = discover_cases(tmp_path / fmt)
+        assert [s.name for s in sources] == [case.name], fmt
+        assert not problems
+    # PDDCA: 9 organs, the mandible whole; a patient without a mandible file has it absent.
+    (tmp_path / "pddca" / case.name / "structures" / "Mandible.nrrd").unlink()
+    sources, _ = discover_cases(tmp_path / "pddca")
+    image, labels, present = load_case(sources[0], ORGAN_SETS["pddca9"])
+    assert not present[ORGAN_SETS["pddca9"].label_of("Bone_Mandible")]
+    assert present[ORGAN_SETS["pddca9"].label_of("Brainstem")]
+    # A corrupt case is named and skipped, the others load.
+    write_case(generate_case(311, "small"), tmp_path / "nrrd", "nrrd")
+    (tmp_path / "nrrd" / f"{case.name}_ct.nrrd").write_bytes(b"garbage")
+    messages = []
+    cases, problems = load_training_cases(tmp_path / "nrrd", tmp_path / "cache", PreprocessConfig(), ORGAN_SETS["oar22"],
+                                          log=messages.append)
+    assert [c.name for c in cases] == ["phantom_0311"]
+    assert len(problems) == 1 and case.name in problems[0]
+    assert any("1 problem(s); 1 case(s) usable" in m for m in messages)
+
+
+def test_cache_is_reused(phantom_data, tmp_path):
+    config, organs = PreprocessConfig(spacing=(3.0, 3.0, 3.0), crop_size=(64, 64)), ORGAN_SETS["oar22"]
+    first, _ = load_training_cases(phantom_data, tmp_path, config, organs)
+    files = sorted(tmp_path.glob("*.npz"))
+    assert len(files) == 3
+    stamp = [f.stat().st_mtime_ns for f in files]
+    second, _ = load_training_cases(phantom_data, tmp_path, config, organs)
+    assert [f.stat().st_mtime_ns for f in sorted(tmp_path.glob("*.npz"))] == stamp
+    assert np.array_equal(first[0].labels, second[0].labels)
+
+
+def test_augmentation_moves_image_and_labels_together():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((4, 64, 48), np.uint8)
+    labels[:, 20:30, 10:22] = 1
+    labels[:, 40:50, 30:40] = 2
+    image = labels.astype(np.float32) * 100.0 - 1.0
+    for _ in range(5):
+        img, lab = augment(image, labels, rng, AugmentConfig())
+        core = lab == 2
+        if core.sum() > 20:
+            assert np.median(img[core]) == pytest.approx(199.0, abs=1.0)
+        assert set(np.unique(lab)) <= {0, 1, 2}
+    same, lab = augment(image, labels, rng, AugmentConfig(enabled=False))
+    assert np.array_equal(lab, labels)
+
+
+def test_heatmaps_peak_at_organ_centres_and_crops_keep_small_organs():
+    labels = np.zeros((40, 32, 32), np.uint8)
+    labels[10:13, 5:8, 20:23] = 3
+    maps, centres = heatmaps(labels, [3, 4])
+    assert centres == [(11, 6, 21), None]
+    assert np.unravel_index(maps[0].argmax(), maps[0].shape) == (11, 6, 21)
+    assert maps[0].max() == pytest.approx(1.0) and maps[1].max() == 0.0
+    case = CachedCase("c", np.zeros((100, 8, 8), np.float32), np.zeros((100, 8, 8), np.uint8), np.ones(3, bool))
+    case.labels[60:66, 4, 4] = 3
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        start = choose_z(case, 40, rng, [3])
+        assert start + 3 <= 60 and 66 + 3 <= start + 40
+
+
+def _run(config: TrainConfig, data, out, stop_after=None, resume=False):
+    trainer = Trainer(config, data, out, "cpu", log=lambda *a: None)
+    trainer.run(resume=resume, progress=False, stop_after=stop_after)
+    return trainer
+
+
+def test_resume_ends_with_the_same_weights(phantom_data, tmp_path):
+    torch.set_num_threads(1)
+    config = load_config(TINY)
+    whole = _run(config, phantom_data, tmp_path / "whole")
+    _run(config, phantom_data, tmp_path / "parts", stop_after=5)  # interrupted inside the solnet stage
+    resumed = _run(config, phantom_data, tmp_path / "parts", resume=True)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(whole.aae.state_dict().values(), resumed.aae.state_dict().values()):
+        assert torch.equal(a, b)
+    rows = (tmp_path / "whole" / "validation.csv").read_text().splitlines()
+    assert rows[0].startswith("step,stage,organ,dice,hd95_paper") and len(rows) > 10
+    assert (tmp_path / "whole" / "validation.png").stat().st_size > 1000
+
+
+def test_train_command_writes_a_bundle_with_provenance(phantom_data, tmp_path):
+    bundle = train(TINY, phantom_data, tmp_path / "run", progress=False, log=lambda *a: None)
+    model, meta = load_bundle(bundle)
+    assert meta["provenance"]["training_cases"] == 2 and meta["provenance"]["validation_cases"] == 1
+    assert "OpticChiasm" in meta["provenance"]["validation_metrics"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(TINY, phantom_data, tmp_path / "run", progress=False, log=lambda *a: None)
+
+
+def test_ddp_two_cpu_processes(phantom_data, tmp_path):
+    """torchrun with 2 processes on the gloo backend trains and writes one bundle."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "FocusNetCore", "train", "--config", str(TINY), "--data", str(phantom_data),
+           "--out", str(tmp_path / "ddp"), "--device", "cpu", "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    model, meta = load_bundle(tmp_path / "ddp" / "model.pt")
+    assert meta["provenance"]["world_size"] == 2
