@@ -61,6 +61,9 @@ class TrainConfig:
     validation_cases: int = 2
     validate_every: int = 500
     checkpoint_every: int = 100
+    # Written into the bundle: the model's name and what it may be used for.
+    model_name: str = "FocusNetv2"
+    intended_use: str = ""
 
     def __post_init__(self):
         for name, count in self.stages:
@@ -526,7 +529,8 @@ class Trainer:
 
     def provenance(self) -> dict:
         last = [r for r in self.history if r["stage"] == "final"]
-        return {"dataset": self.data_dir, "training_cases": len(self.train_cases),
+        return {"name": self.config.model_name, "intended_use": self.config.intended_use,
+                "dataset": self.data_dir, "training_cases": len(self.train_cases),
                 "validation_cases": len(self.val_cases), "skipped_cases": len(self.problems),
                 "validation_metrics": {r["organ"]: {k: r[k] for k in ("dice", "hd95_paper", "hd95_symmetric")}
                                        for r in last},
