@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch import nn
 
 from . import __version__
 from .imageio import atomic_output
@@ -39,7 +40,10 @@ def weights_checksum(state_dict: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, overwrite: bool = False) -> Path:
+def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, overwrite: bool = False,
+                autoencoder: Optional[nn.Module] = None, autoencoder_width: float = 1.0) -> Path:
+    """Write the bundle; ``autoencoder`` (the trained shape autoencoder) lets
+    inference score how plausible each small organ's shape is."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     organs = model.config.organs
     payload = {
@@ -52,6 +56,10 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
         "provenance": {"code_version": __version__, "date": datetime.date.today().isoformat(),
                        **(provenance or {})},
     }
+    if autoencoder is not None:
+        aae_state = {k: v.detach().cpu() for k, v in autoencoder.state_dict().items()}
+        payload["autoencoder"] = {"width": float(autoencoder_width), "state_dict": aae_state,
+                                  "checksum": weights_checksum(aae_state)}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_output(Path(path), overwrite) as tmp:
@@ -77,9 +85,16 @@ def load_bundle(path, map_location="cpu") -> Tuple[FocusNetV2, dict]:
     state = payload["state_dict"]
     if weights_checksum(state) != payload.get("checksum"):
         raise BundleError(path, "weights checksum mismatch: the file was altered or damaged")
+    aae = payload.get("autoencoder")
+    if aae is not None and weights_checksum(aae["state_dict"]) != aae.get("checksum"):
+        raise BundleError(path, "autoencoder weights checksum mismatch: the file was altered or damaged")
     config = FocusNetConfig.from_dict(payload["config"])
     model = FocusNetV2(config)
     model.load_state_dict(state)
     model.eval()
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "autoencoder")}
+    meta["checksum"] = payload["checksum"]
+    if aae is not None:
+        meta["autoencoder_state"] = aae["state_dict"]
+        meta["autoencoder_width"] = aae["width"]
     return model, meta

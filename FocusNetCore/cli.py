@@ -75,6 +75,111 @@ def _cmd_train(args) -> int:
     return EXIT_OK
 
 
+class _ProgressPrinter:
+    """``--progress json``: one JSON object per line on stdout (the protocol
+    the Slicer module reads); otherwise short human-readable lines on stderr."""
+
+    def __init__(self, mode: str, case: str, index: int, total: int):
+        self.mode, self.case, self.index, self.total = mode, case, index, total
+        self.last = None
+
+    def __call__(self, stage: str, fraction: float, message: str) -> None:
+        import json
+
+        overall = (self.index + fraction) / self.total
+        if self.mode == "json":
+            print(json.dumps({"stage": stage, "fraction": round(fraction, 4), "overall": round(overall, 4),
+                              "case": self.case, "message": message}), flush=True)
+        elif stage != self.last:
+            print(f"[{self.index + 1}/{self.total}] {self.case}: {message}", file=sys.stderr, flush=True)
+        self.last = stage
+
+
+def _segment_inputs(inputs) -> list:
+    """Each INPUT is a volume file, a DICOM series folder, or a folder of cases."""
+    from .imageio import ImageReadError, find_volumes, scan_dicom_folder
+
+    cases = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_file():
+            cases.append(path)
+        elif path.is_dir():
+            volumes = find_volumes(path)
+            subfolders = sorted(p for p in path.iterdir() if p.is_dir())
+            if volumes:
+                cases.extend(volumes)
+            elif any(True for f in path.iterdir() if f.is_file() and f.suffix.lower() in (".dcm", "")) and \
+                    scan_dicom_folder(path):
+                cases.append(path)
+            elif subfolders:
+                cases.extend(subfolders)
+            else:
+                raise ImageReadError(path, "folder holds no volume files, DICOM series or case folders")
+        else:
+            raise ImageReadError(path, "no such file or folder")
+    return cases
+
+
+def _cmd_segment(args) -> int:
+    import json
+
+    from .imageio import ImageReadError, OutputExistsError, atomic_output, case_name, write_image
+    from .segfile import write_label_table, write_seg_nrrd
+    from .segment import Segmenter
+
+    out = Path(args.out)
+    cases = _segment_inputs(args.input)
+    segmenter = Segmenter(args.model, device=args.device)
+    suffix = {"seg.nrrd": ".seg.nrrd", "nifti": ".nii.gz", "nrrd": ".nrrd"}[args.format]
+    status = EXIT_OK
+    for index, case in enumerate(cases):
+        name = case_name(case)
+        target = out / f"{name}{suffix}"
+        report_path = out / f"{name}.report.json"
+        progress = _ProgressPrinter(args.progress, name, index, len(cases))
+        try:
+            for path in (target, report_path):
+                if path.exists() and not args.overwrite:
+                    raise OutputExistsError(path)
+            result = segmenter.segment(case, progress=progress)
+            progress("write", 0.95, f"writing {target}")
+            organs = segmenter.config.organs
+            if args.format == "seg.nrrd":
+                write_seg_nrrd(result.labels, organs, target, overwrite=args.overwrite)
+            else:
+                write_image(result.labels, target, overwrite=args.overwrite)
+                write_label_table(organs, out / f"{name}.labels.json", overwrite=True)
+            report = {"input": str(case), "output": str(target), **result.report()}
+            with atomic_output(report_path, overwrite=args.overwrite) as tmp:
+                tmp.write_text(json.dumps(report, indent=2))
+            progress("done", 1.0, f"wrote {target}")
+        except (ImageReadError, OutputExistsError) as error:
+            status = max(status, EXIT_BAD_INPUT)
+            _report_failure(args, name, str(error))
+        except Exception as error:  # one case failing must not stop the others
+            status = EXIT_INTERNAL
+            _report_failure(args, name, f"internal error: {type(error).__name__}: {error}")
+    return status
+
+
+def _report_failure(args, case: str, message: str) -> None:
+    import json
+
+    if args.progress == "json":
+        print(json.dumps({"stage": "error", "fraction": 1.0, "case": case, "message": message}), flush=True)
+    print(f"focusnet segment: {case}: {message}", file=sys.stderr, flush=True)
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    rows, written = evaluate(args.pred, args.gt, args.organs, Path(args.out) if args.out else Path(args.pred))
+    for path in written:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -91,6 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: 512 x 512 clinical matrix; small: 160 x 160 for fast tests")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("segment", help="segment the organs at risk on CT volumes")
+    p.add_argument("input", nargs="+", help="volume file(s) (NRRD, NIfTI, MHA), DICOM series folder(s), "
+                                           "or folder(s) of cases")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
+    p.add_argument("--format", choices=("seg.nrrd", "nifti", "nrrd"), default="seg.nrrd")
+    p.add_argument("--progress", choices=("text", "json"), default="text",
+                   help="json: one JSON object per line on stdout (stage, fraction, message)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("evaluate", help="per-organ Dice, 95HD and surface Dice of predictions against ground truth")
+    p.add_argument("--pred", required=True, help="folder of predictions (<case>.seg.nrrd, .nii.gz or .nrrd)")
+    p.add_argument("--gt", required=True, help="folder of ground truth (phantom, PDDCA, nnU-Net or DICOM layout)")
+    p.add_argument("--organs", default="oar22", help="organ set: oar22 or pddca9")
+    p.add_argument("--out", default=None, help="where to write evaluation.csv and evaluation.md (default --pred)")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("train", help="train FocusNetv2 on contoured CTs (runs under torchrun for several GPUs)")
     p.add_argument("--config", required=True, help="training configuration (YAML), e.g. configs/paper.yaml")

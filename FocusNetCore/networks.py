@@ -12,7 +12,7 @@ the CT crop alone); the paper is implemented, the CT-only crop is the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -207,7 +207,8 @@ class FocusNetV2(nn.Module):
         return {"logits": logits, "features": features, "heatmaps": heatmaps, "masks": masks, "starts": starts}
 
     @torch.no_grad()
-    def segment(self, volume: torch.Tensor, small_organ_branch: bool = True) -> Dict[str, torch.Tensor]:
+    def segment(self, volume: torch.Tensor, small_organ_branch: bool = True,
+                progress: Optional[Callable[[float], None]] = None) -> Dict[str, torch.Tensor]:
         """Whole-volume inference on (1, 1, D, H, W): non-overlapping chunks
         through S-Net and SOL-Net, then each small organ's centre is the
         arg-max of its heat map over the *whole* volume, and its ROI is pooled
@@ -230,15 +231,17 @@ class FocusNetV2(nn.Module):
             logits.append(lg[:, :, :keep])
             features.append(ft[:, :, :keep])
             heatmaps.append(hm[:, :, :keep])
+            if progress is not None:
+                progress(min(start + chunk, depth) / depth)
         logits, features, heatmaps = (torch.cat(t, dim=2) for t in (logits, features, heatmaps))
         probabilities = torch.softmax(logits, dim=1)
         labels = probabilities.argmax(dim=1)                      # (1, D, H, W)
         if not small_organ_branch:
             return {"labels": labels, "probabilities": probabilities, "heatmaps": heatmaps,
-                    "present": torch.ones(len(self.sosnet.heads), dtype=torch.bool)}
+                    "present": torch.ones(len(self.sosnet.heads), dtype=torch.bool), "small": []}
         joined = self.sos_input(volume, features)
         small_labels = self.config.organs.small_labels
-        present = []
+        present, small = [], []
         for k, (head, label) in enumerate(zip(self.sosnet.heads, small_labels)):
             # A small organ lies inside its ROI only: S-Net's votes for it
             # elsewhere are false positives, and go in any case.
@@ -246,15 +249,18 @@ class FocusNetV2(nn.Module):
             peak = float(heatmaps[0, k].max())
             if peak < self.config.heatmap_threshold:
                 present.append(False)
+                small.append(None)
                 continue
             start = roi_start(argmax_3d(heatmaps[0, k]), self.config.roi_size)
-            mask = head(roi_pool(joined, start, self.config.roi_size))[:, 0] > 0.5   # (1, 8, 64, 64)
+            prob = head(roi_pool(joined, start, self.config.roi_size))[:, 0]          # (1, 8, 64, 64)
+            mask = prob > 0.5
+            small.append((start, prob))
             region = roi_pool(labels.unsqueeze(1).float(), start, self.config.roi_size)[:, 0].long()
             region[mask] = label
             roi_paste(labels, region, start)
             present.append(True)
         return {"labels": labels, "probabilities": probabilities, "heatmaps": heatmaps,
-                "present": torch.tensor(present)}
+                "present": torch.tensor(present), "small": small}
 
 
 def argmax_3d(volume: torch.Tensor) -> Tuple[int, int, int]:

@@ -206,6 +206,26 @@ def convert_labels(labels, source: OrganSet, target: OrganSet):
     return out.astype(np.uint8 if target.num_classes < 256 else np.uint16), missing
 
 
+SLICER_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def terminology_string(organ: Organ) -> str:
+    """The organ's terminology entry as Slicer stores it in a segment's
+    ``TerminologyEntry`` tag: context~category~type~type modifier~anatomic
+    context~anatomic region~region modifier, codes as scheme^value^meaning.
+    Laterality is the type modifier; the inner/middle ear qualifier is the
+    anatomic region modifier of the ear."""
+    def code(c):
+        return f"SCT^{c[0]}^{c[1]}" if c else "^^"
+
+    category = code(ANATOMICAL_STRUCTURE)
+    organ_type = code((organ.snomed_code, organ.snomed_meaning))
+    region = code((organ.snomed_code, organ.snomed_meaning)) if organ.modifier else "^^"
+    return "~".join([SLICER_CONTEXT, category, organ_type, code(organ.laterality_code),
+                     SLICER_ANATOMIC_CONTEXT, region, code(organ.modifier)])
+
+
 def terminology_entry(organ: Organ) -> dict:
     """The organ's segment context in the dcmqi segment-context JSON schema
     (the form Slicer's Terminologies module reads from a ``.term.json``)."""

@@ -161,6 +161,10 @@ def find_head_centre(image: sitk.Image) -> Tuple[float, float]:
     """Physical (x, y) centre of the head: the body's largest connected
     component above the threshold, averaged over the slices narrower than
     the shoulders. Falls back to the image's centre when no body is found."""
+    # Work on the LPS-ordered copy (a flip/permutation of the array, no
+    # resampling), so flipped acquisitions are shrunk from the same end and
+    # give exactly the same centre.
+    image = sitk.DICOMOrient(image, "LPS")
     spacing = image.GetSpacing()
     factors = [max(1, int(round(HEAD_FINDER_SPACING_MM / spacing[0]))),
                max(1, int(round(HEAD_FINDER_SPACING_MM / spacing[1]))), 1]

@@ -617,7 +617,9 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
     trainer.run(resume=resume, progress=progress)
     bundle = run_dir / "model.pt"
     if trainer.rank == 0:
-        save_bundle(trainer.model, bundle, trainer.provenance(), overwrite=True)
+        aae = trainer.aae if config.adversarial else None
+        save_bundle(trainer.model, bundle, trainer.provenance(), overwrite=True, autoencoder=aae,
+                    autoencoder_width=config.autoencoder_width)
         log(f"wrote {bundle}")
     if dist.is_initialized():
         dist.barrier()

@@ -1,0 +1,196 @@
+"""Segmenting a CT: the Python API behind ``focusnet segment`` and the
+Slicer module.
+
+    seg = Segmenter()                      # the embedded default model
+    result = seg.segment("ct.nrrd", progress=print_progress)
+    result.labels                          # SimpleITK label image on the CT's own grid
+    result.organs                          # volume, centroid, confidence, shape score
+    result.timings                         # seconds per stage
+
+Layers, each callable in memory: file -> image (imageio) -> model-grid array
+(preprocess) -> labels (FocusNetV2.segment, chunked) -> labels on the
+original grid (preprocess.labels_to_original).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import load_bundle
+from .imageio import read_image
+from .metrics import dice
+from .networks import ShapeAutoencoder, roi_pool
+from .organs import CATALOGUE
+from .preprocess import labels_to_original, preprocess
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "models" / "focusnet-phantom-cpu.pt"
+
+Progress = Callable[[str, float, str], None]
+
+
+@dataclass
+class OrganResult:
+    name: str
+    label: int
+    present: bool
+    volume_cc: float
+    centroid_mm: Optional[List[float]]  # LPS, world coordinates
+    confidence: Optional[float]  # mean probability of the organ's class inside it
+    shape_score: Optional[float] = None  # small organs: Dice of the autoencoder's reconstruction (1 = plausible)
+    typical_volume_cc: List[float] = field(default_factory=list)
+
+
+@dataclass
+class SegmentationResult:
+    labels: sitk.Image
+    organs: List[OrganResult]
+    timings: Dict[str, float]
+    device: str
+    model: dict
+
+    def report(self) -> dict:
+        return {"model": self.model, "device": self.device, "timings_s": self.timings,
+                "organs": [asdict(o) for o in self.organs]}
+
+
+def _quiet(stage: str, fraction: float, message: str) -> None:
+    pass
+
+
+class Segmenter:
+    """Loads a model bundle once and segments any number of CTs."""
+
+    def __init__(self, bundle: Union[str, Path, None] = None, device: str = "auto"):
+        path = Path(bundle) if bundle is not None else EMBEDDED_MODEL
+        if bundle is None and not path.is_file():
+            raise FileNotFoundError(f"{path}: the embedded model is missing from this installation")
+        self.bundle_path = path
+        self.model, self.meta = load_bundle(path)
+        self.config = self.model.config
+        self.device = self._choose_device(device)
+        self.model.to(self.device)
+        self.autoencoder = None
+        if "autoencoder_state" in self.meta:
+            self.autoencoder = ShapeAutoencoder(self.config.roi_size, self.meta["autoencoder_width"])
+            self.autoencoder.load_state_dict(self.meta["autoencoder_state"])
+            self.autoencoder.eval()
+
+    @staticmethod
+    def _choose_device(device: str) -> str:
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but no CUDA GPU is available (use --device cpu or auto)")
+        if device not in ("cpu",) and not device.startswith("cuda"):
+            raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+        return device
+
+    @property
+    def model_info(self) -> dict:
+        prov = self.meta.get("provenance", {})
+        return {"file": str(self.bundle_path), "name": prov.get("name", "FocusNetv2"),
+                "intended_use": prov.get("intended_use", ""), "checksum": self.meta.get("checksum", ""),
+                "organ_set": self.config.organ_set, "code_version": prov.get("code_version", "")}
+
+    def segment(self, image_or_path, progress: Optional[Progress] = None) -> SegmentationResult:
+        progress = progress or _quiet
+        timings: Dict[str, float] = {}
+        start = time.perf_counter()
+        progress("read", 0.0, "reading the CT")
+        image = image_or_path if isinstance(image_or_path, sitk.Image) else read_image(image_or_path)
+        timings["read"] = time.perf_counter() - start
+
+        t = time.perf_counter()
+        progress("preprocess", 0.1, "resampling to the model grid")
+        pre = preprocess(image, self.config.preprocess)
+        timings["preprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        progress("inference", 0.2, f"FocusNetv2 on {self.device}")
+        out = self._infer(pre.image, progress)
+        timings["inference"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        progress("postprocess", 0.85, "back to the CT's grid")
+        model_labels = out["labels"][0].cpu().numpy().astype(np.uint8)
+        labels = labels_to_original(model_labels, pre.grid, image)
+        organs = self._organ_results(labels, model_labels, out)
+        timings["postprocess"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - start
+        progress("done", 1.0, f"{sum(o.present for o in organs)} organs in {timings['total']:.1f} s")
+        return SegmentationResult(labels, organs, {k: round(v, 3) for k, v in timings.items()}, self.device,
+                                  self.model_info)
+
+    def _infer(self, array: np.ndarray, progress: Progress) -> dict:
+        volume = torch.as_tensor(array)[None, None]
+        try:
+            return self._run(volume, progress)
+        except torch.cuda.OutOfMemoryError:
+            # Out of GPU memory: finish on the CPU rather than fail.
+            progress("inference", 0.2, "GPU out of memory: falling back to the CPU (slower)")
+            torch.cuda.empty_cache()
+            self.device = "cpu"
+            self.model.to("cpu")
+            return self._run(volume, progress)
+
+    def _run(self, volume: torch.Tensor, progress: Progress) -> dict:
+        volume = volume.to(self.device)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else _null()
+        with torch.inference_mode(), autocast:
+            return self.model.segment(volume, progress=lambda f: progress("inference", 0.2 + 0.6 * f,
+                                                                          f"chunk {f:.0%}"))
+
+    def _organ_results(self, labels: sitk.Image, model_labels: np.ndarray, out: dict) -> List[OrganResult]:
+        organs = self.config.organs
+        array = sitk.GetArrayViewFromImage(labels)
+        voxel_cc = float(np.prod(labels.GetSpacing())) / 1000.0
+        stats = sitk.LabelShapeStatisticsImageFilter()
+        stats.Execute(labels)
+        found = set(stats.GetLabels())
+        probabilities = out["probabilities"][0]
+        small = dict(zip(organs.small_labels, out.get("small") or []))
+        results = []
+        for name in organs.names:
+            label = organs.label_of(name)
+            typical = list(CATALOGUE[name].volume_cc)
+            if label not in found:
+                results.append(OrganResult(name, label, False, 0.0, None, None, None, typical))
+                continue
+            centroid = [round(v, 2) for v in stats.GetCentroid(label)]
+            volume = round(float(stats.GetNumberOfPixels(label)) * voxel_cc, 3)
+            inside = torch.as_tensor(model_labels == label)
+            confidence, shape = None, None
+            if label in small and small[label] is not None:
+                start, prob = small[label]
+                region = roi_pool(torch.as_tensor(model_labels == label)[None, None].float(), start,
+                                  self.config.roi_size)[0, 0] > 0.5
+                values = prob[0].float().cpu()[region]
+                confidence = float(values.mean()) if values.numel() else None
+                shape = self._shape_score(region)
+            elif inside.any():
+                confidence = float(probabilities[label].float().cpu()[inside].mean())
+            results.append(OrganResult(name, label, True, volume, centroid,
+                                       None if confidence is None else round(confidence, 4),
+                                       None if shape is None else round(shape, 4), typical))
+        return results
+
+    def _shape_score(self, mask: torch.Tensor) -> Optional[float]:
+        if self.autoencoder is None or not mask.any():
+            return None
+        with torch.inference_mode():
+            recon, _, _ = self.autoencoder(mask[None, None].float())
+        return dice(recon[0, 0].numpy() > 0.5, mask.numpy())
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

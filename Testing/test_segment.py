@@ -1,0 +1,135 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FocusNetCore.bundle import save_bundle
+from FocusNetCore.evaluate import evaluate
+from FocusNetCore.networks import FocusNetConfig, FocusNetV2, ShapeAutoencoder
+from FocusNetCore.organs import CATALOGUE, ORGAN_SETS
+from FocusNetCore.phantom import PHANTOM_SET, generate_case, write_case
+from FocusNetCore.preprocess import PreprocessConfig
+from FocusNetCore.segfile import read_seg_nrrd_segments, write_seg_nrrd
+from FocusNetCore.segment import Segmenter
+
+TINY = FocusNetConfig(width=0.125, roi_size=(8, 16, 16), heatmap_threshold=0.0,
+                      preprocess=PreprocessConfig(spacing=(3.0, 3.0, 3.0), crop_size=(64, 64), chunk_slices=16))
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_bundle(FocusNetV2(TINY), path, {"name": "tiny random", "intended_use": "tests only"},
+                autoencoder=ShapeAutoencoder(TINY.roi_size, 0.125), autoencoder_width=0.125)
+    return path
+
+
+@pytest.fixture(scope="module")
+def case_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cases")
+    write_case(generate_case(400, "small"), folder, "nrrd")
+    return folder
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "FocusNetCore", *map(str, args)], capture_output=True, text=True)
+
+
+def test_api_output_on_the_input_grid(tiny_bundle, case_dir):
+    seg = Segmenter(tiny_bundle, device="cpu")
+    stages = []
+    image = sitk.ReadImage(str(case_dir / "phantom_0400_ct.nrrd"))
+    result = seg.segment(image, progress=lambda s, f, m: stages.append((s, f)))
+    for what in ("GetSize", "GetOrigin", "GetSpacing", "GetDirection"):
+        assert getattr(result.labels, what)() == getattr(image, what)()
+    assert [s for s, _ in stages][0] == "read" and stages[-1] == ("done", 1.0)
+    assert all(0.0 <= f <= 1.0 for _, f in stages)
+    assert [o.name for o in result.organs] == list(ORGAN_SETS["oar22"].names)
+    assert set(result.timings) >= {"read", "preprocess", "inference", "postprocess", "total"}
+    assert result.model["name"] == "tiny random"
+    for organ in result.organs:
+        if organ.present:
+            assert organ.volume_cc > 0 and len(organ.centroid_mm) == 3
+
+
+def test_flipped_input_keeps_its_own_geometry(tiny_bundle, case_dir):
+    image = sitk.ReadImage(str(case_dir / "phantom_0400_ct.nrrd"))
+    flipped = sitk.Flip(image, [True, False, False])  # SimpleITK keeps the physical space, flips the axis
+    assert flipped.GetDirection() != image.GetDirection()
+    seg = Segmenter(tiny_bundle, device="cpu")
+    a, b = seg.segment(image).labels, seg.segment(flipped).labels
+    assert b.GetDirection() == flipped.GetDirection() and b.GetOrigin() == flipped.GetOrigin()
+    # The same physical labels: flipping the result back gives the first result.
+    back = sitk.GetArrayViewFromImage(sitk.Flip(b, [True, False, False]))
+    agree = (back == sitk.GetArrayViewFromImage(a)).mean()
+    assert agree > 0.99
+
+
+def test_cli_seg_nrrd_and_json_progress(tiny_bundle, case_dir, tmp_path):
+    out = run_cli("segment", case_dir / "phantom_0400_ct.nrrd", "--out", tmp_path, "--model", tiny_bundle,
+                  "--progress", "json", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {"stage", "fraction", "message"} <= set(lines[0])
+    assert lines[-1]["stage"] == "done" and lines[-1]["fraction"] == 1.0
+    seg_path = tmp_path / "phantom_0400_ct.seg.nrrd"
+    segments = read_seg_nrrd_segments(seg_path)
+    organs = ORGAN_SETS["oar22"]
+    assert [s["name"] for s in segments] == list(organs.names)
+    for s in segments:
+        assert s["label_value"] == organs.label_of(s["name"])
+        assert np.allclose(np.asarray(s["color"]) * 255, CATALOGUE[s["name"]].color, atol=0.01)
+        assert f"SCT^{CATALOGUE[s['name']].snomed_code}^" in s["tags"]
+    report = json.loads((tmp_path / "phantom_0400_ct.report.json").read_text())
+    assert report["model"]["intended_use"] == "tests only" and len(report["organs"]) == 22
+    # Never overwritten silently.
+    again = run_cli("segment", case_dir / "phantom_0400_ct.nrrd", "--out", tmp_path, "--model", tiny_bundle)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_cli_refusals(tiny_bundle, tmp_path):
+    missing = run_cli("segment", tmp_path / "nope.nrrd", "--out", tmp_path / "o", "--model", tiny_bundle)
+    assert missing.returncode == 2 and "nope.nrrd" in missing.stderr and "no such file" in missing.stderr
+    mr = sitk.Image(32, 32, 8, sitk.sitkInt16) + 300
+    sitk.WriteImage(mr, str(tmp_path / "t1.nrrd"))
+    non_ct = run_cli("segment", tmp_path / "t1.nrrd", "--out", tmp_path / "o", "--model", tiny_bundle)
+    assert non_ct.returncode == 2 and "Hounsfield" in non_ct.stderr
+    bad_model = run_cli("segment", tmp_path / "t1.nrrd", "--out", tmp_path / "o", "--model", tmp_path / "t1.nrrd")
+    assert bad_model.returncode == 2 and "not a readable FocusNet model bundle" in bad_model.stderr
+
+
+def test_folder_with_one_corrupt_case_still_segments_the_others(tiny_bundle, tmp_path):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for seed in (401, 402):
+        sitk.WriteImage(generate_case(seed, "small").image, str(folder / f"case{seed}.nrrd"))
+    (folder / "broken.nrrd").write_bytes(b"NRRD0004\nnot really")
+    out = run_cli("segment", folder, "--out", tmp_path / "out", "--model", tiny_bundle, "--format", "nifti")
+    assert out.returncode == 2
+    assert "broken" in out.stderr
+    assert (tmp_path / "out" / "case401.nii.gz").is_file() and (tmp_path / "out" / "case402.nii.gz").is_file()
+    assert json.loads((tmp_path / "out" / "case401.labels.json").read_text())["labels"][0]["name"] == "Eye_L"
+
+
+def test_evaluate_perfect_prediction_and_tables(tmp_path):
+    case = generate_case(403, "small")
+    write_case(case, tmp_path / "gt", "nrrd")
+    organs = ORGAN_SETS["oar22"]
+    from FocusNetCore.organs import convert_labels
+
+    labels, _ = convert_labels(sitk.GetArrayViewFromImage(case.labels), PHANTOM_SET, organs)
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(case.labels)
+    write_seg_nrrd(image, organs, tmp_path / "pred" / f"{case.name}_ct.seg.nrrd")
+    rows, written = evaluate(tmp_path / "pred", tmp_path / "gt", "oar22", tmp_path / "eval")
+    assert len(rows) == 22 and all(r["dice"] == 1.0 and r["hd95_paper"] == 0.0 for r in rows)
+    table = (tmp_path / "eval" / "evaluation.md").read_text()
+    assert "| OpticChiasm (small) | 1.000 ± 0.000" in table and "0.612" in table  # paper's chiasm Dice
+    out = run_cli("evaluate", "--pred", tmp_path / "pred", "--gt", tmp_path / "gt", "--organs", "pddca9")
+    assert out.returncode == 0, out.stderr
+    assert "Bone_Mandible" in (tmp_path / "pred" / "evaluation.md").read_text()
