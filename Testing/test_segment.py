@@ -133,3 +133,12 @@ def test_evaluate_perfect_prediction_and_tables(tmp_path):
     out = run_cli("evaluate", "--pred", tmp_path / "pred", "--gt", tmp_path / "gt", "--organs", "pddca9")
     assert out.returncode == 0, out.stderr
     assert "Bone_Mandible" in (tmp_path / "pred" / "evaluation.md").read_text()
+
+
+def test_demo_runs_end_to_end(tiny_bundle, tmp_path):
+    out = run_cli("demo", "--out", tmp_path / "demo", "--size", "small", "--model", tiny_bundle, "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    for name in ("demo_case.seg.nrrd", "demo_case.report.json", "demo_case_segmentation.png",
+                 "demo_case_ground_truth.png", "evaluation.md", "evaluation.csv", "ground_truth/demo_case_ct.nrrd"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert "mean Dice" in out.stdout and "tests only" in out.stdout

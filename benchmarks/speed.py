@@ -1,0 +1,152 @@
+"""End-to-end and model-only speed and peak memory of FocusNetv2 (paper
+configuration, random weights) beside two peers on the same input and the
+same chunking: MONAI DynUNet configured like nnU-Net's 3d_fullres plan for
+this spacing (the network TotalSegmentator runs) and MONAI SegResNet.
+
+    .venv/bin/pip install -e '.[bench]'      # MONAI, for the peers
+    .venv/bin/python benchmarks/speed.py [--slices 120] [--models focusnet,dynunet,segresnet]
+
+Input: a synthetic 512 x 512 x 120 CT at 0.98 x 0.98 x 3 mm. End to end =
+preprocess (orientation, resampling to 1 x 1 x 3 mm, head crop 240 x 240) +
+40-slice chunks through the network + labels back to the CT's grid. Each
+model runs in its own process so its peak resident memory is its own.
+On a CUDA machine a GPU section times the same with bf16 autocast and
+channels-last-3d (and torch.compile with --compile).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def build(name, classes=23):
+    import torch
+
+    if name == "focusnet":
+        from FocusNetCore.networks import FocusNetConfig, FocusNetV2
+
+        return FocusNetV2(FocusNetConfig())
+    from monai.networks.nets import DynUNet, SegResNet
+
+    if name == "dynunet":
+        # nnU-Net 3d_fullres for 1 x 1 x 3 mm: in-plane-only convolutions and
+        # pooling until the voxels are about isotropic, 32 -> 320 filters.
+        kernels = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+        strides = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
+        return DynUNet(3, 1, classes, kernels, strides, strides[1:], filters=[32, 64, 128, 256, 320, 320],
+                       norm_name="instance", deep_supervision=False, res_block=False)
+    if name == "segresnet":
+        return SegResNet(spatial_dims=3, in_channels=1, out_channels=classes, init_filters=16)
+    raise ValueError(name)
+
+
+def run_one(name, slices, repeats, device):
+    """Runs in a child process; prints one JSON line."""
+    import SimpleITK as sitk
+    import torch
+    import torch.nn.functional as F
+
+    from FocusNetCore.preprocess import PreprocessConfig, labels_to_original, preprocess
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    ct = sitk.GetImageFromArray((rng.normal(0, 20, (slices, 512, 512)) - 50).astype(np.int16))
+    # a head-sized body so the head finder has something to find
+    arr = sitk.GetArrayViewFromImage(ct)
+    yy, xx = np.mgrid[:512, :512]
+    outside = ((yy - 256) / 100.0) ** 2 + ((xx - 256) / 80.0) ** 2 > 1
+    ct = sitk.GetImageFromArray(np.where(outside[None], -1000, arr).astype(np.int16))
+    ct.SetSpacing((0.98, 0.98, 3.0))
+    model = build(name).to(device).eval()
+    params = sum(p.numel() for p in model.parameters())
+    config = PreprocessConfig()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def forward(volume):
+        if name == "focusnet":
+            return model.segment(volume)["labels"]
+        outs = []
+        for start in range(0, volume.shape[2], config.chunk_slices):
+            piece = volume[:, :, start:start + config.chunk_slices]
+            keep = piece.shape[2]
+            pad = [0, (-piece.shape[4]) % 32, 0, (-piece.shape[3]) % 32, 0, config.chunk_slices - keep]
+            out = model(F.pad(piece, pad, value=float(volume.min())))
+            outs.append(out[:, :, :keep, :volume.shape[3], :volume.shape[4]].argmax(1))
+        return torch.cat(outs, dim=1)
+
+    end_to_end, model_only = [], []
+    with torch.inference_mode(), autocast:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            pre = preprocess(ct, config)
+            volume = torch.as_tensor(pre.image, device=device)[None, None]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            labels = forward(volume)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            labels_to_original(labels[0].cpu().numpy().astype(np.uint8), pre.grid, ct)
+            t3 = time.perf_counter()
+            end_to_end.append(t3 - t0)
+            model_only.append(t2 - t1)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    gpu_mb = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
+    print(json.dumps({"model": name, "params": params, "end_to_end_s": statistics.median(end_to_end),
+                      "model_only_s": statistics.median(model_only), "peak_rss_mb": peak_mb, "gpu_peak_mb": gpu_mb,
+                      "device": device, "threads": torch.get_num_threads()}))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--slices", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--models", default="focusnet,dynunet,segresnet")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        run_one(args.one, args.slices, args.repeats, args.device)
+        return
+    devices = [args.device]
+    try:
+        import torch
+
+        if args.device == "cpu" and torch.cuda.is_available():
+            devices.append("cuda")
+    except ImportError:
+        pass
+    for device in devices:
+        results = {}
+        for name in args.models.split(","):
+            out = subprocess.run([sys.executable, __file__, "--one", name, "--slices", str(args.slices),
+                                  "--repeats", str(args.repeats), "--device", device],
+                                 capture_output=True, text=True, env=os.environ)
+            if out.returncode != 0:
+                print(f"{name} on {device}: failed\n{out.stderr[-2000:]}")
+                continue
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = results[name]
+            print(f"{device} {name:10s} params {r['params']:>11,}  end-to-end {r['end_to_end_s']:7.1f} s  "
+                  f"model-only {r['model_only_s']:7.1f} s  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB"
+                  + (f"  GPU peak {r['gpu_peak_mb'] / 1024:5.2f} GB" if r["gpu_peak_mb"] else ""), flush=True)
+        if "focusnet" in results:
+            base = results["focusnet"]
+            for name, r in results.items():
+                if name != "focusnet":
+                    print(f"{device} ratio FocusNetv2 / {name}: end-to-end {base['end_to_end_s'] / r['end_to_end_s']:.2f}, "
+                          f"model-only {base['model_only_s'] / r['model_only_s']:.2f}, "
+                          f"peak memory {base['peak_rss_mb'] / r['peak_rss_mb']:.2f}")
+            print(f"{device} FocusNetv2 end to end: {base['end_to_end_s']:.1f} s (target <= 30 s on 2 CPU cores); "
+                  f"peak memory {base['peak_rss_mb'] / 1024:.2f} GB (target <= 6 GB)")
+
+
+if __name__ == "__main__":
+    main()
