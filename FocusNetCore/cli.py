@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
+
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -137,7 +139,7 @@ def _cmd_segment(args) -> int:
     out = Path(args.out)
     cases = _segment_inputs(args.input)
     segmenter = Segmenter(args.model, device=args.device)
-    suffix = {"seg.nrrd": ".seg.nrrd", "nifti": ".nii.gz", "nrrd": ".nrrd"}[args.format]
+    suffix = {"seg.nrrd": ".seg.nrrd", "nifti": ".nii.gz", "nrrd": ".nrrd", "rtstruct": ".rtstruct.dcm"}[args.format]
     status = EXIT_OK
     for index, case in enumerate(cases):
         name = case_name(case)
@@ -148,11 +150,18 @@ def _cmd_segment(args) -> int:
             for path in (target, report_path):
                 if path.exists() and not args.overwrite:
                     raise OutputExistsError(path)
+            if args.format == "rtstruct" and not Path(case).is_dir():
+                raise ImageReadError(case, "--format rtstruct needs a DICOM CT series as input "
+                                     "(the structure set must reference its images)")
             result = segmenter.segment(case, progress=progress)
             progress("write", 0.95, f"writing {target}")
             organs = segmenter.config.organs
             if args.format == "seg.nrrd":
                 write_seg_nrrd(result.labels, organs, target, overwrite=args.overwrite)
+            elif args.format == "rtstruct":
+                from .rtstruct import write_rtstruct
+
+                write_rtstruct(result.labels, case, organs, target, overwrite=args.overwrite)
             else:
                 write_image(result.labels, target, overwrite=args.overwrite)
                 write_label_table(organs, out / f"{name}.labels.json", overwrite=True)
@@ -175,6 +184,40 @@ def _report_failure(args, case: str, message: str) -> None:
     if args.progress == "json":
         print(json.dumps({"stage": "error", "fraction": 1.0, "case": case, "message": message}), flush=True)
     print(f"focusnet segment: {case}: {message}", file=sys.stderr, flush=True)
+
+
+def _cmd_dicom_ls(args) -> int:
+    import pydicom
+
+    from .imageio import ImageReadError, _sorted_slices, check_slice_positions, scan_dicom_folder
+
+    found = scan_dicom_folder(args.folder)
+    if not found:
+        raise ImageReadError(args.folder, "folder holds no DICOM files")
+    print(f"{'modality':8s} {'files':>5s} {'spacing (mm)':>20s}  {'description':30s} series")
+    for series in sorted(found.values(), key=lambda s: (s.modality, s.description)):
+        spacing, note = "", ""
+        if series.modality == "CT":
+            try:
+                files, positions = _sorted_slices(Path(args.folder), series)
+                ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+                gaps = np.diff(positions)
+                spacing = f"{float(ds.PixelSpacing[1]):.2f} x {float(ds.PixelSpacing[0]):.2f} x {np.median(gaps):.2f}"
+                check_slice_positions(args.folder, positions)
+            except ImageReadError as error:
+                note = f"  PROBLEM: {error.problem}"
+        print(f"{series.modality:8s} {series.num_files:5d} {spacing:>20s}  {series.description[:30]:30s} "
+              f"{series.series_uid}{note}")
+    return EXIT_OK
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    bundle = train(args.config, args.data, args.out, resume=args.resume, device=args.device,
+                   progress=not args.no_progress)
+    print(f"model bundle: {bundle}")
+    return EXIT_OK
 
 
 def _cmd_evaluate(args) -> int:
@@ -209,11 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
-    p.add_argument("--format", choices=("seg.nrrd", "nifti", "nrrd"), default="seg.nrrd")
+    p.add_argument("--format", choices=("seg.nrrd", "nifti", "nrrd", "rtstruct"), default="seg.nrrd",
+                   help="rtstruct: a DICOM RT Structure Set for the planning system (DICOM input only)")
     p.add_argument("--progress", choices=("text", "json"), default="text",
                    help="json: one JSON object per line on stdout (stage, fraction, message)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("dicom", help="DICOM helpers")
+    dicom_sub = p.add_subparsers(dest="dicom_command", required=True)
+    q = dicom_sub.add_parser("ls", help="list the series of a DICOM folder (modality, slices, spacing, problems)")
+    q.add_argument("folder")
+    q.set_defaults(func=_cmd_dicom_ls)
 
     p = sub.add_parser("evaluate", help="per-organ Dice, 95HD and surface Dice of predictions against ground truth")
     p.add_argument("--pred", required=True, help="folder of predictions (<case>.seg.nrrd, .nii.gz or .nrrd)")

@@ -44,10 +44,12 @@ class CaseSource:
     name: str
     image: Path
     label_files: Dict[str, Tuple[Path, int]]
+    rtstruct: Optional[Path] = None  # DICOM cases: contours from an RT Structure Set
 
     def fingerprint(self) -> str:
         parts = [str(self.image)]
-        for path in sorted({p for p, _ in self.label_files.values()} | {self.image}):
+        extra = {self.rtstruct} if self.rtstruct else set()
+        for path in sorted({p for p, _ in self.label_files.values()} | {self.image} | extra):
             files = sorted(path.rglob("*")) if path.is_dir() else [path]
             parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
         return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
@@ -105,17 +107,25 @@ def discover_cases(folder) -> Tuple[List[CaseSource], List[str]]:
                 continue
             cases.append(CaseSource(path.name, path / "img.nrrd", files))
         elif path.is_dir() and (path / "CT").is_dir():
-            if table is None or not (path / "labels.nrrd").is_file():
-                problems.append(f"{path}: DICOM case without labels.nrrd and labels.json")
-                continue
-            cases.append(CaseSource(path.name, path / "CT", {n: (path / "labels.nrrd", int(v))
-                                                             for n, v in table.items()}))
+            rtstructs = sorted((path / "RTSTRUCT").glob("*.dcm")) if (path / "RTSTRUCT").is_dir() else []
+            if rtstructs:
+                cases.append(CaseSource(path.name, path / "CT", {}, rtstruct=rtstructs[0]))
+            elif table is not None and (path / "labels.nrrd").is_file():
+                cases.append(CaseSource(path.name, path / "CT", {n: (path / "labels.nrrd", int(v))
+                                                                 for n, v in table.items()}))
+            else:
+                problems.append(f"{path}: DICOM case without RTSTRUCT/*.dcm or labels.nrrd + labels.json")
     return cases, problems
 
 
 def load_case(source: CaseSource, organs: OrganSet):
     """(CT image, label array (z, y, x) in ``organs``, present flags (num_classes,))."""
     image = read_image(source.image)
+    if source.rtstruct is not None:
+        from .rtstruct import read_rtstruct
+
+        labels, present, _ = read_rtstruct(source.rtstruct, image, source.image, organs)
+        return image, labels, present
     labels = np.zeros(tuple(reversed(image.GetSize())), dtype=np.uint8)
     present = np.zeros(organs.num_classes, dtype=bool)
     present[0] = True

@@ -28,6 +28,8 @@ VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 CT_MIN_HU_UPPER_BOUND = -200.0
 # Relative tolerance on slice spacing before a series counts as uneven.
 SLICE_SPACING_TOLERANCE = 0.01
+# Slice origins further off the slice normal than this mean a tilted gantry.
+GANTRY_TILT_TOLERANCE_DEG = 0.5
 # A gap this many times the usual spacing means slices are missing.
 MISSING_SLICE_FACTOR = 1.5
 
@@ -189,6 +191,18 @@ def _sorted_slices(folder: Path, entry: DicomSeries):
         records.append((float(np.dot(normal, [float(v) for v in ipp])), file))
     records.sort()
     positions = np.array([p for p, _ in records])
+    if len(records) > 1:
+        # Gantry tilt: slice origins step off the slice normal.
+        first = pydicom.dcmread(records[0][1], stop_before_pixels=True).ImagePositionPatient
+        last = pydicom.dcmread(records[-1][1], stop_before_pixels=True).ImagePositionPatient
+        step = np.subtract([float(v) for v in last], [float(v) for v in first])
+        normal = np.cross(orientation[:3], orientation[3:])
+        cosine = abs(float(np.dot(step, normal))) / (np.linalg.norm(step) + 1e-9)
+        tilt = float(np.degrees(np.arccos(min(cosine, 1.0))))
+        if tilt > GANTRY_TILT_TOLERANCE_DEG:
+            raise ImageReadError(folder, f"the CT series was acquired with a gantry tilt of {tilt:.1f} degrees; "
+                                 "resample it to an untilted grid (e.g. 3D Slicer's DICOM import with "
+                                 "'acquisition geometry regularization') before segmenting")
     return [f for _, f in records], positions
 
 

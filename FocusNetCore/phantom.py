@@ -423,9 +423,13 @@ def write_case(case: PhantomCase, out, fmt: str, overwrite: bool = False) -> lis
         folder = out / case.name / "CT"
         if folder.exists() and any(folder.iterdir()) and not overwrite:
             raise OutputExistsError(folder)
+        from .rtstruct import write_rtstruct
+
         write_ct_series(case.image, folder, patient_id=case.name, patient_name=f"Phantom^{case.name}")
         written.append(folder)
         written.append(write_image(case.labels, out / case.name / "labels.nrrd", overwrite))
+        written.append(write_rtstruct(case.labels, folder, PHANTOM_SET, out / case.name / "RTSTRUCT" / "rtstruct.dcm",
+                                      overwrite, label="GroundTruth", series_description="Phantom ground truth"))
     if fmt in ("nrrd", "nifti", "dicom"):
         with atomic_output(out / "labels.json", overwrite=True) as tmp:
             tmp.write_text(json.dumps(label_table(), indent=2))

@@ -142,3 +142,25 @@ def test_demo_runs_end_to_end(tiny_bundle, tmp_path):
                  "demo_case_ground_truth.png", "evaluation.md", "evaluation.csv", "ground_truth/demo_case_ct.nrrd"):
         assert (tmp_path / "demo" / name).is_file(), name
     assert "mean Dice" in out.stdout and "tests only" in out.stdout
+
+
+def test_segment_dicom_series_to_rtstruct(tiny_bundle, tmp_path):
+    from FocusNetCore.imageio import read_image
+    from FocusNetCore.rtstruct import read_rtstruct
+
+    case = generate_case(404, "small")
+    write_case(case, tmp_path / "dicom", "dicom")
+    series = tmp_path / "dicom" / case.name / "CT"
+    out = run_cli("segment", series, "--out", tmp_path / "out", "--model", tiny_bundle, "--format", "rtstruct")
+    assert out.returncode == 0, out.stderr
+    rt = tmp_path / "out" / "CT.rtstruct.dcm"
+    ct = read_image(series)
+    labels, present, unmatched = read_rtstruct(rt, ct, series, ORGAN_SETS["oar22"])
+    seg = Segmenter(tiny_bundle, device="cpu").segment(series).labels
+    assert not unmatched
+    # A random network's labels are speckled; pixels touching only at a
+    # corner are the one ambiguity of contours, so allow a sliver.
+    assert (labels == sitk.GetArrayViewFromImage(seg)).mean() > 0.995
+    refused = run_cli("segment", tmp_path / "dicom" / case.name / "labels.nrrd", "--out", tmp_path / "o2",
+                      "--model", tiny_bundle, "--format", "rtstruct")
+    assert refused.returncode == 2
