@@ -1,0 +1,55 @@
+"""Exporting a reviewed segmentation: ``.seg.nrrd`` (Slicer's own writer),
+NIfTI label map with a label table, and RTSTRUCT (the core's writer, when
+the CT came from a DICOM series; the module prefers SlicerRT when it is
+installed). No file is ever replaced: an existing name gets a numbered
+sibling instead.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from FocusNetCore.imageio import write_image
+from FocusNetCore.organs import OrganSet
+from FocusNetCore.segfile import write_label_table
+
+from .scene import export_labels, save_segmentation
+
+
+def free_path(path) -> Path:
+    """``path``, or ``name (2).ext``, ``name (3).ext``... if it exists."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    name = path.name
+    stem, suffix = name, ""
+    for ending in (".seg.nrrd", ".rtstruct.dcm", ".nii.gz", ".nrrd", ".dcm", ".json"):
+        if name.endswith(ending):
+            stem, suffix = name[: -len(ending)], ending
+            break
+    k = 2
+    while (path.parent / f"{stem} ({k}){suffix}").exists():
+        k += 1
+    return path.parent / f"{stem} ({k}){suffix}"
+
+
+def export_seg_nrrd(scene, segmentation_node, path) -> Path:
+    target = free_path(path)
+    save_segmentation(scene, segmentation_node, target)
+    return target
+
+
+def export_nifti(scene, segmentation_node, reference_volume, organs: OrganSet, path) -> Path:
+    target = free_path(path)
+    labels = export_labels(scene, segmentation_node, reference_volume, organs)
+    write_image(labels, target)
+    write_label_table(organs, free_path(target.with_name(target.name.split(".")[0] + ".labels.json")))
+    return target
+
+
+def export_rtstruct(scene, segmentation_node, reference_volume, organs: OrganSet, ct_series_folder, path) -> Path:
+    from FocusNetCore.rtstruct import write_rtstruct
+
+    target = free_path(path)
+    labels = export_labels(scene, segmentation_node, reference_volume, organs)
+    write_rtstruct(labels, ct_series_folder, organs, target)
+    return target

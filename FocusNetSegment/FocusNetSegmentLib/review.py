@@ -1,0 +1,240 @@
+"""The review of one case: per-organ status and flags, and the timing that a
+department's time-savings study needs (no Qt; tested against slicer-core).
+
+A session starts when the AI contours are loaded (mode ``"ai"``) or when an
+empty segmentation with the organ set's named segments is created for
+contouring from scratch (mode ``"manual"``). It listens to the segmentation's
+``RepresentationModified`` events: every edit of a segment marks it edited,
+counts, and moves the clock of active editing time (gaps between edits longer
+than ``idle_threshold_s`` count as idle). Each event checkpoints the session
+to a JSON file, so after a crash it can be resumed or recorded as incomplete;
+"Finish" appends one record to the study's JSON Lines log.
+
+The clock is injected (``clock`` for intervals, ``wall`` for timestamps), so
+tests drive a session with a fake clock.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from FocusNetCore import __version__
+from FocusNetCore.editmetrics import edit_metrics
+from FocusNetCore.organs import CATALOGUE, OrganSet
+from FocusNetCore.study import append_record, read_records, write_json_atomic
+
+UNREVIEWED, ACCEPTED, EDITED = "unreviewed", "accepted", "edited"
+# Flags (review panel)
+ASYMMETRY_RATIO = 1.5  # left/right volumes differing more than this
+SHAPE_SCORE_MIN = 0.5  # autoencoder reconstruction Dice below this: implausible shape
+CONFIDENCE_MIN = 0.5
+DEFAULT_IDLE_THRESHOLD_S = 60.0
+
+
+def organ_flags(organs: OrganSet, results: List[dict]) -> Dict[str, List[str]]:
+    """Flags per organ from the segmentation report's organ entries."""
+    by_name = {r["name"]: r for r in results}
+    flags: Dict[str, List[str]] = {name: [] for name in organs.names}
+    for name in organs.names:
+        r = by_name.get(name)
+        if r is None or not r.get("present"):
+            flags[name].append("missing")
+            continue
+        low, high = CATALOGUE[name].volume_cc
+        volume = float(r.get("volume_cc") or 0.0)
+        if not low <= volume <= high:
+            flags[name].append(f"volume {volume:.2f} cc outside {low:g}-{high:g} cc")
+        mirror = CATALOGUE[name].mirror_name
+        other = by_name.get(mirror) if mirror else None
+        if other is not None and other.get("present"):
+            a, b = volume, float(other.get("volume_cc") or 0.0)
+            if min(a, b) > 0 and max(a, b) / min(a, b) > ASYMMETRY_RATIO:
+                flags[name].append(f"left/right volumes differ {max(a, b) / min(a, b):.1f}x")
+        if r.get("shape_score") is not None and r["shape_score"] < SHAPE_SCORE_MIN:
+            flags[name].append(f"implausible shape (score {r['shape_score']:.2f})")
+        if r.get("confidence") is not None and r["confidence"] < CONFIDENCE_MIN:
+            flags[name].append(f"low confidence ({r['confidence']:.2f})")
+    return flags
+
+
+@dataclass
+class OrganState:
+    status: str = UNREVIEWED
+    edits: int = 0
+    first_edit_s: Optional[float] = None  # seconds since the session started
+    last_edit_s: Optional[float] = None
+    flags: List[str] = field(default_factory=list)
+
+
+class ReviewSession:
+    def __init__(self, segmentation_node, organs: OrganSet, *, mode: str, case_id: str, reviewer: str,
+                 log_path, checkpoint_path, model: Optional[dict] = None, inference_seconds: Optional[float] = None,
+                 organ_results: Optional[List[dict]] = None, ai_labels: Optional[sitk.Image] = None,
+                 idle_threshold_s: float = DEFAULT_IDLE_THRESHOLD_S,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+        if mode not in ("ai", "manual"):
+            raise ValueError(f"mode must be 'ai' or 'manual', got {mode!r}")
+        self.node = segmentation_node
+        self.organs = organs
+        self.mode, self.case_id, self.reviewer = mode, case_id, reviewer
+        self.log_path, self.checkpoint_path = Path(log_path), Path(checkpoint_path)
+        self.model = model or {}
+        self.inference_seconds = inference_seconds
+        self.ai_labels = ai_labels
+        self.idle_threshold_s = float(idle_threshold_s)
+        self.clock, self.wall = clock, wall
+        flags = organ_flags(organs, organ_results) if organ_results else {n: [] for n in organs.names}
+        self.states: Dict[str, OrganState] = {n: OrganState(flags=flags[n]) for n in organs.names}
+        self.started_wall = wall()
+        self.started = clock()
+        self.active_s = 0.0
+        self.last_event: Optional[float] = None
+        self.elapsed_before_s = 0.0  # wall time of earlier runs of a resumed session
+        self._observer = None
+        self.finished = False
+
+    # -- events ----------------------------------------------------------------
+    def start(self) -> "ReviewSession":
+        import slicer
+        import vtk
+
+        @vtk.calldata_type(vtk.VTK_STRING)
+        def on_modified(caller, event, segment_id):
+            self.record_edit(segment_id)
+
+        self._callback = on_modified  # keep a reference: VTK holds it weakly
+        self._observer = self.node.GetSegmentation().AddObserver(slicer.vtkSegmentation.RepresentationModified,
+                                                                 on_modified)
+        self.checkpoint()
+        return self
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self.node.GetSegmentation().RemoveObserver(self._observer)
+            self._observer = None
+
+    def now_s(self) -> float:
+        return self.elapsed_before_s + (self.clock() - self.started)
+
+    def record_edit(self, segment_id: str) -> None:
+        name = self._organ_of(segment_id)
+        t = self.clock()
+        if self.last_event is not None:
+            gap = t - self.last_event
+            if gap <= self.idle_threshold_s:
+                self.active_s += gap
+        self.last_event = t
+        if name is None:
+            self.checkpoint()
+            return
+        state = self.states[name]
+        state.status = EDITED
+        state.edits += 1
+        state.first_edit_s = state.first_edit_s if state.first_edit_s is not None else round(self.now_s(), 3)
+        state.last_edit_s = round(self.now_s(), 3)
+        self.checkpoint()
+
+    def _organ_of(self, segment_id: str) -> Optional[str]:
+        segment = self.node.GetSegmentation().GetSegment(segment_id)
+        name = segment.GetName() if segment is not None else segment_id
+        return name if name in self.states else None
+
+    # -- review panel ---------------------------------------------------------------
+    def accept(self, name: str) -> None:
+        if self.states[name].status != EDITED:
+            self.states[name].status = ACCEPTED
+        self.checkpoint()
+
+    def accept_all_unflagged(self) -> List[str]:
+        accepted = [n for n, s in self.states.items() if s.status == UNREVIEWED and not s.flags]
+        for name in accepted:
+            self.states[name].status = ACCEPTED
+        self.checkpoint()
+        return accepted
+
+    # -- persistence ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"case_id": self.case_id, "reviewer": self.reviewer, "mode": self.mode, "model": self.model,
+                "inference_seconds": self.inference_seconds, "started": _iso(self.started_wall),
+                "elapsed_s": round(self.now_s(), 3), "active_s": round(self.active_s, 3),
+                "idle_threshold_s": self.idle_threshold_s,
+                "organs": {n: asdict(s) for n, s in self.states.items()}, "software_version": __version__}
+
+    def checkpoint(self) -> None:
+        if not self.finished:
+            write_json_atomic(self.checkpoint_path, self.state_dict())
+
+    @classmethod
+    def resume(cls, checkpoint_path, segmentation_node, organs: OrganSet, log_path, **kwargs) -> "ReviewSession":
+        """Continue a session a crash interrupted, with its times and statuses."""
+        import json
+
+        data = json.loads(Path(checkpoint_path).read_text())
+        session = cls(segmentation_node, organs, mode=data["mode"], case_id=data["case_id"], reviewer=data["reviewer"],
+                      log_path=log_path, checkpoint_path=checkpoint_path, model=data.get("model"),
+                      inference_seconds=data.get("inference_seconds"), idle_threshold_s=data["idle_threshold_s"],
+                      **kwargs)
+        session.elapsed_before_s = float(data["elapsed_s"])
+        session.active_s = float(data["active_s"])
+        session.started_wall = datetime.datetime.fromisoformat(data["started"]).timestamp()
+        for name, state in data["organs"].items():
+            if name in session.states:
+                session.states[name] = OrganState(**state)
+        return session
+
+    @staticmethod
+    def mark_incomplete(checkpoint_path, log_path, wall: Callable[[], float] = time.time) -> dict:
+        """Record an interrupted session that will not be resumed as incomplete."""
+        import json
+
+        data = json.loads(Path(checkpoint_path).read_text())
+        record = {**data, "status": "incomplete", "finished": _iso(wall())}
+        append_record(log_path, record)
+        os.remove(checkpoint_path)
+        return record
+
+    # -- finish -------------------------------------------------------------------------
+    def finish(self, final_labels: Optional[sitk.Image] = None) -> dict:
+        """End the session: one record (times, statuses, edit metrics) appended to the log."""
+        self.stop()
+        record = {**self.state_dict(), "status": "finished", "finished": _iso(self.wall()),
+                  "wall_s": round(self.now_s(), 3)}
+        if final_labels is not None:
+            spacing = tuple(reversed(final_labels.GetSpacing()))
+            final = sitk.GetArrayViewFromImage(final_labels)
+            ai = (sitk.GetArrayViewFromImage(self.ai_labels) if self.ai_labels is not None
+                  else np.zeros(final.shape, np.uint8))
+            record["metrics"] = {name: edit_metrics(ai == self.organs.label_of(name),
+                                                    final == self.organs.label_of(name), spacing)
+                                 for name in self.organs.names}
+            record["metrics"] = _finite(record["metrics"])
+        append_record(self.log_path, record)
+        self.finished = True
+        if self.checkpoint_path.exists():
+            os.remove(self.checkpoint_path)
+        return record
+
+
+def pending_sessions(folder) -> List[Path]:
+    """Checkpoints of sessions that never finished (offer: resume or mark incomplete)."""
+    return sorted(Path(folder).glob("*.review.json"))
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).isoformat()
+
+
+def _finite(metrics: dict) -> dict:
+    """JSON has no NaN: undefined distances (an empty contour) are stored as null."""
+    return {organ: {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in values.items()}
+            for organ, values in metrics.items()}
+
+
+__all__ = ["ReviewSession", "organ_flags", "pending_sessions", "read_records", "UNREVIEWED", "ACCEPTED", "EDITED"]

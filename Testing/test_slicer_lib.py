@@ -1,0 +1,258 @@
+"""FocusNetSegmentLib against Slicer's real MRML classes (the slicer-core wheel)."""
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+import vtk  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "FocusNetSegment"))
+
+from FocusNetSegmentLib import process, review, scene as bridge  # noqa: E402
+from FocusNetSegmentLib.export import export_nifti, export_seg_nrrd, free_path  # noqa: E402
+from FocusNetCore.organs import CATALOGUE, ORGAN_SETS, convert_labels  # noqa: E402
+from FocusNetCore.phantom import PHANTOM_SET, generate_case  # noqa: E402
+from FocusNetCore.segfile import read_seg_nrrd_segments  # noqa: E402
+from FocusNetCore.study import read_records  # noqa: E402
+
+ORGANS = ORGAN_SETS["oar22"]
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    case = generate_case(700, "small")
+    # Stored with a flipped x axis: geometry must survive every step anyway.
+    image = sitk.Flip(case.image, [True, False, False])
+    labels = sitk.Flip(case.labels, [True, False, False])
+    array, _ = convert_labels(sitk.GetArrayViewFromImage(labels), PHANTOM_SET, ORGANS)
+    oar = sitk.GetImageFromArray(array)
+    oar.CopyInformation(labels)
+    return image, oar
+
+
+@pytest.fixture
+def loaded(phantom):
+    image, labels = phantom
+    scene = bridge.new_scene()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient"), "Study")
+    ct = bridge.volume_node_from_image(scene, image, "CT")
+    hierarchy.CreateItem(study, ct)
+    seg = bridge.import_labels(scene, labels, ORGANS, ct, "CT OARs")
+    return scene, ct, seg, labels, study
+
+
+def test_volume_node_keeps_geometry_and_voxels(phantom):
+    image, _ = phantom
+    scene = bridge.new_scene()
+    node = bridge.volume_node_from_image(scene, image, "CT")
+    back = bridge.image_from_volume_node(node)
+    assert np.allclose(back.GetOrigin(), image.GetOrigin()) and np.allclose(back.GetSpacing(), image.GetSpacing())
+    assert np.allclose(back.GetDirection(), image.GetDirection())
+    assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
+    # RAS: the first voxel's R coordinate is minus its L coordinate.
+    ras = [0.0, 0.0, 0.0, 1.0]
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    assert matrix.MultiplyPoint((0, 0, 0, 1))[0] == pytest.approx(-image.GetOrigin()[0])
+    del ras
+
+
+def test_import_names_colours_terminology_and_hierarchy(loaded):
+    scene, ct, seg, labels, study = loaded
+    assert bridge.segment_names(seg) == list(ORGANS.names)
+    segmentation = seg.GetSegmentation()
+    for name in ORGANS.names:
+        segment = segmentation.GetSegment(name)
+        assert np.allclose(np.asarray(segment.GetColor()) * 255, CATALOGUE[name].color, atol=0.5)
+        tag = vtk.mutable("")
+        assert segment.GetTag("TerminologyEntry", tag)
+        assert f"SCT^{CATALOGUE[name].snomed_code}^" in str(tag)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(seg)) == study
+
+
+def test_export_is_voxel_exact_on_the_ct_grid(loaded):
+    scene, ct, seg, labels, _ = loaded
+    out = bridge.export_labels(scene, seg, ct, ORGANS)
+    for what in ("GetSize", "GetOrigin", "GetSpacing", "GetDirection"):
+        assert np.allclose(getattr(out, what)(), getattr(labels, what)(), atol=1e-4), what
+    assert np.array_equal(sitk.GetArrayViewFromImage(out), sitk.GetArrayViewFromImage(labels))
+
+
+def test_seg_nrrd_and_nifti_export_never_overwrite(loaded, tmp_path):
+    scene, ct, seg, labels, _ = loaded
+    first = export_seg_nrrd(scene, seg, tmp_path / "case.seg.nrrd")
+    second = export_seg_nrrd(scene, seg, tmp_path / "case.seg.nrrd")
+    assert first.name == "case.seg.nrrd" and second.name == "case (2).seg.nrrd"
+    segments = read_seg_nrrd_segments(first)
+    assert [s["name"] for s in segments] == list(ORGANS.names)
+    nifti = export_nifti(scene, seg, ct, ORGANS, tmp_path / "case.nii.gz")
+    assert np.array_equal(sitk.GetArrayViewFromImage(sitk.ReadImage(str(nifti))), sitk.GetArrayViewFromImage(labels))
+    table = json.loads((tmp_path / "case.labels.json").read_text())
+    assert table["labels"][ORGANS.label_of("Pituitary") - 1]["name"] == "Pituitary"
+    assert free_path(tmp_path / "new.seg.nrrd") == tmp_path / "new.seg.nrrd"
+
+
+def test_progress_lines_parse():
+    event = process.parse_progress_line('{"stage": "inference", "fraction": 0.5, "message": "chunk 2/4"}')
+    assert event.stage == "inference" and event.fraction == 0.5 and event.label == "Segmenting"
+    assert process.parse_progress_line("Traceback (most recent call last):") is None
+    assert process.parse_progress_line('{"stage": "x", "fraction": "nan?"}') is None
+    assert process.parse_progress_line('{"fraction": 1}') is None
+    assert process.parse_progress_line('{"stage": "done", "fraction": 7}').fraction == 1.0
+
+
+def test_background_process_progress_and_cancel(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import json, subprocess, sys, time\n"
+        "grandchild = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "open(sys.argv[1], 'w').write(str(grandchild.pid))\n"
+        "for k in range(100):\n"
+        "    print(json.dumps({'stage': 'inference', 'fraction': k / 100, 'message': 'working'}), flush=True)\n"
+        "    time.sleep(0.05)\n")
+    job = process.SegmentationProcess([sys.executable, str(script), str(tmp_path / "pid")]).start()
+    events = []
+    deadline = time.time() + 20
+    while len(events) < 3 and time.time() < deadline:
+        events += job.poll()
+        time.sleep(0.05)
+    assert events and events[0].stage == "inference"
+    job.cancel()
+    assert not job.running and job.cancelled
+    grandchild = int((tmp_path / "pid").read_text())
+    time.sleep(0.2)
+    import os
+
+    assert not _alive(grandchild)  # the whole tree is gone
+
+
+def test_failure_text_reaches_the_user(tmp_path):
+    job = process.SegmentationProcess([sys.executable, "-m", "FocusNetCore", "segment", str(tmp_path / "none.nrrd"),
+                                       "--out", str(tmp_path), "--progress", "json"]).start()
+    job.wait(60)
+    time.sleep(0.2)
+    job.poll()
+    assert job.returncode == 2
+    assert "none.nrrd" in job.error_text() and "no such file" in job.error_text()
+    command = process.segment_command("PythonSlicer", ["ct.nrrd"], "out", model="m.pt", device="cpu")
+    assert command[:4] == ["PythonSlicer", "-m", "FocusNetCore", "segment"] and "--progress" in command
+
+
+def _alive(pid):
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for a reaper is dead too
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def paint(seg, name, labels_like, slab):
+    """Add the voxels of a (z, y, x) slab to a segment, as a Segment Editor paint stroke does
+    (MODE_MERGE_MASK is what the editor's "add" uses on shared label maps)."""
+    mask = np.zeros(sitk.GetArrayViewFromImage(labels_like).shape, np.uint8)
+    mask[slab] = 1
+    image = sitk.GetImageFromArray(mask)
+    image.CopyInformation(labels_like)
+    node = bridge.volume_node_from_image(seg.GetScene(), image, "stroke", "vtkMRMLLabelMapVolumeNode")
+    oriented = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(node)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        oriented, seg, name, slicer.vtkSlicerSegmentationsModuleLogic.MODE_MERGE_MASK)
+    seg.GetScene().RemoveNode(node)
+
+
+def start_session(loaded, tmp_path, clock, **kwargs):
+    scene, ct, seg, labels, _ = loaded
+    results = [{"name": n, "present": True, "volume_cc": float(np.mean(CATALOGUE[n].volume_cc)),
+                "confidence": 0.9, "shape_score": 0.9} for n in ORGANS.names]
+    results[ORGANS.label_of("Parotid_R") - 1]["volume_cc"] = 200.0  # a deliberately wrong organ
+    results[ORGANS.label_of("Pituitary") - 1]["present"] = False
+    return review.ReviewSession(seg, ORGANS, mode="ai", case_id="abc", reviewer="dr x", log_path=tmp_path / "log.jsonl",
+                                checkpoint_path=tmp_path / "abc.review.json", organ_results=results, ai_labels=labels,
+                                model={"name": "tiny"}, inference_seconds=12.0, idle_threshold_s=30.0, clock=clock,
+                                wall=lambda: 1.7e9 + clock.t, **kwargs).start()
+
+
+def test_flags_fire_on_a_wrong_segmentation(loaded, tmp_path):
+    session = start_session(loaded, tmp_path, FakeClock())
+    flags = {n: s.flags for n, s in session.states.items()}
+    assert flags["Pituitary"] == ["missing"]
+    assert any("outside" in f for f in flags["Parotid_R"]) and any("left/right" in f for f in flags["Parotid_R"])
+    assert any("left/right" in f for f in flags["Parotid_L"])
+    assert flags["Eye_L"] == []
+    accepted = session.accept_all_unflagged()
+    assert "Eye_L" in accepted and "Parotid_R" not in accepted and "Pituitary" not in accepted
+
+
+def test_edits_timing_and_records(loaded, tmp_path):
+    scene, ct, seg, labels, _ = loaded
+    clock = FakeClock()
+    session = start_session(loaded, tmp_path, clock)
+    clock.t += 5
+    paint(seg, "Parotid_L", labels, (slice(5, 7), slice(2, 8), slice(2, 8)))   # edit 1 (in the air: a real change)
+    clock.t += 10
+    paint(seg, "Parotid_L", labels, (slice(7, 8), slice(2, 8), slice(2, 8)))   # edit 2: +10 s active
+    clock.t += 300                                                                      # coffee: idle
+    paint(seg, "Eye_R", labels, (slice(10, 11), slice(2, 6), slice(12, 16)))        # edit 3: gap not counted
+    clock.t += 4
+    paint(seg, "Eye_R", labels, (slice(11, 12), slice(2, 6), slice(12, 16)))        # edit 4: +4 s
+    session.accept("Eye_L")
+    states = session.states
+    assert states["Parotid_L"].status == "edited" and states["Parotid_L"].edits == 2
+    assert states["Parotid_L"].first_edit_s == pytest.approx(5.0) and states["Parotid_L"].last_edit_s == pytest.approx(15.0)
+    assert states["Eye_R"].edits == 2 and states["Eye_L"].status == "accepted"
+    assert states["Brainstem"].status == "unreviewed"
+    assert session.active_s == pytest.approx(14.0)
+    clock.t += 6
+    final = bridge.export_labels(scene, seg, ct, ORGANS)
+    record = session.finish(final)
+    assert record["wall_s"] == pytest.approx(325.0) and record["active_s"] == pytest.approx(14.0)
+    assert record["metrics"]["Parotid_L"]["edited"] and record["metrics"]["Parotid_L"]["voxels_added"] > 0
+    assert record["metrics"]["Parotid_L"]["voxels_added"] == 3 * 6 * 6 and record["metrics"]["Parotid_L"]["apl_mm"] > 0
+    assert not record["metrics"]["Brainstem"]["edited"] and record["metrics"]["Brainstem"]["dice"] == 1.0
+    records, problems = read_records(tmp_path / "log.jsonl")
+    assert len(records) == 1 and not problems
+    assert records[0]["mode"] == "ai" and records[0]["case_id"] == "abc" and records[0]["model"] == {"name": "tiny"}
+    assert not (tmp_path / "abc.review.json").exists()
+
+
+def test_crash_recovery_resume_or_incomplete(loaded, tmp_path):
+    scene, ct, seg, labels, _ = loaded
+    clock = FakeClock()
+    session = start_session(loaded, tmp_path, clock)
+    clock.t += 3
+    paint(seg, "Brainstem", labels, (slice(20, 21), slice(70, 75), slice(70, 75)))
+    clock.t += 7
+    paint(seg, "Brainstem", labels, (slice(21, 22), slice(70, 75), slice(70, 75)))
+    session.stop()  # Slicer crashes here: the checkpoint is all that is left
+    assert review.pending_sessions(tmp_path) == [tmp_path / "abc.review.json"]
+    clock2 = FakeClock()
+    resumed = review.ReviewSession.resume(tmp_path / "abc.review.json", seg, ORGANS, tmp_path / "log.jsonl",
+                                          clock=clock2, wall=lambda: 1.7e9).start()
+    assert resumed.states["Brainstem"].edits == 2 and resumed.active_s == pytest.approx(7.0)
+    clock2.t += 20
+    assert resumed.now_s() == pytest.approx(30.0)  # 10 s before the crash + 20 s after
+    resumed.stop()
+    record = review.ReviewSession.mark_incomplete(tmp_path / "abc.review.json", tmp_path / "log.jsonl")
+    assert record["status"] == "incomplete"
+    records, _ = read_records(tmp_path / "log.jsonl")
+    assert [r["status"] for r in records] == ["incomplete"]
