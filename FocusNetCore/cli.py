@@ -220,6 +220,24 @@ def _cmd_train(args) -> int:
     return EXIT_OK
 
 
+def _cmd_study_report(args) -> int:
+    from .studyreport import study_report
+
+    stats, written = study_report(args.logs, args.out)
+    for path in written:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _cmd_study_synth(args) -> int:
+    from .studyreport import synthetic_log
+
+    if Path(args.out).exists():
+        raise FileExistsError(f"{args.out}: already exists; refusing to add synthetic records to an existing log")
+    print(f"wrote {synthetic_log(args.out, args.n, args.seed)} ({args.n} synthetic cases)")
+    return EXIT_OK
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
@@ -265,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("folder")
     q.set_defaults(func=_cmd_dicom_ls)
 
+    p = sub.add_parser("study", help="the time-savings study: reports from review logs")
+    study_sub = p.add_subparsers(dest="study_command", required=True)
+    q = study_sub.add_parser("report", help="times per mode, savings with confidence intervals, edit metrics, plots")
+    q.add_argument("logs", nargs="+", help="review log(s) (JSON Lines, as the Slicer module writes them)")
+    q.add_argument("--out", required=True, help="output folder for report.md, organs.csv and the plots")
+    q.set_defaults(func=_cmd_study_report)
+    q = study_sub.add_parser("synth", help="write a synthetic review log (invented data, for trying the report)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--n", type=int, default=40)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_study_synth)
+
     p = sub.add_parser("evaluate", help="per-organ Dice, 95HD and surface Dice of predictions against ground truth")
     p.add_argument("--pred", required=True, help="folder of predictions (<case>.seg.nrrd, .nii.gz or .nrrd)")
     p.add_argument("--gt", required=True, help="folder of ground truth (phantom, PDDCA, nnU-Net or DICOM layout)")
@@ -298,7 +328,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ImageReadError, OutputExistsError, FileNotFoundError, ValueError, KeyError) as error:
+    except (ImageReadError, OutputExistsError, FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
         print(f"focusnet {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
