@@ -98,7 +98,10 @@ class Segmenter:
                 "intended_use": prov.get("intended_use", ""), "checksum": self.meta.get("checksum", ""),
                 "organ_set": self.config.organ_set, "code_version": prov.get("code_version", "")}
 
-    def segment(self, image_or_path, progress: Optional[Progress] = None) -> SegmentationResult:
+    def segment(self, image_or_path, progress: Optional[Progress] = None,
+                small_organ_branch: bool = True) -> SegmentationResult:
+        """``small_organ_branch=False`` keeps the S-Net's own small-organ labels
+        (the ablation's "S-Net alone")."""
         progress = progress or _quiet
         timings: Dict[str, float] = {}
         start = time.perf_counter()
@@ -113,7 +116,7 @@ class Segmenter:
 
         t = time.perf_counter()
         progress("inference", 0.2, f"FocusNetv2 on {self.device}")
-        out = self._infer(pre.image, progress)
+        out = self._infer(pre.image, progress, small_organ_branch)
         timings["inference"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -127,24 +130,24 @@ class Segmenter:
         return SegmentationResult(labels, organs, {k: round(v, 3) for k, v in timings.items()}, self.device,
                                   self.model_info)
 
-    def _infer(self, array: np.ndarray, progress: Progress) -> dict:
+    def _infer(self, array: np.ndarray, progress: Progress, branch: bool = True) -> dict:
         volume = torch.as_tensor(array)[None, None]
         try:
-            return self._run(volume, progress)
+            return self._run(volume, progress, branch)
         except torch.cuda.OutOfMemoryError:
             # Out of GPU memory: finish on the CPU rather than fail.
             progress("inference", 0.2, "GPU out of memory: falling back to the CPU (slower)")
             torch.cuda.empty_cache()
             self.device = "cpu"
             self.model.to("cpu")
-            return self._run(volume, progress)
+            return self._run(volume, progress, branch)
 
-    def _run(self, volume: torch.Tensor, progress: Progress) -> dict:
+    def _run(self, volume: torch.Tensor, progress: Progress, branch: bool = True) -> dict:
         volume = volume.to(self.device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else _null()
         with torch.inference_mode(), autocast:
-            return self.model.segment(volume, progress=lambda f: progress("inference", 0.2 + 0.6 * f,
-                                                                          f"chunk {f:.0%}"))
+            return self.model.segment(volume, small_organ_branch=branch,
+                                      progress=lambda f: progress("inference", 0.2 + 0.6 * f, f"chunk {f:.0%}"))
 
     def _organ_results(self, labels: sitk.Image, model_labels: np.ndarray, out: dict) -> List[OrganResult]:
         organs = self.config.organs
