@@ -60,16 +60,10 @@ class FocusNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "FocusNetConfig":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown network configuration keys: {sorted(unknown)}")
-        data = dict(data)
-        for key in ("roi_size", "aspp_rates"):
-            if key in data:
-                data[key] = tuple(data[key])
-        if "preprocess" in data:
-            data["preprocess"] = PreprocessConfig.from_dict(data["preprocess"])
-        return cls(**data)
+        from .configdict import from_dict
+
+        return from_dict(cls, data, "network configuration", tuples=("roi_size", "aspp_rates"),
+                         nested={"preprocess": PreprocessConfig.from_dict})
 
 
 def pad_to_multiple(x: torch.Tensor, multiple=S_NET_MULTIPLE, value: float = 0.0):

@@ -70,14 +70,9 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessConfig":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
-        data = dict(data)
-        for key in ("spacing", "crop_size"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        from .configdict import from_dict
+
+        return from_dict(cls, data, "preprocessing", tuples=("spacing", "crop_size"))
 
 
 @dataclass(frozen=True)

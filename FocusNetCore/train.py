@@ -74,27 +74,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        data = dict(data)
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown training configuration keys: {sorted(unknown)}")
-        if "network" in data:
-            data["network"] = FocusNetConfig.from_dict(data["network"])
-        if "stages" in data:
-            stages = data["stages"]
-            items = stages.items() if isinstance(stages, dict) else stages
-            data["stages"] = tuple((str(k), int(v)) for k, v in items)
-        if "augment" in data:
-            aug = dict(data["augment"])
-            unknown = set(aug) - set(AugmentConfig.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"unknown augment keys: {sorted(unknown)}")
-            if "scale" in aug:
-                aug["scale"] = tuple(aug["scale"])
-            data["augment"] = AugmentConfig(**aug)
-        if "sos_jitter" in data:
-            data["sos_jitter"] = tuple(data["sos_jitter"])
-        return cls(**data)
+        from .configdict import from_dict
+
+        def stages(value):
+            items = value.items() if isinstance(value, dict) else value
+            return tuple((str(k), int(v)) for k, v in items)
+
+        augment = lambda value: from_dict(AugmentConfig, value, "augment", tuples=("scale",))  # noqa: E731
+        return from_dict(cls, data, "training configuration", tuples=("sos_jitter",),
+                         nested={"network": FocusNetConfig.from_dict, "stages": stages, "augment": augment})
 
     def to_dict(self) -> dict:
         data = asdict(self)
