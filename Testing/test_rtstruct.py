@@ -48,7 +48,30 @@ def test_round_trip_keeps_every_organ(cases, which):
             assert score >= 0.85, (which, name, score)
 
 
-def test_independent_reader_agrees(cases):
+def test_independent_reader_gives_the_same_masks(cases, tmp_path):
+    """dcmrtstruct2nii (its own reader, scikit-image's polygon rasteriser)
+    reads our structure set back to the masks we wrote."""
+    import pydicom as _pydicom
+
+    # dcmrtstruct2nii 5 still calls pydicom.read_file, which pydicom 3 renamed dcmread.
+    if not hasattr(_pydicom, "read_file"):
+        _pydicom.read_file = _pydicom.dcmread
+    from dcmrtstruct2nii import dcmrtstruct2nii
+
+    ct_folder, rt_path, truth_image = cases["standard"]
+    dcmrtstruct2nii(str(rt_path), str(ct_folder), str(tmp_path), convert_original_dicom=False)
+    truth = sitk.GetArrayViewFromImage(truth_image)
+    voxel_cc = np.prod(truth_image.GetSpacing()) / 1000.0
+    for name in PHANTOM_SET.names:
+        mask = sitk.ReadImage(str(tmp_path / f"mask_{name}.nii.gz"))
+        assert np.allclose(mask.GetOrigin(), truth_image.GetOrigin(), atol=1e-3)
+        score = dice(sitk.GetArrayViewFromImage(mask) > 0, truth == PHANTOM_SET.label_of(name))
+        if (truth == PHANTOM_SET.label_of(name)).sum() * voxel_cc >= 1.0:
+            assert score >= 0.97, (name, score)
+        assert score >= 0.85, (name, score)
+
+
+def test_rt_utils_reader_agrees_up_to_its_edge_convention(cases):
     """rt-utils (an independent reader with its own OpenCV rasteriser) finds
     every ROI at the same place. Its fillPoly also fills the pixels the
     polygon edge passes through, so its masks are ours plus at most a
