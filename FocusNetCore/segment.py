@@ -151,7 +151,6 @@ class Segmenter:
 
     def _organ_results(self, labels: sitk.Image, model_labels: np.ndarray, out: dict) -> List[OrganResult]:
         organs = self.config.organs
-        array = sitk.GetArrayViewFromImage(labels)
         voxel_cc = float(np.prod(labels.GetSpacing())) / 1000.0
         stats = sitk.LabelShapeStatisticsImageFilter()
         stats.Execute(labels)

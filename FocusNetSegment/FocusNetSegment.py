@@ -6,7 +6,6 @@ in a separate process (``PythonSlicer -m FocusNetCore segment --progress
 json``) polled by a QTimer, so the GUI never freezes and Cancel kills the
 whole process tree. torch is never imported in the Slicer process.
 """
-import logging
 import os
 import shutil
 import sys
@@ -15,7 +14,6 @@ import time
 
 import qt
 import slicer
-import vtk
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.parameterNodeWrapper import parameterNodeWrapper
@@ -235,7 +233,7 @@ class FocusNetSegmentLogic(ScriptedLoadableModuleLogic):
             try:
                 import PyTorchUtils
             except ImportError:
-                raise RuntimeError("FocusNet needs PyTorch: install the PyTorch extension from the Extensions Manager.")
+                raise RuntimeError("FocusNet needs PyTorch: install the PyTorch extension from the Extensions Manager.") from None
             if not confirm("FocusNet needs PyTorch. Install it now (several GB for a GPU build)?"):
                 return False
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
@@ -372,7 +370,6 @@ class FocusNetSegmentLogic(ScriptedLoadableModuleLogic):
 
     def focusOrgan(self, name):
         """Centre the slice views on the organ and open the Segment Editor on it."""
-        import numpy as np
 
         segmentation = self.segmentationNode.GetSegmentation()
         center = self.segmentationNode.GetSegmentCenterRAS(name) if segmentation.GetSegment(name) else None
@@ -425,7 +422,6 @@ class FocusNetSegmentLogic(ScriptedLoadableModuleLogic):
 
     def exportDicom(self, pluginName, folder):
         import DICOMScalarVolumePlugin  # noqa: F401  (registers the plugins)
-        from DICOMLib import DICOMUtils
 
         hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         item = hierarchy.GetItemByDataNode(self.segmentationNode)
@@ -453,7 +449,6 @@ class FocusNetSegmentTest(ScriptedLoadableModuleTest):
 
     def test_SegmentPhantom(self):
         import numpy as np
-        import SimpleITK as sitk
         from FocusNetCore.phantom import generate_case
         from FocusNetSegmentLib.scene import export_labels, image_from_volume_node, volume_node_from_image
 

@@ -128,7 +128,6 @@ def test_background_process_progress_and_cancel(tmp_path):
     assert not job.running and job.cancelled
     grandchild = int((tmp_path / "pid").read_text())
     time.sleep(0.2)
-    import os
 
     assert not _alive(grandchild)  # the whole tree is gone
 

@@ -1,4 +1,3 @@
-import json
 import multiprocessing
 import subprocess
 import sys
@@ -8,7 +7,7 @@ import pytest
 
 from FocusNetCore.editmetrics import added_path_length, edit_metrics
 from FocusNetCore.study import append_record, case_id, read_records
-from FocusNetCore.studyreport import analyse, study_report, synthetic_log
+from FocusNetCore.studyreport import study_report, synthetic_log
 
 
 def square(size=20, lo=5, hi=15, z=3):

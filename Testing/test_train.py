@@ -1,13 +1,10 @@
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from FocusNetCore.bundle import load_bundle

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from FocusNetCore.evaluate import evaluate, summary
-from FocusNetCore.organs import ORGAN_SETS
 from FocusNetCore.phantom import generate_case, write_case
 from FocusNetCore.segfile import write_seg_nrrd
 from FocusNetCore.segment import Segmenter

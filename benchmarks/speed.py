@@ -26,7 +26,6 @@ import numpy as np
 
 
 def build(name, classes=23):
-    import torch
 
     if name == "focusnet":
         from FocusNetCore.networks import FocusNetConfig, FocusNetV2

@@ -185,7 +185,6 @@ def save_segmentation(scene, segmentation_node, path) -> None:
     """Write a ``.seg.nrrd`` with Slicer's own storage node (refuses to replace a file)."""
     import os
 
-    import slicer
 
     if os.path.exists(path):
         raise FileExistsError(f"{path}: already exists; refusing to overwrite an exported segmentation")
