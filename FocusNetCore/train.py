@@ -55,6 +55,11 @@ class TrainConfig:
     shape_weight: float = 5.0
     adversarial_weight: float = 0.001
     adversarial: bool = True  # False: FocusNetv1 (no autoencoder)
+    shape_loss_normalized: bool = False  # True: unit-length codes in L_shape (bounded; see losses.shape_loss)
+    # Slices of a training crop; 0 = the network's chunk (the paper's 40).
+    # Fewer slices make each CPU iteration cheaper; the network is fully
+    # convolutional and still runs 40-slice chunks at inference.
+    train_crop_slices: int = 0
     autoencoder_width: float = 1.0
     sos_jitter: Tuple[int, int, int] = (1, 3, 3)  # voxels of ROI-centre noise while training SOS
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -216,7 +221,8 @@ class GeneratorStep(nn.Module):
             batch_p = torch.cat([preds[k] for k in keep])
             _, z_t, f_t = self.aae(batch_t)
             _, z_p, f_p = self.aae(batch_p)
-            shape = losses.shape_loss([z_t.detach()] + [f.detach() for f in f_t], [z_p] + f_p)
+            shape = losses.shape_loss([z_t.detach()] + [f.detach() for f in f_t], [z_p] + f_p,
+                                      self.config.shape_loss_normalized)
             loss = loss + self.config.shape_weight * shape * float(any(valid))
         return loss, [p.detach() for p in preds], truths
 
@@ -232,7 +238,7 @@ class DiscriminatorStep(nn.Module):
         rec_t, z_t, f_t = self.aae(truths)
         rec_p, z_p, f_p = self.aae(preds)
         rec = losses.reconstruction_loss(rec_t, truths, rec_p, preds)
-        shape = losses.shape_loss([z_t] + f_t, [z_p] + f_p)
+        shape = losses.shape_loss([z_t] + f_t, [z_p] + f_p, self.config.shape_loss_normalized)
         return losses.autoencoder_loss(rec, shape, self.config.adversarial_weight)
 
 
@@ -287,8 +293,8 @@ class Trainer:
     def _sample(self, rng, around_small: bool):
         case = self.train_cases[int(rng.integers(len(self.train_cases)))]
         small = list(self.organs.small_labels)
-        image, labels = sample_chunk(case, self.config.network.preprocess.chunk_slices, rng, self.config.augment,
-                                     small, around_small)
+        depth = self.config.train_crop_slices or self.config.network.preprocess.chunk_slices
+        image, labels = sample_chunk(case, depth, rng, self.config.augment, small, around_small)
         maps, centres = heatmaps(labels, small)
         to = lambda a, dtype=torch.float32: torch.as_tensor(a, dtype=dtype, device=self.device)  # noqa: E731
         return (to(image)[None, None], to(labels, torch.long)[None], to(case.present, torch.bool)[None],
@@ -380,6 +386,7 @@ class Trainer:
             if self.rank == 0:
                 self._save_checkpoint()
         bar.close()
+        self.calibrate_heatmap_threshold()
         final = self.validate(total, "final")
         self.training_seconds = time.perf_counter() - start_time
         return final
@@ -458,6 +465,30 @@ class Trainer:
         if self.stage is not None:
             self._set_trainable(self.stage)  # back to training mode
         return summary
+
+    @torch.no_grad()
+    def calibrate_heatmap_threshold(self) -> float:
+        """Set the bundle's small-organ presence threshold from the data: half
+        the lowest heat-map peak of a small organ that is present in a
+        validation case (a scan without the organ should peak far lower)."""
+        import dataclasses
+
+        self.model.eval()
+        peaks = []
+        small = self.organs.small_labels
+        for case in self.val_cases:
+            volume = torch.as_tensor(case.image, device=self.device)[None, None]
+            heat = self.model.segment(volume, small_organ_branch=False)["heatmaps"][0]
+            for k, label in enumerate(small):
+                if (case.labels == label).any():
+                    peaks.append(float(heat[k].max()))
+        if peaks:
+            threshold = 0.5 * min(peaks)
+            self.model.config = dataclasses.replace(self.model.config, heatmap_threshold=threshold)
+            self.log(f"small-organ presence threshold: {threshold:.3f} (half the lowest peak of {len(peaks)})")
+        if self.stage is not None:
+            self._set_trainable(self.stage)
+        return self.model.config.heatmap_threshold
 
     def _sos_trained(self) -> bool:
         for index, (name, length) in enumerate(self.config.stages):
