@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-slicer = pytest.importorskip("slicer")
+import slicer  # noqa: E402  (slicer-core, installed by the dev extra: these tests must not skip)
 import vtk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "FocusNetSegment"))
