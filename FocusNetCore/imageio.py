@@ -325,6 +325,11 @@ class _AtomicOutput:
             if self.path.exists() and not self.overwrite:  # appeared meanwhile
                 self.tmp.unlink(missing_ok=True)
                 raise OutputExistsError(self.path)
+            # mkstemp makes the file private (0600); outputs get the usual
+            # permissions of a new file under the user's umask.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
