@@ -189,7 +189,7 @@ def _report_failure(args, case: str, message: str) -> None:
 def _cmd_dicom_ls(args) -> int:
     import pydicom
 
-    from .imageio import ImageReadError, _sorted_slices, check_slice_positions, scan_dicom_folder
+    from .imageio import ImageReadError, sorted_slices, check_slice_positions, scan_dicom_folder
 
     found = scan_dicom_folder(args.folder)
     if not found:
@@ -199,7 +199,7 @@ def _cmd_dicom_ls(args) -> int:
         spacing, note = "", ""
         if series.modality == "CT":
             try:
-                files, positions = _sorted_slices(Path(args.folder), series)
+                files, positions = sorted_slices(Path(args.folder), series)
                 ds = pydicom.dcmread(files[0], stop_before_pixels=True)
                 gaps = np.diff(positions)
                 spacing = f"{float(ds.PixelSpacing[1]):.2f} x {float(ds.PixelSpacing[0]):.2f} x {np.median(gaps):.2f}"

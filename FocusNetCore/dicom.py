@@ -22,13 +22,29 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RESCALE_INTERCEPT = -1024.0
 
 
+def new_dataset(sop_class_uid: str):
+    """A dataset with its file meta information and a new SOP Instance UID."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    return ds
+
+
 def write_ct_series(image: sitk.Image, folder: PathLike, patient_id: str = "PHANTOM",
                     patient_name: str = "Phantom^Synthetic", study_uid: Optional[str] = None,
                     series_description: str = "FocusNet synthetic CT", modality: str = "CT",
                     series_uid: Optional[str] = None, frame_of_reference_uid: Optional[str] = None) -> Path:
     """Write ``image`` (HU) as one file per slice into ``folder``; returns the folder."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import generate_uid
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,15 +57,7 @@ def write_ct_series(image: sitk.Image, folder: PathLike, patient_id: str = "PHAN
     frame_uid = frame_of_reference_uid or generate_uid()
     now = datetime.datetime.now()
     for k in range(array.shape[0]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CT_IMAGE_STORAGE
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds = new_dataset(CT_IMAGE_STORAGE)
         ds.PatientName = patient_name
         ds.PatientID = patient_id
         ds.PatientBirthDate = ""

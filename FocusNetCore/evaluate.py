@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from .data import discover_cases, load_case
 from .imageio import ImageReadError, atomic_output, describe_grid_difference, same_grid
-from .metrics import organ_metrics
+from .metrics import nanmean, organ_metrics
 from .organs import UNIONS, get_organ_set
 from .reference import PAPER_DICE, PAPER_HD95
 from .segfile import read_seg_nrrd_segments
@@ -95,12 +95,6 @@ def evaluate(pred_dir, gt_dir, organ_set: str = "oar22", out_dir: Optional[Path]
     return rows, [csv_path, md_path]
 
 
-def _mean(values) -> float:
-    """Mean of the defined values (NaN when none is: an organ never found)."""
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
 def _mean_sd(values) -> str:
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
@@ -114,7 +108,7 @@ def summary(rows: List[dict], organs) -> dict:
     for name in organs.names:
         values = [r for r in rows if r["organ"] == name]
         if values:
-            out[name] = {m: _mean([r[m] for r in values]) for m in METRICS}
+            out[name] = {m: nanmean([r[m] for r in values]) for m in METRICS}
     dice_all = [v["dice"] for v in out.values()]
     dice_small = [out[n]["dice"] for n in organs.small_names if n in out]
     return {"organs": out, "mean_dice": float(np.mean(dice_all)) if dice_all else float("nan"),

@@ -170,7 +170,7 @@ def scan_dicom_folder(folder: PathLike) -> Dict[str, DicomSeries]:
     return series
 
 
-def _sorted_slices(folder: Path, entry: DicomSeries):
+def sorted_slices(folder: Path, entry: DicomSeries):
     """Sort a series' files along the slice normal; return files and positions."""
     import pydicom
 
@@ -251,7 +251,7 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> sit
             listing = "; ".join(f"{s.series_uid} '{s.description}' ({s.num_files} slices)" for s in cts)
             raise ImageReadError(folder, f"{len(cts)} CT series in the folder, choose one by SeriesInstanceUID: {listing}")
         chosen = cts[0]
-    files, positions = _sorted_slices(folder, chosen)
+    files, positions = sorted_slices(folder, chosen)
     check_slice_positions(folder, positions)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)

@@ -21,6 +21,12 @@ import numpy as np
 from scipy import ndimage
 
 
+def nanmean(values) -> float:
+    """Mean of the defined values; NaN when none is (an organ never found)."""
+    finite = [float(v) for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     total = a.sum() + b.sum()

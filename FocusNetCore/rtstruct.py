@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .imageio import ImageReadError, PathLike, _sorted_slices, atomic_output, scan_dicom_folder
+from .imageio import ImageReadError, PathLike, sorted_slices, atomic_output, scan_dicom_folder
 from .organs import CATALOGUE, OrganSet
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -80,7 +80,7 @@ def _ct_series(ct_folder: PathLike):
     found = [s for s in scan_dicom_folder(ct_folder).values() if s.modality == "CT"]
     if len(found) != 1:
         raise ImageReadError(ct_folder, f"expected one CT series, found {len(found)}")
-    files, _ = _sorted_slices(Path(ct_folder), found[0])
+    files, _ = sorted_slices(Path(ct_folder), found[0])
     return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
 
 
@@ -126,25 +126,19 @@ def _on_series_grid(labels: sitk.Image, ct_folder: PathLike) -> sitk.Image:
 def write_rtstruct(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, path: PathLike,
                    overwrite: bool = False, label: str = "FocusNet", series_description: str = "FocusNet OARs") -> Path:
     """Write ``labels`` (on the CT series' grid) as an RT Structure Set."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import generate_uid
+
+    from .dicom import new_dataset
 
     slices = _ct_series(ct_folder)
     labels = _on_series_grid(labels, ct_folder)
     array = sitk.GetArrayViewFromImage(labels)
     first = slices[0]
     now = datetime.datetime.now()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
+    ds = new_dataset(RT_STRUCTURE_SET_STORAGE)
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
                     "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription"):

@@ -126,6 +126,15 @@ def analyse(records: List[dict], seed: int = 0) -> dict:
 # Writing
 # --------------------------------------------------------------------------
 
+def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def _plots(records: List[dict], stats: dict, out: Path) -> List[Path]:
     import matplotlib
 
@@ -143,10 +152,7 @@ def _plots(records: List[dict], stats: dict, out: Path) -> List[Path]:
                    alpha=0.6)
     ax.set_ylabel("time per case (min)")
     ax.set_title("Delineation time per case")
-    figure.tight_layout()
-    written.append(out / "time_per_case.png")
-    figure.savefig(written[-1], dpi=100)
-    plt.close(figure)
+    written.append(_save(figure, out / "time_per_case.png"))
     organs = list(stats["organs"])
     if organs:
         ai = [r for r in finished if r["mode"] == "ai" and r.get("metrics")]
@@ -156,19 +162,13 @@ def _plots(records: List[dict], stats: dict, out: Path) -> List[Path]:
         ax.set_xticks(range(1, len(organs) + 1), organs, rotation=70, fontsize=8)
         ax.set_ylabel("Dice, AI proposal vs final")
         ax.set_title("How much of each AI contour survived review")
-        figure.tight_layout()
-        written.append(out / "dice_ai_vs_final.png")
-        figure.savefig(written[-1], dpi=100)
-        plt.close(figure)
+        written.append(_save(figure, out / "dice_ai_vs_final.png"))
         figure, ax = plt.subplots(figsize=(11, 4.5))
         ax.bar(range(len(organs)), [stats["organs"][n]["median_apl_mm"] for n in organs])
         ax.set_xticks(range(len(organs)), organs, rotation=70, fontsize=8)
         ax.set_ylabel("median added path length (mm)")
         ax.set_title("Contour added or changed by the reviewer (APL)")
-        figure.tight_layout()
-        written.append(out / "apl_per_organ.png")
-        figure.savefig(written[-1], dpi=100)
-        plt.close(figure)
+        written.append(_save(figure, out / "apl_per_organ.png"))
     return written
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import losses
 from .data import AugmentConfig, CachedCase, heatmaps, load_training_cases, sample_chunk
-from .metrics import organ_metrics
+from .metrics import nanmean, organ_metrics
 from .networks import FocusNetConfig, FocusNetV2, ShapeAutoencoder, roi_pool, roi_start
 
 STAGES = ("snet", "solnet", "aae_pretrain", "sos", "finetune")
@@ -454,7 +454,7 @@ class Trainer:
             present = [lab for lab in range(1, self.organs.num_classes) if case.present[lab]]
             for lab, values in organ_metrics(labels, case.labels, present, spacing).items():
                 per_organ.setdefault(self.organs.name_of(lab), []).append(values)
-        summary = {name: {k: _nanmean([v[k] for v in vals]) for k in vals[0]} for name, vals in per_organ.items()}
+        summary = {name: {k: nanmean([v[k] for v in vals]) for k in vals[0]} for name, vals in per_organ.items()}
         rows = [{"step": global_step, "stage": stage, "organ": name, **vals} for name, vals in summary.items()]
         self.history.extend(rows)
         self._write_metrics()
@@ -556,11 +556,6 @@ class Trainer:
                 "training_config": self.config.to_dict(),
                 "training_seconds": round(getattr(self, "training_seconds", 0.0), 1),
                 "device": self.device, "world_size": self.world}
-
-
-def _nanmean(values) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _apply(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
