@@ -44,7 +44,7 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
                 autoencoder: Optional[nn.Module] = None, autoencoder_width: float = 1.0) -> Path:
     """Write the bundle; ``autoencoder`` (the trained shape autoencoder) lets
     inference score how plausible each small organ's shape is."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     organs = model.config.organs
     payload = {
         "format_version": FORMAT_VERSION,
@@ -57,7 +57,7 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
                        **(provenance or {})},
     }
     if autoencoder is not None:
-        aae_state = {k: v.detach().cpu() for k, v in autoencoder.state_dict().items()}
+        aae_state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
         payload["autoencoder"] = {"width": float(autoencoder_width), "state_dict": aae_state,
                                   "checksum": weights_checksum(aae_state)}
     buffer = io.BytesIO()

@@ -53,7 +53,7 @@ def _cmd_demo(args) -> int:
     written = write_case(case, out / "ground_truth", "nrrd", overwrite=True)
     print(f"  phantom CT {case.image.GetSize()} voxels at {tuple(round(v, 3) for v in case.image.GetSpacing())} mm "
           f"(synthetic; seed {args.seed})")
-    segmenter = Segmenter(model, device=args.device)
+    segmenter = Segmenter(model, device=args.device, precision=args.precision)
     info = segmenter.model_info
     print(f"  model: {info['name']} ({model.name}); intended use: {info['intended_use'] or 'not stated'}")
     progress = _ProgressPrinter("text", "demo_case", 0, 1)
@@ -138,7 +138,7 @@ def _cmd_segment(args) -> int:
 
     out = Path(args.out)
     cases = _segment_inputs(args.input)
-    segmenter = Segmenter(args.model, device=args.device)
+    segmenter = Segmenter(args.model, device=args.device, precision=args.precision)
     suffix = {"seg.nrrd": ".seg.nrrd", "nifti": ".nii.gz", "nrrd": ".nrrd", "rtstruct": ".rtstruct.dcm"}[args.format]
     status = EXIT_OK
     for index, case in enumerate(cases):
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32")
     p.add_argument("--format", choices=("seg.nrrd", "nifti", "nrrd", "rtstruct"), default="seg.nrrd",
                    help="rtstruct: a DICOM RT Structure Set for the planning system (DICOM input only)")
     p.add_argument("--progress", choices=("text", "json"), default="text",
@@ -317,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=("full", "small"), default="full")
     p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32")
     p.set_defaults(func=_cmd_demo)
     return parser
 

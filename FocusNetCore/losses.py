@@ -25,7 +25,7 @@ SMOOTH = 1e-5
 
 def _merged_log_probs(logits: torch.Tensor, present: Optional[torch.Tensor]) -> torch.Tensor:
     """log p per class; the background channel absorbs the missing organs."""
-    log_p = F.log_softmax(logits, dim=1)
+    log_p = F.log_softmax(logits.float(), dim=1)
     if present is None or bool(present.all()):
         return log_p
     missing = ~present.bool()
@@ -69,7 +69,7 @@ def segmentation_loss(logits, target, alpha=None, gamma=2.0, dice_weight=1.0, pr
 def binary_segmentation_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """L_seg for one SOS-Net mask (probabilities (B, 1, ...), target {0, 1}):
     binary focal loss plus the Dice term of the organ."""
-    prob = prob.clamp(1e-6, 1.0 - 1e-6)
+    prob = prob.float().clamp(1e-6, 1.0 - 1e-6)
     target = target.to(prob.dtype)
     pt = torch.where(target > 0.5, prob, 1.0 - prob)
     focal = (-((1.0 - pt) ** gamma) * torch.log(pt)).mean()
@@ -80,12 +80,12 @@ def binary_segmentation_loss(prob: torch.Tensor, target: torch.Tensor, gamma: fl
 
 def heatmap_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """SOL-Net's L2 loss between predicted and Gaussian target heat maps (mean over voxels)."""
-    return F.mse_loss(pred, target)
+    return F.mse_loss(pred.float(), target.float())
 
 
 def reconstruction_loss(recon_true, true_mask, recon_pred, pred_mask) -> torch.Tensor:
     """Eq. 4: |D(y) - y|^2 + |D(G(x)) - G(x)|^2 (means over voxels)."""
-    return F.mse_loss(recon_true, true_mask) + F.mse_loss(recon_pred, pred_mask)
+    return F.mse_loss(recon_true.float(), true_mask.float()) + F.mse_loss(recon_pred.float(), pred_mask.float())
 
 
 def shape_loss(codes_true: Sequence[torch.Tensor], codes_pred: Sequence[torch.Tensor],
@@ -99,9 +99,9 @@ def shape_loss(codes_true: Sequence[torch.Tensor], codes_pred: Sequence[torch.Te
     maximise an unbounded distance, which diverged in short CPU runs (the
     generator loss passed 1e5 within 50 fine-tuning steps)."""
     if normalized:
-        unit = lambda x: F.normalize(x.flatten(1), dim=1)  # noqa: E731
+        unit = lambda x: F.normalize(x.float().flatten(1), dim=1)  # noqa: E731
         return sum(((unit(p) - unit(t)) ** 2).sum(dim=1).mean() for t, p in zip(codes_true, codes_pred))
-    return sum(F.mse_loss(p, t) for t, p in zip(codes_true, codes_pred))
+    return sum(F.mse_loss(p.float(), t.float()) for t, p in zip(codes_true, codes_pred))
 
 
 def generator_loss(seg: torch.Tensor, shape: torch.Tensor, weight: float = 5.0) -> torch.Tensor:

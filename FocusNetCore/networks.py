@@ -228,7 +228,7 @@ class FocusNetV2(nn.Module):
             if progress is not None:
                 progress(min(start + chunk, depth) / depth)
         logits, features, heatmaps = (torch.cat(t, dim=2) for t in (logits, features, heatmaps))
-        probabilities = torch.softmax(logits, dim=1)
+        probabilities = torch.softmax(logits.float(), dim=1)
         labels = probabilities.argmax(dim=1)                      # (1, D, H, W)
         if not small_organ_branch:
             return {"labels": labels, "probabilities": probabilities, "heatmaps": heatmaps,

@@ -27,6 +27,7 @@ from .imageio import read_image
 from .metrics import dice
 from .networks import ShapeAutoencoder, roi_pool
 from .organs import CATALOGUE
+from .precision import autocast, channels_last, resolve
 from .preprocess import labels_to_original, preprocess
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "models" / "focusnet-phantom-cpu.pt"
@@ -53,9 +54,10 @@ class SegmentationResult:
     timings: Dict[str, float]
     device: str
     model: dict
+    precision: str = "float32"
 
     def report(self) -> dict:
-        return {"model": self.model, "device": self.device, "timings_s": self.timings,
+        return {"model": self.model, "device": self.device, "precision": self.precision, "timings_s": self.timings,
                 "organs": [asdict(o) for o in self.organs]}
 
 
@@ -66,7 +68,9 @@ def _quiet(stage: str, fraction: float, message: str) -> None:
 class Segmenter:
     """Loads a model bundle once and segments any number of CTs."""
 
-    def __init__(self, bundle: Union[str, Path, None] = None, device: str = "auto"):
+    def __init__(self, bundle: Union[str, Path, None] = None, device: str = "auto", precision: str = "auto"):
+        """``precision``: "auto" (bfloat16 on CUDA and on CPUs that compute it
+        natively, else float32), "float32" or "bfloat16"; see precision.py."""
         path = Path(bundle) if bundle is not None else EMBEDDED_MODEL
         if bundle is None and not path.is_file():
             raise FileNotFoundError(f"{path}: the embedded model is missing from this installation")
@@ -74,7 +78,9 @@ class Segmenter:
         self.model, self.meta = load_bundle(path)
         self.config = self.model.config
         self.device = self._choose_device(device)
-        self.model.to(self.device)
+        self.requested_precision = precision
+        self.precision = resolve(precision, self.device)
+        channels_last(self.model.to(self.device))
         self.autoencoder = None
         if "autoencoder_state" in self.meta:
             self.autoencoder = ShapeAutoencoder(self.config.roi_size, self.meta["autoencoder_width"])
@@ -115,7 +121,7 @@ class Segmenter:
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        progress("inference", 0.2, f"FocusNetv2 on {self.device}")
+        progress("inference", 0.2, f"FocusNetv2 on {self.device} ({self.precision})")
         out = self._infer(pre.image, progress, small_organ_branch)
         timings["inference"] = time.perf_counter() - t
 
@@ -128,7 +134,7 @@ class Segmenter:
         timings["total"] = time.perf_counter() - start
         progress("done", 1.0, f"{sum(o.present for o in organs)} organs in {timings['total']:.1f} s")
         return SegmentationResult(labels, organs, {k: round(v, 3) for k, v in timings.items()}, self.device,
-                                  self.model_info)
+                                  self.model_info, self.precision)
 
     def _infer(self, array: np.ndarray, progress: Progress, branch: bool = True) -> dict:
         volume = torch.as_tensor(array)[None, None]
@@ -140,12 +146,12 @@ class Segmenter:
             torch.cuda.empty_cache()
             self.device = "cpu"
             self.model.to("cpu")
+            self.precision = resolve(self.requested_precision, "cpu")
             return self._run(volume, progress, branch)
 
     def _run(self, volume: torch.Tensor, progress: Progress, branch: bool = True) -> dict:
-        volume = volume.to(self.device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else _null()
-        with torch.inference_mode(), autocast:
+        volume = channels_last(volume.to(self.device))
+        with torch.inference_mode(), autocast(self.precision, self.device):
             return self.model.segment(volume, small_organ_branch=branch,
                                       progress=lambda f: progress("inference", 0.2 + 0.6 * f, f"chunk {f:.0%}"))
 
@@ -189,10 +195,3 @@ class Segmenter:
             recon, _, _ = self.autoencoder(mask[None, None].float())
         return dice(recon[0, 0].numpy() > 0.5, mask.numpy())
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

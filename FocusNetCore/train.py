@@ -24,7 +24,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -34,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import losses
+from . import losses, precision
 from .data import AugmentConfig, CachedCase, heatmaps, load_training_cases, sample_chunk
 from .metrics import nanmean, organ_metrics
 from .networks import FocusNetConfig, FocusNetV2, ShapeAutoencoder, roi_pool, roi_start
@@ -66,6 +65,9 @@ class TrainConfig:
     validation_cases: int = 2
     validate_every: int = 500
     checkpoint_every: int = 100
+    # "auto": bfloat16 autocast on CUDA and on CPUs that compute it natively
+    # (AMX / AVX512-BF16), float32 elsewhere; or "float32" / "bfloat16".
+    precision: str = "auto"
     # Written into the bundle: the model's name and what it may be used for.
     model_name: str = "FocusNetv2"
     intended_use: str = ""
@@ -175,7 +177,7 @@ class AAEPretrainStep(nn.Module):
 
     def forward(self, masks: torch.Tensor):
         recon, _, _ = self.aae(masks)
-        return torch.nn.functional.mse_loss(recon, masks)
+        return torch.nn.functional.mse_loss(recon.float(), masks.float())
 
 
 class GeneratorStep(nn.Module):
@@ -268,8 +270,9 @@ class Trainer:
         self.val_cases: List[CachedCase] = cases[len(cases) - n_val:]
         self.data_dir = str(data_dir)
         torch.manual_seed(config.seed)
-        self.model = FocusNetV2(net).to(self.device)
-        self.aae = ShapeAutoencoder(net.roi_size, config.autoencoder_width).to(self.device)
+        self.precision = precision.resolve(config.precision, self.device)
+        self.model = precision.channels_last(FocusNetV2(net).to(self.device))
+        self.aae = precision.channels_last(ShapeAutoencoder(net.roi_size, config.autoencoder_width).to(self.device))
         self.alpha = self._class_weights().to(self.device)
         self.history: List[dict] = []
         self.position = (0, 0)  # (stage index, iteration within it)
@@ -346,9 +349,7 @@ class Trainer:
         return self.optimizers[key]
 
     def _autocast(self):
-        if self.device.startswith("cuda"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return precision.autocast(self.precision, self.device)
 
     def run(self, resume: bool = False, progress: bool = True, stop_after: Optional[int] = None):
         """Train to the end of the schedule (or, with ``stop_after``, save a

@@ -164,3 +164,37 @@ def test_segment_dicom_series_to_rtstruct(tiny_bundle, tmp_path):
     refused = run_cli("segment", tmp_path / "dicom" / case.name / "labels.nrrd", "--out", tmp_path / "o2",
                       "--model", tiny_bundle, "--format", "rtstruct")
     assert refused.returncode == 2
+
+
+def test_precision_choice_rules(monkeypatch):
+    from FocusNetCore import precision
+
+    assert precision.resolve("auto", "cuda") == "bfloat16"
+    assert precision.resolve("float32", "cuda") == "float32"
+    assert precision.resolve("bfloat16", "cpu") == "bfloat16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve("auto", "cpu") == "float32"  # emulated bfloat16 would be slower
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve("auto", "cpu") == "bfloat16"
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        precision.resolve("half", "cpu")
+
+
+def test_bfloat16_segmentation_matches_float32(case_dir):
+    """The embedded model in bfloat16 autocast (what "auto" picks on CPUs with
+    AMX) draws the same organs as in float32 wherever the model is sure of
+    them. (Where it is not — near-ties between classes, mean probability
+    under 0.6 — rounding may tip a voxel either way, as any change of
+    hardware may.)"""
+    ct = case_dir / "phantom_0400_ct.nrrd"
+    out = {p: Segmenter(precision=p).segment(ct) for p in ("float32", "bfloat16")}
+    assert out["bfloat16"].precision == "bfloat16" and out["bfloat16"].report()["precision"] == "bfloat16"
+    a, b = (sitk.GetArrayFromImage(out[p].labels) for p in ("float32", "bfloat16"))
+    checked = 0
+    for organ in out["float32"].organs:
+        if organ.present and organ.volume_cc > 1.0 and organ.confidence > 0.6:
+            checked += 1
+            lab = organ.label
+            overlap = 2 * np.sum((a == lab) & (b == lab)) / (np.sum(a == lab) + np.sum(b == lab))
+            assert overlap > 0.95, organ.name
+    assert checked >= 5
