@@ -6,12 +6,18 @@ this spacing (the network TotalSegmentator runs) and MONAI SegResNet.
     .venv/bin/pip install -e '.[bench]'      # MONAI, for the peers
     .venv/bin/python benchmarks/speed.py [--slices 120] [--models focusnet,dynunet,segresnet]
 
+    .venv/bin/python benchmarks/speed.py --precision float32   # the float32 baseline
+
+Every model runs with the same precision policy as ``focusnet segment``
+(FocusNetCore/precision.py): "auto" = bfloat16 autocast and channels-last-3d
+on CUDA and on CPUs with native bfloat16 (AMX / AVX512-BF16), float32
+(channels-last) elsewhere; the line of each model says which it got.
+
 Input: a synthetic 512 x 512 x 120 CT at 0.98 x 0.98 x 3 mm. End to end =
 preprocess (orientation, resampling to 1 x 1 x 3 mm, head crop 240 x 240) +
 40-slice chunks through the network + labels back to the CT's grid. Each
 model runs in its own process so its peak resident memory is its own.
-On a CUDA machine a GPU section times the same with bf16 autocast and
-channels-last-3d (and torch.compile with --compile).
+On a CUDA machine a GPU section times the same on the GPU.
 """
 import argparse
 import json
@@ -45,12 +51,13 @@ def build(name, classes=23):
     raise ValueError(name)
 
 
-def run_one(name, slices, repeats, device):
+def run_one(name, slices, repeats, device, precision):
     """Runs in a child process; prints one JSON line."""
     import SimpleITK as sitk
     import torch
     import torch.nn.functional as F
 
+    from FocusNetCore import precision as policy
     from FocusNetCore.preprocess import PreprocessConfig, labels_to_original, preprocess
 
     torch.manual_seed(0)
@@ -62,10 +69,11 @@ def run_one(name, slices, repeats, device):
     outside = ((yy - 256) / 100.0) ** 2 + ((xx - 256) / 80.0) ** 2 > 1
     ct = sitk.GetImageFromArray(np.where(outside[None], -1000, arr).astype(np.int16))
     ct.SetSpacing((0.98, 0.98, 3.0))
-    model = build(name).to(device).eval()
+    model = policy.channels_last(build(name).to(device).eval())
     params = sum(p.numel() for p in model.parameters())
     config = PreprocessConfig()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    precision = policy.resolve(precision, device)
+    autocast = policy.autocast(precision, device)
 
     def forward(volume):
         if name == "focusnet":
@@ -84,7 +92,7 @@ def run_one(name, slices, repeats, device):
         for _ in range(repeats):
             t0 = time.perf_counter()
             pre = preprocess(ct, config)
-            volume = torch.as_tensor(pre.image, device=device)[None, None]
+            volume = policy.channels_last(torch.as_tensor(pre.image, device=device)[None, None])
             if device == "cuda":
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
@@ -100,7 +108,7 @@ def run_one(name, slices, repeats, device):
     gpu_mb = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
     print(json.dumps({"model": name, "params": params, "end_to_end_s": statistics.median(end_to_end),
                       "model_only_s": statistics.median(model_only), "peak_rss_mb": peak_mb, "gpu_peak_mb": gpu_mb,
-                      "device": device, "threads": torch.get_num_threads()}))
+                      "device": device, "precision": precision, "threads": torch.get_num_threads()}))
 
 
 def main():
@@ -109,10 +117,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--models", default="focusnet,dynunet,segresnet")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_one(args.one, args.slices, args.repeats, args.device)
+        run_one(args.one, args.slices, args.repeats, args.device, args.precision)
         return
     devices = [args.device]
     try:
@@ -126,14 +135,14 @@ def main():
         results = {}
         for name in args.models.split(","):
             out = subprocess.run([sys.executable, __file__, "--one", name, "--slices", str(args.slices),
-                                  "--repeats", str(args.repeats), "--device", device],
+                                  "--repeats", str(args.repeats), "--device", device, "--precision", args.precision],
                                  capture_output=True, text=True, env=os.environ)
             if out.returncode != 0:
                 print(f"{name} on {device}: failed\n{out.stderr[-2000:]}")
                 continue
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
             r = results[name]
-            print(f"{device} {name:10s} params {r['params']:>11,}  end-to-end {r['end_to_end_s']:7.1f} s  "
+            print(f"{device} {r['precision']:8s} {name:10s} params {r['params']:>11,}  end-to-end {r['end_to_end_s']:7.1f} s  "
                   f"model-only {r['model_only_s']:7.1f} s  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB"
                   + (f"  GPU peak {r['gpu_peak_mb'] / 1024:5.2f} GB" if r["gpu_peak_mb"] else ""), flush=True)
         if "focusnet" in results:
