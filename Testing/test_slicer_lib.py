@@ -224,7 +224,8 @@ def test_edits_timing_and_records(loaded, tmp_path):
     clock.t += 6
     final = bridge.export_labels(scene, seg, ct, ORGANS)
     record = session.finish(final)
-    assert record["wall_s"] == pytest.approx(325.0) and record["active_s"] == pytest.approx(14.0)
+    # finishing 6 s after the last act of reviewing counts as active too
+    assert record["wall_s"] == pytest.approx(325.0) and record["active_s"] == pytest.approx(20.0)
     assert record["metrics"]["Parotid_L"]["edited"] and record["metrics"]["Parotid_L"]["voxels_added"] > 0
     assert record["metrics"]["Parotid_L"]["voxels_added"] == 3 * 6 * 6 and record["metrics"]["Parotid_L"]["apl_mm"] > 0
     assert not record["metrics"]["Brainstem"]["edited"] and record["metrics"]["Brainstem"]["dice"] == 1.0

@@ -5,8 +5,9 @@ A session starts when the AI contours are loaded (mode ``"ai"``) or when an
 empty segmentation with the organ set's named segments is created for
 contouring from scratch (mode ``"manual"``). It listens to the segmentation's
 ``RepresentationModified`` events: every edit of a segment marks it edited,
-counts, and moves the clock of active editing time (gaps between edits longer
-than ``idle_threshold_s`` count as idle). Each event checkpoints the session
+counts, and moves the clock of active time; so do accepting organs and
+finishing (gaps between such acts longer than ``idle_threshold_s`` count as
+idle). Each event checkpoints the session
 to a JSON file, so after a crash it can be resumed or recorded as incomplete;
 "Finish" appends one record to the study's JSON Lines log.
 
@@ -99,6 +100,9 @@ class ReviewSession:
         self.elapsed_before_s = 0.0  # wall time of earlier runs of a resumed session
         self._observer = None
         self.finished = False
+        # Called with no argument after every change (an edit, an accept): how
+        # a front end refreshes its review panel or schedules an autosave.
+        self.listeners: List[Callable[[], None]] = []
 
     # -- events ----------------------------------------------------------------
     def start(self) -> "ReviewSession":
@@ -123,14 +127,19 @@ class ReviewSession:
     def now_s(self) -> float:
         return self.elapsed_before_s + (self.clock() - self.started)
 
-    def record_edit(self, segment_id: str) -> None:
-        name = self._organ_of(segment_id)
+    def touch(self) -> None:
+        """Any act of reviewing (an edit, an accept, finishing): the time since
+        the previous one counts as active unless it exceeds the idle threshold."""
         t = self.clock()
         if self.last_event is not None:
             gap = t - self.last_event
             if gap <= self.idle_threshold_s:
                 self.active_s += gap
         self.last_event = t
+
+    def record_edit(self, segment_id: str) -> None:
+        name = self._organ_of(segment_id)
+        self.touch()
         if name is None:
             self.checkpoint()
             return
@@ -148,11 +157,13 @@ class ReviewSession:
 
     # -- review panel ---------------------------------------------------------------
     def accept(self, name: str) -> None:
+        self.touch()
         if self.states[name].status != EDITED:
             self.states[name].status = ACCEPTED
         self.checkpoint()
 
     def accept_all_unflagged(self) -> List[str]:
+        self.touch()
         accepted = [n for n, s in self.states.items() if s.status == UNREVIEWED and not s.flags]
         for name in accepted:
             self.states[name].status = ACCEPTED
@@ -170,6 +181,8 @@ class ReviewSession:
     def checkpoint(self) -> None:
         if not self.finished:
             write_json_atomic(self.checkpoint_path, self.state_dict())
+        for listener in list(self.listeners):
+            listener()
 
     @classmethod
     def resume(cls, checkpoint_path, segmentation_node, organs: OrganSet, log_path, **kwargs) -> "ReviewSession":
@@ -177,10 +190,11 @@ class ReviewSession:
         import json
 
         data = json.loads(Path(checkpoint_path).read_text())
+        model = kwargs.pop("model", None) or data.get("model")
+        inference_seconds = kwargs.pop("inference_seconds", None) or data.get("inference_seconds")
         session = cls(segmentation_node, organs, mode=data["mode"], case_id=data["case_id"], reviewer=data["reviewer"],
-                      log_path=log_path, checkpoint_path=checkpoint_path, model=data.get("model"),
-                      inference_seconds=data.get("inference_seconds"), idle_threshold_s=data["idle_threshold_s"],
-                      **kwargs)
+                      log_path=log_path, checkpoint_path=checkpoint_path, model=model,
+                      inference_seconds=inference_seconds, idle_threshold_s=data["idle_threshold_s"], **kwargs)
         session.elapsed_before_s = float(data["elapsed_s"])
         session.active_s = float(data["active_s"])
         session.started_wall = datetime.datetime.fromisoformat(data["started"]).timestamp()
@@ -204,6 +218,7 @@ class ReviewSession:
     def finish(self, final_labels: Optional[sitk.Image] = None) -> dict:
         """End the session: one record (times, statuses, edit metrics) appended to the log."""
         self.stop()
+        self.touch()
         record = {**self.state_dict(), "status": "finished", "finished": _iso(self.wall()),
                   "wall_s": round(self.now_s(), 3)}
         if final_labels is not None:

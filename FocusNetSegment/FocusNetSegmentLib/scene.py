@@ -193,3 +193,21 @@ def save_segmentation(scene, segmentation_node, path) -> None:
     if not storage.WriteData(segmentation_node):
         raise RuntimeError(f"{path}: Slicer could not write the segmentation")
     scene.RemoveNode(storage)
+
+
+def load_segmentation(scene, path, name: Optional[str] = None):
+    """A ``.seg.nrrd`` (any Slicer segmentation file) read into a new
+    segmentation node with Slicer's own storage node."""
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such segmentation file")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or os.path.basename(str(path)))
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    ok = storage.ReadData(node)
+    scene.RemoveNode(storage)
+    if not ok or node.GetSegmentation().GetNumberOfSegments() == 0:
+        scene.RemoveNode(node)
+        raise ValueError(f"{path}: not a readable segmentation (no segments)")
+    return node

@@ -1,0 +1,127 @@
+"""One CT under review, in any MRML scene: the segmentation node, its
+ReviewSession (statuses, flags, timing) and the exports.
+
+Both front ends drive this one class — the Slicer module (in Slicer's own
+scene) and the browser review station of ``focusnet review`` (in
+trame-slicer's scene) — so review, timing and export behave the same in
+both. A session that was interrupted (a crash, a closed server) is resumed
+from its checkpoint, with the contours as last autosaved when the front end
+autosaves them (``autosave``).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import SimpleITK as sitk
+
+from FocusNetCore.organs import OrganSet, get_organ_set
+from FocusNetCore.study import case_id as hashed_case_id
+
+from . import export
+from .review import ReviewSession
+from .scene import export_labels, import_labels
+
+
+class ReviewCase:
+    def __init__(self, scene, volume_node, segmentation_node, session: ReviewSession, folder):
+        self.scene, self.volume_node, self.segmentation_node = scene, volume_node, segmentation_node
+        self.session = session
+        self.folder = Path(folder)
+        self.exported: List[Path] = []
+
+    @property
+    def organs(self) -> OrganSet:
+        return self.session.organs
+
+    @staticmethod
+    def paths(folder, case_id: str):
+        folder = Path(folder)
+        return folder / f"{case_id}.review.json", folder / f"{case_id}.working.nrrd"
+
+    # -- opening ---------------------------------------------------------------
+    @classmethod
+    def open(cls, scene, volume_node, labels: Optional[sitk.Image], *, folder, log_path, case_uid: str,
+             reviewer: str = "", report: Optional[dict] = None, name: Optional[str] = None,
+             resume: bool = True, clock: Callable[[], float] = time.monotonic,
+             wall: Callable[[], float] = time.time) -> "ReviewCase":
+        """``labels`` are the AI contours on the CT's grid (mode "ai"), or None
+        for contouring from scratch (mode "manual"). ``report`` is the
+        segmentation report (model, timings, per-organ results for the flags).
+        With ``resume`` an unfinished session of the same case continues: its
+        times and statuses from the checkpoint, its contours from the
+        autosave."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        organs = get_organ_set((report or {}).get("model", {}).get("organ_set", "oar22"))
+        cid = hashed_case_id(case_uid)
+        checkpoint, working = cls.paths(folder, cid)
+        mode = "ai" if labels is not None else "manual"
+        if labels is None:
+            from .scene import image_from_volume_node
+
+            reference = image_from_volume_node(volume_node)
+            labels_for_scene = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
+            labels_for_scene.CopyInformation(reference)
+        else:
+            labels_for_scene = labels
+        name = name or f"{volume_node.GetName()} OARs" + ("" if mode == "ai" else " (manual)")
+        resuming = resume and checkpoint.exists()
+        if resuming and working.exists():
+            labels_for_scene = sitk.ReadImage(str(working))
+        node = import_labels(scene, labels_for_scene, organs, volume_node, name)
+        node.CreateDefaultDisplayNodes()
+        common = dict(model=(report or {}).get("model"), ai_labels=labels, clock=clock, wall=wall,
+                      inference_seconds=(report or {}).get("timings_s", {}).get("total"),
+                      organ_results=(report or {}).get("organs"))
+        if resuming:
+            session = ReviewSession.resume(checkpoint, node, organs, log_path, **common)
+        else:
+            session = ReviewSession(node, organs, mode=mode, case_id=cid, reviewer=reviewer, log_path=log_path,
+                                    checkpoint_path=checkpoint, **common)
+        return cls(scene, volume_node, node, session.start(), folder)
+
+    # -- while reviewing --------------------------------------------------------
+    def autosave(self) -> Path:
+        """Write the contours as they are now (a label map on the CT's grid,
+        replacing the previous autosave atomically), so a session resumed
+        after a crash has them."""
+        _, working = self.paths(self.folder, self.session.case_id)
+        partial = working.with_name(working.name + ".partial.nrrd")
+        sitk.WriteImage(self.final_labels(), str(partial), True)
+        os.replace(partial, working)
+        return working
+
+    def final_labels(self) -> sitk.Image:
+        return export_labels(self.scene, self.segmentation_node, self.volume_node, self.organs)
+
+    # -- finishing ---------------------------------------------------------------
+    def export(self, kind: str, folder, base_name: str, ct_series_folder=None) -> Path:
+        """Write the reviewed contours; never replaces a file (numbered names)."""
+        base = os.path.join(str(folder), base_name)
+        if kind == "seg.nrrd":
+            path = export.export_seg_nrrd(self.scene, self.segmentation_node, base + ".seg.nrrd")
+        elif kind == "nifti":
+            path = export.export_nifti(self.scene, self.segmentation_node, self.volume_node, self.organs,
+                                       base + ".nii.gz")
+        elif kind == "rtstruct":
+            if ct_series_folder is None:
+                raise ValueError("RTSTRUCT export needs the CT's DICOM series folder")
+            path = export.export_rtstruct(self.scene, self.segmentation_node, self.volume_node, self.organs,
+                                          ct_series_folder, base + ".rtstruct.dcm")
+        else:
+            raise ValueError(f"unknown export kind {kind!r}; use seg.nrrd, nifti or rtstruct")
+        self.exported.append(Path(path))
+        return Path(path)
+
+    def finish(self) -> dict:
+        """Append the session's timing record (with the edit metrics against
+        the AI contours) to the study log and drop the checkpoint and autosave."""
+        record = self.session.finish(self.final_labels())
+        _, working = self.paths(self.folder, self.session.case_id)
+        if working.exists():
+            working.unlink()
+        return record
+
