@@ -7,12 +7,16 @@ PY := $(VENV)/bin/python
 # with a GPU install their own build (pyproject.toml accepts a range).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv demo test clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@# Debian's Chromium for the browser review's end-to-end test (Playwright
+	@# drives it; no browser is downloaded). Needs root or sudo on Debian.
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"

@@ -313,6 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("review", help="review and correct the contours in a browser (needs focusnet[review])")
+    p.add_argument("input", help="the CT: a volume file (NRRD, NIfTI, MHA) or a DICOM series folder")
+    p.add_argument("--seg", default=None, help="contours to review (.seg.nrrd); default: segment now with --model")
+    p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
+    p.add_argument("--out", default="focusnet-review",
+                   help="folder for the export, the AI contours, the review log and unfinished sessions")
+    p.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback; any other requires the access token printed at start)")
+    p.add_argument("--reviewer", default="", help="reviewer id written into the timing record")
+    p.add_argument("--device", default="auto", help="where the model runs: auto, cpu or cuda")
+    p.set_defaults(func=_cmd_review)
+
     p = sub.add_parser("demo", help="the main job on its embedded default: a phantom case end to end")
     p.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     p.add_argument("--seed", type=int, default=2026, help="phantom seed (default 2026, never used in training)")
@@ -323,6 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _cmd_review(args) -> int:
+    try:
+        from FocusNetReview.app import ReviewOptions, ReviewStation
+    except ImportError as error:
+        print(f"focusnet review needs the review extra: pip install 'focusnet[review]' ({error})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    options = ReviewOptions(input=args.input, seg=args.seg, model=args.model, out=args.out, host=args.host,
+                            port=args.port, reviewer=args.reviewer, device=args.device)
+    ReviewStation(options).start()
+    return EXIT_OK
 
 
 def main(argv: Optional[List[str]] = None) -> int:

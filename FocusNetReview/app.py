@@ -90,8 +90,11 @@ class ReviewStation:
         self.state, self.ctrl = self.server.state, self.server.controller
         self.slicer_app = SlicerApp()
         register_rca_factories(self.slicer_app.view_manager, self.server)
-        self.editor_logic = SegmentEditorLogic(self.server, self.slicer_app)
+        # The views first: trame-slicer 2.0 creates each effect's pipeline per
+        # view when the editor registers the effect, and a pipeline made for a
+        # view that does not exist yet has no view (painting then fails).
         self.layout_logic = LayoutButtonLogic(self.server, self.slicer_app)
+        self.editor_logic = SegmentEditorLogic(self.server, self.slicer_app)
         self.case = None
         self._autosave_handle = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -273,7 +276,7 @@ class ReviewStation:
         for view in self.slicer_app.view_manager.get_slice_views():
             slice_node = view._view_node  # trame-slicer keeps the vtkMRMLSliceNode here
             if slice_node is not None:
-                slice_node.JumpSliceByCentering(center[0], center[1], center[2])
+                slice_node.JumpSlice(center[0], center[1], center[2])
 
     def accept(self, name: str):
         if self.case is not None and not self.case.session.finished:
