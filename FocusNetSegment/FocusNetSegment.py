@@ -209,6 +209,7 @@ class FocusNetSegmentLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.job = None
+        self.case = None
         self.session = None
         self.organResults = None
         self.volumeNode = None
@@ -323,50 +324,33 @@ class FocusNetSegmentLogic(ScriptedLoadableModuleLogic):
         import json
 
         import SimpleITK as sitk
-        from FocusNetCore.organs import get_organ_set
-        from FocusNetCore.study import case_id
-        from FocusNetSegmentLib.review import ReviewSession
-        from FocusNetSegmentLib.scene import import_labels
 
         if self.job.cancelled:
             raise RuntimeError("The segmentation was cancelled.")
         if self.job.returncode != 0:
             raise RuntimeError(self.job.error_text() or f"focusnet segment exited with code {self.job.returncode}")
         report = json.load(open(os.path.join(self.workDir, "ct.report.json")))
-        organs = get_organ_set(report["model"]["organ_set"])
         labels = sitk.ReadImage(os.path.join(self.workDir, "ct.nrrd"))
-        name = f"{self.volumeNode.GetName()} OARs"
-        self.segmentationNode = import_labels(slicer.mrmlScene, labels, organs, self.volumeNode, name)
-        self.segmentationNode.CreateDefaultDisplayNodes()
         self.organResults = report["organs"]
-        uid = self.volumeNode.GetAttribute("DICOM.instanceUIDs") or self.volumeNode.GetName()
-        cid = case_id(uid.split()[0])
-        self.session = ReviewSession(
-            self.segmentationNode, organs, mode="ai", case_id=cid, reviewer=reviewer, log_path=self.logPath(),
-            checkpoint_path=os.path.join(self.sessionFolder(), f"{cid}.review.json"), model=report["model"],
-            inference_seconds=report["timings_s"].get("total"), organ_results=report["organs"], ai_labels=labels).start()
+        self._openCase(self.volumeNode, labels, report, reviewer)
         return self.segmentationNode
 
     def startManual(self, volumeNode, reviewer=""):
-        import SimpleITK as sitk
-        from FocusNetCore.organs import get_organ_set
-        from FocusNetCore.study import case_id
-        from FocusNetSegmentLib.review import ReviewSession
-        from FocusNetSegmentLib.scene import image_from_volume_node, import_labels
-
         self.volumeNode = volumeNode
-        organs = get_organ_set("oar22")
-        empty = sitk.Image(image_from_volume_node(volumeNode).GetSize(), sitk.sitkUInt8)
-        empty.CopyInformation(image_from_volume_node(volumeNode))
-        self.segmentationNode = import_labels(slicer.mrmlScene, empty, organs, volumeNode,
-                                              f"{volumeNode.GetName()} OARs (manual)")
-        self.segmentationNode.CreateDefaultDisplayNodes()
         self.organResults = None
+        self._openCase(volumeNode, None, None, reviewer)
+
+    def _openCase(self, volumeNode, labels, report, reviewer):
+        """The review (AI contours, or none for contouring from scratch) through
+        FocusNetSegmentLib.case.ReviewCase, the code the browser review runs too."""
+        from FocusNetSegmentLib.case import ReviewCase
+
         uid = volumeNode.GetAttribute("DICOM.instanceUIDs") or volumeNode.GetName()
-        cid = case_id(uid.split()[0])
-        self.session = ReviewSession(self.segmentationNode, organs, mode="manual", case_id=cid, reviewer=reviewer,
-                                     log_path=self.logPath(),
-                                     checkpoint_path=os.path.join(self.sessionFolder(), f"{cid}.review.json")).start()
+        self.case = ReviewCase.open(slicer.mrmlScene, volumeNode, labels, folder=self.sessionFolder(),
+                                    log_path=self.logPath(), case_uid=uid.split()[0], reviewer=reviewer,
+                                    report=report, resume=True)
+        self.segmentationNode = self.case.segmentation_node
+        self.session = self.case.session
 
     def focusOrgan(self, name):
         """Centre the slice views on the organ and open the Segment Editor on it."""
@@ -382,32 +366,15 @@ class FocusNetSegmentLogic(ScriptedLoadableModuleLogic):
         editor.setCurrentSegmentID(name if segmentation.GetSegment(name) else "")
 
     def finish(self):
-        from FocusNetCore.organs import get_organ_set
-        from FocusNetSegmentLib.scene import export_labels
-
-        organs = self.session.organs if self.session else get_organ_set("oar22")
-        final = export_labels(slicer.mrmlScene, self.segmentationNode, self.volumeNode, organs)
-        record = self.session.finish(final)
-        return record
+        return self.case.finish()
 
     def export(self, kind, folder):
-        from FocusNetSegmentLib import export
-
-        organs = self.session.organs
-        base = os.path.join(folder, self.volumeNode.GetName())
-        if kind == "seg.nrrd":
-            return export.export_seg_nrrd(slicer.mrmlScene, self.segmentationNode, base + ".seg.nrrd")
-        if kind == "nifti":
-            return export.export_nifti(slicer.mrmlScene, self.segmentationNode, self.volumeNode, organs, base + ".nii.gz")
         if kind == "dicomseg":
             return self.exportDicom("DICOMSegmentationPlugin", folder)
-        if kind == "rtstruct":
-            if hasattr(slicer.modules, "dicomrtimportexport"):
-                return self.exportDicom("DicomRtImportExportPlugin", folder)
-            series = self.dicomSeriesFolder()
-            return export.export_rtstruct(slicer.mrmlScene, self.segmentationNode, self.volumeNode, organs, series,
-                                          base + ".rtstruct.dcm")
-        raise ValueError(kind)
+        if kind == "rtstruct" and hasattr(slicer.modules, "dicomrtimportexport"):
+            return self.exportDicom("DicomRtImportExportPlugin", folder)
+        series = self.dicomSeriesFolder() if kind == "rtstruct" else None
+        return self.case.export(kind, folder, self.volumeNode.GetName(), ct_series_folder=series)
 
     def dicomSeriesFolder(self):
         """A folder holding just the CT's DICOM files (from Slicer's DICOM database)."""

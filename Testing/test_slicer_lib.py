@@ -256,3 +256,48 @@ def test_crash_recovery_resume_or_incomplete(loaded, tmp_path):
     assert record["status"] == "incomplete"
     records, _ = read_records(tmp_path / "log.jsonl")
     assert [r["status"] for r in records] == ["incomplete"]
+
+
+def test_review_case_autosave_resume_export_finish(phantom, tmp_path):
+    """ReviewCase, the review both front ends run: an edit is autosaved; after a
+    crash the same case reopens with those contours, statuses and times; the
+    export never replaces a file; finishing logs one record and cleans up."""
+    from FocusNetSegmentLib.case import ReviewCase
+
+    image, labels = phantom
+    clock = FakeClock()
+
+    def open_case():
+        scene = bridge.new_scene()
+        ct = bridge.volume_node_from_image(scene, image, "CT")
+        return ReviewCase.open(scene, ct, labels, folder=tmp_path / "sessions", log_path=tmp_path / "log.jsonl",
+                               case_uid="1.2.3", report={"model": {"name": "tiny", "organ_set": "oar22"}},
+                               clock=clock, wall=lambda: 1.7e9 + clock.t)
+
+    case = open_case()
+    assert case.session.mode == "ai" and case.session.model == {"name": "tiny", "organ_set": "oar22"}
+    clock.t += 4
+    paint(case.segmentation_node, "Parotid_L", labels, (slice(5, 7), slice(2, 8), slice(2, 8)))
+    case.session.accept("Brainstem")
+    case.autosave()
+    case.session.stop()  # the server or Slicer dies here
+
+    resumed = open_case()
+    assert resumed.session.states["Parotid_L"].status == "edited"
+    assert resumed.session.states["Brainstem"].status == "accepted"
+    assert resumed.session.now_s() == pytest.approx(4.0)
+    final = sitk.GetArrayFromImage(resumed.final_labels())
+    ai = sitk.GetArrayFromImage(labels)
+    painted = np.zeros_like(final, bool)
+    painted[5:7, 2:8, 2:8] = True
+    assert np.all(final[painted] == ORGANS.label_of("Parotid_L"))  # the autosaved stroke came back
+    assert np.array_equal(final[~painted], ai[~painted])
+
+    first = resumed.export("seg.nrrd", tmp_path, "CT")
+    second = resumed.export("seg.nrrd", tmp_path, "CT")
+    assert first.name == "CT.seg.nrrd" and second.name == "CT (2).seg.nrrd"
+    clock.t += 2
+    record = resumed.finish()
+    assert record["organs"]["Parotid_L"]["status"] == "edited"
+    assert record["metrics"]["Parotid_L"]["voxels_added"] > 0  # against the AI contours, not the autosave
+    assert not list((tmp_path / "sessions").iterdir())
