@@ -1,0 +1,58 @@
+"""The README's picture of the browser review station: a phantom CT segmented
+by the embedded model, Parotid_L selected and the paint effect active.
+
+    .venv/bin/python docs/review_screenshot.py [--out docs/images/review_station.png]
+
+Starts `focusnet review` on a generated phantom (seed 2026, the demo's) on a
+free loopback port, drives Debian's chromium with Playwright, and stops the
+server afterwards. Output files go to a temporary folder.
+"""
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "images" / "review_station.png"))
+    parser.add_argument("--seed", type=int, default=2026)
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    from FocusNetCore.phantom import generate_case, write_case
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_case(generate_case(args.seed, "full", name="phantom"), tmp, "nrrd")
+        server = subprocess.Popen([sys.executable, "-m", "FocusNetCore", "review", f"{tmp}/phantom_ct.nrrd", "--out",
+                                   f"{tmp}/review", "--port", "0"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        try:
+            url = None
+            while url is None:
+                line = server.stdout.readline()
+                if not line:
+                    raise SystemExit("focusnet review stopped before serving")
+                match = re.search(r"open (http://\S+)", line)
+                url = match.group(1) if match else None
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+                page = browser.new_page(viewport={"width": 1500, "height": 900})
+                page.goto(url)
+                page.locator(".fn-organ-row").nth(21).wait_for(timeout=180_000)
+                page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-organ-name").click()
+                page.locator("button:has(i.mdi-brush)").last.click()
+                time.sleep(3)
+                page.screenshot(path=args.out)
+                browser.close()
+        finally:
+            server.terminate()
+            server.wait(10)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
