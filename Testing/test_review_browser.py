@@ -175,3 +175,30 @@ def test_token_is_required_off_loopback():
             assert (await client.get("/index.html")).status == 200
 
     asyncio.run(scenario())
+
+
+def test_dicom_input_exports_seg_nrrd_and_rtstruct(tmp_path):
+    """The station's own logic without a browser: a DICOM series in, the AI
+    contours reviewed as they are, "Finish & export" writes both files and a
+    second station on the same case never replaces them."""
+    import asyncio
+
+    import pydicom
+
+    from FocusNetReview.app import ReviewOptions, ReviewStation
+
+    write_case(generate_case(401, "small"), tmp_path / "dicom", "dicom")
+    series = next(p for p in (tmp_path / "dicom").rglob("*") if p.is_dir() and any(p.glob("CT*.dcm")))
+    for attempt in (1, 2):
+        station = ReviewStation(ReviewOptions(input=str(series), out=str(tmp_path / "out"), port=0))
+        asyncio.run(station._start_case())
+        assert station.state.fn_ready and len(station.state.fn_rows) == 22
+        station.accept_all()
+        station.finish()
+        assert station.state.fn_finished, station.state.fn_error
+    stem = series.name
+    assert (tmp_path / "out" / f"{stem}.seg.nrrd").exists() and (tmp_path / "out" / f"{stem} (2).seg.nrrd").exists()
+    rtstruct = pydicom.dcmread(tmp_path / "out" / f"{stem}.rtstruct.dcm")
+    assert rtstruct.Modality == "RTSTRUCT"
+    records, _ = read_records(tmp_path / "out" / "review-log.jsonl")
+    assert len(records) == 2 and all(r["mode"] == "ai" for r in records)
