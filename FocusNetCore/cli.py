@@ -215,7 +215,7 @@ def _cmd_train(args) -> int:
     from .train import train
 
     bundle = train(args.config, args.data, args.out, resume=args.resume, device=args.device,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, branch_from=args.branch_from)
     print(f"model bundle: {bundle}")
     return EXIT_OK
 
@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--branch-from", default=None, metavar="CHECKPOINT",
+                   help="start from another run's checkpoint taken after its snet and solnet stages "
+                        "(ablations, e.g. FocusNetv1 = adversarial: false, share those stages)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("review", help="review and correct the contours in a browser (needs focusnet[review])")

@@ -547,6 +547,40 @@ class Trainer:
             for key, opt_state in state["optimizers"].items():
                 self._optimizer(key, params[key]()).load_state_dict(opt_state)
 
+    # Settings that act only from the autoencoder stage on: runs differing in
+    # them share their S-Net and SOL-Net stages (the table 6 ablation).
+    BRANCH_FREE = ("adversarial", "shape_weight", "adversarial_weight", "shape_loss_normalized", "autoencoder_width",
+                   "sos_jitter", "model_name", "intended_use", "validate_every", "checkpoint_every")
+
+    def branch_from(self, checkpoint) -> None:
+        """Start from another run's checkpoint taken after its S-Net and SOL-Net
+        stages: its network weights, position and validation history; the
+        rest of the schedule follows this run's configuration (e.g.
+        ``adversarial: false`` for FocusNetv1). Refuses a checkpoint whose
+        network, data settings or first two stages differ from this run's."""
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no checkpoint to branch from")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        theirs, ours = json.loads(state["config"]), json.loads(json.dumps(self.config.to_dict()))
+        stage_index, step = state["position"]
+        stages = list(ours["stages"].items())
+        names = [name for name, _ in stages]
+        aae_index = names.index("aae_pretrain") if "aae_pretrain" in names else len(names)
+        done = stage_index == aae_index or (stage_index == aae_index - 1 and step >= stages[stage_index][1])
+        if not done or list(theirs["stages"].items())[:aae_index] != stages[:aae_index]:
+            raise ValueError(f"{path}: can branch only after the snet and solnet stages, before sos "
+                             f"(checkpoint at stage {stage_index}, step {step})")
+        for key in set(theirs) | set(ours):
+            if key in self.BRANCH_FREE or key == "stages":
+                continue
+            if theirs.get(key) != ours.get(key):
+                raise ValueError(f"{path}: made with a different {key!r} ({theirs.get(key)!r} vs {ours.get(key)!r})")
+        self.model.load_state_dict(state["model"])
+        self.position = (aae_index, 0)
+        self.history = [row for row in state["history"] if row["stage"] in names[:aae_index]]
+        self._save_checkpoint()
+
     def provenance(self) -> dict:
         last = [r for r in self.history if r["stage"] == "final"]
         return {"name": self.config.model_name, "intended_use": self.config.intended_use,
@@ -617,8 +651,10 @@ def _plot_history(history: List[dict], path: Path, small_names):
 
 
 def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "auto", progress: bool = True,
-          log=print) -> Path:
-    """``focusnet train``: returns the path of the model bundle it wrote."""
+          log=print, branch_from=None) -> Path:
+    """``focusnet train``: returns the path of the model bundle it wrote.
+    ``branch_from``: another run's checkpoint after its S-Net and SOL-Net
+    stages to continue from (see Trainer.branch_from)."""
     from .bundle import save_bundle
 
     if device == "auto":
@@ -629,6 +665,9 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
         raise FileExistsError(f"{run_dir}: already holds a training run; pass --resume to continue it "
                               "or choose another --out")
     trainer = Trainer(config, data_dir, run_dir, device, log)
+    if branch_from is not None and not resume:
+        trainer.branch_from(branch_from)
+        resume = True
     trainer.run(resume=resume, progress=progress)
     bundle = run_dir / "model.pt"
     if trainer.rank == 0:

@@ -147,3 +147,31 @@ def test_ddp_two_cpu_processes(phantom_data, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     model, meta = load_bundle(tmp_path / "ddp" / "model.pt")
     assert meta["provenance"]["world_size"] == 2
+
+
+def test_branch_an_ablation_after_the_shared_stages(phantom_data, tmp_path):
+    """FocusNetv1 (no autoencoder) branches from a FocusNetv2 run after S-Net
+    and SOL-Net, as the paper's ablation shares them; a checkpoint taken
+    before SOL-Net is done, or of another network, is refused."""
+    torch.set_num_threads(1)
+    v2 = load_config(TINY)
+    _run(v2, phantom_data, tmp_path / "v2", stop_after=6)  # inside aae_pretrain: S-Net and SOL-Net done
+    shared = torch.load(tmp_path / "v2" / "checkpoint.pt", weights_only=True)["model"]
+    v1 = TrainConfig.from_dict({**v2.to_dict(), "adversarial": False, "model_name": "FocusNetv1"})
+    trainer = Trainer(v1, phantom_data, tmp_path / "v1", "cpu", log=lambda *a: None)
+    trainer.branch_from(tmp_path / "v2" / "checkpoint.pt")
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, shared[name]), name
+    trainer.run(resume=True, progress=False)
+    assert trainer.position == (len(v1.stages), 0)
+    trained = trainer.model.state_dict()
+    assert any(not torch.equal(trained[n], shared[n]) for n in shared if n.startswith("sosnet."))  # SOS-Net trained
+
+    _run(v2, phantom_data, tmp_path / "early", stop_after=4)  # inside solnet
+    with pytest.raises(ValueError, match="after the snet and solnet stages"):
+        Trainer(v1, phantom_data, tmp_path / "v1b", "cpu", log=lambda *a: None).branch_from(
+            tmp_path / "early" / "checkpoint.pt")
+    wider = TrainConfig.from_dict({**v1.to_dict(), "network": {**v1.network.to_dict(), "width": 0.25}})
+    with pytest.raises(ValueError, match="different 'network'"):
+        Trainer(wider, phantom_data, tmp_path / "v1c", "cpu", log=lambda *a: None).branch_from(
+            tmp_path / "v2" / "checkpoint.pt")
