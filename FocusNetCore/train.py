@@ -23,6 +23,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,16 +100,37 @@ class TrainConfig:
 
 
 def load_config(path) -> TrainConfig:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such training configuration")
-    data = yaml.safe_load(path.read_text()) or {}
+    """A YAML training configuration. ``base: other.yaml`` (relative to this
+    file) starts from another configuration and overrides what this one sets
+    (nested mappings merge key by key)."""
+    data = _read_config(Path(path), ())
     try:
         return TrainConfig.from_dict(data)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+def _read_config(path: Path, seen: tuple) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such training configuration")
+    if path.resolve() in seen:
+        raise ValueError(f"{path}: 'base' configurations form a cycle")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a training configuration is a mapping of settings")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_config(path.parent / str(base), seen + (path.resolve(),)), data)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -386,6 +408,8 @@ class Trainer:
             self.runners.clear()
             if self.rank == 0:
                 self._save_checkpoint()
+                if stage == "solnet":  # where ablations branch off (Trainer.branch_from)
+                    shutil.copyfile(self._checkpoint_path(), self.run_dir / "checkpoint-after-solnet.pt")
         bar.close()
         self.calibrate_heatmap_threshold()
         final = self.validate(total, "final")

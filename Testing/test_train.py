@@ -28,6 +28,16 @@ def phantom_data(tmp_path_factory):
     return folder
 
 
+def test_config_base_and_overrides(tmp_path):
+    v1 = load_config(ROOT / "configs" / "phantom-cpu-focusnetv1.yaml")
+    v2 = load_config(ROOT / "configs" / "phantom-cpu.yaml")
+    assert not v1.adversarial and v2.adversarial and v1.network == v2.network and v1.stages == v2.stages
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nlr: 0.001\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
 def test_configs_load_and_reject_unknown_keys(tmp_path):
     paper = load_config(ROOT / "configs" / "paper.yaml")
     assert paper.network.width == 1.0 and paper.lr == 5e-4 and paper.shape_weight == 5.0
@@ -156,10 +166,11 @@ def test_branch_an_ablation_after_the_shared_stages(phantom_data, tmp_path):
     torch.set_num_threads(1)
     v2 = load_config(TINY)
     _run(v2, phantom_data, tmp_path / "v2", stop_after=6)  # inside aae_pretrain: S-Net and SOL-Net done
-    shared = torch.load(tmp_path / "v2" / "checkpoint.pt", weights_only=True)["model"]
+    branch_point = tmp_path / "v2" / "checkpoint-after-solnet.pt"  # what a run keeps for its ablations
+    shared = torch.load(branch_point, weights_only=True)["model"]
     v1 = TrainConfig.from_dict({**v2.to_dict(), "adversarial": False, "model_name": "FocusNetv1"})
     trainer = Trainer(v1, phantom_data, tmp_path / "v1", "cpu", log=lambda *a: None)
-    trainer.branch_from(tmp_path / "v2" / "checkpoint.pt")
+    trainer.branch_from(branch_point)
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, shared[name]), name
     trainer.run(resume=True, progress=False)

@@ -1,8 +1,11 @@
 """The embedded model (or --model) on held-out phantoms (seeds never used in
-training: 1000 + k), per organ, and the small organs with and without the
-small-organ branch (table 6 in miniature: "S-Net" vs "FocusNetv2").
+training: 1000 + k), per organ, and the paper's table 6 in miniature on the
+small organs: "S-Net" (the model without its small-organ branch) vs
+"FocusNetv1" (--v1: a bundle trained with ``adversarial: false``, branched
+from the same run after its S-Net and SOL-Net stages) vs "FocusNetv2".
 
-    .venv/bin/python benchmarks/evaluate_embedded.py [--n 10] [--model runs/x/model.pt] [--out docs/phantom-cpu-evaluation.md]
+    .venv/bin/python benchmarks/evaluate_embedded.py [--n 10] [--model runs/x/model.pt] [--v1 runs/v1/model.pt] \
+        [--out docs/phantom-cpu-evaluation.md]
 """
 import argparse
 import tempfile
@@ -21,9 +24,11 @@ def main():
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--first-seed", type=int, default=1000)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--v1", default=None, help="FocusNetv1 bundle for the ablation column")
     parser.add_argument("--out", default="docs/phantom-cpu-evaluation.md")
     args = parser.parse_args()
     segmenter = Segmenter(args.model, device="cpu")
+    v1 = Segmenter(args.v1, device="cpu") if args.v1 else None
     organs = segmenter.config.organs
     work = Path(tempfile.mkdtemp(prefix="focusnet-eval-"))
     seconds = []
@@ -35,31 +40,39 @@ def main():
             write_seg_nrrd(result.labels, organs, work / folder / f"{case.name}.seg.nrrd")
             if branch:
                 seconds.append(result.timings["total"])
+        if v1 is not None:
+            result = v1.segment(case.image)
+            write_seg_nrrd(result.labels, organs, work / "focusnetv1" / f"{case.name}.seg.nrrd")
         print(f"{case.name}: {seconds[-1]:.1f} s", flush=True)
     rows, _ = evaluate(work / "focusnetv2", work / "gt", organs.key, work / "focusnetv2")
     rows_snet, _ = evaluate(work / "snet", work / "gt", organs.key, work / "snet")
     full, snet = summary(rows, organs), summary(rows_snet, organs)
+    v1_summary = summary(evaluate(work / "focusnetv1", work / "gt", organs.key, work / "focusnetv1")[0], organs) \
+        if v1 is not None else None
     table = (work / "focusnetv2" / "evaluation.md").read_text()
     lines = [f"# {segmenter.model_info['name']} on {args.n} held-out phantoms", "",
              f"Model: `{segmenter.bundle_path.name}` (checksum {segmenter.model_info['checksum'][:12]}...), "
              f"{segmenter.model_info['intended_use']}", "",
              f"Command: `.venv/bin/python benchmarks/evaluate_embedded.py --n {args.n}` (phantom seeds "
              f"{args.first_seed}-{args.first_seed + args.n - 1}, full 512 x 512 size; segmentation "
-             f"{np.median(seconds):.1f} s median per case on this machine's CPU).", "",
-             "## Small organs: S-Net alone vs FocusNetv2 (mean Dice)", "",
-             "| organ | S-Net alone | FocusNetv2 |", "|---|---|---|"]
+             f"{np.median(seconds):.1f} s median per case on this machine's CPU"
+             + (f"; FocusNetv1: `{Path(args.v1).name}`, `--v1 {args.v1}`" if v1 else "") + ").", "",
+             "## Small organs: table 6 in miniature (mean Dice)", ""]
+    columns = [("S-Net alone", snet)] + ([("FocusNetv1", v1_summary)] if v1 else []) + [("FocusNetv2", full)]
+    lines += ["| organ | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name in organs.small_names:
-        a = snet["organs"].get(name, {}).get("dice", float("nan"))
-        b = full["organs"].get(name, {}).get("dice", float("nan"))
-        lines.append(f"| {name} | {a:.3f} | {b:.3f} |")
-    lines += [f"| mean | {snet['mean_dice_small']:.3f} | {full['mean_dice_small']:.3f} |", "",
-              "FocusNetv1 (SOS-Net without the shape autoencoder) needs its own training run "
-              "(`adversarial: false`); it was not run for this table.", "", "## All organs (FocusNetv2)", "",
-              table.split("\n", 2)[2]]
+        values = [s_["organs"].get(name, {}).get("dice", float("nan")) for _, s_ in columns]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    lines += ["| mean | " + " | ".join(f"{s_['mean_dice_small']:.3f}" for _, s_ in columns) + " |", ""]
+    if v1 is None:
+        lines += ["FocusNetv1 (SOS-Net without the shape autoencoder) needs its own training run "
+                  "(`adversarial: false`, see `--v1`); it was not run for this table.", ""]
+    lines += ["## All organs (FocusNetv2)", "", table.split("\n", 2)[2]]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print(f"mean Dice {full['mean_dice']:.3f} (22 OARs), small organs {full['mean_dice_small']:.3f}; "
-          f"S-Net alone small organs {snet['mean_dice_small']:.3f}")
+          f"S-Net alone small organs {snet['mean_dice_small']:.3f}"
+          + (f", FocusNetv1 small organs {v1_summary['mean_dice_small']:.3f}" if v1 else ""))
     print(f"wrote {args.out}")
 
 
