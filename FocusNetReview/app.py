@@ -210,7 +210,8 @@ class ReviewStation:
             labels, report = await asyncio.to_thread(self._contours)
             self.case = ReviewCase.open(self.slicer_app.scene, volume, labels, folder=self.out / "sessions",
                                         log_path=self.out / "review-log.jsonl", case_uid=self.case_uid,
-                                        reviewer=self.options.reviewer, report=report, name=f"{self.stem} OARs")
+                                        reviewer=self.options.reviewer, report=report, name=f"{self.stem} OARs",
+                                        client="browser")
             self.editor_logic.on_volume_changed(volume)
             self.case.session.listeners.append(self._on_session_changed)
             model = (report or {}).get("model", {})

@@ -132,7 +132,7 @@ def test_browser_review_paint_accept_finish_export(phantom_ct, tmp_path):
     records, problems = read_records(out / "review-log.jsonl")
     assert len(records) == 1 and not problems
     record = records[0]
-    assert record["mode"] == "ai" and record["status"] == "finished"
+    assert record["mode"] == "ai" and record["status"] == "finished" and record["client"] == "browser"
     assert record["organs"]["Parotid_L"]["status"] == "edited" and record["organs"]["Parotid_L"]["edits"] >= 1
     assert record["organs"]["Brainstem"]["status"] == "accepted"
     assert record["active_s"] > 0 and record["wall_s"] >= record["active_s"]

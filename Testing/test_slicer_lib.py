@@ -298,6 +298,6 @@ def test_review_case_autosave_resume_export_finish(phantom, tmp_path):
     assert first.name == "CT.seg.nrrd" and second.name == "CT (2).seg.nrrd"
     clock.t += 2
     record = resumed.finish()
-    assert record["organs"]["Parotid_L"]["status"] == "edited"
+    assert record["organs"]["Parotid_L"]["status"] == "edited" and record["client"] == "slicer"
     assert record["metrics"]["Parotid_L"]["voxels_added"] > 0  # against the AI contours, not the autosave
     assert not list((tmp_path / "sessions").iterdir())

@@ -45,7 +45,7 @@ class ReviewCase:
     @classmethod
     def open(cls, scene, volume_node, labels: Optional[sitk.Image], *, folder, log_path, case_uid: str,
              reviewer: str = "", report: Optional[dict] = None, name: Optional[str] = None,
-             resume: bool = True, clock: Callable[[], float] = time.monotonic,
+             resume: bool = True, client: str = "slicer", clock: Callable[[], float] = time.monotonic,
              wall: Callable[[], float] = time.time) -> "ReviewCase":
         """``labels`` are the AI contours on the CT's grid (mode "ai"), or None
         for contouring from scratch (mode "manual"). ``report`` is the
@@ -73,7 +73,7 @@ class ReviewCase:
             labels_for_scene = sitk.ReadImage(str(working))
         node = import_labels(scene, labels_for_scene, organs, volume_node, name)
         node.CreateDefaultDisplayNodes()
-        common = dict(model=(report or {}).get("model"), ai_labels=labels, clock=clock, wall=wall,
+        common = dict(model=(report or {}).get("model"), ai_labels=labels, clock=clock, wall=wall, client=client,
                       inference_seconds=(report or {}).get("timings_s", {}).get("total"),
                       organ_results=(report or {}).get("organs"))
         if resuming:

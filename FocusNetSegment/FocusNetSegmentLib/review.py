@@ -78,13 +78,14 @@ class ReviewSession:
     def __init__(self, segmentation_node, organs: OrganSet, *, mode: str, case_id: str, reviewer: str,
                  log_path, checkpoint_path, model: Optional[dict] = None, inference_seconds: Optional[float] = None,
                  organ_results: Optional[List[dict]] = None, ai_labels: Optional[sitk.Image] = None,
-                 idle_threshold_s: float = DEFAULT_IDLE_THRESHOLD_S,
+                 idle_threshold_s: float = DEFAULT_IDLE_THRESHOLD_S, client: str = "slicer",
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         if mode not in ("ai", "manual"):
             raise ValueError(f"mode must be 'ai' or 'manual', got {mode!r}")
         self.node = segmentation_node
         self.organs = organs
         self.mode, self.case_id, self.reviewer = mode, case_id, reviewer
+        self.client = client  # which front end: "slicer" (the module) or "browser" (focusnet review)
         self.log_path, self.checkpoint_path = Path(log_path), Path(checkpoint_path)
         self.model = model or {}
         self.inference_seconds = inference_seconds
@@ -172,7 +173,8 @@ class ReviewSession:
 
     # -- persistence ----------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"case_id": self.case_id, "reviewer": self.reviewer, "mode": self.mode, "model": self.model,
+        return {"case_id": self.case_id, "reviewer": self.reviewer, "mode": self.mode, "client": self.client,
+                "model": self.model,
                 "inference_seconds": self.inference_seconds, "started": _iso(self.started_wall),
                 "elapsed_s": round(self.now_s(), 3), "active_s": round(self.active_s, 3),
                 "idle_threshold_s": self.idle_threshold_s,
@@ -192,6 +194,7 @@ class ReviewSession:
         data = json.loads(Path(checkpoint_path).read_text())
         model = kwargs.pop("model", None) or data.get("model")
         inference_seconds = kwargs.pop("inference_seconds", None) or data.get("inference_seconds")
+        kwargs.setdefault("client", data.get("client", "slicer"))
         session = cls(segmentation_node, organs, mode=data["mode"], case_id=data["case_id"], reviewer=data["reviewer"],
                       log_path=log_path, checkpoint_path=checkpoint_path, model=model,
                       inference_seconds=inference_seconds, idle_threshold_s=data["idle_threshold_s"], **kwargs)
