@@ -614,7 +614,7 @@ class Trainer:
                                        for r in last},
                 "training_config": self.config.to_dict(),
                 "training_seconds": round(getattr(self, "training_seconds", 0.0), 1),
-                "device": self.device, "world_size": self.world}
+                "device": self.device, "precision": self.precision, "world_size": self.world}
 
 
 def _apply(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
