@@ -27,7 +27,7 @@ from .imageio import read_image
 from .metrics import dice
 from .networks import ShapeAutoencoder, roi_pool
 from .organs import CATALOGUE
-from .precision import autocast, channels_last, resolve
+from .precision import channels_last, dtype_of, for_inference, resolve
 from .preprocess import labels_to_original, preprocess
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "models" / "focusnet-phantom-cpu.pt"
@@ -80,7 +80,7 @@ class Segmenter:
         self.device = self._choose_device(device)
         self.requested_precision = precision
         self.precision = resolve(precision, self.device)
-        channels_last(self.model.to(self.device))
+        self.model = for_inference(self.model.to(self.device), self.precision)
         self.autoencoder = None
         if "autoencoder_state" in self.meta:
             self.autoencoder = ShapeAutoencoder(self.config.roi_size, self.meta["autoencoder_width"])
@@ -145,13 +145,13 @@ class Segmenter:
             progress("inference", 0.2, "GPU out of memory: falling back to the CPU (slower)")
             torch.cuda.empty_cache()
             self.device = "cpu"
-            self.model.to("cpu")
             self.precision = resolve(self.requested_precision, "cpu")
+            self.model.to("cpu", dtype_of(self.precision))
             return self._run(volume, progress, branch)
 
     def _run(self, volume: torch.Tensor, progress: Progress, branch: bool = True) -> dict:
-        volume = channels_last(volume.to(self.device))
-        with torch.inference_mode(), autocast(self.precision, self.device):
+        volume = channels_last(volume.to(self.device, dtype_of(self.precision)))
+        with torch.inference_mode():
             return self.model.segment(volume, small_organ_branch=branch,
                                       progress=lambda f: progress("inference", 0.2 + 0.6 * f, f"chunk {f:.0%}"))
 

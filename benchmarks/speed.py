@@ -8,10 +8,11 @@ this spacing (the network TotalSegmentator runs) and MONAI SegResNet.
 
     .venv/bin/python benchmarks/speed.py --precision float32   # the float32 baseline
 
-Every model runs with the same precision policy as ``focusnet segment``
-(FocusNetCore/precision.py): "auto" = bfloat16 autocast and channels-last-3d
-on CUDA and on CPUs with native bfloat16 (AMX / AVX512-BF16), float32
-(channels-last) elsewhere; the line of each model says which it got.
+Every model runs as ``focusnet segment`` runs FocusNetv2
+(FocusNetCore/precision.py, for_inference): BatchNorm folded into the
+convolutions where a model has it, channels-last-3d, and "auto" precision =
+bfloat16 weights on CUDA and on CPUs with native bfloat16 (AMX /
+AVX512-BF16), float32 elsewhere; the line of each model says which it got.
 
 Input: a synthetic 512 x 512 x 120 CT at 0.98 x 0.98 x 3 mm. Random
 weights give speckled label maps, whose resampling back to the CT grid is
@@ -74,11 +75,12 @@ def run_one(name, slices, repeats, device, precision):
     outside = ((yy - 256) / 100.0) ** 2 + ((xx - 256) / 80.0) ** 2 > 1
     ct = sitk.GetImageFromArray(np.where(outside[None], -1000, arr).astype(np.int16))
     ct.SetSpacing((0.98, 0.98, 3.0))
-    model = policy.channels_last(build(name).to(device).eval())
-    params = sum(p.numel() for p in model.parameters())
-    config = PreprocessConfig()
     precision = policy.resolve(precision, device)
-    autocast = policy.autocast(precision, device)
+    model = build(name).to(device).eval()
+    params = sum(p.numel() for p in model.parameters())
+    model = policy.for_inference(model, precision)  # what focusnet segment runs: BN folded, channels-last, dtype
+    dtype = policy.dtype_of(precision)
+    config = PreprocessConfig()
 
     def forward(volume):
         if name == "focusnet":
@@ -105,11 +107,11 @@ def run_one(name, slices, repeats, device, precision):
         return out
 
     end_to_end, model_only, compact = [], [], []
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode():
         for _ in range(repeats):
             t0 = time.perf_counter()
             pre = preprocess(ct, config)
-            volume = policy.channels_last(torch.as_tensor(pre.image, device=device)[None, None])
+            volume = policy.channels_last(torch.as_tensor(pre.image, device=device, dtype=dtype)[None, None])
             if device == "cuda":
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
