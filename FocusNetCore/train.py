@@ -580,28 +580,34 @@ class Trainer:
         """Start from another run's checkpoint taken after its S-Net and SOL-Net
         stages: its network weights, position and validation history; the
         rest of the schedule follows this run's configuration (e.g.
-        ``adversarial: false`` for FocusNetv1). Refuses a checkpoint whose
-        network, data settings or first two stages differ from this run's."""
+        ``adversarial: false`` for FocusNetv1, or a longer solnet stage, which
+        then continues training SOL-Net from where the other run stopped).
+        Refuses a checkpoint whose network, data settings or S-Net stage
+        differ from this run's, or that was taken before its SOL-Net was done."""
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no checkpoint to branch from")
         state = torch.load(path, map_location=self.device, weights_only=True)
         theirs, ours = json.loads(state["config"]), json.loads(json.dumps(self.config.to_dict()))
         stage_index, step = state["position"]
-        stages = list(ours["stages"].items())
+        stages, their_stages = list(ours["stages"].items()), list(theirs["stages"].items())
         names = [name for name, _ in stages]
         aae_index = names.index("aae_pretrain") if "aae_pretrain" in names else len(names)
-        done = stage_index == aae_index or (stage_index == aae_index - 1 and step >= stages[stage_index][1])
-        if not done or list(theirs["stages"].items())[:aae_index] != stages[:aae_index]:
-            raise ValueError(f"{path}: can branch only after the snet and solnet stages, before sos "
-                             f"(checkpoint at stage {stage_index}, step {step})")
+        sol = aae_index - 1  # the solnet stage
+        done = stage_index == aae_index or (stage_index == sol and step >= their_stages[sol][1])
+        same_prefix = their_stages[:sol] == stages[:sol] and their_stages[sol][0] == stages[sol][0]
+        if not done or not same_prefix or stages[sol][1] < their_stages[sol][1]:
+            raise ValueError(f"{path}: can branch only after the snet and solnet stages, before sos, with the same "
+                             f"snet stage and a solnet stage at least as long (checkpoint at stage {stage_index}, "
+                             f"step {step})")
         for key in set(theirs) | set(ours):
             if key in self.BRANCH_FREE or key == "stages":
                 continue
             if theirs.get(key) != ours.get(key):
                 raise ValueError(f"{path}: made with a different {key!r} ({theirs.get(key)!r} vs {ours.get(key)!r})")
         self.model.load_state_dict(state["model"])
-        self.position = (aae_index, 0)
+        extra = stages[sol][1] - their_stages[sol][1]
+        self.position = (sol, their_stages[sol][1]) if extra else (aae_index, 0)
         self.history = [row for row in state["history"] if row["stage"] in names[:aae_index]]
         self._save_checkpoint()
 

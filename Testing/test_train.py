@@ -186,3 +186,18 @@ def test_branch_an_ablation_after_the_shared_stages(phantom_data, tmp_path):
     with pytest.raises(ValueError, match="different 'network'"):
         Trainer(wider, phantom_data, tmp_path / "v1c", "cpu", log=lambda *a: None).branch_from(
             tmp_path / "v2" / "checkpoint.pt")
+
+
+def test_branch_with_a_longer_solnet_stage_continues_solnet(phantom_data, tmp_path):
+    torch.set_num_threads(1)
+    v2 = load_config(TINY)
+    _run(v2, phantom_data, tmp_path / "v2", stop_after=6)
+    longer = TrainConfig.from_dict({**v2.to_dict(), "stages": {**dict(v2.stages), "solnet": 4}})
+    trainer = Trainer(longer, phantom_data, tmp_path / "long", "cpu", log=lambda *a: None)
+    trainer.branch_from(tmp_path / "v2" / "checkpoint-after-solnet.pt")
+    assert trainer.position == (1, 2)  # two more SOL-Net iterations to go
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run(resume=True, progress=False, stop_after=7)  # 3 snet + 4 solnet
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("snet."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("solnet."))
