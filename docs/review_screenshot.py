@@ -43,9 +43,13 @@ def main():
                 page = browser.new_page(viewport={"width": 1500, "height": 900})
                 page.goto(url)
                 page.locator(".fn-organ-row").nth(21).wait_for(timeout=180_000)
+                time.sleep(3)  # let the views finish their first render
                 page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-organ-name").click()
+                time.sleep(2)
                 page.locator("button:has(i.mdi-brush)").last.click()
                 time.sleep(3)
+                page.mouse.move(5, 5)  # no tooltip in the picture
+                time.sleep(1)
                 page.screenshot(path=args.out)
                 browser.close()
         finally:
