@@ -17,9 +17,8 @@ soft-max probabilities and metrics stay float32.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import copy
+from contextlib import nullcontext
 
 import torch
 from torch import nn

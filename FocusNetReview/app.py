@@ -25,14 +25,13 @@ import asyncio
 import json
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import SimpleITK as sitk
 
-from FocusNetCore.imageio import read_image
+from FocusNetCore.imageio import case_name, read_image, write_image
 from FocusNetCore.organs import CATALOGUE
 
 from .access import is_loopback, new_token, token_middleware
@@ -50,14 +49,6 @@ class ReviewOptions:
     port: int = 8080
     reviewer: str = ""
     device: str = "auto"
-
-
-def case_stem(path: Path) -> str:
-    name = path.name
-    for ending in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd"):
-        if name.endswith(ending):
-            return name[: -len(ending)]
-    return name
 
 
 def _clock_text(seconds: float) -> str:
@@ -80,7 +71,7 @@ class ReviewStation:
         self.input = Path(options.input)
         self.out = Path(options.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.stem = case_stem(self.input)
+        self.stem = case_name(self.input)
         # Read the CT first: a bad input fails here, before any server starts.
         self.image = read_image(self.input)
         self.is_dicom = self.input.is_dir()
@@ -162,9 +153,7 @@ class ReviewStation:
 
         segmenter = Segmenter(self.options.model, device=self.options.device)
         result = segmenter.segment(self.image, progress=self._progress)
-        partial = ai_path.with_name(ai_path.name + ".partial.nrrd")
-        sitk.WriteImage(result.labels, str(partial), True)
-        partial.replace(ai_path)
+        write_image(result.labels, ai_path, overwrite=True)
         report = result.report()
         write_json_atomic(report_path, report)
         return result.labels, report
@@ -175,13 +164,13 @@ class ReviewStation:
 
     def _labels_from_seg(self, path: Path) -> sitk.Image:
         from FocusNetCore.organs import get_organ_set
-        from FocusNetSegmentLib.scene import export_labels, load_segmentation, volume_node_from_image
+        from FocusNetSegmentLib.scene import export_labels, load_segmentation, segment_names, volume_node_from_image
 
         scene = self.slicer_app.scene
         reference = volume_node_from_image(scene, self.image, "reference")
         node = load_segmentation(scene, str(path))
         organs = get_organ_set("oar22")
-        unknown = [n for n in _segment_names(node) if n not in organs.names]
+        unknown = [n for n in segment_names(node) if n not in organs.names]
         if unknown:
             scene.RemoveNode(node)
             scene.RemoveNode(reference)
@@ -365,14 +354,3 @@ class ReviewStation:
         self.editor_logic.set_ui(self.editor_ui)
         self.layout_logic.set_ui(self.layout_button)
 
-
-def _segment_names(node) -> List[str]:
-    segmentation = node.GetSegmentation()
-    return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
-
-
-def run(options: ReviewOptions) -> int:
-    station = ReviewStation(options)
-    started = time.time()
-    station.start()
-    return 0 if started else 1

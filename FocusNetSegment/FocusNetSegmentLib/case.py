@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import SimpleITK as sitk
 
+from FocusNetCore.imageio import write_image
 from FocusNetCore.organs import OrganSet, get_organ_set
 from FocusNetCore.study import case_id as hashed_case_id
 
@@ -30,7 +31,6 @@ class ReviewCase:
         self.scene, self.volume_node, self.segmentation_node = scene, volume_node, segmentation_node
         self.session = session
         self.folder = Path(folder)
-        self.exported: List[Path] = []
 
     @property
     def organs(self) -> OrganSet:
@@ -40,6 +40,10 @@ class ReviewCase:
     def paths(folder, case_id: str):
         folder = Path(folder)
         return folder / f"{case_id}.review.json", folder / f"{case_id}.working.nrrd"
+
+    @property
+    def _working_path(self) -> Path:
+        return self.paths(self.folder, self.session.case_id)[1]
 
     # -- opening ---------------------------------------------------------------
     @classmethod
@@ -88,11 +92,7 @@ class ReviewCase:
         """Write the contours as they are now (a label map on the CT's grid,
         replacing the previous autosave atomically), so a session resumed
         after a crash has them."""
-        _, working = self.paths(self.folder, self.session.case_id)
-        partial = working.with_name(working.name + ".partial.nrrd")
-        sitk.WriteImage(self.final_labels(), str(partial), True)
-        os.replace(partial, working)
-        return working
+        return write_image(self.final_labels(), self._working_path, overwrite=True)
 
     def final_labels(self) -> sitk.Image:
         return export_labels(self.scene, self.segmentation_node, self.volume_node, self.organs)
@@ -113,15 +113,13 @@ class ReviewCase:
                                           ct_series_folder, base + ".rtstruct.dcm")
         else:
             raise ValueError(f"unknown export kind {kind!r}; use seg.nrrd, nifti or rtstruct")
-        self.exported.append(Path(path))
         return Path(path)
 
     def finish(self) -> dict:
         """Append the session's timing record (with the edit metrics against
         the AI contours) to the study log and drop the checkpoint and autosave."""
         record = self.session.finish(self.final_labels())
-        _, working = self.paths(self.folder, self.session.case_id)
-        if working.exists():
-            working.unlink()
+        if self._working_path.exists():
+            self._working_path.unlink()
         return record
 
