@@ -229,12 +229,34 @@ def choose_z(case: CachedCase, depth: int, rng: np.random.Generator, small_label
     if small_labels:
         zs = np.nonzero(np.isin(case.labels, small_labels).any(axis=(1, 2)))[0]
         if len(zs):
-            low = max(0, zs.max() + 1 + SMALL_ORGAN_Z_MARGIN - depth)
-            high = min(total - depth, max(zs.min() - SMALL_ORGAN_Z_MARGIN, 0))
-            if low <= high:
-                return int(rng.integers(low, high + 1))
-            return int(np.clip((zs.min() + zs.max() + 1 - depth) // 2, 0, total - depth))
+            return _start_around(zs.min(), zs.max(), total, depth, rng, SMALL_ORGAN_Z_MARGIN)
     return int(rng.integers(0, total - depth + 1))
+
+
+def choose_z_on_organ(case: CachedCase, depth: int, rng: np.random.Generator) -> int:
+    """Start slice of a crop that holds one organ, drawn uniformly from the
+    organs the case has, whole if it fits (nnU-Net's foreground
+    oversampling, by organ): short crops of a tall scan otherwise show the
+    rare organs (ears, joints) in few iterations."""
+    total = case.image.shape[0]
+    if total <= depth:
+        return 0
+    organs = np.unique(case.labels)
+    organs = organs[organs > 0]
+    if not len(organs):
+        return int(rng.integers(0, total - depth + 1))
+    zs = np.nonzero((case.labels == organs[int(rng.integers(len(organs)))]).any(axis=(1, 2)))[0]
+    return _start_around(zs.min(), zs.max(), total, depth, rng, 0)
+
+
+def _start_around(z_min: int, z_max: int, total: int, depth: int, rng: np.random.Generator, margin: int) -> int:
+    """A uniform start whose crop holds slices z_min..z_max with ``margin``;
+    centred on them when they do not fit."""
+    low = max(0, z_max + 1 + margin - depth)
+    high = min(total - depth, max(z_min - margin, 0))
+    if low <= high:
+        return int(rng.integers(low, high + 1))
+    return int(np.clip((z_min + z_max + 1 - depth) // 2, 0, total - depth))
 
 
 def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, config: AugmentConfig):
@@ -281,9 +303,14 @@ def heatmaps(labels: np.ndarray, small_labels, sigma: float = HEATMAP_SIGMA_VOXE
 
 
 def sample_chunk(case: CachedCase, depth: int, rng: np.random.Generator, augment_config: AugmentConfig,
-                 small_labels=None, around_small: bool = False):
-    """One training chunk: image (D, H, W), labels (D, H, W)."""
-    start = choose_z(case, depth, rng, small_labels if around_small else None)
+                 small_labels=None, around_small: bool = False, organ_fraction: float = 0.0):
+    """One training chunk: image (D, H, W), labels (D, H, W). Unless the crop
+    is around the small organs, a share ``organ_fraction`` of crops is
+    centred on an organ (choose_z_on_organ), the rest uniform."""
+    if not around_small and organ_fraction > 0 and rng.random() < organ_fraction:
+        start = choose_z_on_organ(case, depth, rng)
+    else:
+        start = choose_z(case, depth, rng, small_labels if around_small else None)
     image = _pad_depth(case.image[start:start + depth], depth, float(case.image.min()))
     labels = _pad_depth(case.labels[start:start + depth], depth, 0)
     return augment(image, labels, rng, augment_config)

@@ -49,6 +49,11 @@ class TrainConfig:
                                            ("sos", 1000), ("finetune", 500))
     seed: int = 0
     lr: float = 5e-4
+    # Adam's learning rate in the joint fine-tune; None = lr (the paper). Each
+    # stage starts a fresh Adam, whose first steps move every weight by about
+    # lr whatever its gradient: at 5e-4 that undid the SOS stage and cost the
+    # S-Net 0.2-0.3 Dice on some organs in short CPU runs.
+    finetune_lr: Optional[float] = None
     focal_gamma: float = 2.0
     dice_weight: float = 1.0
     alpha_power: float = 1.0  # 1 = the paper: alpha inversely proportional to organ size
@@ -60,6 +65,10 @@ class TrainConfig:
     # Fewer slices make each CPU iteration cheaper; the network is fully
     # convolutional and still runs 40-slice chunks at inference.
     train_crop_slices: int = 0
+    # Share of S-Net / SOL-Net / fine-tune crops drawn to hold one organ chosen
+    # uniformly (data.choose_z_on_organ); 0 = uniform crops, the paper's 40
+    # slices holding most organs anyway. Short crops need it for rare organs.
+    organ_crop_fraction: float = 0.0
     autoencoder_width: float = 1.0
     sos_jitter: Tuple[int, int, int] = (1, 3, 3)  # voxels of ROI-centre noise while training SOS
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -79,6 +88,10 @@ class TrainConfig:
                 raise ValueError(f"unknown stage {name!r}; stages are {STAGES}")
             if count < 0:
                 raise ValueError(f"stage {name} has a negative length {count}")
+        if not 0.0 <= self.organ_crop_fraction <= 1.0:
+            raise ValueError(f"organ_crop_fraction must be between 0 and 1, got {self.organ_crop_fraction}")
+        if self.finetune_lr is not None and not self.finetune_lr > 0:
+            raise ValueError(f"finetune_lr must be a positive number, got {self.finetune_lr}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -319,7 +332,8 @@ class Trainer:
         case = self.train_cases[int(rng.integers(len(self.train_cases)))]
         small = list(self.organs.small_labels)
         depth = self.config.train_crop_slices or self.config.network.preprocess.chunk_slices
-        image, labels = sample_chunk(case, depth, rng, self.config.augment, small, around_small)
+        image, labels = sample_chunk(case, depth, rng, self.config.augment, small, around_small,
+                                     self.config.organ_crop_fraction)
         maps, centres = heatmaps(labels, small)
         to = lambda a, dtype=torch.float32: torch.as_tensor(a, dtype=dtype, device=self.device)  # noqa: E731
         return (to(image)[None, None], to(labels, torch.long)[None], to(case.present, torch.bool)[None],
@@ -367,7 +381,8 @@ class Trainer:
 
     def _optimizer(self, key: str, params) -> torch.optim.Optimizer:
         if key not in self.optimizers:
-            self.optimizers[key] = torch.optim.Adam([p for p in params if p.requires_grad], lr=self.config.lr)
+            lr = self.config.finetune_lr if key.startswith("finetune") and self.config.finetune_lr else self.config.lr
+            self.optimizers[key] = torch.optim.Adam([p for p in params if p.requires_grad], lr=lr)
         return self.optimizers[key]
 
     def _autocast(self):
@@ -574,7 +589,7 @@ class Trainer:
     # Settings that act only from the autoencoder stage on: runs differing in
     # them share their S-Net and SOL-Net stages (the table 6 ablation).
     BRANCH_FREE = ("adversarial", "shape_weight", "adversarial_weight", "shape_loss_normalized", "autoencoder_width",
-                   "sos_jitter", "model_name", "intended_use", "validate_every", "checkpoint_every")
+                   "sos_jitter", "finetune_lr", "model_name", "intended_use", "validate_every", "checkpoint_every")
 
     def branch_from(self, checkpoint) -> None:
         """Start from another run's checkpoint taken after its S-Net and SOL-Net

@@ -9,7 +9,8 @@ import torch
 
 from FocusNetCore.bundle import load_bundle
 from FocusNetCore.data import (
-    AugmentConfig, CachedCase, augment, choose_z, discover_cases, heatmaps, load_case, load_training_cases,
+    AugmentConfig, CachedCase, augment, choose_z, choose_z_on_organ, discover_cases, heatmaps, load_case,
+    load_training_cases,
 )
 from FocusNetCore.organs import ORGAN_SETS
 from FocusNetCore.phantom import generate_case, write_case
@@ -117,6 +118,25 @@ def test_heatmaps_peak_at_organ_centres_and_crops_keep_small_organs():
         assert start + 3 <= 60 and 66 + 3 <= start + 40
 
 
+def test_organ_crops_show_a_rare_organ_as_often_as_a_big_one():
+    """With organ-centred crops each organ present is drawn alike, held whole
+    when it fits; uniform crops of a tall scan rarely see a small organ."""
+    case = CachedCase("c", np.zeros((300, 8, 8), np.float32), np.zeros((300, 8, 8), np.uint8), np.ones(3, bool))
+    case.labels[100:104, 4, 4] = 1      # a small organ, 4 slices
+    case.labels[200:260, 2:6, 2:6] = 2  # a tall one, 60 slices: more than a crop
+    rng = np.random.default_rng(0)
+    starts = [choose_z_on_organ(case, 24, rng) for _ in range(400)]
+    whole_small = sum(s_ <= 100 and 104 <= s_ + 24 for s_ in starts)
+    on_tall = sum(s_ == (200 + 260 - 24) // 2 for s_ in starts)  # centred when it cannot fit
+    assert 160 < whole_small < 240 and whole_small + on_tall == 400
+    uniform = [choose_z(case, 24, rng) for _ in range(400)]
+    assert sum(s_ <= 100 and 104 <= s_ + 24 for s_ in uniform) < 60
+    empty = CachedCase("e", np.zeros((50, 8, 8), np.float32), np.zeros((50, 8, 8), np.uint8), np.ones(3, bool))
+    assert 0 <= choose_z_on_organ(empty, 24, rng) <= 26
+    with pytest.raises(ValueError, match="organ_crop_fraction must be between 0 and 1"):
+        TrainConfig(organ_crop_fraction=1.5)
+
+
 def _run(config: TrainConfig, data, out, stop_after=None, resume=False):
     trainer = Trainer(config, data, out, "cpu", log=lambda *a: None)
     trainer.run(resume=resume, progress=False, stop_after=stop_after)
@@ -201,3 +221,21 @@ def test_branch_with_a_longer_solnet_stage_continues_solnet(phantom_data, tmp_pa
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("snet."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("solnet."))
+
+
+def test_finetune_runs_at_its_own_learning_rate(phantom_data, tmp_path):
+    """``finetune_lr`` sets Adam's rate for the joint fine-tune (generator and
+    autoencoder) only; left out, every stage uses ``lr`` as in the paper."""
+    torch.set_num_threads(1)
+    base = load_config(TINY)
+    assert base.finetune_lr is None
+    config = TrainConfig.from_dict({**base.to_dict(), "finetune_lr": 5e-5})
+    trainer = Trainer(config, phantom_data, tmp_path / "run", "cpu", log=lambda *a: None)
+    trainer.run(progress=False, stop_after=10)  # 3 + 2 + 2 + 2, then the first fine-tune iteration
+    assert trainer.stage == "finetune"
+    rates = {key: opt.param_groups[0]["lr"] for key, opt in trainer.optimizers.items()}
+    assert rates == {"finetune_g": 5e-5, "finetune_d": 5e-5}
+    trainer = _run(config, phantom_data, tmp_path / "early", stop_after=8)  # inside the sos stage
+    assert trainer.stage == "sos" and {o.param_groups[0]["lr"] for o in trainer.optimizers.values()} == {5e-4}
+    with pytest.raises(ValueError, match="finetune_lr must be a positive number"):
+        TrainConfig.from_dict({**base.to_dict(), "finetune_lr": 0})
