@@ -70,3 +70,7 @@ def test_organ_weights_inverse_to_size():
     assert float(alpha.mean()) == pytest.approx(1.0)
     soft = organ_weights([1000.0, 100.0, 10.0], power=0.5)
     assert float(soft[2] / soft[1]) == pytest.approx(math.sqrt(10.0))
+    # The background (first) weighs as the largest organ, not by its own size:
+    # a false positive in it must cost as much as one in the largest organ.
+    alpha = organ_weights([1e6, 100.0, 10.0])
+    assert float(alpha[0]) == pytest.approx(float(alpha[1])) and float(alpha[2] / alpha[0]) == pytest.approx(10.0)
