@@ -22,11 +22,13 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .imageio import ImageReadError, has_volume_suffix, read_image, read_label_image
 from .organs import CATALOGUE, PDDCA_FILE_NAMES, UNIONS, OrganSet
@@ -150,6 +152,13 @@ class CachedCase:
     labels: np.ndarray  # (D, H, W) uint8
     present: np.ndarray  # (C,) bool
 
+    @cached_property
+    def z_extents(self) -> Dict[int, Tuple[int, int]]:
+        """First and last slice of each label the case has (one pass over
+        the labels, then kept: crop sampling asks for them every iteration)."""
+        return {label: (box[0].start, box[0].stop - 1)
+                for label, box in enumerate(ndimage.find_objects(self.labels), start=1) if box is not None}
+
 
 class PreprocessCache:
     """Each scan is resampled to the model grid once; the result is kept as
@@ -227,9 +236,10 @@ def choose_z(case: CachedCase, depth: int, rng: np.random.Generator, small_label
     if total <= depth:
         return 0
     if small_labels:
-        zs = np.nonzero(np.isin(case.labels, small_labels).any(axis=(1, 2)))[0]
-        if len(zs):
-            return _start_around(zs.min(), zs.max(), total, depth, rng, SMALL_ORGAN_Z_MARGIN)
+        extents = [case.z_extents[label] for label in small_labels if label in case.z_extents]
+        if extents:
+            return _start_around(min(e[0] for e in extents), max(e[1] for e in extents), total, depth, rng,
+                                 SMALL_ORGAN_Z_MARGIN)
     return int(rng.integers(0, total - depth + 1))
 
 
@@ -241,12 +251,11 @@ def choose_z_on_organ(case: CachedCase, depth: int, rng: np.random.Generator) ->
     total = case.image.shape[0]
     if total <= depth:
         return 0
-    organs = np.unique(case.labels)
-    organs = organs[organs > 0]
-    if not len(organs):
+    organs = sorted(case.z_extents)
+    if not organs:
         return int(rng.integers(0, total - depth + 1))
-    zs = np.nonzero((case.labels == organs[int(rng.integers(len(organs)))]).any(axis=(1, 2)))[0]
-    return _start_around(zs.min(), zs.max(), total, depth, rng, 0)
+    z_min, z_max = case.z_extents[organs[int(rng.integers(len(organs)))]]
+    return _start_around(z_min, z_max, total, depth, rng, 0)
 
 
 def _start_around(z_min: int, z_max: int, total: int, depth: int, rng: np.random.Generator, margin: int) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from FocusNetCore.metrics import dice
 from FocusNetCore.organs import ORGAN_SETS
 from FocusNetCore.phantom import PHANTOM_SET, generate_case
 from FocusNetCore.preprocess import PreprocessConfig, labels_to_model_grid, labels_to_original, model_grid
@@ -34,9 +35,8 @@ def oracle_dice(case, spacing) -> dict:
     out = {}
     for name in PHANTOM_SET.names:
         label = PHANTOM_SET.label_of(name)
-        a, b = truth == label, back == label
-        if a.any():
-            out[name] = 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+        if (truth == label).any():
+            out[name] = dice(truth == label, back == label)
     return out
 
 
