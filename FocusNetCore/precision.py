@@ -4,8 +4,9 @@
 and CPUs with AMX or AVX512-BF16 (Intel Sapphire Rapids and later, AMD Zen 4
 and later) through oneDNN — and in float32 elsewhere, where bfloat16 would be
 emulated and slower. The 3-D convolutions also run channels-last (NDHWC),
-which oneDNN and cuDNN prefer. Training uses bfloat16 autocast (weights and
-optimiser stay float32). Inference (:func:`for_inference`) folds each
+which oneDNN and cuDNN prefer at inference. Training uses bfloat16 autocast
+(weights and optimiser stay float32), channels-last on CUDA but not on the
+CPU (:func:`training_layout`). Inference (:func:`for_inference`) folds each
 BatchNorm into the convolution before it (exact in eval mode) and, in
 bfloat16, converts the weights once instead of casting them in every call.
 Measured on this project's 2-core CI CPU (AMX), one paper-configuration
@@ -59,6 +60,19 @@ def channels_last(x):
     if isinstance(x, torch.Tensor) and x.dim() != 5:
         return x
     return x.to(memory_format=torch.channels_last_3d)
+
+
+def training_layout(module: nn.Module, device: str) -> nn.Module:
+    """``module`` in the memory layout training uses on ``device``:
+    channels-last-3d on CUDA (cuDNN's preferred layout), the default
+    contiguous one on the CPU, where BatchNorm's backward pass on
+    channels-last-3d tensors takes a slow path. Measured on the project's
+    2-core CPU (AMX, bfloat16 autocast), one phantom-cpu S-Net training step
+    of 24 x 120 x 120 voxels: 0.77 s channels-last, 0.57 s contiguous
+    (BatchNorm backward was 41 % of the channels-last step)."""
+    if str(device).startswith("cuda"):
+        return channels_last(module)
+    return module.to(memory_format=torch.contiguous_format)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -306,8 +306,9 @@ class Trainer:
         self.data_dir = str(data_dir)
         torch.manual_seed(config.seed)
         self.precision = precision.resolve(config.precision, self.device)
-        self.model = precision.channels_last(FocusNetV2(net).to(self.device))
-        self.aae = precision.channels_last(ShapeAutoencoder(net.roi_size, config.autoencoder_width).to(self.device))
+        self.model = precision.training_layout(FocusNetV2(net).to(self.device), self.device)
+        self.aae = precision.training_layout(ShapeAutoencoder(net.roi_size, config.autoencoder_width).to(self.device),
+                                             self.device)
         self.alpha = self._class_weights().to(self.device)
         self.history: List[dict] = []
         self.position = (0, 0)  # (stage index, iteration within it)
