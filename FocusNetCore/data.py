@@ -214,12 +214,23 @@ def load_training_cases(folder, cache_folder, config: PreprocessConfig, organs: 
 @dataclass(frozen=True)
 class AugmentConfig:
     """Paper section 4.2: translation within 40 voxels in x and y, rotation
-    within 10 degrees, scale 0.7-1.3; applied in-plane to the whole chunk."""
+    within 10 degrees, scale 0.7-1.3; applied in-plane to the whole chunk.
+
+    ``mirror`` (not in the paper, 0 there) is the probability of a
+    left-right mirror of the chunk with every left organ relabelled as its
+    right partner and back (:func:`mirror_chunk`): each paired organ then
+    trains both its classes, and which is which is learnt from where it
+    lies, not from a side-specific look."""
 
     enabled: bool = True
     max_translation: float = 40.0
     max_rotation_deg: float = 10.0
     scale: Tuple[float, float] = (0.7, 1.3)
+    mirror: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.mirror <= 1.0:
+            raise ValueError(f"augment.mirror is a probability between 0 and 1, got {self.mirror}")
 
 
 def _pad_depth(array: np.ndarray, depth: int, value) -> np.ndarray:
@@ -311,15 +322,34 @@ def heatmaps(labels: np.ndarray, small_labels, sigma: float = HEATMAP_SIGMA_VOXE
     return maps, centres
 
 
+def mirror_chunk(image: np.ndarray, labels: np.ndarray, present: np.ndarray, mirror_labels):
+    """A (D, H, W) chunk on the model grid mirrored left-right, with left and
+    right organs relabelled (``mirror_labels``: OrganSet.mirror_labels) and
+    the present flags swapped alike. The model grid is LPS with an identity
+    direction (preprocess), so its last axis runs from the patient's right
+    to the left: flipping it puts the left organs where the right ones were."""
+    table = np.asarray(mirror_labels)
+    return (np.ascontiguousarray(image[..., ::-1]), table[labels[..., ::-1]].astype(labels.dtype),
+            present[table])
+
+
 def sample_chunk(case: CachedCase, depth: int, rng: np.random.Generator, augment_config: AugmentConfig,
-                 small_labels=None, around_small: bool = False, organ_fraction: float = 0.0):
-    """One training chunk: image (D, H, W), labels (D, H, W). Unless the crop
-    is around the small organs, a share ``organ_fraction`` of crops is
-    centred on an organ (choose_z_on_organ), the rest uniform."""
+                 small_labels=None, around_small: bool = False, organ_fraction: float = 0.0, mirror_labels=None):
+    """One training chunk: image (D, H, W), labels (D, H, W) and the case's
+    present flags (swapped if the chunk was mirrored). Unless the crop is
+    around the small organs, a share ``organ_fraction`` of crops is centred
+    on an organ (choose_z_on_organ), the rest uniform."""
     if not around_small and organ_fraction > 0 and rng.random() < organ_fraction:
         start = choose_z_on_organ(case, depth, rng)
     else:
         start = choose_z(case, depth, rng, small_labels if around_small else None)
     image = _pad_depth(case.image[start:start + depth], depth, float(case.image.min()))
     labels = _pad_depth(case.labels[start:start + depth], depth, 0)
-    return augment(image, labels, rng, augment_config)
+    image, labels = augment(image, labels, rng, augment_config)
+    present = case.present
+    # Drawn last, and only when enabled, so configurations without it sample as before.
+    if augment_config.enabled and augment_config.mirror > 0 and rng.random() < augment_config.mirror:
+        if mirror_labels is None:
+            raise ValueError("augment.mirror needs the organ set's mirror_labels")
+        image, labels, present = mirror_chunk(image, labels, present, mirror_labels)
+    return image, labels, present

@@ -162,6 +162,17 @@ class OrganSet:
     def small_labels(self) -> Tuple[int, ...]:
         return tuple(self.label_of(n) for n in self.small_names)
 
+    @property
+    def mirror_labels(self) -> Tuple[int, ...]:
+        """For each label (background first) the label of the contralateral
+        organ (``Parotid_L`` <-> ``Parotid_R``); midline organs, background
+        and organs whose partner is not in the set map to themselves."""
+        out = [0]
+        for organ in self.organs:
+            partner = organ.mirror_name
+            out.append(self.label_of(partner) if partner in self.names else self.label_of(organ.name))
+        return tuple(out)
+
 
 ORGAN_SETS: Dict[str, OrganSet] = {
     "oar22": OrganSet("oar22", OAR22, tuple(n for n in OAR22 if CATALOGUE[n].small)),

@@ -333,11 +333,11 @@ class Trainer:
         case = self.train_cases[int(rng.integers(len(self.train_cases)))]
         small = list(self.organs.small_labels)
         depth = self.config.train_crop_slices or self.config.network.preprocess.chunk_slices
-        image, labels = sample_chunk(case, depth, rng, self.config.augment, small, around_small,
-                                     self.config.organ_crop_fraction)
+        image, labels, present = sample_chunk(case, depth, rng, self.config.augment, small, around_small,
+                                              self.config.organ_crop_fraction, self.organs.mirror_labels)
         maps, centres = heatmaps(labels, small)
         to = lambda a, dtype=torch.float32: torch.as_tensor(a, dtype=dtype, device=self.device)  # noqa: E731
-        return (to(image)[None, None], to(labels, torch.long)[None], to(case.present, torch.bool)[None],
+        return (to(image)[None, None], to(labels, torch.long)[None], to(present, torch.bool)[None],
                 to(maps)[None], centres)
 
     def _starts(self, centres, rng):

@@ -10,7 +10,7 @@ import torch
 from FocusNetCore.bundle import load_bundle
 from FocusNetCore.data import (
     AugmentConfig, CachedCase, augment, choose_z, choose_z_on_organ, discover_cases, heatmaps, load_case,
-    load_training_cases,
+    load_training_cases, mirror_chunk, sample_chunk,
 )
 from FocusNetCore.organs import ORGAN_SETS
 from FocusNetCore.phantom import generate_case, write_case
@@ -101,6 +101,48 @@ def test_augmentation_moves_image_and_labels_together():
         assert set(np.unique(lab)) <= {0, 1, 2}
     same, lab = augment(image, labels, rng, AugmentConfig(enabled=False))
     assert np.array_equal(lab, labels)
+
+
+def test_mirror_augmentation_keeps_left_organs_on_the_patients_left(phantom_data, tmp_path):
+    organs = ORGAN_SETS["oar22"]
+    table = organs.mirror_labels
+    assert table[organs.label_of("Parotid_L")] == organs.label_of("Parotid_R")
+    assert table[organs.label_of("Ear_Internal_R")] == organs.label_of("Ear_Internal_L")
+    assert table[organs.label_of("Brainstem")] == organs.label_of("Brainstem") and table[0] == 0
+    assert [table[t] for t in table] == list(range(organs.num_classes))
+    pddca = ORGAN_SETS["pddca9"]  # the whole mandible has no partner
+    assert pddca.mirror_labels[pddca.label_of("Bone_Mandible")] == pddca.label_of("Bone_Mandible")
+
+    cases, _ = load_training_cases(phantom_data, tmp_path, PreprocessConfig(spacing=(3.0, 3.0, 3.0)), organs)
+    case = CachedCase(cases[0].name, cases[0].image, cases[0].labels, cases[0].present.copy())
+    case.present[organs.label_of("Parotid_L")] = False  # as if the case lacked a left parotid contour
+    pairs = [("Eye_L", "Eye_R"), ("Parotid_L", "Parotid_R"), ("Bone_Mandible_L", "Bone_Mandible_R")]
+
+    def column(labels, name):
+        return np.nonzero(labels == organs.label_of(name))[2].mean()
+
+    # The model grid is LPS: the patient's left lies at the larger column index.
+    for left, right in pairs:
+        assert column(case.labels, left) > column(case.labels, right)
+    image, labels, present = mirror_chunk(case.image, case.labels, case.present, table)
+    width = case.labels.shape[2]
+    for left, right in pairs:
+        assert column(labels, left) > column(labels, right)
+        assert column(labels, left) == pytest.approx(width - 1 - column(case.labels, right))
+    assert np.array_equal(image, case.image[..., ::-1])
+    assert not present[organs.label_of("Parotid_R")] and present[organs.label_of("Parotid_L")]
+    assert np.array_equal(mirror_chunk(image, labels, present, table)[1], case.labels)
+
+    # In sampling: mirror 1 always mirrors, 0 never; no affine so the crops compare.
+    depth = case.labels.shape[0]
+    plain = AugmentConfig(max_translation=0, max_rotation_deg=0, scale=(1.0, 1.0))
+    _, same, flags = sample_chunk(case, depth, np.random.default_rng(1), plain, mirror_labels=table)
+    assert np.array_equal(same, case.labels) and flags is case.present
+    flipped = AugmentConfig(max_translation=0, max_rotation_deg=0, scale=(1.0, 1.0), mirror=1.0)
+    _, mirrored, flags = sample_chunk(case, depth, np.random.default_rng(1), flipped, mirror_labels=table)
+    assert np.array_equal(mirrored, labels) and np.array_equal(flags, present)
+    with pytest.raises(ValueError, match="probability"):
+        AugmentConfig(mirror=1.5)
 
 
 def test_heatmaps_peak_at_organ_centres_and_crops_keep_small_organs():
