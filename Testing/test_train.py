@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -231,6 +232,12 @@ def test_branch_an_ablation_after_the_shared_stages(phantom_data, tmp_path):
     branch_point = tmp_path / "v2" / "checkpoint-after-solnet.pt"  # what a run keeps for its ablations
     shared = torch.load(branch_point, weights_only=True)["model"]
     v1 = TrainConfig.from_dict({**v2.to_dict(), "adversarial": False, "model_name": "FocusNetv1"})
+    # A checkpoint written before a setting existed (here augment.mirror) reads it as its default.
+    state = torch.load(branch_point, weights_only=True)
+    older = json.loads(state["config"])
+    del older["augment"]["mirror"]
+    state["config"] = json.dumps(older)
+    torch.save(state, branch_point)
     trainer = Trainer(v1, phantom_data, tmp_path / "v1", "cpu", log=lambda *a: None)
     trainer.branch_from(branch_point)
     for name, value in trainer.model.state_dict().items():
