@@ -19,6 +19,7 @@ process reads it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Dict, Mapping, Optional, Tuple
 
 LEFT = ("7771000", "Left")
@@ -162,11 +163,12 @@ class OrganSet:
     def small_labels(self) -> Tuple[int, ...]:
         return tuple(self.label_of(n) for n in self.small_names)
 
-    @property
+    @cached_property
     def mirror_labels(self) -> Tuple[int, ...]:
         """For each label (background first) the label of the contralateral
         organ (``Parotid_L`` <-> ``Parotid_R``); midline organs, background
-        and organs whose partner is not in the set map to themselves."""
+        and organs whose partner is not in the set map to themselves.
+        Computed once per set: training asks for it every iteration."""
         out = [0]
         for organ in self.organs:
             partner = organ.mirror_name

@@ -569,7 +569,7 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no checkpoint to resume from")
         state = torch.load(path, map_location=self.device, weights_only=True)
-        if _stored_config(state) != json.loads(json.dumps(self.config.to_dict())):
+        if _stored_config(state) != _as_json(self.config):
             raise ValueError(f"{path}: the checkpoint was made with another configuration")
         self.model.load_state_dict(state["model"])
         self.aae.load_state_dict(state["aae"])
@@ -604,7 +604,7 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no checkpoint to branch from")
         state = torch.load(path, map_location=self.device, weights_only=True)
-        theirs, ours = _stored_config(state), json.loads(json.dumps(self.config.to_dict()))
+        theirs, ours = _stored_config(state), _as_json(self.config)
         stage_index, step = state["position"]
         stages, their_stages = list(ours["stages"].items()), list(theirs["stages"].items())
         names = [name for name, _ in stages]
@@ -639,12 +639,17 @@ class Trainer:
                 "device": self.device, "precision": self.precision, "world_size": self.world}
 
 
+def _as_json(config: TrainConfig) -> dict:
+    """The configuration as a checkpoint stores it (tuples as lists)."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
 def _stored_config(state: dict) -> dict:
     """A checkpoint's configuration as this version reads it: a setting added
     since the checkpoint was written takes its default, which is how the
     older code behaved (e.g. ``augment.mirror`` 0), so older runs still
     resume and branch."""
-    return json.loads(json.dumps(TrainConfig.from_dict(json.loads(state["config"])).to_dict()))
+    return _as_json(TrainConfig.from_dict(json.loads(state["config"])))
 
 
 def _apply(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
