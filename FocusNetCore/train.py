@@ -10,7 +10,8 @@ configuration:
                   G: L_seg + 5 L_shape;  D: L_rec - 0.001 L_shape
     finetune      everything together (S-Net, SOL-Net, SOS-Net), D alternating
 
-Adam, lr 5e-4, batch 1. Every iteration draws its sample from a random
+Adam, lr 5e-4, batch 1 (``lr_schedule: cosine`` lowers the rate within each
+stage; the paper keeps it constant). Every iteration draws its sample from a random
 generator seeded by (seed, stage, iteration, rank), so a resumed run sees
 exactly the data an uninterrupted one would, and ends with the same weights.
 Under ``torchrun`` each process trains on its own samples and
@@ -40,6 +41,7 @@ from .metrics import nanmean, organ_metrics
 from .networks import FocusNetConfig, FocusNetV2, ShapeAutoencoder, roi_pool, roi_start
 
 STAGES = ("snet", "solnet", "aae_pretrain", "sos", "finetune")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class TrainConfig:
     # lr whatever its gradient: at 5e-4 that undid the SOS stage and cost the
     # S-Net 0.2-0.3 Dice on some organs in short CPU runs.
     finetune_lr: Optional[float] = None
+    # How Adam's rate moves within each stage: "constant" (the paper) or
+    # "cosine" (from the stage's rate down towards 0 at its last iteration,
+    # half a cosine). A pure function of the iteration, so --resume is exact.
+    lr_schedule: str = "constant"
     focal_gamma: float = 2.0
     dice_weight: float = 1.0
     alpha_power: float = 1.0  # 1 = the paper: alpha inversely proportional to organ size
@@ -90,6 +96,8 @@ class TrainConfig:
                 raise ValueError(f"stage {name} has a negative length {count}")
         if not 0.0 <= self.organ_crop_fraction <= 1.0:
             raise ValueError(f"organ_crop_fraction must be between 0 and 1, got {self.organ_crop_fraction}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.finetune_lr is not None and not self.finetune_lr > 0:
             raise ValueError(f"finetune_lr must be a positive number, got {self.finetune_lr}")
 
@@ -315,6 +323,7 @@ class Trainer:
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
         self.runners: Dict[str, nn.Module] = {}
         self.stage: Optional[str] = None
+        self.lr_scale = 1.0  # the schedule's factor for the iteration being run
 
     # -- data --------------------------------------------------------------
     def _class_weights(self) -> torch.Tensor:
@@ -381,10 +390,21 @@ class Trainer:
         return self.runners[key]
 
     def _optimizer(self, key: str, params) -> torch.optim.Optimizer:
+        """The stage's Adam (created at its first use), at the rate the
+        schedule gives the current iteration."""
+        lr = self.config.finetune_lr if key.startswith("finetune") and self.config.finetune_lr else self.config.lr
         if key not in self.optimizers:
-            lr = self.config.finetune_lr if key.startswith("finetune") and self.config.finetune_lr else self.config.lr
             self.optimizers[key] = torch.optim.Adam([p for p in params if p.requires_grad], lr=lr)
+        for group in self.optimizers[key].param_groups:
+            group["lr"] = lr * self.lr_scale
         return self.optimizers[key]
+
+    def _schedule(self, stage_index: int, step: int) -> float:
+        """The factor on the stage's learning rate at this iteration."""
+        if self.config.lr_schedule == "constant":
+            return 1.0
+        length = self.config.stages[stage_index][1]
+        return 0.5 * (1.0 + math.cos(math.pi * step / length))
 
     def _autocast(self):
         return precision.autocast(self.precision, self.device)
@@ -434,6 +454,7 @@ class Trainer:
 
     def _step(self, stage: str, stage_index: int, step: int) -> float:
         rng = self._rng(stage_index, step)
+        self.lr_scale = self._schedule(stage_index, step)
         model = self.model
         around_small = stage in ("aae_pretrain", "sos")
         ct, labels, present, maps, centres = self._sample(rng, around_small)

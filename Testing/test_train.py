@@ -186,9 +186,10 @@ def _run(config: TrainConfig, data, out, stop_after=None, resume=False):
     return trainer
 
 
-def test_resume_ends_with_the_same_weights(phantom_data, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_ends_with_the_same_weights(phantom_data, tmp_path, schedule):
     torch.set_num_threads(1)
-    config = load_config(TINY)
+    config = TrainConfig.from_dict({**load_config(TINY).to_dict(), "lr_schedule": schedule})
     whole = _run(config, phantom_data, tmp_path / "whole")
     _run(config, phantom_data, tmp_path / "parts", stop_after=5)  # interrupted inside the solnet stage
     resumed = _run(config, phantom_data, tmp_path / "parts", resume=True)
@@ -288,3 +289,22 @@ def test_finetune_runs_at_its_own_learning_rate(phantom_data, tmp_path):
     assert trainer.stage == "sos" and {o.param_groups[0]["lr"] for o in trainer.optimizers.values()} == {5e-4}
     with pytest.raises(ValueError, match="finetune_lr must be a positive number"):
         TrainConfig.from_dict({**base.to_dict(), "finetune_lr": 0})
+
+
+def test_cosine_schedule_lowers_the_rate_within_each_stage(phantom_data, tmp_path):
+    """``lr_schedule: cosine``: each stage starts at its own rate (``lr``, or
+    ``finetune_lr`` in the fine-tune) and lowers it along half a cosine."""
+    torch.set_num_threads(1)
+    base = load_config(TINY)
+    assert base.lr_schedule == "constant"
+    config = TrainConfig.from_dict({**base.to_dict(), "lr_schedule": "cosine", "finetune_lr": 5e-5})
+    trainer = Trainer(config, phantom_data, tmp_path / "run", "cpu", log=lambda *a: None)
+    expected = {2: ("snet", 5e-4 * 0.75),      # iteration 1 of 3: (1 + cos(pi / 3)) / 2
+                4: ("solnet", 5e-4),           # iteration 0 of the next stage: its full rate again
+                5: ("solnet", 5e-4 * 0.5),     # iteration 1 of 2
+                11: ("finetune_g", 5e-5 * 0.5)}
+    for stop, (key, lr) in expected.items():
+        trainer.run(resume=stop > 2, progress=False, stop_after=stop)
+        assert trainer.optimizers[key].param_groups[0]["lr"] == pytest.approx(lr)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        TrainConfig.from_dict({**base.to_dict(), "lr_schedule": "linear"})
