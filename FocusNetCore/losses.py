@@ -49,16 +49,22 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: Optional[torch
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eq. 2: sum over classes of (1 - 2 sum(y p) / (sum y + sum p)), averaged over the batch;
-    classes a case lacks are left out."""
+    classes a case lacks are left out, and so are classes with no voxel in
+    the sample (a crop without the mandible). Eq. 2 is constant for those
+    (1 whatever p), but the smoothing term made it 0 when the class was
+    predicted nowhere at all, a reward for never predicting an organ that
+    few crops show: S-Net trained at lr 4e-3 collapsed the mandible and
+    both TM joints to background that way, the loss still falling."""
     probs = _merged_log_probs(logits, present).exp()              # (B, C, D, H, W)
     onehot = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
     dims = (2, 3, 4)
     intersection = (probs * onehot).sum(dims)
     denominator = probs.sum(dims) + onehot.sum(dims)
     per_class = 1.0 - (2.0 * intersection + SMOOTH) / (denominator + SMOOTH)  # (B, C)
+    counted = onehot.sum(dims) > 0
     if present is not None:
-        per_class = per_class * present.to(per_class.dtype)
-    return per_class.sum(dim=1).mean()
+        counted = counted & present.bool()
+    return (per_class * counted.to(per_class.dtype)).sum(dim=1).mean()
 
 
 def segmentation_loss(logits, target, alpha=None, gamma=2.0, dice_weight=1.0, present=None):

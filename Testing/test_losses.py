@@ -33,6 +33,21 @@ def test_dice_loss_hand_computed():
     assert float(dice_loss(logits, target)) == pytest.approx(0.5, abs=1e-4)
 
 
+def test_dice_leaves_out_classes_the_sample_does_not_show():
+    # Two voxels labelled 0 and 1; class 2 is in neither, yet has p = 0.25 at both.
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25]], dtype=torch.float64)
+    logits = probs.log().T.reshape(1, 3, 1, 1, 2)
+    target = torch.tensor([0, 1]).view(1, 1, 1, 2)
+    # Classes 0 and 1: 1 - 2 * 0.5 / (1 + 0.75) each; class 2 adds nothing.
+    assert float(dice_loss(logits, target)) == pytest.approx(2 * (1 - 1 / 1.75), abs=1e-4)
+    # Predicting class 2 nowhere earns nothing either (with the smoothing
+    # term counted, it scored a perfect 0 there, and S-Net learnt to never
+    # predict organs few crops show).
+    nowhere = logits.clone()
+    nowhere[:, 2] = -60.0
+    assert float(dice_loss(nowhere, target)) > float(dice_loss(logits, target)) - 0.5
+
+
 def test_missing_organ_is_not_learned_as_background():
     # A voxel labelled background where the net says "organ 2" with certainty.
     logits, target = one_voxel([0.0, 0.0, 20.0], 0)
