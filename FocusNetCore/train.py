@@ -56,6 +56,8 @@ class TrainConfig:
     # lr whatever its gradient: at 5e-4 that undid the SOS stage and cost the
     # S-Net 0.2-0.3 Dice on some organs in short CPU runs.
     finetune_lr: Optional[float] = None
+    # Adam's rate for the autoencoder pre-training and the SOS stage; None = lr.
+    sos_lr: Optional[float] = None
     # How Adam's rate moves within each stage: "constant" (the paper) or
     # "cosine" (from the stage's rate down towards 0 at its last iteration,
     # half a cosine). A pure function of the iteration, so --resume is exact.
@@ -98,8 +100,10 @@ class TrainConfig:
             raise ValueError(f"organ_crop_fraction must be between 0 and 1, got {self.organ_crop_fraction}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.finetune_lr is not None and not self.finetune_lr > 0:
-            raise ValueError(f"finetune_lr must be a positive number, got {self.finetune_lr}")
+        for name in ("finetune_lr", "sos_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -392,7 +396,11 @@ class Trainer:
     def _optimizer(self, key: str, params) -> torch.optim.Optimizer:
         """The stage's Adam (created at its first use), at the rate the
         schedule gives the current iteration."""
-        lr = self.config.finetune_lr if key.startswith("finetune") and self.config.finetune_lr else self.config.lr
+        lr = self.config.lr
+        if key.startswith("finetune") and self.config.finetune_lr:
+            lr = self.config.finetune_lr
+        elif key in ("aae", "sos_g", "sos_d") and self.config.sos_lr:
+            lr = self.config.sos_lr
         if key not in self.optimizers:
             self.optimizers[key] = torch.optim.Adam([p for p in params if p.requires_grad], lr=lr)
         for group in self.optimizers[key].param_groups:
@@ -611,7 +619,7 @@ class Trainer:
     # Settings that act only from the autoencoder stage on: runs differing in
     # them share their S-Net and SOL-Net stages (the table 6 ablation).
     BRANCH_FREE = ("adversarial", "shape_weight", "adversarial_weight", "shape_loss_normalized", "autoencoder_width",
-                   "sos_jitter", "finetune_lr", "model_name", "intended_use", "validate_every", "checkpoint_every")
+                   "sos_jitter", "finetune_lr", "sos_lr", "model_name", "intended_use", "validate_every", "checkpoint_every")
 
     def branch_from(self, checkpoint) -> None:
         """Start from another run's checkpoint taken after its S-Net and SOL-Net

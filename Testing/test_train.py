@@ -289,6 +289,12 @@ def test_finetune_runs_at_its_own_learning_rate(phantom_data, tmp_path):
     assert trainer.stage == "sos" and {o.param_groups[0]["lr"] for o in trainer.optimizers.values()} == {5e-4}
     with pytest.raises(ValueError, match="finetune_lr must be a positive number"):
         TrainConfig.from_dict({**base.to_dict(), "finetune_lr": 0})
+    # sos_lr: the autoencoder pre-training and the SOS stage only
+    config = TrainConfig.from_dict({**base.to_dict(), "finetune_lr": 5e-5, "sos_lr": 1e-4})
+    trainer = _run(config, phantom_data, tmp_path / "sos", stop_after=8)
+    assert {key: o.param_groups[0]["lr"] for key, o in trainer.optimizers.items()} == {"sos_g": 1e-4, "sos_d": 1e-4}
+    trainer.run(resume=True, progress=False, stop_after=10)
+    assert {o.param_groups[0]["lr"] for o in trainer.optimizers.values()} == {5e-5}
 
 
 def test_cosine_schedule_lowers_the_rate_within_each_stage(phantom_data, tmp_path):
