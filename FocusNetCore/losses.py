@@ -59,9 +59,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, present: Optional[torc
     onehot = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
     dims = (2, 3, 4)
     intersection = (probs * onehot).sum(dims)
-    denominator = probs.sum(dims) + onehot.sum(dims)
-    per_class = 1.0 - (2.0 * intersection + SMOOTH) / (denominator + SMOOTH)  # (B, C)
-    counted = onehot.sum(dims) > 0
+    volume = onehot.sum(dims)
+    per_class = 1.0 - (2.0 * intersection + SMOOTH) / (probs.sum(dims) + volume + SMOOTH)  # (B, C)
+    counted = volume > 0
     if present is not None:
         counted = counted & present.bool()
     return (per_class * counted.to(per_class.dtype)).sum(dim=1).mean()

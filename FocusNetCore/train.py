@@ -10,10 +10,11 @@ configuration:
                   G: L_seg + 5 L_shape;  D: L_rec - 0.001 L_shape
     finetune      everything together (S-Net, SOL-Net, SOS-Net), D alternating
 
-Adam, lr 5e-4, batch 1 (``lr_schedule: cosine`` lowers the rate within each
-stage; the paper keeps it constant). Every iteration draws its sample from a random
-generator seeded by (seed, stage, iteration, rank), so a resumed run sees
-exactly the data an uninterrupted one would, and ends with the same weights.
+Adam, lr 5e-4, batch 1 (``lr_schedule: cosine`` lowers the rate within
+each stage; the paper keeps it constant). Every iteration draws its sample
+from a random generator seeded by (seed, stage, iteration, rank), so a
+resumed run sees exactly the data an uninterrupted one would, and ends with
+the same weights.
 Under ``torchrun`` each process trains on its own samples and
 DistributedDataParallel averages the gradients; on a GPU the forward passes
 run under bf16 autocast.
