@@ -19,15 +19,11 @@ import torch
 from torch import nn
 
 from . import __version__
+from .bundleinfo import BundleError  # noqa: F401  (torch-free: the Slicer side reads bundles too)
 from .imageio import atomic_output
 from .networks import FocusNetConfig, FocusNetV2
 
 FORMAT_VERSION = 1
-
-
-class BundleError(ValueError):
-    def __init__(self, path, problem: str):
-        super().__init__(f"{path}: {problem}")
 
 
 def weights_checksum(state_dict: Dict[str, torch.Tensor]) -> str:

@@ -22,6 +22,18 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RESCALE_INTERCEPT = -1024.0
 
 
+def save_dicom(ds, path) -> None:
+    """Write ``ds`` as a DICOM Part 10 file (preamble, file meta) with pydicom
+    2.4 (what 3D Slicer 5.8 and 5.10 ship) and 3.x alike: 3.x spells it
+    ``enforce_file_format=True``, 2.4 ``write_like_original=False``."""
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.save_as(path, write_like_original=False)
+
+
 def new_dataset(sop_class_uid: str):
     """A dataset with its file meta information and a new SOP Instance UID."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -94,5 +106,5 @@ def write_ct_series(image: sitk.Image, folder: PathLike, patient_id: str = "PHAN
         ds.RescaleType = "HU"
         ds.KVP = 120
         ds.PixelData = stored[k].tobytes()
-        ds.save_as(folder / f"CT{k + 1:04d}.dcm", enforce_file_format=True)
+        save_dicom(ds, folder / f"CT{k + 1:04d}.dcm")
     return folder

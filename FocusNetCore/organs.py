@@ -219,7 +219,10 @@ def convert_labels(labels, source: OrganSet, target: OrganSet):
     return out.astype(np.uint8 if target.num_classes < 256 else np.uint16), missing
 
 
-SLICER_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+# The terminology context our segments point at: FocusNetSegment/Resources/FocusNet.term.json
+# (FocusNetCore.terminology), which the Slicer module loads at start. Slicer's own
+# "3D Slicer General Anatomy list" lacks most of these type/laterality codes.
+TERMINOLOGY_CONTEXT = "FocusNet head-and-neck organs at risk"
 SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 
@@ -235,7 +238,7 @@ def terminology_string(organ: Organ) -> str:
     category = code(ANATOMICAL_STRUCTURE)
     organ_type = code((organ.snomed_code, organ.snomed_meaning))
     region = code((organ.snomed_code, organ.snomed_meaning)) if organ.modifier else "^^"
-    return "~".join([SLICER_CONTEXT, category, organ_type, code(organ.laterality_code),
+    return "~".join([TERMINOLOGY_CONTEXT, category, organ_type, code(organ.laterality_code),
                      SLICER_ANATOMIC_CONTEXT, region, code(organ.modifier)])
 
 

@@ -130,7 +130,7 @@ def write_rtstruct(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, pa
     from pydicom.sequence import Sequence
     from pydicom.uid import generate_uid
 
-    from .dicom import new_dataset
+    from .dicom import new_dataset, save_dicom
 
     slices = _ct_series(ct_folder)
     labels = _on_series_grid(labels, ct_folder)
@@ -213,7 +213,7 @@ def write_rtstruct(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, pa
     ds.ROIContourSequence = Sequence(contours)
     ds.RTROIObservationsSequence = Sequence(observations)
     with atomic_output(Path(path), overwrite) as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
+        save_dicom(ds, tmp)
     return Path(path)
 
 

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import load_bundle
+from .bundleinfo import embedded_model_path
 from .imageio import read_image
 from .metrics import dice
 from .networks import ShapeAutoencoder, roi_pool
@@ -30,7 +31,7 @@ from .organs import CATALOGUE
 from .precision import channels_last, dtype_of, for_inference, resolve
 from .preprocess import labels_to_original, preprocess
 
-EMBEDDED_MODEL = Path(__file__).resolve().parent / "models" / "focusnet-phantom-cpu.pt"
+EMBEDDED_MODEL = embedded_model_path()
 
 Progress = Callable[[str, float, str], None]
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .organs import ANATOMICAL_STRUCTURE, CATALOGUE, ORGAN_SETS
-
-CONTEXT_NAME = "FocusNet head-and-neck organs at risk"
+from .organs import ANATOMICAL_STRUCTURE, CATALOGUE, ORGAN_SETS, TERMINOLOGY_CONTEXT as CONTEXT_NAME
 
 
 def terminology_context() -> dict:

@@ -115,10 +115,12 @@ class ReviewCase:
             raise ValueError(f"unknown export kind {kind!r}; use seg.nrrd, nifti or rtstruct")
         return Path(path)
 
-    def finish(self) -> dict:
+    def finish(self, final_labels: Optional[sitk.Image] = None) -> dict:
         """Append the session's timing record (with the edit metrics against
-        the AI contours) to the study log and drop the checkpoint and autosave."""
-        record = self.session.finish(self.final_labels())
+        the AI contours) to the study log and drop the checkpoint and autosave.
+        ``final_labels`` (read from the scene beforehand) lets a front end
+        compute the metrics off its GUI thread."""
+        record = self.session.finish(self.final_labels() if final_labels is None else final_labels)
         if self._working_path.exists():
             self._working_path.unlink()
         return record

@@ -14,15 +14,16 @@ import sys
 import tempfile
 from typing import Dict, List
 
-# import name -> pip requirement (what FocusNetCore needs besides torch)
+# import name -> pip requirement: what inference and the review need besides
+# torch (training's pyyaml, matplotlib and tqdm are not installed into Slicer).
+# Slicer's Python already has pydicom; it is listed for older builds.
 REQUIREMENTS: Dict[str, str] = {
-    "pydicom": "pydicom>=2.4",
     "scipy": "scipy>=1.10",
-    "yaml": "pyyaml>=6.0",
-    "matplotlib": "matplotlib>=3.7",
-    "tqdm": "tqdm>=4.60",
+    "pydicom": "pydicom>=2.4",
 }
-PROTECTED = ("numpy", "SimpleITK", "vtk")
+# The PyTorch extension installs torch; this is the range FocusNetCore supports.
+TORCH_REQUIREMENT = ">=2.1"
+PROTECTED = ("numpy", "SimpleITK", "vtk", "pydicom")
 
 
 def missing_requirements() -> List[str]:
@@ -44,10 +45,12 @@ def protected_constraints() -> List[str]:
     return pins
 
 
-def pip_command(requirements: List[str]) -> List[str]:
+def pip_command(requirements: List[str], python: str = sys.executable) -> List[str]:
     """``python -m pip install`` of ``requirements`` constrained so numpy,
-    SimpleITK and vtk stay exactly as they are."""
+    SimpleITK, vtk and pydicom stay exactly as they are (inside Slicer
+    ``python`` is PythonSlicer)."""
     constraints = tempfile.NamedTemporaryFile("w", suffix="-focusnet-constraints.txt", delete=False)
     constraints.write("\n".join(protected_constraints()) + "\n")
     constraints.close()
-    return [sys.executable, "-m", "pip", "install", "--constraint", constraints.name, *requirements]
+    return [python, "-m", "pip", "install", "--progress-bar", "off", "--constraint", constraints.name,
+            *requirements]

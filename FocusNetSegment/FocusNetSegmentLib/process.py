@@ -75,11 +75,13 @@ class SegmentationProcess:
         self.other_output: List[str] = []
         self.events: List[ProgressEvent] = []
         self.cancelled = False
+        self.kind = "segment"  # or "install": what the panel says while it runs
 
     def start(self) -> "SegmentationProcess":
         kwargs = {}
         if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+            # Its own group (for the tree kill), and no console window popping up.
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
         else:
             kwargs["start_new_session"] = True
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

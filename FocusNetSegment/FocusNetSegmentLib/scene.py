@@ -211,3 +211,50 @@ def load_segmentation(scene, path, name: Optional[str] = None):
         scene.RemoveNode(node)
         raise ValueError(f"{path}: not a readable segmentation (no segments)")
     return node
+
+
+def load_terminology(terminologies_logic, path) -> str:
+    """Load a terminology context file (dcmqi segment-context JSON) into
+    Slicer's Terminologies logic; returns the context's name. The module
+    loads ``Resources/FocusNet.term.json`` at start, so Slicer's terminology
+    selector resolves the codes our segments carry."""
+    name = terminologies_logic.LoadTerminologyFromFile(str(path))
+    if not name:
+        raise RuntimeError(f"{path}: Slicer could not load this terminology context")
+    return name
+
+
+def terminology_resolves(terminologies_logic, entry: str) -> bool:
+    """Whether a segment's ``TerminologyEntry`` tag names a loaded context in
+    which its category, type and type modifier (laterality) all exist."""
+    import slicer
+
+    parsed = slicer.vtkSlicerTerminologyEntry()
+    if not terminologies_logic.DeserializeTerminologyEntry(entry, parsed):
+        return False
+    context = parsed.GetTerminologyContextName()
+    wanted_category, wanted_type = parsed.GetCategoryObject(), parsed.GetTypeObject()
+    wanted_modifier = parsed.GetTypeModifierObject()
+
+    def same(a, b):
+        return (a.GetCodingSchemeDesignator(), a.GetCodeValue()) == (b.GetCodingSchemeDesignator(), b.GetCodeValue())
+
+    for c in range(terminologies_logic.GetNumberOfCategoriesInTerminology(context)):
+        category = slicer.vtkSlicerTerminologyCategory()
+        terminologies_logic.GetNthCategoryInTerminology(context, c, category)
+        if not same(category, wanted_category):
+            continue
+        for t in range(terminologies_logic.GetNumberOfTypesInTerminologyCategory(context, category)):
+            organ_type = slicer.vtkSlicerTerminologyType()
+            terminologies_logic.GetNthTypeInTerminologyCategory(context, category, t, organ_type)
+            if not same(organ_type, wanted_type):
+                continue
+            if not wanted_modifier.GetCodeValue():
+                return True
+            for m in range(terminologies_logic.GetNumberOfTypeModifiersInTerminologyType(context, category,
+                                                                                         organ_type)):
+                modifier = slicer.vtkSlicerTerminologyType()
+                terminologies_logic.GetNthTypeModifierInTerminologyType(context, category, organ_type, m, modifier)
+                if same(modifier, wanted_modifier):
+                    return True
+    return False

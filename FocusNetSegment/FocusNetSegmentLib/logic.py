@@ -1,0 +1,397 @@
+"""Everything behind the "Segment OARs" panel's buttons, without Qt.
+
+The module's widget only builds the panel, binds signals and shows
+messages; its logic class is :class:`SegmentOARsLogic` plus the few adapters
+that need the running application (Segment Editor, DICOM plugins, SlicerRT).
+So every button's path runs headless in pytest against slicer-core, the way
+the widget calls it: the CT written to a private work folder, the real
+``python -m FocusNetCore segment`` subprocess polled for progress (inside
+Slicer ``python`` is PythonSlicer), the result loaded as 22 named segments,
+the review (:class:`FocusNetSegmentLib.case.ReviewCase`), exports, the
+manual baseline and the model description (read from the bundle without
+torch: the Slicer process never imports it).
+
+Work folders (a copy of the CT, the CLI's output) are removed once the result
+is loaded, on cancel and on failure.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import SimpleITK as sitk
+
+from . import process
+from .case import ReviewCase
+from .review import ReviewSession
+from .scene import image_from_volume_node
+
+# slicer.parameterNodeWrapper needs 5.4; Python 3.9 and pydicom 2.4 (5.8) are
+# what the code is kept to and tested against (DESIGN "Supported Slicer").
+MINIMUM_SLICER = (5, 8)
+# Characters Windows (and so most file shares) refuse in a file name, plus '/'.
+_UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f]+')
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                     *(f"LPT{i}" for i in range(1, 10))}
+
+
+def check_slicer_version(major: int, minor: int) -> Optional[str]:
+    """None when this Slicer is new enough, else the message to show."""
+    if (int(major), int(minor)) >= MINIMUM_SLICER:
+        return None
+    return (f"FocusNet needs 3D Slicer {MINIMUM_SLICER[0]}.{MINIMUM_SLICER[1]} or later; this is "
+            f"{major}.{minor}. Install a current Slicer release.")
+
+
+def find_core_directory(module_dir) -> str:
+    """The folder holding the FocusNetCore package: beside the module in an
+    installed extension, one level up in the source tree (Developer mode,
+    "Add module path" pointing at FocusNetSegment/)."""
+    module_dir = Path(module_dir).resolve()
+    for candidate in (module_dir, module_dir.parent):
+        if (candidate / "FocusNetCore" / "__init__.py").is_file():
+            return str(candidate)
+    raise RuntimeError(f"FocusNetCore was found neither in {module_dir} nor in {module_dir.parent}: "
+                       "the extension is incompletely installed")
+
+
+def safe_file_name(name: str, fallback: str = "segmentation") -> str:
+    """A file name stem from a node name that any file system takes:
+    "3: CT HEAD/NECK" -> "3_ CT HEAD_NECK"."""
+    stem = _UNSAFE.sub("_", name).strip().rstrip(". ")
+    if not stem or stem.upper() in _WINDOWS_RESERVED:
+        stem = f"{stem}_{fallback}" if stem else fallback
+    return stem[:120]
+
+
+def volume_case_uid(volume_node) -> str:
+    """What identifies the CT under review: its DICOM series (the instance
+    UIDs Slicer's DICOM loader records) or, for a volume from a file or a
+    script, its voxels and geometry. Two different CTs both named "ct" are two
+    cases; the same CT loaded again is the same case."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if uids:
+        return "dicom:" + hashlib.sha1(" ".join(sorted(uids)).encode()).hexdigest()
+    image = image_from_volume_node(volume_node)
+    digest = hashlib.sha1(sitk.GetArrayViewFromImage(image).tobytes())
+    digest.update(repr((image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection())).encode())
+    return "voxels:" + digest.hexdigest()
+
+
+class BackgroundCall:
+    """A function run on a worker thread, polled from the GUI's timer."""
+
+    def __init__(self, function: Callable[[], object]):
+        self.result, self.error = None, None
+        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True)
+        self._thread.start()
+
+    def _run(self, function):
+        try:
+            self.result = function()
+        except Exception as error:  # reported to the GUI by the poll
+            self.error = error
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: Optional[float] = None):
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class SegmentOARsLogic:
+    """The module's logic. ``scene`` is Slicer's scene (or a slicer-core one);
+    ``session_folder`` holds review checkpoints and the study's log."""
+
+    def __init__(self, scene, session_folder, python: Optional[str] = None, core_directory: Optional[str] = None,
+                 default_export_folder: Optional[str] = None, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
+        self.scene = scene
+        self.session_folder = Path(session_folder)
+        self.python = python or sys.executable
+        self.core_directory = core_directory or find_core_directory(Path(__file__).resolve().parents[1])
+        self.default_export_folder = default_export_folder
+        self.clock, self.wall = clock, wall
+        self.job: Optional[process.SegmentationProcess] = None
+        self.work_dir: Optional[Path] = None
+        self.volume_node = None
+        self.case: Optional[ReviewCase] = None
+        self.organ_results: Optional[List[dict]] = None
+        self.finishing: Optional[BackgroundCall] = None
+        self._model_cache: dict = {}
+
+    # -- environment -------------------------------------------------------------
+    def environment(self) -> dict:
+        """The child's environment: FocusNetCore importable, output unbuffered."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (self.core_directory, env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def log_path(self) -> Path:
+        return self.session_folder / "review-log.jsonl"
+
+    def describe_model(self, model_path: Optional[str] = None) -> Tuple[str, bool]:
+        """(one line for the panel, whether the bundle is usable), from the
+        bundle's metadata alone: no torch, no subprocess; cached per file."""
+        from FocusNetCore.bundleinfo import BundleError, describe_bundle, embedded_model_path
+
+        path = Path(model_path) if model_path else embedded_model_path()
+        try:
+            key = (str(path), path.stat().st_mtime_ns)
+        except OSError:
+            return f"Model: {path} does not exist", False
+        if key not in self._model_cache:
+            try:
+                self._model_cache[key] = (describe_bundle(path), True)
+            except BundleError as error:
+                self._model_cache[key] = (f"Model unusable: {error}", False)
+        return self._model_cache[key]
+
+    def start_install(self, requirements: List[str]) -> process.SegmentationProcess:
+        """The pip install in the background (constrained so Slicer's numpy,
+        SimpleITK, vtk and pydicom stay as they are), polled like a segmentation."""
+        from .dependencies import pip_command
+
+        self._ensure_idle()
+        self.job = process.SegmentationProcess(pip_command(requirements, python=self.python),
+                                               env=dict(os.environ)).start()
+        self.job.kind = "install"
+        return self.job
+
+    # -- segmentation ----------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def _ensure_idle(self):
+        if self.running:
+            raise RuntimeError("A segmentation is already running: wait for it or cancel it first.")
+
+    def start(self, volume_node, model_path: Optional[str] = None, device: str = "auto"):
+        """Write the CT to a private work folder and start ``focusnet segment``
+        on it in the background. The CT's voxels and geometry are written as
+        they are in the CT's own frame (the patient's); a parent transform is
+        applied to the result by placing it under the same transform."""
+        self._ensure_idle()
+        if volume_node is None or volume_node.GetImageData() is None:
+            raise ValueError("Select a CT volume with image data to segment.")
+        if device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+        self._remove_work_dir()
+        self.volume_node = volume_node
+        self.work_dir = Path(tempfile.mkdtemp(prefix="FocusNet-"))
+        ct_path = self.work_dir / "input" / "ct.nrrd"
+        ct_path.parent.mkdir()
+        sitk.WriteImage(image_from_volume_node(volume_node), str(ct_path))
+        command = process.segment_command(self.python, [str(ct_path)], str(self.work_dir / "output"),
+                                          model=model_path, device=device, output_format="nrrd")
+        self.job = process.SegmentationProcess(command, env=self.environment()).start()
+        self.job.kind = "segment"
+        return self.job
+
+    def poll(self) -> List[process.ProgressEvent]:
+        return self.job.poll() if self.job else []
+
+    def cancel(self) -> None:
+        """End the process tree and remove everything it wrote."""
+        if self.job is not None:
+            self.job.cancel()
+            self.poll()
+        if self.job is None or getattr(self.job, "kind", "") == "segment":
+            self._remove_work_dir()
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.2) -> None:
+        """Poll until the background job ends (scripts and tests; the widget
+        polls from its timer instead)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the background job did not finish within {timeout} s")
+            self.poll()
+            time.sleep(interval)
+        self.poll()
+
+    def _remove_work_dir(self) -> None:
+        if self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            self.work_dir = None
+
+    # -- opening a review ---------------------------------------------------------------
+    def pending_checkpoint(self, volume_node) -> Optional[Path]:
+        """The checkpoint of an unfinished review of this CT (a crash, or a
+        session still open here), if any."""
+        from FocusNetCore.study import case_id
+
+        checkpoint, _ = ReviewCase.paths(self.session_folder, case_id(volume_case_uid(volume_node)))
+        return checkpoint if checkpoint.exists() else None
+
+    def load_result(self, reviewer: str = "", resume: bool = False):
+        """The finished segmentation as a segmentation node under review.
+        A new session starts unless ``resume``: an unfinished one of the same
+        CT is then recorded in the log as incomplete (never silently resumed,
+        never lost)."""
+        import json
+
+        job = self.job
+        try:
+            if job is None or getattr(job, "kind", "") != "segment":
+                raise RuntimeError("No segmentation has been run.")
+            if job.running:
+                raise RuntimeError("The segmentation is still running.")
+            job.poll()
+            if job.cancelled:
+                raise RuntimeError("The segmentation was cancelled.")
+            if job.returncode != 0:
+                raise RuntimeError(job.error_text() or f"focusnet segment exited with code {job.returncode}")
+            output = self.work_dir / "output"
+            report = json.loads((output / "ct.report.json").read_text())
+            labels = sitk.ReadImage(str(output / "ct.nrrd"))
+        finally:
+            self._remove_work_dir()
+        self.organ_results = report.get("organs")
+        return self._open_case(self.volume_node, labels, report, reviewer, resume)
+
+    def start_manual(self, volume_node, reviewer: str = "", resume: bool = False):
+        """The manual baseline: empty named segments, timed with mode "manual"."""
+        if volume_node is None or volume_node.GetImageData() is None:
+            raise ValueError("Select the CT to contour.")
+        self._ensure_idle()
+        self.volume_node = volume_node
+        self.organ_results = None
+        return self._open_case(volume_node, None, None, reviewer, resume)
+
+    def _open_case(self, volume_node, labels, report, reviewer, resume):
+        self.close_session()
+        checkpoint = self.pending_checkpoint(volume_node)
+        if checkpoint is not None and not resume:
+            ReviewSession.mark_incomplete(checkpoint, self.log_path(), wall=self.wall)
+        base = f"{volume_node.GetName()} OARs" + ("" if labels is not None else " (manual)")
+        self.case = ReviewCase.open(self.scene, volume_node, labels, folder=self.session_folder,
+                                    log_path=self.log_path(), case_uid=volume_case_uid(volume_node),
+                                    reviewer=reviewer, report=report, name=self.scene.GenerateUniqueName(base),
+                                    resume=resume, clock=self.clock, wall=self.wall)
+        node = self.case.segmentation_node
+        if volume_node.GetTransformNodeID():
+            node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+        return node
+
+    def close_session(self) -> None:
+        """Stop listening to the open review (its checkpoint stays, so it can
+        be resumed or recorded as incomplete)."""
+        if self.case is not None and not self.case.session.finished:
+            self.case.session.checkpoint()
+            self.case.session.stop()
+        self.case = None
+
+    # -- reviewing -------------------------------------------------------------------------
+    @property
+    def session(self) -> Optional[ReviewSession]:
+        return self.case.session if self.case is not None else None
+
+    @property
+    def segmentation_node(self):
+        return self.case.segmentation_node if self.case is not None else None
+
+    @property
+    def busy_finishing(self) -> bool:
+        return self.finishing is not None and not self.finishing.done
+
+    @property
+    def can_finish(self) -> bool:
+        return self.case is not None and not self.case.session.finished and not self.busy_finishing
+
+    @property
+    def can_export(self) -> bool:
+        return self.case is not None and not self.busy_finishing
+
+    def review_rows(self) -> List[Tuple[str, str, str, str, str]]:
+        """The review table: organ, status, volume (cc), confidence, flags."""
+        if self.session is None:
+            return []
+        results = {r["name"]: r for r in (self.organ_results or [])}
+        rows = []
+        for name, state in self.session.states.items():
+            result = results.get(name, {})
+            confidence = result.get("confidence")
+            rows.append((name, state.status, f"{float(result.get('volume_cc') or 0.0):.2f}",
+                         "" if confidence is None else f"{confidence:.2f}", "; ".join(state.flags)))
+        return rows
+
+    def accept(self, name: str) -> None:
+        self._require_session().accept(name)
+
+    def accept_all_unflagged(self) -> List[str]:
+        return self._require_session().accept_all_unflagged()
+
+    def organ_center_ras(self, name: str):
+        """Where to centre the slice views for an organ (None when it is empty)."""
+        node = self.segmentation_node
+        if node is None or node.GetSegmentation().GetSegment(name) is None:
+            return None
+        return node.GetSegmentCenterRAS(name)
+
+    def _require_session(self) -> ReviewSession:
+        if self.session is None or self.session.finished:
+            raise RuntimeError("No review is open: segment a CT or start manual contouring first.")
+        return self.session
+
+    def start_finish(self) -> BackgroundCall:
+        """Finish the review: the contours are read from the scene here (MRML
+        is not thread-safe), the 22 organs' edit metrics and the log record are
+        computed on a worker thread, so the GUI stays live."""
+        session = self._require_session()
+        if self.busy_finishing:
+            raise RuntimeError("The review is already being finished.")
+        labels = self.case.final_labels()
+        session.stop()
+        case = self.case
+        self.finishing = BackgroundCall(lambda: case.finish(labels))
+        return self.finishing
+
+    def finish(self) -> dict:
+        return self.start_finish().wait()
+
+    # -- export ------------------------------------------------------------------------------
+    def export_folder(self, configured: Optional[str] = None) -> Path:
+        """The panel's output folder, else Slicer's default scene folder,
+        else the home folder; created when missing."""
+        folder = Path(configured or self.default_export_folder or Path.home())
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def export(self, kind: str, folder: Optional[str] = None, dicom=None) -> Path:
+        """Export the reviewed contours; never replaces a file.
+        ``dicom`` (:class:`FocusNetSegmentLib.dicomexport.DicomExporter`) is
+        how the running application's DICOM plugins and database are reached;
+        without one, RTSTRUCT goes through FocusNetCore's writer."""
+        if self.case is None:
+            raise RuntimeError("Nothing to export: segment a CT or start manual contouring first.")
+        target = self.export_folder(folder)
+        base = safe_file_name(self.volume_node.GetName(), "CT")
+        if kind in ("seg.nrrd", "nifti"):
+            return self.case.export(kind, target, base)
+        if kind not in ("rtstruct", "dicomseg"):
+            raise ValueError(f"unknown export kind {kind!r}; use seg.nrrd, nifti, rtstruct or dicomseg")
+        if dicom is None:
+            raise RuntimeError("DICOM export needs the CT loaded from Slicer's DICOM database.")
+        return dicom.export(kind, self, target, base)
+
+    def close(self) -> None:
+        """The module is closing or the scene is: stop the job and the session."""
+        if self.running:
+            self.cancel()
+        self.close_session()
+        self._remove_work_dir()

@@ -1,0 +1,336 @@
+"""The "Segment OARs" module's logic, headless against slicer-core, called the
+way the widget calls it: the real ``python -m FocusNetCore segment``
+subprocess with the embedded model, polled until done, its result loaded as a
+review under the CT's study; cancel, case identity, re-segmenting, exports."""
+import ast
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import slicer  # noqa: E402  (slicer-core: these tests must not skip)
+import vtk  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "FocusNetSegment"))
+
+from FocusNetSegmentLib import logic as segment_logic, scene as bridge  # noqa: E402
+from FocusNetSegmentLib.logic import SegmentOARsLogic, safe_file_name  # noqa: E402
+from FocusNetCore.organs import CATALOGUE, ORGAN_SETS, TERMINOLOGY_CONTEXT, convert_labels  # noqa: E402
+from FocusNetCore.phantom import PHANTOM_SET, generate_case  # noqa: E402
+from FocusNetCore.study import read_records  # noqa: E402
+
+ORGANS = ORGAN_SETS["oar22"]
+TERM_FILE = ROOT / "FocusNetSegment" / "Resources" / "FocusNet.term.json"
+DICOM_NAME = "3: CT HEAD/NECK"
+
+
+def new_study_scene():
+    scene = bridge.new_scene()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient")
+    study = hierarchy.CreateStudyItem(patient, "Study")
+    return scene, hierarchy, study
+
+
+def add_ct(scene, hierarchy, study, image, name):
+    ct = bridge.volume_node_from_image(scene, image, name)
+    hierarchy.CreateItem(study, ct)
+    return ct
+
+
+def process_group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # Members left as zombies (no reaper yet) are dead too.
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return generate_case(2026, "small")
+
+
+@pytest.fixture(scope="module")
+def segmented(phantom, tmp_path_factory):
+    """One real segmentation through the module's path, shared by the checks below."""
+    folder = tmp_path_factory.mktemp("slicer-logic")
+    scene, hierarchy, study = new_study_scene()
+    ct = add_ct(scene, hierarchy, study, phantom.image, DICOM_NAME)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 12.5)
+    transform.SetMatrixTransformToParent(matrix)
+    ct.SetAndObserveTransformNodeID(transform.GetID())
+    logic = SegmentOARsLogic(scene, folder / "sessions", default_export_folder=str(folder / "exports"))
+    job = logic.start(ct, device="cpu")
+    work_dir = logic.work_dir
+    events = []
+    deadline = time.monotonic() + 300
+    while logic.running and time.monotonic() < deadline:  # the widget's QTimer does this
+        events += logic.poll()
+        time.sleep(0.1)
+    events += logic.poll()
+    assert not logic.running, "segmentation did not finish in 300 s"
+    node = logic.load_result(reviewer="dr test")
+    return dict(scene=scene, hierarchy=hierarchy, study=study, ct=ct, logic=logic, node=node, events=events,
+                work_dir=work_dir, job=job, folder=folder, transform=transform)
+
+
+def test_segment_oars_gives_22_named_segments_with_terminology_that_resolves(segmented):
+    node = segmented["node"]
+    assert segmented["job"].returncode == 0, segmented["job"].error_text()
+    stages = [e.stage for e in segmented["events"]]
+    assert stages[0] == "read" and "inference" in stages and stages[-1] == "done"
+    assert bridge.segment_names(node) == list(ORGANS.names)
+    terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
+    assert bridge.load_terminology(terminologies, TERM_FILE) == TERMINOLOGY_CONTEXT
+    segmentation = node.GetSegmentation()
+    found = 0
+    for name in ORGANS.names:
+        segment = segmentation.GetSegment(name)
+        assert np.allclose(np.asarray(segment.GetColor()) * 255, CATALOGUE[name].color, atol=0.5)
+        tag = vtk.mutable("")
+        assert segment.GetTag("TerminologyEntry", tag)
+        assert bridge.terminology_resolves(terminologies, str(tag)), (name, str(tag))
+        found += segment.GetRepresentation("Binary labelmap") is not None
+    assert found == 22
+    # Enough organs are found on a phantom by the embedded model to be worth reviewing.
+    present = [r["name"] for r in segmented["logic"].organ_results if r["present"]]
+    assert len(present) >= 15 and {"Brainstem", "Eye_L", "Eye_R", "SpinalCord"} <= set(present)
+
+
+def test_terminology_of_slicers_general_anatomy_list_would_not_resolve():
+    """The check above can fail: an entry pointing at a context that is not loaded does not resolve."""
+    terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
+    bridge.load_terminology(terminologies, TERM_FILE)
+    other = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~"
+             "SCT^78076003^Lens of eye~SCT^7771000^Left~Anatomic codes - DICOM master list~^^~^^")
+    assert not bridge.terminology_resolves(terminologies, other)
+    wrong_modifier = bridge.terminology_resolves(
+        terminologies, f"{TERMINOLOGY_CONTEXT}~SCT^123037004^Anatomical Structure~SCT^56329008^Pituitary~"
+                       "SCT^7771000^Left~Anatomic codes - DICOM master list~^^~^^")
+    assert not wrong_modifier
+
+
+def test_result_keeps_the_ct_geometry_study_and_transform(segmented, phantom):
+    scene, ct, node = segmented["scene"], segmented["ct"], segmented["node"]
+    labels = bridge.export_labels(scene, node, ct, ORGANS)
+    for what in ("GetSize", "GetOrigin", "GetSpacing", "GetDirection"):
+        assert np.allclose(getattr(labels, what)(), getattr(phantom.image, what)(), atol=1e-4), what
+    truth, _ = convert_labels(sitk.GetArrayViewFromImage(phantom.labels), PHANTOM_SET, ORGANS)
+    array = sitk.GetArrayViewFromImage(labels)
+    for name in ("Eye_L", "Eye_R"):  # left stays left: the model's Eye_L overlaps the true Eye_L only
+        label = ORGANS.label_of(name)
+        mirror = ORGANS.label_of(CATALOGUE[name].mirror_name)
+        assert np.sum((array == label) & (truth == label)) > 10 * np.sum((array == label) & (truth == mirror))
+    hierarchy = segmented["hierarchy"]
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == segmented["study"]
+    assert node.GetTransformNodeID() == segmented["transform"].GetID()  # shown where the CT is shown
+    assert node.GetName() == f"{DICOM_NAME} OARs"
+
+
+def test_work_folder_is_gone_after_loading(segmented):
+    assert segmented["work_dir"] is not None and not segmented["work_dir"].exists()
+    assert segmented["logic"].work_dir is None
+
+
+def test_export_names_from_a_dicom_volume_name_are_valid(segmented):
+    logic = segmented["logic"]
+    path = logic.export("seg.nrrd")
+    assert path.parent == segmented["folder"] / "exports"  # the configured default, not the working directory
+    assert path.name == "3_ CT HEAD_NECK.seg.nrrd" and path.is_file()
+    again = logic.export("seg.nrrd", str(segmented["folder"] / "chosen"))
+    assert again.name == "3_ CT HEAD_NECK.seg.nrrd" and again.parent.name == "chosen"
+    assert logic.export("seg.nrrd").name == "3_ CT HEAD_NECK (2).seg.nrrd"  # never replaced
+    nifti = logic.export("nifti")
+    assert nifti.name == "3_ CT HEAD_NECK.nii.gz"
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("3: CT HEAD/NECK", "3_ CT HEAD_NECK"), ("a\\b|c?*<>\"d", "a_b_c_d"), ("CON", "CON_segmentation"),
+    ("trailing. ", "trailing"), ("", "segmentation"), ("Kopf-Hals CT", "Kopf-Hals CT")])
+def test_safe_file_name(name, expected):
+    assert safe_file_name(name) == expected
+
+
+def test_segmenting_the_same_ct_again_starts_a_new_session(segmented):
+    logic, ct, folder = segmented["logic"], segmented["ct"], segmented["folder"]
+    first_node = logic.segmentation_node
+    first_checkpoint = logic.pending_checkpoint(ct)
+    logic.accept("Brainstem")
+    logic.start(ct, device="cpu")
+    logic.wait(timeout=300)
+    second_node = logic.load_result(reviewer="dr test")
+    assert second_node is not first_node and second_node.GetName() == f"{DICOM_NAME} OARs_1"
+    assert logic.session.states["Brainstem"].status == "unreviewed"  # not silently resumed
+    records, _ = read_records(logic.log_path())
+    assert [r["status"] for r in records] == ["incomplete"]  # the first session is recorded, not lost
+    assert records[0]["organs"]["Brainstem"]["status"] == "accepted"
+    assert logic.pending_checkpoint(ct) == first_checkpoint  # the same case
+    # The first session's observer is gone: editing the old node changes nothing now.
+    from test_slicer_lib import paint
+
+    before = logic.pending_checkpoint(ct).read_text()
+    labels = bridge.export_labels(segmented["scene"], first_node, ct, ORGANS)
+    paint(first_node, "Parotid_L", labels, (slice(5, 7), slice(2, 8), slice(2, 8)))
+    assert logic.session.states["Parotid_L"].status == "unreviewed"
+    assert logic.pending_checkpoint(ct).read_text() == before
+    record = logic.finish()
+    assert record["status"] == "finished" and record["reviewer"] == "dr test" and record["mode"] == "ai"
+    assert not logic.can_finish and logic.can_export
+    assert [r["status"] for r in read_records(logic.log_path())[0]] == ["incomplete", "finished"]
+
+
+def test_cancel_kills_the_process_tree_and_leaves_no_output(phantom, tmp_path):
+    scene, hierarchy, study = new_study_scene()
+    ct = add_ct(scene, hierarchy, study, phantom.image, "CT")
+    logic = SegmentOARsLogic(scene, tmp_path / "sessions")
+    job = logic.start(ct, device="cpu")
+    work_dir = logic.work_dir
+    assert (work_dir / "input" / "ct.nrrd").is_file()
+    deadline = time.monotonic() + 120
+    while logic.running and time.monotonic() < deadline:
+        if any(e.stage == "inference" for e in logic.poll()):
+            break
+        time.sleep(0.05)
+    assert logic.running, "the segmentation ended before it could be cancelled"
+    pgid = job.process.pid
+    logic.cancel()
+    assert not logic.running and job.cancelled
+    assert not process_group_alive(pgid)
+    assert not work_dir.exists()
+    with pytest.raises(RuntimeError, match="No segmentation|cancelled"):
+        logic.load_result()
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+    assert not (tmp_path / "sessions").exists() or not list((tmp_path / "sessions").glob("*.review.json"))
+
+
+def test_two_different_cts_with_one_name_are_two_cases(phantom, tmp_path):
+    scene, hierarchy, study = new_study_scene()
+    other = generate_case(2027, "small").image
+    first = add_ct(scene, hierarchy, study, phantom.image, "ct")
+    second = add_ct(scene, hierarchy, study, other, "ct")
+    logic = SegmentOARsLogic(scene, tmp_path / "sessions")
+    logic.start_manual(first, reviewer="a")
+    logic.accept("Eye_L")
+    logic.start_manual(second, reviewer="a")
+    assert logic.session.states["Eye_L"].status == "unreviewed"
+    one, two = logic.pending_checkpoint(first), logic.pending_checkpoint(second)
+    assert one is not None and two is not None and one != two
+    assert read_records(logic.log_path())[0] == []  # neither was taken for the other
+    # The same voxels loaded again are the same case (so an interrupted review can be found).
+    again = add_ct(scene, hierarchy, study, phantom.image, "another name")
+    assert logic.pending_checkpoint(again) == one
+    # A DICOM volume is identified by its series' instance UIDs, not its voxels.
+    second.SetAttribute("DICOM.instanceUIDs", "1.2.3.1 1.2.3.2")
+    assert segment_logic.volume_case_uid(second) != segment_logic.volume_case_uid(first)
+    assert segment_logic.volume_case_uid(second).startswith("dicom:")
+
+
+def test_manual_baseline_and_buttons_without_a_session(phantom, tmp_path):
+    scene, hierarchy, study = new_study_scene()
+    ct = add_ct(scene, hierarchy, study, phantom.image, "CT")
+    logic = SegmentOARsLogic(scene, tmp_path / "sessions", default_export_folder=str(tmp_path / "out"))
+    assert not logic.can_finish and not logic.can_export and logic.review_rows() == []
+    with pytest.raises(RuntimeError, match="Nothing to export"):
+        logic.export("seg.nrrd")
+    with pytest.raises(RuntimeError, match="No review is open"):
+        logic.finish()
+    with pytest.raises(RuntimeError, match="No segmentation has been run"):
+        logic.load_result()
+    node = logic.start_manual(ct, reviewer="dr manual")
+    assert node.GetName() == "CT OARs (manual)" and bridge.segment_names(node) == list(ORGANS.names)
+    rows = logic.review_rows()
+    assert len(rows) == 22 and rows[0][:2] == ("Eye_L", "unreviewed")
+    logic.accept("Eye_R")
+    assert logic.review_rows()[1][1] == "accepted"
+    assert logic.can_finish
+    call = logic.start_finish()
+    record = call.wait(60)
+    assert record["mode"] == "manual" and record["reviewer"] == "dr manual" and record["organs"]["Eye_R"]["status"] == "accepted"
+    assert not logic.can_finish
+
+
+def test_model_description_needs_no_torch(tmp_path):
+    """The panel reads the bundle's name and intended use in the Slicer process, where torch must not be imported."""
+    import subprocess
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            f"sys.path.insert(0, {str(ROOT / 'FocusNetSegment')!r})\n"
+            "from FocusNetSegmentLib.logic import SegmentOARsLogic\n"
+            "import slicer\n"
+            f"logic = SegmentOARsLogic(slicer.vtkMRMLScene(), {str(tmp_path)!r})\n"
+            "print(logic.describe_model()[0])\n"
+            f"print(logic.describe_model({str(tmp_path / 'missing.pt')!r}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("FocusNet phantom-cpu: ") and "NOT for clinical use" in lines[0]
+    assert "does not exist" in lines[1] and "False" in lines[1]
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"PK\x03\x04 not really a zip")
+    logic = SegmentOARsLogic(bridge.new_scene(), tmp_path)
+    text, usable = logic.describe_model(str(damaged))
+    assert not usable and "damaged.pt" in text and "not a readable FocusNet model bundle" in text
+
+
+def test_bundle_metadata_reader_refuses_code(tmp_path):
+    """A pickle that would call anything beyond a tensor's rebuild is refused, like torch's weights_only."""
+    import pickle
+    import zipfile
+
+    from FocusNetCore.bundleinfo import BundleError, read_bundle_metadata
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"format_version": 1, "x": Evil()}))
+    with pytest.raises(BundleError, match="evil.pt: .*not allowed"):
+        read_bundle_metadata(path)
+
+
+def test_slicer_version_and_core_directory(tmp_path):
+    assert segment_logic.check_slicer_version(5, 8) is None and segment_logic.check_slicer_version(6, 0) is None
+    assert "5.8 or later" in segment_logic.check_slicer_version(5, 6)
+    # Source tree (Developer mode, "Add module path" = FocusNetSegment/): the core is one level up.
+    assert segment_logic.find_core_directory(ROOT / "FocusNetSegment") == str(ROOT)
+    installed = tmp_path / "qt-scripted-modules"
+    (installed / "FocusNetCore").mkdir(parents=True)
+    (installed / "FocusNetCore" / "__init__.py").write_text("")
+    assert segment_logic.find_core_directory(installed) == str(installed)
+    with pytest.raises(RuntimeError, match="FocusNetCore was found neither"):
+        segment_logic.find_core_directory(tmp_path / "empty" / "module")
+
+
+def test_code_that_runs_in_slicer_parses_with_python_3_9():
+    """Slicer 5.8 runs Python 3.9: everything its process or PythonSlicer runs keeps to that grammar."""
+    failures = []
+    for folder in ("FocusNetCore", "FocusNetSegment"):
+        for path in (ROOT / folder).rglob("*.py"):
+            try:
+                ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
+            except SyntaxError as error:
+                failures.append(f"{path.relative_to(ROOT)}:{error.lineno}: {error.msg}")
+    assert failures == []
+
+
+def test_python_3_9_check_can_fail():
+    with pytest.raises(SyntaxError):
+        ast.parse("match x:\n    case 1:\n        pass\n", feature_version=(3, 9))
