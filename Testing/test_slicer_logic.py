@@ -334,3 +334,155 @@ def test_code_that_runs_in_slicer_parses_with_python_3_9():
 def test_python_3_9_check_can_fail():
     with pytest.raises(SyntaxError):
         ast.parse("match x:\n    case 1:\n        pass\n", feature_version=(3, 9))
+
+
+# -- DICOM export (the plugins of the running application, faked; FocusNetCore's writer, real) --------------
+
+class FakeExportable:
+    def __init__(self, item, modality):
+        self.subjectHierarchyItemID, self.directory, self.tags = item, "", {"Modality": modality}
+
+    def setTag(self, name, value):
+        self.tags[name] = value
+
+
+class FakeRtPlugin:
+    """What SlicerRT's DicomRtImportExportPlugin does with exportables (its
+    ExportDicomRTStudy needs the CT among them, and reads the study from the first)."""
+    exported = []
+
+    def examineForExport(self, item):
+        hierarchy = FakeRtPlugin.hierarchy
+        node = hierarchy.GetItemDataNode(item)
+        if node.IsA("vtkMRMLSegmentationNode"):
+            return [FakeExportable(item, "RTSTRUCT")]
+        return [FakeExportable(item, "CT")] if node.IsA("vtkMRMLScalarVolumeNode") else []
+
+    def export(self, exportables):
+        if not any(e.tags["Modality"] == "CT" for e in exportables):
+            return "Must export the primary anatomical (CT/MR) image"
+        FakeRtPlugin.exported.append(exportables)
+        return ""
+
+
+class FakeSegExporter:
+    calls = []
+
+    def __init__(self, segmentation_node):
+        self.node = segmentation_node
+
+    def export(self, directory, name, metadata, segmentIDs=None, skipEmpty=False):
+        segmentation = self.node.GetSegmentation()
+
+        def tag(segment_id, name):
+            value = vtk.mutable("")
+            return str(value) if segmentation.GetSegment(segment_id).GetTag(name, value) else None
+
+        tags = {i: (tag(i, "DICOM.SegmentAlgorithmType"), tag(i, "DICOM.SegmentAlgorithmName")) for i in segmentIDs}
+        FakeSegExporter.calls.append(dict(directory=directory, name=name, ids=list(segmentIDs), skip=skipEmpty,
+                                          tags=tags))
+        Path(directory, name).write_bytes(b"SEG")
+
+    def cleanup(self):
+        pass
+
+
+@pytest.fixture
+def dicom_review(tmp_path):
+    """A CT loaded from a DICOM series (as Slicer's DICOM module loads it) under review with known contours."""
+    from FocusNetCore.dicom import write_ct_series
+    from FocusNetCore.imageio import read_image
+    import pydicom
+
+    case = generate_case(702, "small")
+    series = write_ct_series(case.image, tmp_path / "dicom" / "CT", patient_id="P-17", patient_name="Doe^Jane")
+    files = {pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID: str(f) for f in series.iterdir()}
+    ct_image = read_image(series)
+    scene, hierarchy, study = new_study_scene()
+    hierarchy.SetItemAttribute(hierarchy.GetItemParent(study), "DICOM.PatientName", "Doe^Jane")
+    hierarchy.SetItemAttribute(hierarchy.GetItemParent(study), "DICOM.PatientID", "P-17")
+    hierarchy.SetItemAttribute(study, "DICOM.StudyDate", "20261128")
+    hierarchy.SetItemUID(study, "DICOM", "1.2.826.0.1.3680043.8.498.1")
+    ct = add_ct(scene, hierarchy, study, ct_image, DICOM_NAME)
+    ct.SetAttribute("DICOM.instanceUIDs", " ".join(files))
+    truth, _ = convert_labels(sitk.GetArrayViewFromImage(case.labels), PHANTOM_SET, ORGANS)
+    labels = sitk.GetImageFromArray(truth)
+    labels.CopyInformation(ct_image)
+    logic = SegmentOARsLogic(scene, tmp_path / "sessions", default_export_folder=str(tmp_path / "exports"))
+    logic.open_review(ct, labels, {"model": {"name": "FocusNet phantom-cpu", "code_version": "0.1.0"}},
+                      reviewer="dr dicom")
+    return logic, hierarchy, files, ct_image, series, truth
+
+
+def test_rtstruct_with_slicer_rt_exports_the_ct_too_with_the_studys_tags(dicom_review, tmp_path):
+    from FocusNetSegmentLib.dicomexport import DicomExporter
+
+    logic, hierarchy, *_ = dicom_review
+    FakeRtPlugin.hierarchy, FakeRtPlugin.exported = hierarchy, []
+    exporter = DicomExporter({"DicomRtImportExportPlugin": FakeRtPlugin}, hierarchy)
+    folder = logic.export("rtstruct", dicom=exporter)
+    assert folder == tmp_path / "exports" / "3_ CT HEAD_NECK RTSTRUCT" and folder.is_dir()
+    (exportables,) = FakeRtPlugin.exported
+    assert [e.tags["Modality"] for e in exportables] == ["CT", "RTSTRUCT"]  # the CT first: it carries the study
+    for exportable in exportables:
+        assert exportable.directory == str(folder)
+        assert exportable.tags["PatientName"] == "Doe^Jane" and exportable.tags["PatientID"] == "P-17"
+        assert exportable.tags["StudyDate"] == "20261128"
+        assert exportable.tags["StudyInstanceUID"] == "1.2.826.0.1.3680043.8.498.1"
+    assert logic.export("rtstruct", dicom=exporter).name == "3_ CT HEAD_NECK RTSTRUCT (2)"  # never into old files
+
+
+def test_rtstruct_without_slicer_rt_uses_focusnets_writer_on_the_ct_series(dicom_review):
+    """With the pydicom Slicer ships (2.4.4; the second test environment) and pydicom 3 alike."""
+    import pydicom
+
+    from FocusNetCore.metrics import dice
+    from FocusNetCore.rtstruct import read_rtstruct
+    from FocusNetSegmentLib.dicomexport import DicomExporter
+
+    logic, hierarchy, files, ct_image, series, truth = dicom_review
+    exporter = DicomExporter({}, hierarchy, file_for_instance=files.get)
+    path = logic.export("rtstruct", dicom=exporter)
+    assert path.name == "3_ CT HEAD_NECK.rtstruct.dcm"
+    ds = pydicom.dcmread(str(path))
+    assert ds.Modality == "RTSTRUCT" and ds.PatientID == "P-17"
+    back, present, unmatched = read_rtstruct(path, ct_image, series, ORGANS)
+    assert unmatched == []
+    for name in ("Brainstem", "Eye_L", "Parotid_R", "Bone_Mandible_L"):
+        label = ORGANS.label_of(name)
+        assert dice(back == label, truth == label) > 0.9, name
+    assert not list(Path(tempfile_root()).glob("FocusNet-CT-*"))  # the temporary copy of the series is gone
+    logic.volume_node.SetAttribute("DICOM.instanceUIDs", "")
+    with pytest.raises(RuntimeError, match="needs the CT loaded from Slicer's DICOM database"):
+        logic.export("rtstruct", dicom=exporter)
+
+
+def tempfile_root():
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def test_dicom_seg_exports_found_organs_tagged_automatic_and_says_what_is_missing(dicom_review):
+    from FocusNetSegmentLib.dicomexport import DicomExporter, DicomExportError
+
+    logic, hierarchy, *_ = dicom_review
+    labels = bridge.export_labels(logic.scene, logic.segmentation_node, logic.volume_node, ORGANS)
+    # The reviewer removes the pituitary and edits a parotid.
+    from test_slicer_lib import paint
+
+    paint(logic.segmentation_node, "Parotid_L", labels, (slice(5, 7), slice(2, 8), slice(2, 8)))
+    segmentation = logic.segmentation_node.GetSegmentation()
+    segmentation.GetSegment("Pituitary").RemoveAllRepresentations()
+    segmentation.GetSegment("Pituitary").AddRepresentation(
+        "Binary labelmap", slicer.vtkOrientedImageData())
+    with pytest.raises(DicomExportError, match="QuantitativeReporting"):
+        logic.export("dicomseg", dicom=DicomExporter({}, hierarchy))  # no bare KeyError
+    FakeSegExporter.calls = []
+    exporter = DicomExporter({"DICOMSegmentationPlugin": object}, hierarchy, seg_exporter=FakeSegExporter)
+    path = logic.export("dicomseg", dicom=exporter)
+    (call,) = FakeSegExporter.calls
+    assert path.name == "3_ CT HEAD_NECK.seg.dcm" and path.is_file() and call["skip"]
+    assert "Pituitary" not in call["ids"] and "Brainstem" in call["ids"]
+    assert call["tags"]["Brainstem"] == ("AUTOMATIC", "FocusNet phantom-cpu 0.1.0")
+    assert call["tags"]["Parotid_L"][0] == "SEMIAUTOMATIC"

@@ -261,8 +261,16 @@ class SegmentOARsLogic:
             labels = sitk.ReadImage(str(output / "ct.nrrd"))
         finally:
             self._remove_work_dir()
-        self.organ_results = report.get("organs")
-        return self._open_case(self.volume_node, labels, report, reviewer, resume)
+        return self.open_review(self.volume_node, labels, report, reviewer, resume)
+
+    def open_review(self, volume_node, labels: sitk.Image, report: Optional[dict] = None, reviewer: str = "",
+                    resume: bool = False):
+        """Review contours already on the CT's grid (the segmentation's
+        result, or a label map from elsewhere) with ``report``'s flags."""
+        self._ensure_idle()
+        self.volume_node = volume_node
+        self.organ_results = (report or {}).get("organs")
+        return self._open_case(volume_node, labels, report, reviewer, resume)
 
     def start_manual(self, volume_node, reviewer: str = "", resume: bool = False):
         """The manual baseline: empty named segments, timed with mode "manual"."""
@@ -342,6 +350,13 @@ class SegmentOARsLogic:
         if node is None or node.GetSegmentation().GetSegment(name) is None:
             return None
         return node.GetSegmentCenterRAS(name)
+
+    def non_empty_organs(self) -> List[str]:
+        """The organs that have a contour now (DICOM SEG leaves the others out)."""
+        import numpy as np
+
+        present = set(np.unique(sitk.GetArrayViewFromImage(self.case.final_labels())).tolist())
+        return [n for n in self.case.organs.names if self.case.organs.label_of(n) in present]
 
     def _require_session(self) -> ReviewSession:
         if self.session is None or self.session.finished:
