@@ -1,25 +1,42 @@
-"""FocusNet "Segment OARs": the 3D Slicer scripted module.
+"""FocusNet "Segment OARs": the 3D Slicer scripted module (Slicer 5.8 or later).
 
-Thin by design: the widget binds controls and shows progress; the logic calls
-FocusNetSegmentLib (MRML, no Qt), which is tested headless. Inference runs
-in a separate process (``PythonSlicer -m FocusNetCore segment --progress
-json``) polled by a QTimer, so the GUI never freezes and Cancel kills the
-whole process tree. torch is never imported in the Slicer process.
+Thin by design: the widget builds the panel, binds signals and shows
+messages. Everything else is ``FocusNetSegmentLib.logic.SegmentOARsLogic``
+(no Qt), which the test suite runs headless against slicer-core with the real
+segmentation subprocess; this file adds only what needs the running
+application: the Segment Editor, slice-view jumps, the DICOM plugins and
+database, PyTorch's installer and the dialogs. torch is never imported in
+the Slicer process: inference runs as ``PythonSlicer -m FocusNetCore segment``,
+polled by a QTimer; Cancel ends its whole process tree.
 """
+import logging
 import os
-import shutil
-import sys
-import tempfile
-import time
 
 import qt
 import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import parameterNodeWrapper  # Slicer 5.4+; 5.8+ is checked at setup
 from slicer.util import VTKObservationMixin
 
+# The module's folder is on sys.path; importing the Lib also makes FocusNetCore
+# importable from the source tree. Neither imports torch or scipy here.
+from FocusNetSegmentLib.logic import SegmentOARsLogic, check_slicer_version
+from FocusNetSegmentLib.scene import segment_editor_node
+
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+TERMINOLOGY_FILE = os.path.join(MODULE_DIR, "Resources", "FocusNet.term.json")
+EDITOR_TAG = "FocusNetSegmentEditor"
+
+
+def loadTerminology():
+    """Make Slicer's terminology selector know our organs' codes."""
+    from FocusNetSegmentLib.scene import load_terminology
+
+    try:
+        load_terminology(slicer.modules.terminologies.logic(), TERMINOLOGY_FILE)
+    except Exception as error:  # a missing context only degrades the selector
+        logging.warning(f"FocusNet: {error}")
 
 
 class FocusNetSegment(ScriptedLoadableModule):
@@ -31,15 +48,15 @@ class FocusNetSegment(ScriptedLoadableModule):
         self.parent.contributors = ["FocusNet developers"]
         self.parent.helpText = (
             "Segments 22 head-and-neck organs at risk on CT (FocusNetv2), with standard TG-263 names, colours and "
-            "terminology, a timed review panel and export to .seg.nrrd, NIfTI, DICOM SEG and RTSTRUCT.")
+            "terminology, a timed review panel and export to .seg.nrrd, NIfTI, DICOM SEG and RTSTRUCT. "
+            "Needs 3D Slicer 5.8 or later and the PyTorch extension.")
         self.parent.acknowledgementText = "FocusNetv2: Gao et al., Medical Image Analysis 2021."
+        slicer.app.connect("startupCompleted()", loadTerminology)
 
 
 @parameterNodeWrapper
 class FocusNetSegmentParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode
-    modelPath: str = ""
-    device: str = "auto"
     outputDirectory: str = ""
     reviewer: str = ""
 
@@ -50,6 +67,8 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
+        self._afterInstall = None
+        self.editor = None
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.connect("timeout()", self.onPoll)
@@ -59,349 +78,302 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        tooOld = check_slicer_version(slicer.app.majorVersion, slicer.app.minorVersion)
+        if tooOld:
+            self.layout.addWidget(qt.QLabel(tooOld))
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/FocusNetSegment.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = FocusNetSegmentLogic()
+        loadTerminology()
+        self.setupSegmentEditor()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputVolumeChanged)
+        self.ui.reviewerLineEdit.connect("textChanged(QString)", self.onReviewerChanged)
+        self.ui.outputDirectoryButton.connect("directoryChanged(QString)", self.onOutputDirectoryChanged)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelInfo)
+        self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
         self.ui.acceptAllButton.connect("clicked(bool)", self.onAcceptAll)
         self.ui.finishButton.connect("clicked(bool)", self.onFinish)
+        self.ui.manualBaselineCheckBox.connect("toggled(bool)", self.updateButtons)
         self.ui.startManualButton.connect("clicked(bool)", self.onStartManual)
-        self.ui.reviewTable.connect("cellClicked(int,int)", self.onRowSelected)
+        self.ui.reviewTable.connect("itemSelectionChanged()", self.onRowSelected)
         self.ui.exportSegButton.connect("clicked(bool)", lambda: self.onExport("seg.nrrd"))
         self.ui.exportNiftiButton.connect("clicked(bool)", lambda: self.onExport("nifti"))
         self.ui.exportDicomSegButton.connect("clicked(bool)", lambda: self.onExport("dicomseg"))
         self.ui.exportRtstructButton.connect("clicked(bool)", lambda: self.onExport("rtstruct"))
+        self.ui.reviewerLineEdit.text = qt.QSettings().value("FocusNet/reviewer", "")
         self.initializeParameterNode()
         self.updateModelInfo()
+        self.updateButtons()
         self.offerPendingSessions()
+
+    def setupSegmentEditor(self):
+        """The Segment Editor inside the review panel, so the review table stays
+        in view while editing; its own segment list is hidden (one organ list)."""
+        self.editor = slicer.qMRMLSegmentEditorWidget()
+        self.editor.setMaximumNumberOfUndoStates(10)
+        self.editor.setMRMLSegmentEditorNode(segment_editor_node(slicer.mrmlScene, EDITOR_TAG))
+        self.editor.setMRMLScene(slicer.mrmlScene)
+        self.editor.setSegmentationNodeSelectorVisible(False)
+        self.editor.setSourceVolumeNodeSelectorVisible(False)
+        table = slicer.util.findChild(self.editor, "SegmentsTableResizableFrame")
+        if table is not None:
+            table.hide()
+        self.ui.reviewLayout.addWidget(self.editor)
+
+    def enter(self):
+        if self.editor:
+            self.editor.installKeyboardShortcuts()
+
+    def exit(self):
+        if self.editor:
+            self.editor.setActiveEffect(None)
+            self.editor.uninstallKeyboardShortcuts()
 
     def cleanup(self):
         self.timer.stop()
         self.clock.stop()
         if self.logic:
-            self.logic.cancel()
+            self.logic.close()
         self.removeObservers()
 
     def onSceneStartClose(self, caller, event):
-        self.setParameterNode(None)
+        self.logic.close()
+        self.timer.stop()
+        self.clock.stop()
+        self.editor.setSegmentationNode(None)
+        self.editor.removeViewObservations()
+        self._parameterNode = None
+        self.fillReviewTable()
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+        self.updateButtons()
 
     def initializeParameterNode(self):
-        self.setParameterNode(self.logic.getParameterNode())
+        self._parameterNode = FocusNetSegmentParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if volume:
-                self._parameterNode.inputVolume = volume
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self.ui.inputVolumeSelector.setCurrentNode(self._parameterNode.inputVolume)
+        self.ui.outputDirectoryButton.directory = str(self.logic.export_folder(self._parameterNode.outputDirectory))
 
-    def setParameterNode(self, parameterNode):
-        self._parameterNode = parameterNode
-        if parameterNode:
-            self.ui.inputVolumeSelector.setCurrentNode(parameterNode.inputVolume)
-            self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)",
-                                                lambda node: setattr(self._parameterNode, "inputVolume", node))
+    def onInputVolumeChanged(self, node):
+        if self._parameterNode is not None:
+            self._parameterNode.inputVolume = node
+        self.updateButtons()
 
-    # -- actions ---------------------------------------------------------------
+    def onReviewerChanged(self, text):
+        qt.QSettings().setValue("FocusNet/reviewer", text)
+        if self._parameterNode is not None:
+            self._parameterNode.reviewer = text
+
+    def onOutputDirectoryChanged(self, folder):
+        if self._parameterNode is not None:
+            self._parameterNode.outputDirectory = folder
+
+    def updateButtons(self, *args):
+        busy = self.logic.running or self.logic.busy_finishing
+        hasVolume = self.ui.inputVolumeSelector.currentNode() is not None
+        self.ui.segmentButton.enabled = hasVolume and not self.logic.busy_finishing
+        self.ui.startManualButton.enabled = hasVolume and self.ui.manualBaselineCheckBox.checked and not busy
+        for button in (self.ui.acceptButton, self.ui.acceptAllButton, self.ui.finishButton):
+            button.enabled = self.logic.can_finish and not busy
+        for button in (self.ui.exportSegButton, self.ui.exportNiftiButton, self.ui.exportDicomSegButton,
+                       self.ui.exportRtstructButton):
+            button.enabled = self.logic.can_export and not busy
+
     def updateModelInfo(self, *args):
-        with slicer.util.tryWithErrorDisplay("Could not read the model bundle.", waitCursor=True):
-            self.ui.modelInfoLabel.text = self.logic.describeModel(self.ui.modelPathLineEdit.currentPath or None)
+        self.ui.modelInfoLabel.text = self.logic.describe_model(self.ui.modelPathLineEdit.currentPath or None)[0]
+
+    def status(self, text):
+        self.ui.statusLabel.text = text
 
     def onSegmentButton(self):
         if self.logic.running:
             self.logic.cancel()
-            self.ui.statusLabel.text = "Cancelled."
-            self.resetSegmentButton()
+            self._afterInstall = None
+            self.status("Cancelled.")
+            self.setPolling(False)
             return
         volume = self.ui.inputVolumeSelector.currentNode()
-        if volume is None:
-            slicer.util.errorDisplay("Select the CT to segment.")
-            return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
-            if not self.logic.ensureDependencies(confirm=slicer.util.confirmOkCancelDisplay):
-                return
-            device = ["auto", "cuda", "cpu"][self.ui.deviceComboBox.currentIndex]
-            self.logic.start(volume, self.ui.modelPathLineEdit.currentPath or None, device)
-            self.ui.segmentButton.text = "Cancel"
-            self.ui.progressBar.value = 0
-            self.timer.start()
+            if self.ensureDependencies(lambda: self.startSegmentation(volume)):
+                self.startSegmentation(volume)
 
-    def resetSegmentButton(self):
-        self.timer.stop()
-        self.ui.segmentButton.text = "Segment OARs"
+    def startSegmentation(self, volume):
+        device = ["auto", "cuda", "cpu"][self.ui.deviceComboBox.currentIndex]
+        self.logic.start(volume, self.ui.modelPathLineEdit.currentPath or None, device)
+        self.ui.progressBar.value = 0
+        self.setPolling(True)
 
-    def onPoll(self):
-        for event in self.logic.poll():
-            self.ui.progressBar.value = int(100 * event.fraction)
-            self.ui.statusLabel.text = f"{event.label}: {event.message}"
-        if self.logic.running:
-            return
-        self.resetSegmentButton()
-        with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
-            self.logic.loadResult(reviewer=self._parameterNode.reviewer if self._parameterNode else "")
-            self.fillReviewTable()
-            self.clock.start()
-            self.ui.statusLabel.text = "Review the contours; Finish when done."
-
-    def onStartManual(self):
-        volume = self.ui.inputVolumeSelector.currentNode()
-        if volume is None:
-            slicer.util.errorDisplay("Select the CT to contour.")
-            return
-        with slicer.util.tryWithErrorDisplay("Could not start the manual session."):
-            self.logic.startManual(volume, reviewer=self._parameterNode.reviewer if self._parameterNode else "")
-            self.fillReviewTable()
-            self.clock.start()
-
-    def fillReviewTable(self):
-        session = self.logic.session
-        table = self.ui.reviewTable
-        table.setRowCount(len(session.states))
-        results = {r["name"]: r for r in (self.logic.organResults or [])}
-        for row, (name, state) in enumerate(session.states.items()):
-            result = results.get(name, {})
-            values = [name, state.status, f"{result.get('volume_cc', 0.0):.2f}",
-                      "" if result.get("confidence") is None else f"{result['confidence']:.2f}", "; ".join(state.flags)]
-            for column, value in enumerate(values):
-                table.setItem(row, column, qt.QTableWidgetItem(value))
-
-    def onRowSelected(self, row, column):
-        name = self.ui.reviewTable.item(row, 0).text()
-        self.logic.focusOrgan(name)
-
-    def onAcceptAll(self):
-        if self.logic.session:
-            self.logic.session.accept_all_unflagged()
-            self.fillReviewTable()
-
-    def onClock(self):
-        session = self.logic.session
-        if session is None:
-            return
-        self.ui.clockLabel.text = f"Review time: {session.now_s() / 60:.1f} min (active {session.active_s / 60:.1f} min)"
-        self.fillReviewTable()
-
-    def onFinish(self):
-        with slicer.util.tryWithErrorDisplay("Could not finish the review.", waitCursor=True):
-            record = self.logic.finish()
-            self.clock.stop()
-            self.ui.statusLabel.text = f"Finished: {record['wall_s'] / 60:.1f} min recorded in {self.logic.logPath()}"
-
-    def onExport(self, kind):
-        folder = self.ui.outputDirectoryButton.directory
-        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
-            path = self.logic.export(kind, folder)
-            self.ui.statusLabel.text = f"Exported {path}"
-
-    def offerPendingSessions(self):
-        from FocusNetSegmentLib.review import ReviewSession, pending_sessions
-
-        for checkpoint in pending_sessions(self.logic.sessionFolder()):
-            if slicer.util.confirmYesNoDisplay(f"A review session was interrupted ({checkpoint.name}). Record it as "
-                                               "incomplete? (No keeps it to resume.)"):
-                ReviewSession.mark_incomplete(checkpoint, self.logic.logPath())
-
-
-class FocusNetSegmentLogic(ScriptedLoadableModuleLogic):
-    """Usable without the widget (scripts, self-test)."""
-
-    def __init__(self):
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.job = None
-        self.case = None
-        self.session = None
-        self.organResults = None
-        self.volumeNode = None
-        self.segmentationNode = None
-        self.workDir = None
-        self.caseName = None
-        self.modelInfo = {}
-
-    def getParameterNode(self):
-        return FocusNetSegmentParameterNode(super().getParameterNode())
-
-    # -- environment -------------------------------------------------------------
-    @staticmethod
-    def coreDirectory():
-        """Where the bundled FocusNetCore package lies (installed beside the module)."""
-        return MODULE_DIR
-
-    def ensureDependencies(self, confirm):
+    def ensureDependencies(self, then):
+        """True when everything is there; else installs (after asking) and
+        calls ``then`` once the background pip install has succeeded."""
         from FocusNetSegmentLib import dependencies
 
         if not dependencies.torch_available():
             try:
                 import PyTorchUtils
             except ImportError:
-                raise RuntimeError("FocusNet needs PyTorch: install the PyTorch extension from the Extensions Manager.") from None
-            if not confirm("FocusNet needs PyTorch. Install it now (several GB for a GPU build)?"):
+                raise RuntimeError(dependencies.NO_PYTORCH_EXTENSION) from None
+            if not slicer.util.confirmOkCancelDisplay(dependencies.TORCH_QUESTION):
                 return False
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if torchLogic.installTorch(askConfirmation=False) is None:
-                raise RuntimeError("PyTorch could not be installed (offline?). Install it with the PyTorch extension.")
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT) is None:
+                raise RuntimeError(dependencies.TORCH_FAILED)
         missing = dependencies.missing_requirements()
-        if missing:
-            if not confirm(f"FocusNet needs these Python packages: {', '.join(missing)}. Install them? "
-                           "(Slicer's own numpy, SimpleITK and vtk are kept as they are.)"):
-                return False
-            import subprocess
+        if missing and slicer.util.confirmOkCancelDisplay(dependencies.packages_question(missing)):
+            self.logic.start_install(missing)
+            self._afterInstall = then
+            self.setPolling(True)
+        return not missing
 
-            result = subprocess.run(dependencies.pip_command(missing), capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError("Installing the requirements failed (offline?):\n" + result.stderr[-2000:])
-        return True
+    def setPolling(self, on):
+        self.timer.start() if on else self.timer.stop()
+        self.ui.segmentButton.text = "Cancel" if on else "Segment OARs"
+        self.updateButtons()
 
-    def describeModel(self, modelPath=None):
-        """One line: the bundle's name and intended use (read from its metadata)."""
-        import json
-        import subprocess
+    def onPoll(self):
+        if self.logic.finishing is not None:
+            if not self.logic.busy_finishing:
+                self.onFinished()
+            return
+        job = self.logic.job
+        text = self.logic.status_text(self.logic.poll())
+        self.ui.progressBar.value = self.logic.progress
+        if text:
+            self.status(text)
+        if self.logic.running:
+            return
+        self.setPolling(False)
+        if job.kind == "install":
+            then, self._afterInstall = self._afterInstall, None
+            if job.returncode != 0:
+                slicer.util.errorDisplay("Installing the requirements failed (offline?).",
+                                         detailedText=job.error_text()[-3000:])
+            elif then is not None:
+                with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
+                    then()
+        elif not job.cancelled:
+            self.loadResult()
 
-        command = [self.python(), "-c",
-                   "import json,sys; from FocusNetCore.bundle import load_bundle; "
-                   "m = load_bundle(sys.argv[1])[1] if sys.argv[1] else None; "
-                   "from FocusNetCore.segment import EMBEDDED_MODEL; "
-                   "m = m or load_bundle(EMBEDDED_MODEL)[1]; print(json.dumps(m['provenance']))",
-                   modelPath or ""]
-        result = subprocess.run(command, capture_output=True, text=True, env=self.environment())
-        if result.returncode != 0:
-            return "Model: unavailable (" + (result.stderr.strip().splitlines() or ["?"])[-1] + ")"
-        provenance = json.loads(result.stdout)
-        self.modelInfo = provenance
-        return f"{provenance.get('name', 'FocusNetv2')}: {provenance.get('intended_use', '')}"
+    def loadResult(self):
+        resume = False
+        checkpoint = self.logic.pending_checkpoint(self.logic.volume_node)
+        if checkpoint is not None:
+            resume = slicer.util.confirmYesNoDisplay(
+                "This CT has an unfinished review. Resume it (its times and statuses; the contours are the new "
+                "result)? No starts a new review and records the old one as incomplete.")
+        with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
+            self.logic.load_result(reviewer=self.ui.reviewerLineEdit.text, resume=resume)
+            self.openReview()
+            self.status("Review the contours: select an organ to edit it; Finish when done.")
 
-    @staticmethod
-    def python():
-        return shutil.which("PythonSlicer") or sys.executable
+    def onStartManual(self):
+        volume = self.ui.inputVolumeSelector.currentNode()
+        with slicer.util.tryWithErrorDisplay("Could not start the manual session."):
+            self.logic.start_manual(volume, reviewer=self.ui.reviewerLineEdit.text)
+            self.openReview()
+            self.status("Contour the organs from scratch; Finish when done.")
 
-    def environment(self):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([self.coreDirectory(), env.get("PYTHONPATH", "")])
-        return env
+    def openReview(self):
+        self.logic.session.listeners.append(self.fillReviewTable)
+        self.editor.setSegmentationNode(self.logic.segmentation_node)
+        self.editor.setSourceVolumeNode(self.logic.volume_node)
+        self.fillReviewTable()
+        self.clock.start()
+        self.updateButtons()
 
-    def sessionFolder(self):
-        folder = os.path.join(slicer.app.slicerUserSettingsFilePath and os.path.dirname(slicer.app.slicerUserSettingsFilePath) or tempfile.gettempdir(), "FocusNet")
-        os.makedirs(folder, exist_ok=True)
-        return folder
+    def fillReviewTable(self):
+        rows = self.logic.review_rows()
+        self.ui.reviewTable.setRowCount(len(rows))
+        for row, values in enumerate(rows):
+            for column, value in enumerate(values):  # setText keeps the selection, setItem would not
+                item = self.ui.reviewTable.item(row, column)
+                item.setText(value) if item else self.ui.reviewTable.setItem(row, column, qt.QTableWidgetItem(value))
+        self.updateButtons()
 
-    def logPath(self):
-        return os.path.join(self.sessionFolder(), "review-log.jsonl")
+    def selectedOrgan(self):
+        rows = self.ui.reviewTable.selectionModel().selectedRows()
+        if not rows:
+            return None
+        return self.ui.reviewTable.item(rows[0].row(), 0).text()
 
-    # -- segmentation ----------------------------------------------------------------
-    @property
-    def running(self):
-        return self.job is not None and self.job.running
-
-    def start(self, volumeNode, modelPath=None, device="auto"):
-        import SimpleITK as sitk
-        from FocusNetSegmentLib import process
-        from FocusNetSegmentLib.scene import image_from_volume_node
-
-        self.volumeNode = volumeNode
-        self.workDir = tempfile.mkdtemp(prefix="FocusNet-")
-        self.caseName = "ct"
-        ctPath = os.path.join(self.workDir, "ct.nrrd")
-        sitk.WriteImage(image_from_volume_node(volumeNode), ctPath)
-        command = process.segment_command(self.python(), [ctPath], self.workDir, model=modelPath, device=device,
-                                          output_format="nrrd")
-        self.job = process.SegmentationProcess(command, env=self.environment()).start()
-
-    def poll(self):
-        return self.job.poll() if self.job else []
-
-    def cancel(self):
-        if self.job:
-            self.job.cancel()
-
-    def wait(self, timeout=None):
-        deadline = None if timeout is None else time.time() + timeout
-        while self.running and (deadline is None or time.time() < deadline):
-            self.poll()
-            time.sleep(0.2)
-        self.poll()
-
-    def loadResult(self, reviewer=""):
-        import json
-
-        import SimpleITK as sitk
-
-        if self.job.cancelled:
-            raise RuntimeError("The segmentation was cancelled.")
-        if self.job.returncode != 0:
-            raise RuntimeError(self.job.error_text() or f"focusnet segment exited with code {self.job.returncode}")
-        report = json.load(open(os.path.join(self.workDir, "ct.report.json")))
-        labels = sitk.ReadImage(os.path.join(self.workDir, "ct.nrrd"))
-        self.organResults = report["organs"]
-        self._openCase(self.volumeNode, labels, report, reviewer)
-        return self.segmentationNode
-
-    def startManual(self, volumeNode, reviewer=""):
-        self.volumeNode = volumeNode
-        self.organResults = None
-        self._openCase(volumeNode, None, None, reviewer)
-
-    def _openCase(self, volumeNode, labels, report, reviewer):
-        """The review (AI contours, or none for contouring from scratch) through
-        FocusNetSegmentLib.case.ReviewCase, the code the browser review runs too."""
-        from FocusNetSegmentLib.case import ReviewCase
-
-        uid = volumeNode.GetAttribute("DICOM.instanceUIDs") or volumeNode.GetName()
-        self.case = ReviewCase.open(slicer.mrmlScene, volumeNode, labels, folder=self.sessionFolder(),
-                                    log_path=self.logPath(), case_uid=uid.split()[0], reviewer=reviewer,
-                                    report=report, resume=True)
-        self.segmentationNode = self.case.segmentation_node
-        self.session = self.case.session
-
-    def focusOrgan(self, name):
-        """Centre the slice views on the organ and open the Segment Editor on it."""
-
-        segmentation = self.segmentationNode.GetSegmentation()
-        center = self.segmentationNode.GetSegmentCenterRAS(name) if segmentation.GetSegment(name) else None
+    def onRowSelected(self):
+        name = self.selectedOrgan()
+        if name is None or self.logic.segmentation_node is None:
+            return
+        center = self.logic.organ_center_ras(name)
         if center is not None:
             slicer.modules.markups.logic().JumpSlicesToLocation(center[0], center[1], center[2], True)
-        slicer.util.selectModule("SegmentEditor")
-        editor = slicer.modules.SegmentEditorWidget.editor
-        editor.setSegmentationNode(self.segmentationNode)
-        editor.setSourceVolumeNode(self.volumeNode)
-        editor.setCurrentSegmentID(name if segmentation.GetSegment(name) else "")
+        self.editor.setCurrentSegmentID(name)
 
-    def finish(self):
-        return self.case.finish()
+    def onAccept(self):
+        with slicer.util.tryWithErrorDisplay("Could not accept the organ."):
+            self.logic.accept(self.selectedOrgan())
 
-    def export(self, kind, folder):
-        if kind == "dicomseg":
-            return self.exportDicom("DICOMSegmentationPlugin", folder)
-        if kind == "rtstruct" and hasattr(slicer.modules, "dicomrtimportexport"):
-            return self.exportDicom("DicomRtImportExportPlugin", folder)
-        series = self.dicomSeriesFolder() if kind == "rtstruct" else None
-        return self.case.export(kind, folder, self.volumeNode.GetName(), ct_series_folder=series)
+    def onAcceptAll(self):
+        with slicer.util.tryWithErrorDisplay("Could not accept the organs."):
+            self.logic.accept_all_unflagged()
 
-    def dicomSeriesFolder(self):
-        """A folder holding just the CT's DICOM files (from Slicer's DICOM database)."""
-        uids = (self.volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
-        if not uids:
-            raise RuntimeError("RTSTRUCT export needs the CT loaded from DICOM (or the SlicerRT extension).")
-        folder = tempfile.mkdtemp(prefix="FocusNet-CT-")
-        for uid in uids:
-            source = slicer.dicomDatabase.fileForInstance(uid)
-            shutil.copy(source, os.path.join(folder, os.path.basename(source) or uid))
-        return folder
+    def onClock(self):
+        session = self.logic.session
+        if session is None or session.finished:
+            return
+        self.ui.clockLabel.text = (f"Review time: {session.now_s() / 60:.1f} min "
+                                   f"(active {session.active_s / 60:.1f} min)")
 
-    def exportDicom(self, pluginName, folder):
-        import DICOMScalarVolumePlugin  # noqa: F401  (registers the plugins)
+    def onFinish(self):
+        with slicer.util.tryWithErrorDisplay("Could not finish the review.", waitCursor=True):
+            self.editor.setActiveEffect(None)
+            self.logic.start_finish()
+            self.clock.stop()
+            self.status("Finishing: comparing the contours with the AI's...")
+            self.timer.start()
+            self.updateButtons()
 
-        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        item = hierarchy.GetItemByDataNode(self.segmentationNode)
-        plugin = slicer.modules.dicomPlugins[pluginName]()
-        exportables = plugin.examineForExport(item)
-        if not exportables:
-            raise RuntimeError(f"{pluginName}: this segmentation cannot be exported (is the CT loaded from DICOM?)")
-        for exp in exportables:
-            exp.directory = folder
-        error = plugin.export(exportables)
-        if error:
-            raise RuntimeError(error)
-        return folder
+    def onFinished(self):
+        call, self.logic.finishing = self.logic.finishing, None
+        self.timer.stop()
+        self.updateButtons()
+        if call.error is not None:
+            slicer.util.errorDisplay(f"Could not finish the review: {call.error}")
+            return
+        self.status(f"Finished: {call.result['wall_s'] / 60:.1f} min recorded in {self.logic.log_path()}")
+
+    def onExport(self, kind):
+        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            path = self.logic.export(kind, self.ui.outputDirectoryButton.directory, dicom=self.logic.dicomExporter())
+            self.status(f"Exported {path}")
+
+    def offerPendingSessions(self):
+        from FocusNetSegmentLib.review import ReviewSession, pending_sessions
+
+        for checkpoint in pending_sessions(self.logic.session_folder):
+            if slicer.util.confirmYesNoDisplay(f"A review session was interrupted ({checkpoint.name}). Record it as "
+                                               "incomplete? (No keeps it: segmenting that CT again offers to "
+                                               "resume it.)"):
+                ReviewSession.mark_incomplete(checkpoint, self.logic.log_path())
+
+
+class FocusNetSegmentLogic(ScriptedLoadableModuleLogic, SegmentOARsLogic):
+    """FocusNetSegmentLib's logic (tested headless) in Slicer's scene."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        folder = os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "FocusNet")
+        SegmentOARsLogic.__init__(self, slicer.mrmlScene, folder, default_export_folder=slicer.app.defaultScenePath)
+
+    def dicomExporter(self):
+        from FocusNetSegmentLib.dicomexport import DicomExporter
+
+        return DicomExporter.from_application(slicer)
 
 
 class FocusNetSegmentTest(ScriptedLoadableModuleTest):
@@ -415,25 +387,10 @@ class FocusNetSegmentTest(ScriptedLoadableModuleTest):
         self.test_SegmentPhantom()
 
     def test_SegmentPhantom(self):
-        import numpy as np
-        from FocusNetCore.phantom import generate_case
-        from FocusNetSegmentLib.scene import export_labels, image_from_volume_node, volume_node_from_image
+        from FocusNetSegmentLib.logic import phantom_check
 
         self.delayDisplay("Segmenting a synthetic phantom with the embedded model")
-        case = generate_case(2026, "small")
-        volume = volume_node_from_image(slicer.mrmlScene, case.image, "Phantom CT")
         logic = FocusNetSegmentLogic()
-        logic.start(volume, device="cpu")
-        logic.wait(timeout=600)
-        segmentation = logic.loadResult(reviewer="self-test")
-        names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
-                 for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
-        self.assertEqual(len(names), 22)
-        self.assertIn("OpticChiasm", names)
-        labels = export_labels(slicer.mrmlScene, segmentation, volume, logic.session.organs)
-        self.assertEqual(labels.GetSize(), case.image.GetSize())
-        self.assertTrue(np.allclose(labels.GetOrigin(), case.image.GetOrigin()))
-        self.assertTrue(np.allclose(image_from_volume_node(volume).GetDirection(), case.image.GetDirection()))
-        record = logic.finish()
-        self.assertEqual(record["mode"], "ai")
+        logic.default_export_folder = slicer.app.temporaryPath
+        phantom_check(logic)
         self.delayDisplay("FocusNetSegment self-test passed")

@@ -73,3 +73,56 @@ def test_module_script_compiles_and_lib_stays_free_of_qt():
     for path in (MODULE / "FocusNetSegmentLib").glob("*.py"):
         text = path.read_text()
         assert not re.search(r"^\s*(import|from)\s+(qt|ctk)\b", text, re.M), path.name
+
+
+def _attributes_used(source, owner):
+    """Names used as ``self.<owner>.<name>`` in the module's source."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and \
+                node.value.attr == owner and isinstance(node.value.value, ast.Name) and node.value.value.id == "self":
+            names.add(node.attr)
+    return names
+
+
+def test_widget_uses_only_widgets_the_ui_file_has_and_logic_the_lib_has():
+    """The widget cannot run here (no Qt), so its wiring is checked against the
+    .ui file and the Lib: a renamed widget or logic method fails here, not at a click."""
+    import sys
+    import xml.etree.ElementTree as ElementTree
+
+    source = (MODULE / "FocusNetSegment.py").read_text()
+    ui_names = {w.get("name") for w in ElementTree.parse(MODULE / "Resources/UI/FocusNetSegment.ui").iter()
+                if w.tag in ("widget", "layout")}
+    used = _attributes_used(source, "ui")
+    assert used and used - ui_names == set(), "widgets the .ui file lacks"
+    sys.path.insert(0, str(MODULE))
+    from FocusNetSegmentLib.logic import SegmentOARsLogic
+
+    logic_used = _attributes_used(source, "logic")
+    own = {"dicomExporter", "getParameterNode"}  # the module's Logic class adds these
+    assert "dicomExporter" in source and logic_used - own - set(dir(SegmentOARsLogic)) - {
+        "job", "volume_node", "finishing", "session_folder", "default_export_folder", "progress"} == set()
+
+
+def test_extensions_index_catalog_entry_matches_the_s4ext():
+    """The JSON entry the Slicer Extensions Index takes since 2024 (schema v1.0.1:
+    $schema, category and scm_url required; no other keys than these)."""
+    entry = json.loads((ROOT / "FocusNet.json").read_text())
+    allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision",
+               "scm_type", "scm_url", "tier"}
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    s4ext = dict(line.split(" ", 1) for line in (ROOT / "FocusNet.s4ext").read_text().splitlines()
+                 if line.strip() and not line.startswith("#") and " " in line)
+    assert entry["category"] == s4ext["category"] and entry["scm_url"] == s4ext["scmurl"]
+    assert entry["build_dependencies"] == s4ext["depends"].split()
+    assert 1 <= entry["tier"] <= 5 and "\r" not in (ROOT / "FocusNet.json").read_text()
+
+
+def test_minimum_slicer_version_is_stated_everywhere():
+    assert 'VERSION_LESS "5.8"' in (ROOT / "CMakeLists.txt").read_text()
+    assert "Slicer 5.8 or later" in (ROOT / "FocusNet.s4ext").read_text()
+    assert "Slicer 5.8 or later" in (ROOT / "README.md").read_text()

@@ -486,3 +486,13 @@ def test_dicom_seg_exports_found_organs_tagged_automatic_and_says_what_is_missin
     assert "Pituitary" not in call["ids"] and "Brainstem" in call["ids"]
     assert call["tags"]["Brainstem"] == ("AUTOMATIC", "FocusNet phantom-cpu 0.1.0")
     assert call["tags"]["Parotid_L"][0] == "SEMIAUTOMATIC"
+
+
+def test_module_self_test_body_runs_headless(tmp_path):
+    """FocusNetSegmentTest (inside Slicer) runs this same function."""
+    from FocusNetSegmentLib.logic import phantom_check
+
+    logic = SegmentOARsLogic(bridge.new_scene(), tmp_path / "sessions", default_export_folder=str(tmp_path / "out"))
+    made = phantom_check(logic)
+    assert made["export"] == tmp_path / "out" / "3_ CT HEAD_NECK.seg.nrrd"
+    assert made["record"]["reviewer"] == "self-test"

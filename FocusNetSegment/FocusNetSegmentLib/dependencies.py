@@ -25,6 +25,16 @@ REQUIREMENTS: Dict[str, str] = {
 TORCH_REQUIREMENT = ">=2.1"
 PROTECTED = ("numpy", "SimpleITK", "vtk", "pydicom")
 
+NO_PYTORCH_EXTENSION = ("FocusNet needs PyTorch: install the PyTorch extension from the Extensions Manager, "
+                        "restart Slicer, and click Segment OARs again.")
+TORCH_QUESTION = "FocusNet needs PyTorch. Install it now (several GB for a GPU build)?"
+TORCH_FAILED = "PyTorch could not be installed (offline?). Install it with the PyTorch extension's module."
+
+
+def packages_question(missing: List[str]) -> str:
+    return (f"FocusNet needs these Python packages: {', '.join(missing)}. Install them? (Slicer's own "
+            f"{', '.join(PROTECTED)} are kept as they are.)")
+
 
 def missing_requirements() -> List[str]:
     return [req for module, req in REQUIREMENTS.items() if importlib.util.find_spec(module) is None]

@@ -80,7 +80,8 @@ def unused_folder(folder: Path, name: str) -> Path:
 
 
 class DicomExporter:
-    """``plugins``: name -> plugin class (``slicer.modules.dicomPlugins``);
+    """How the module reaches the running application's DICOM side.
+    ``plugins``: name -> plugin class (``slicer.modules.dicomPlugins``);
     ``file_for_instance``: SOP Instance UID -> file (``slicer.dicomDatabase.fileForInstance``);
     ``seg_exporter``: the ``DICOMSegmentationExporter`` class of the SEG plugin's module."""
 
@@ -88,6 +89,21 @@ class DicomExporter:
                  seg_exporter=None):
         self.plugins, self.hierarchy = dict(plugins or {}), hierarchy
         self.file_for_instance, self.seg_exporter = file_for_instance, seg_exporter
+
+    @classmethod
+    def from_application(cls, slicer) -> "DicomExporter":
+        """From the running Slicer (the ``slicer`` module): its registered DICOM
+        plugins, the SEG plugin's exporter class and the DICOM database."""
+        import importlib
+
+        plugins = dict(getattr(slicer.modules, "dicomPlugins", None) or {})
+        seg_exporter = None
+        if SEG_PLUGIN in plugins:
+            seg_exporter = getattr(importlib.import_module(plugins[SEG_PLUGIN].__module__),
+                                   "DICOMSegmentationExporter", None)
+        database = getattr(slicer, "dicomDatabase", None)
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        return cls(plugins, hierarchy, database.fileForInstance if database else None, seg_exporter)
 
     def export(self, kind: str, logic, folder: Path, base: str) -> Path:
         if kind == "rtstruct":

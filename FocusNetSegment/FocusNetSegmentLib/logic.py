@@ -29,7 +29,7 @@ from typing import Callable, List, Optional, Tuple
 
 import SimpleITK as sitk
 
-from . import process
+from . import find_core_directory, process  # noqa: F401  (find_core_directory: part of the API)
 from .case import ReviewCase
 from .review import ReviewSession
 from .scene import image_from_volume_node
@@ -49,18 +49,6 @@ def check_slicer_version(major: int, minor: int) -> Optional[str]:
         return None
     return (f"FocusNet needs 3D Slicer {MINIMUM_SLICER[0]}.{MINIMUM_SLICER[1]} or later; this is "
             f"{major}.{minor}. Install a current Slicer release.")
-
-
-def find_core_directory(module_dir) -> str:
-    """The folder holding the FocusNetCore package: beside the module in an
-    installed extension, one level up in the source tree (Developer mode,
-    "Add module path" pointing at FocusNetSegment/)."""
-    module_dir = Path(module_dir).resolve()
-    for candidate in (module_dir, module_dir.parent):
-        if (candidate / "FocusNetCore" / "__init__.py").is_file():
-            return str(candidate)
-    raise RuntimeError(f"FocusNetCore was found neither in {module_dir} nor in {module_dir.parent}: "
-                       "the extension is incompletely installed")
 
 
 def safe_file_name(name: str, fallback: str = "segmentation") -> str:
@@ -111,6 +99,11 @@ class BackgroundCall:
         return self.result
 
 
+def python_slicer() -> str:
+    """The Python that runs FocusNetCore: PythonSlicer inside Slicer."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
 class SegmentOARsLogic:
     """The module's logic. ``scene`` is Slicer's scene (or a slicer-core one);
     ``session_folder`` holds review checkpoints and the study's log."""
@@ -120,11 +113,12 @@ class SegmentOARsLogic:
                  wall: Callable[[], float] = time.time):
         self.scene = scene
         self.session_folder = Path(session_folder)
-        self.python = python or sys.executable
+        self.python = python or python_slicer()
         self.core_directory = core_directory or find_core_directory(Path(__file__).resolve().parents[1])
         self.default_export_folder = default_export_folder
         self.clock, self.wall = clock, wall
         self.job: Optional[process.SegmentationProcess] = None
+        self.progress = 0
         self.work_dir: Optional[Path] = None
         self.volume_node = None
         self.case: Optional[ReviewCase] = None
@@ -169,6 +163,7 @@ class SegmentOARsLogic:
         self.job = process.SegmentationProcess(pip_command(requirements, python=self.python),
                                                env=dict(os.environ)).start()
         self.job.kind = "install"
+        self.progress = 0
         return self.job
 
     # -- segmentation ----------------------------------------------------------------
@@ -200,10 +195,23 @@ class SegmentOARsLogic:
                                           model=model_path, device=device, output_format="nrrd")
         self.job = process.SegmentationProcess(command, env=self.environment()).start()
         self.job.kind = "segment"
+        self.progress = 0
         return self.job
 
     def poll(self) -> List[process.ProgressEvent]:
-        return self.job.poll() if self.job else []
+        """New progress events; ``progress`` (0-100) never runs backwards."""
+        events = self.job.poll() if self.job else []
+        for event in events:
+            self.progress = max(self.progress, int(100 * event.fraction))
+        return events
+
+    def status_text(self, events: List[process.ProgressEvent]) -> Optional[str]:
+        """What the panel's status line says after a poll (None: no news)."""
+        if events:
+            return f"{events[-1].label}: {events[-1].message}"
+        if self.job is not None and self.job.kind == "install" and self.job.other_output:
+            return self.job.other_output[-1][:200]
+        return None
 
     def cancel(self) -> None:
         """End the process tree and remove everything it wrote."""
@@ -338,8 +346,12 @@ class SegmentOARsLogic:
                          "" if confidence is None else f"{confidence:.2f}", "; ".join(state.flags)))
         return rows
 
-    def accept(self, name: str) -> None:
-        self._require_session().accept(name)
+    def accept(self, name: Optional[str]) -> None:
+        session = self._require_session()
+        if name not in session.states:
+            raise ValueError("Select an organ in the review table first." if name is None
+                             else f"{name!r} is not one of the organs under review")
+        session.accept(name)
 
     def accept_all_unflagged(self) -> List[str]:
         return self._require_session().accept_all_unflagged()
@@ -410,3 +422,32 @@ class SegmentOARsLogic:
             self.cancel()
         self.close_session()
         self._remove_work_dir()
+
+
+def phantom_check(logic: SegmentOARsLogic, name: str = "3: CT HEAD/NECK", timeout: float = 600) -> dict:
+    """The module's self-test, runnable in Slicer (Developer Tools > Self
+    Tests) and headless alike: a synthetic phantom through the whole button
+    path (segment, load, finish, export). Raises AssertionError naming what
+    went wrong; returns what it made."""
+    import numpy as np
+
+    from FocusNetCore.phantom import generate_case
+
+    from .scene import export_labels, segment_names, volume_node_from_image
+
+    case = generate_case(2026, "small")
+    volume = volume_node_from_image(logic.scene, case.image, name)
+    logic.start(volume, device="cpu")
+    logic.wait(timeout=timeout)
+    node = logic.load_result(reviewer="self-test")
+    names = segment_names(node)
+    assert names == list(logic.session.organs.names) and len(names) == 22, f"segments: {names}"
+    labels = export_labels(logic.scene, node, volume, logic.session.organs)
+    assert labels.GetSize() == case.image.GetSize(), "the result is not on the CT's grid"
+    assert np.allclose(labels.GetOrigin(), case.image.GetOrigin()), "the result moved"
+    assert np.allclose(labels.GetDirection(), case.image.GetDirection()), "the result turned"
+    record = logic.finish()
+    assert record["mode"] == "ai" and record["status"] == "finished", record
+    path = logic.export("seg.nrrd")
+    assert path.is_file() and path.name.startswith(safe_file_name(name)), path
+    return {"volume": volume, "segmentation": node, "record": record, "export": path}

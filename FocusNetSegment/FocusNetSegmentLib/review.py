@@ -27,7 +27,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from FocusNetCore import __version__
-from FocusNetCore.editmetrics import edit_metrics
 from FocusNetCore.organs import CATALOGUE, OrganSet
 from FocusNetCore.study import append_record, read_records, write_json_atomic
 
@@ -225,6 +224,8 @@ class ReviewSession:
         record = {**self.state_dict(), "status": "finished", "finished": _iso(self.wall()),
                   "wall_s": round(self.now_s(), 3)}
         if final_labels is not None:
+            from FocusNetCore.editmetrics import edit_metrics  # scipy: installed on first use in Slicer
+
             spacing = tuple(reversed(final_labels.GetSpacing()))
             final = sitk.GetArrayViewFromImage(final_labels)
             ai = (sitk.GetArrayViewFromImage(self.ai_labels) if self.ai_labels is not None

@@ -258,3 +258,15 @@ def terminology_resolves(terminologies_logic, entry: str) -> bool:
                 if same(modifier, wanted_modifier):
                     return True
     return False
+
+
+def segment_editor_node(scene, tag: str):
+    """The module's own Segment Editor parameter node (a singleton with
+    ``tag``, so the Segment Editor module's settings are left alone)."""
+    node = scene.GetSingletonNode(tag, "vtkMRMLSegmentEditorNode")
+    if node is None:
+        node = scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+        node.UnRegister(None)
+        node.SetSingletonTag(tag)
+        node = scene.AddNode(node)
+    return node
