@@ -7,6 +7,14 @@ PY := $(VENV)/bin/python
 # with a GPU install their own build (pyproject.toml accepts a range).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# A second environment with the package versions released 3D Slicer ships
+# (pydicom 2.4.4, numpy < 2): the Slicer-side tests run again in it.
+SLICER_VENV ?= .venv-slicer
+SLICER_PY := $(SLICER_VENV)/bin/python
+SLICER_STAMP := $(SLICER_VENV)/.installed
+SLICER_CONSTRAINTS := Testing/slicer-constraints.txt
+SLICER_SIDE_TESTS := Testing/test_imageio.py Testing/test_rtstruct.py Testing/test_study.py \
+	Testing/test_slicer_lib.py Testing/test_slicer_logic.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv demo test clean
@@ -24,11 +32,22 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "rt-utils==1.2.7"
 	touch $(STAMP)
 
+$(SLICER_STAMP): pyproject.toml Makefile $(SLICER_CONSTRAINTS)
+	test -x $(SLICER_PY) || $(PYTHON) -m venv $(SLICER_VENV)
+	$(SLICER_PY) -m pip install -q --upgrade pip
+	$(SLICER_PY) -m pip install -q "$(TORCH_SPEC)" -c $(SLICER_CONSTRAINTS)
+	$(SLICER_PY) -m pip install -q -e ".[slicer-test]" -c $(SLICER_CONSTRAINTS)
+	$(SLICER_PY) -m pip install -q --no-deps "rt-utils==1.2.7"
+	$(SLICER_PY) -c "import numpy, pydicom; assert numpy.__version__ < '2' and pydicom.__version__ == '2.4.4', (numpy.__version__, pydicom.__version__)"
+	touch $(SLICER_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/focusnet demo --out demo-output
 
-test: $(STAMP)
+test: $(STAMP) $(SLICER_STAMP)
 	$(PY) -m pytest -q
+	@echo "Slicer-side tests again with Slicer's package versions (pydicom 2.4.4, numpy < 2):"
+	$(SLICER_PY) -m pytest -q -p no:cacheprovider $(SLICER_SIDE_TESTS)
 
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) $(SLICER_VENV) demo-output
