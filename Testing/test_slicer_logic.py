@@ -496,3 +496,48 @@ def test_module_self_test_body_runs_headless(tmp_path):
     made = phantom_check(logic)
     assert made["export"] == tmp_path / "out" / "3_ CT HEAD_NECK.seg.nrrd"
     assert made["record"]["reviewer"] == "self-test"
+
+
+def test_source_tree_module_finds_the_core_one_folder_up(tmp_path):
+    """Developer mode ("Add module path" = FocusNetSegment/): only the module's
+    folder is on sys.path, and FocusNetCore is not installed (-S: no site-packages)."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import FocusNetSegmentLib, FocusNetCore; "
+            "print(FocusNetCore.__file__)")
+    result = subprocess.run([sys.executable, "-S", "-c", code, str(ROOT / "FocusNetSegment")], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == ROOT / "FocusNetCore" / "__init__.py"
+
+
+def test_requirements_install_runs_in_the_background_and_reports(tmp_path):
+    """The first click's pip install never blocks the GUI: it is polled like a segmentation.
+    (An already satisfied requirement, so no package index is needed.)"""
+    from FocusNetSegmentLib import dependencies
+
+    logic = SegmentOARsLogic(bridge.new_scene(), tmp_path)
+    started = time.monotonic()
+    job = logic.start_install(["pytest>=7"])
+    assert time.monotonic() - started < 2.0 and job.kind == "install"
+    logic.wait(timeout=120)
+    assert job.returncode == 0, job.error_text()
+    assert "already satisfied" in " ".join(job.other_output).lower()
+    assert logic.status_text([]) is not None
+    command = dependencies.pip_command(["scipy>=1.10"], python="PythonSlicer")
+    constraints = Path(command[command.index("--constraint") + 1]).read_text().split()
+    assert command[:4] == ["PythonSlicer", "-m", "pip", "install"]
+    assert {c.split("==")[0].lower() for c in constraints} >= {"numpy", "simpleitk", "vtk", "pydicom"}
+    # Inference needs no training-only packages in Slicer.
+    assert set(dependencies.REQUIREMENTS) == {"scipy", "pydicom"}
+
+
+def test_accept_needs_a_selected_organ(phantom, tmp_path):
+    scene, hierarchy, study = new_study_scene()
+    ct = add_ct(scene, hierarchy, study, phantom.image, "CT")
+    logic = SegmentOARsLogic(scene, tmp_path / "sessions")
+    logic.start_manual(ct)
+    with pytest.raises(ValueError, match="Select an organ"):
+        logic.accept(None)
+    with pytest.raises(ValueError, match="not one of the organs"):
+        logic.accept("Heart")
