@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
+import math
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,10 +37,26 @@ def weights_checksum(state_dict: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def non_finite_tensors(state_dict: Dict[str, torch.Tensor], prefix: str = "") -> List[str]:
+    """Names of the floating-point tensors holding NaN or infinity."""
+    return [prefix + name for name, t in state_dict.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, overwrite: bool = False,
                 autoencoder: Optional[nn.Module] = None, autoencoder_width: float = 1.0) -> Path:
     """Write the bundle; ``autoencoder`` (the trained shape autoencoder) lets
-    inference score how plausible each small organ's shape is."""
+    inference score how plausible each small organ's shape is. Refuses
+    weights or a presence threshold that are not finite: such a model would
+    draw nothing or anything, on every scan."""
+    bad = non_finite_tensors(model.state_dict())
+    if autoencoder is not None:
+        bad += non_finite_tensors(autoencoder.state_dict(), "autoencoder.")
+    if not math.isfinite(float(model.config.heatmap_threshold)):
+        bad.append(f"heatmap_threshold = {model.config.heatmap_threshold}")
+    if bad:
+        raise BundleError(path, f"refusing to write a model with non-finite values: {', '.join(bad[:5])}"
+                          f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     organs = model.config.organs
     payload = {

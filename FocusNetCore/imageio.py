@@ -81,9 +81,21 @@ def read_image(path: PathLike, series_uid: Optional[str] = None, check_ct: bool 
     else:
         image = _read_volume_file(path)
     _check_3d(path, image)
+    check_finite(path, image)
     if check_ct:
         _check_hounsfield(path, image)
     return image
+
+
+def check_finite(path, image: sitk.Image) -> None:
+    """Refuse a volume with NaN or infinite voxels (a damaged or mis-converted
+    file): the network would turn them into contours that look like any other."""
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ImageReadError(path, f"{bad} of its {array.size} voxels are not finite numbers (NaN or "
+                                 "infinity); the volume is damaged or was converted wrongly")
 
 
 def read_label_image(path: PathLike, reference: Optional[sitk.Image] = None) -> sitk.Image:

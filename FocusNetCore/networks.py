@@ -299,7 +299,18 @@ class ShapeAutoencoder(nn.Module):
         self.dec2 = conv(c(128), c(64), 1)
         self.out = nn.Conv3d(c(64), 1, 5, padding=2)
 
+    # Set by training when bfloat16 measured wrong for this network on this
+    # machine (precision.probe_bfloat16): it then computes in float32 even
+    # inside a bfloat16 autocast region.
+    float32_only = False
+
     def forward(self, mask: torch.Tensor):
+        if self.float32_only:
+            with torch.autocast(mask.device.type, enabled=False):
+                return self._forward(mask.float())
+        return self._forward(mask)
+
+    def _forward(self, mask: torch.Tensor):
         z = self.to_latent(self.encoder(mask).flatten(1))                      # (B, 512)
         x = F.relu(self.from_latent(z)).view(-1, self.seed_channels, *self.bottom)
         f3 = self.dec3(F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False))   # (B, 128, D/4, ...)

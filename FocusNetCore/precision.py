@@ -103,3 +103,76 @@ def for_inference(model: nn.Module, precision: str) -> nn.Module:
     """The model as inference runs it: BatchNorm folded, channels-last, its
     weights in the resolved ``precision`` (feed it inputs of that dtype)."""
     return channels_last(fold_batchnorm(model).to(dtype_of(precision)))
+
+
+# --------------------------------------------------------------------------
+# Deciding bfloat16 by measurement
+# --------------------------------------------------------------------------
+# CPU flags alone do not say whether bfloat16 is right: on an AMD Zen 4
+# (AVX512-BF16, no AMX) oneDNN's bfloat16 backward of a stride-2 5x5x5
+# convolution on a 4-slice input (the shape autoencoder at phantom-cpu's ROI)
+# gave NaN weight gradients after one step, where float32 was clean. So each
+# network is run once in both precisions on a fixed input before use; a
+# non-finite or off-tolerance result keeps that network in float32.
+# Relative L2 difference allowed between bfloat16 and float32 outputs, and
+# between their weight gradients (gradients of bfloat16 autocast differ more).
+BF16_OUTPUT_TOLERANCE = 0.1
+BF16_GRADIENT_TOLERANCE = 0.3
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float(torch.linalg.vector_norm(a - b) / (torch.linalg.vector_norm(b) + 1e-12))
+
+
+def _run_once(module: nn.Module, inputs, device: str, bf16: bool, backward: bool):
+    context = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16) if bf16 \
+        else nullcontext()
+    with context:
+        outputs = [t for t in _tensors(module(*inputs)) if t.is_floating_point()]
+    gradients = {}
+    if backward:
+        sum(t.float().square().mean() for t in outputs).backward()
+        gradients = {n: p.grad.detach().float() for n, p in module.named_parameters() if p.grad is not None}
+    return [t.detach().float() for t in outputs], gradients
+
+
+def probe_bfloat16(module: nn.Module, inputs, device: str, backward: bool = False) -> str:
+    """"" when ``module`` computes in bfloat16 (autocast) close to float32 on
+    ``inputs``; else the reason it does not (non-finite or off tolerance).
+    Runs on copies, in the module's current train/eval mode, so its weights and
+    BatchNorm statistics are untouched."""
+    runs = []
+    for bf16 in (False, True):
+        copy_ = copy.deepcopy(module).float()
+        runs.append(_run_once(copy_, [x.float() if x.is_floating_point() else x for x in inputs], device, bf16,
+                              backward))
+    (ref_out, ref_grad), (out, grad) = runs
+    for k, (a, b) in enumerate(zip(out, ref_out)):
+        if not torch.isfinite(a).all():
+            return f"output {k} is not finite in bfloat16"
+        difference = relative_difference(a, b)
+        if difference > BF16_OUTPUT_TOLERANCE:
+            return f"output {k} differs from float32 by {difference:.3f} (tolerance {BF16_OUTPUT_TOLERANCE})"
+    for name, g in grad.items():
+        if not torch.isfinite(g).all():
+            return f"the gradient of {name} is not finite in bfloat16"
+    names = [n for n in grad if n in ref_grad]
+    if names:
+        # Over all weights at once: a tensor whose float32 gradient is almost
+        # zero (a squeeze-excitation gate) has a meaningless relative error.
+        difference = relative_difference(torch.cat([grad[n].flatten() for n in names]),
+                                         torch.cat([ref_grad[n].flatten() for n in names]))
+        if difference > BF16_GRADIENT_TOLERANCE:
+            return f"the gradients differ from float32 by {difference:.3f} (tolerance {BF16_GRADIENT_TOLERANCE})"
+    return ""

@@ -13,6 +13,7 @@ original grid (preprocess.labels_to_original).
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +25,12 @@ import torch
 
 from .bundle import load_bundle
 from .bundleinfo import embedded_model_path
-from .imageio import read_image
+from .imageio import check_finite, read_image
 from .metrics import dice
 from .networks import ShapeAutoencoder, roi_pool
 from .organs import CATALOGUE
-from .precision import channels_last, dtype_of, for_inference, resolve
+from .precision import (BF16_OUTPUT_TOLERANCE, channels_last, dtype_of, for_inference, relative_difference,
+                        resolve)
 from .preprocess import labels_to_original, preprocess
 
 EMBEDDED_MODEL = embedded_model_path()
@@ -58,7 +60,8 @@ class SegmentationResult:
     precision: str = "float32"
 
     def report(self) -> dict:
-        return {"model": self.model, "device": self.device, "precision": self.precision, "timings_s": self.timings,
+        return {"model": self.model, "device": self.device, "precision": self.precision,
+                "timings_s": self.timings,
                 "organs": [asdict(o) for o in self.organs]}
 
 
@@ -81,12 +84,37 @@ class Segmenter:
         self.device = self._choose_device(device)
         self.requested_precision = precision
         self.precision = resolve(precision, self.device)
+        self.precision_note = ""
+        if self.precision == "bfloat16":
+            self.precision_note = self._probe_bfloat16()
+            if self.precision_note:
+                self.precision = "float32"
+                print(f"focusnet: bfloat16 measured wrong on this machine ({self.precision_note}); "
+                      "computing in float32", file=sys.stderr, flush=True)
         self.model = for_inference(self.model.to(self.device), self.precision)
         self.autoencoder = None
         if "autoencoder_state" in self.meta:
             self.autoencoder = ShapeAutoencoder(self.config.roi_size, self.meta["autoencoder_width"])
             self.autoencoder.load_state_dict(self.meta["autoencoder_state"])
             self.autoencoder.eval()
+
+    def _probe_bfloat16(self) -> str:
+        """"" when the model in bfloat16 (as inference runs it) gives S-Net logits
+        close to float32's on a fixed input, else why not (precision.py)."""
+        reference = self.model.to(self.device).eval()
+        candidate = for_inference(reference, "bfloat16")
+        generator = torch.Generator().manual_seed(0)
+        size = (1, 1, 8, 32, 32)  # small: where bfloat16 is emulated this costs seconds
+        volume = torch.randn(size, generator=generator).to(self.device)
+        with torch.inference_mode():
+            expected = reference.snet(volume)[0].float()
+            got = candidate.snet(channels_last(volume.to(torch.bfloat16)))[0].float()
+        if not torch.isfinite(got).all():
+            return "S-Net's output is not finite in bfloat16"
+        difference = relative_difference(got, expected)
+        if difference > BF16_OUTPUT_TOLERANCE:
+            return f"S-Net's output differs from float32 by {difference:.3f} (tolerance {BF16_OUTPUT_TOLERANCE})"
+        return ""
 
     @staticmethod
     def _choose_device(device: str) -> str:
@@ -103,7 +131,9 @@ class Segmenter:
         prov = self.meta.get("provenance", {})
         return {"file": str(self.bundle_path), "name": prov.get("name", "FocusNetv2"),
                 "intended_use": prov.get("intended_use", ""), "checksum": self.meta.get("checksum", ""),
-                "organ_set": self.config.organ_set, "code_version": prov.get("code_version", "")}
+                "organ_set": self.config.organ_set, "code_version": prov.get("code_version", ""),
+                # why bfloat16 was not used although asked for ("" when it was used or not asked for)
+                "precision_probe": self.precision_note}
 
     def segment(self, image_or_path, progress: Optional[Progress] = None,
                 small_organ_branch: bool = True) -> SegmentationResult:
@@ -113,7 +143,11 @@ class Segmenter:
         timings: Dict[str, float] = {}
         start = time.perf_counter()
         progress("read", 0.0, "reading the CT")
-        image = image_or_path if isinstance(image_or_path, sitk.Image) else read_image(image_or_path)
+        if isinstance(image_or_path, sitk.Image):
+            image = image_or_path
+            check_finite("the image given", image)
+        else:
+            image = read_image(image_or_path)
         timings["read"] = time.perf_counter() - start
 
         t = time.perf_counter()

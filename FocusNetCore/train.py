@@ -296,6 +296,14 @@ class DiscriminatorStep(nn.Module):
 # The trainer
 # --------------------------------------------------------------------------
 
+# Steps in a row with a non-finite loss or gradient before training stops.
+MAX_BAD_STEPS_IN_A_ROW = 5
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced non-finite values; the message names the stage and iteration."""
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, data_dir, run_dir, device: str = "cpu", log=print):
         self.config = config
@@ -323,6 +331,8 @@ class Trainer:
         self.aae = precision.training_layout(ShapeAutoencoder(net.roi_size, config.autoencoder_width).to(self.device),
                                              self.device)
         self.alpha = self._class_weights().to(self.device)
+        self.precision_probe = self._decide_precision()
+        self.bad_steps = {"total": 0, "in_a_row": 0}
         self.history: List[dict] = []
         self.position = (0, 0)  # (stage index, iteration within it)
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
@@ -418,6 +428,72 @@ class Trainer:
     def _autocast(self):
         return precision.autocast(self.precision, self.device)
 
+    def _decide_precision(self) -> Dict[str, str]:
+        """bfloat16 only where it measured right on this machine: one forward
+        and backward of each network on a fixed training crop, in float32 and
+        in bfloat16 (precision.probe_bfloat16). The FocusNetv2 networks falling
+        back turn autocast off; the autocoder alone computes in float32 inside it."""
+        if self.precision != "bfloat16":
+            return {"focusnet": self.precision, "autoencoder": self.precision}
+        ct, labels, _, _, centres = self._sample(np.random.default_rng(self.config.seed), around_small=True)
+        roi = self.config.network.roi_size
+        model = self.model
+
+        class SNetAndSOLNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.snet, self.solnet = model.snet, model.solnet
+
+            def forward(self, x):
+                logits, features = self.snet(x)
+                return logits, self.solnet(features)
+
+        with torch.no_grad():
+            features = model.snet(ct)[1]
+        # The ROI at the first small organ the crop holds (or the crop's corner).
+        start = roi_start(centres[0], roi) if centres and centres[0] is not None else (0, 0, 0)
+        sos_input = roi_pool(model.sos_input(ct, features), start, roi)
+        mask = roi_pool((labels[:, None] > 0).float(), start, roi)
+        checks = {"focusnet": [(SNetAndSOLNet(), [ct]), (model.sosnet.heads[0], [sos_input])],
+                  "autoencoder": [(self.aae, [mask])]}
+        decision = {}
+        for network, probes in checks.items():
+            reason = next((r for r in (precision.probe_bfloat16(m, x, self.device, backward=True)
+                                       for m, x in probes) if r), "")
+            decision[network] = "bfloat16" if not reason else f"float32 ({reason})"
+            if reason:
+                self.log(f"bfloat16 measured wrong for the {network} networks on this machine ({reason}): "
+                         "they train in float32")
+        if decision["focusnet"] != "bfloat16":
+            self.precision = "float32"
+        elif decision["autoencoder"] != "bfloat16":
+            self.aae.float32_only = True
+        return decision
+
+    def _apply(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, stage: str, step: int) -> float:
+        """One optimiser step, skipped when the loss or a gradient is not
+        finite (counted; after MAX_BAD_STEPS_IN_A_ROW such steps the run stops
+        with an error). The check is on gradients after backward, which DDP
+        has averaged, so every process decides alike."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = bool(torch.isfinite(loss.detach()).all()) and all(bool(torch.isfinite(p.grad).all()) for p in params)
+        if finite:
+            optimizer.step()
+            self.bad_steps["in_a_row"] = 0
+            return float(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        self.bad_steps["total"] += 1
+        self.bad_steps["in_a_row"] += 1
+        self.log(f"{stage} iteration {step + 1}: non-finite loss or gradient, step skipped "
+                 f"({self.bad_steps['total']} so far)")
+        if self.bad_steps["in_a_row"] >= MAX_BAD_STEPS_IN_A_ROW:
+            raise TrainingDiverged(f"training stopped in stage {stage} at iteration {step + 1}: "
+                                   f"{self.bad_steps['in_a_row']} steps in a row had a non-finite loss or gradient "
+                                   f"(precision {self.precision}; try precision: float32 or a lower learning rate)")
+        return float("nan")
+
     def run(self, resume: bool = False, progress: bool = True, stop_after: Optional[int] = None):
         """Train to the end of the schedule (or, with ``stop_after``, save a
         checkpoint after that many iterations and return None, as an
@@ -472,13 +548,13 @@ class Trainer:
             runner = self._runner("snet", lambda: SNetStep(model, self.alpha, self.config))
             with self._autocast():
                 loss = runner(ct, labels, present)
-            return _apply(opt, loss)
+            return self._apply(opt, loss, stage, step)
         if stage == "solnet":
             opt = self._optimizer("solnet", model.solnet.parameters())
             runner = self._runner("solnet", lambda: SOLNetStep(model))
             with self._autocast():
                 loss = runner(ct, maps)
-            return _apply(opt, loss)
+            return self._apply(opt, loss, stage, step)
         starts, valid = self._starts(centres, rng)
         if stage == "aae_pretrain":
             opt = self._optimizer("aae", self.aae.parameters())
@@ -487,7 +563,7 @@ class Trainer:
             runner = self._runner("aae", lambda: AAEPretrainStep(self.aae))
             with self._autocast():
                 loss = runner(torch.cat([targets[k] for k in keep])) * float(any(valid))
-            return _apply(opt, loss)
+            return self._apply(opt, loss, stage, step)
         # sos / finetune: G step then D step
         joint = stage == "finetune"
         parts = [model.sosnet] + ([model.snet, model.solnet] if joint else [])
@@ -496,7 +572,7 @@ class Trainer:
         runner = self._runner("g", lambda: GeneratorStep(model, aae, self.alpha, self.config, joint))
         with self._autocast():
             loss, preds, truths = runner(ct, labels, present, maps, starts, valid)
-        value = _apply(opt_g, loss)
+        value = self._apply(opt_g, loss, stage, step)
         if aae is not None:
             opt_d = self._optimizer(f"{stage}_d", self.aae.parameters())
             d_runner = self._runner("d", lambda: DiscriminatorStep(self.aae, self.config))
@@ -505,7 +581,7 @@ class Trainer:
             p = torch.cat([preds[k] for k in keep]).float()
             with self._autocast():
                 d_loss = d_runner(t, p) * float(any(valid))
-            _apply(opt_d, d_loss)
+            self._apply(opt_d, d_loss, stage, step)
         return value
 
     # -- validation ----------------------------------------------------------
@@ -555,6 +631,9 @@ class Trainer:
                     peaks.append(float(heat[k].max()))
         if peaks:
             threshold = 0.5 * min(peaks)
+            if not math.isfinite(threshold):
+                raise TrainingDiverged(f"the small-organ presence threshold came out {threshold} (non-finite "
+                                       "heat maps on the validation cases); nothing was written")
             self.model.config = dataclasses.replace(self.model.config, heatmap_threshold=threshold)
             self.log(f"small-organ presence threshold: {threshold:.3f} (half the lowest peak of {len(peaks)})")
         if self.stage is not None:
@@ -585,6 +664,13 @@ class Trainer:
         return self.run_dir / "checkpoint.pt"
 
     def _save_checkpoint(self):
+        from .bundle import non_finite_tensors
+
+        bad = non_finite_tensors(self.model.state_dict()) + non_finite_tensors(self.aae.state_dict(), "autoencoder.")
+        if bad:
+            raise TrainingDiverged(f"not writing a checkpoint with non-finite weights ({', '.join(bad[:5])}"
+                                   f"{' ...' if len(bad) > 5 else ''}) at stage {self.stage}, position "
+                                   f"{self.position}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {"model": self.model.state_dict(), "aae": self.aae.state_dict(),
                  "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
@@ -666,7 +752,8 @@ class Trainer:
                                        for r in last},
                 "training_config": self.config.to_dict(),
                 "training_seconds": round(getattr(self, "training_seconds", 0.0), 1),
-                "device": self.device, "precision": self.precision, "world_size": self.world}
+                "device": self.device, "precision": self.precision, "precision_probe": self.precision_probe,
+                "skipped_steps": self.bad_steps["total"], "world_size": self.world}
 
 
 def _as_json(config: TrainConfig) -> dict:
@@ -682,11 +769,6 @@ def _stored_config(state: dict) -> dict:
     return _as_json(TrainConfig.from_dict(json.loads(state["config"])))
 
 
-def _apply(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
 
 
 class _progress:

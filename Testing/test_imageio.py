@@ -158,3 +158,22 @@ def test_label_image_on_another_grid_is_refused(tmp_path):
     other, _ = small_ct(spacing=(2.0, 2.0, 5.0))
     with pytest.raises(ImageReadError, match="grid differs"):
         read_label_image(path, reference=other)
+
+
+def test_non_finite_voxels_are_refused_with_the_file_named(tmp_path):
+    import subprocess
+    import sys
+
+    array = np.full((6, 8, 8), -1000.0, np.float32)
+    array[3, 4, 4] = np.nan
+    image = sitk.GetImageFromArray(array)
+    sitk.WriteImage(image, str(tmp_path / "one_nan.nrrd"))
+    with pytest.raises(ImageReadError, match=r"one_nan.nrrd: 1 of its 384 voxels are not finite"):
+        read_image(tmp_path / "one_nan.nrrd")
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((6, 8, 8), np.nan, np.float32)), str(tmp_path / "all_nan.nrrd"))
+    result = subprocess.run([sys.executable, "-m", "FocusNetCore", "segment", str(tmp_path / "all_nan.nrrd"),
+                             "--out", str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert "all_nan.nrrd: 384 of its 384 voxels are not finite" in result.stderr
+    assert not list((tmp_path / "out").glob("*.seg.nrrd")) if (tmp_path / "out").exists() else True

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -314,3 +315,74 @@ def test_cosine_schedule_lowers_the_rate_within_each_stage(phantom_data, tmp_pat
         assert trainer.optimizers[key].param_groups[0]["lr"] == pytest.approx(lr)
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         TrainConfig.from_dict({**base.to_dict(), "lr_schedule": "linear"})
+
+
+def _tiny(**overrides):
+    return TrainConfig.from_dict({**load_config(TINY).to_dict(), **overrides})
+
+
+def test_non_finite_steps_are_skipped_and_counted_then_stop_the_run(phantom_data, tmp_path, monkeypatch):
+    """A NaN loss skips the step (the weights stay finite); five in a row stop
+    training with an error naming the stage and iteration, and nothing
+    non-finite is written."""
+    from FocusNetCore import losses
+    from FocusNetCore.bundle import non_finite_tensors
+    from FocusNetCore.train import TrainingDiverged
+
+    original, calls = losses.segmentation_loss, {"n": 0}
+
+    def nan_from(first_bad, last_bad):
+        def loss(*args, **kwargs):
+            calls["n"] += 1
+            value = original(*args, **kwargs)
+            return value * float("nan") if first_bad <= calls["n"] <= last_bad else value
+        return loss
+
+    config = _tiny(stages={"snet": 8, "solnet": 0, "aae_pretrain": 0, "sos": 0, "finetune": 0})
+    monkeypatch.setattr(losses, "segmentation_loss", nan_from(2, 2))
+    messages = []
+    trainer = Trainer(config, phantom_data, tmp_path / "run", "cpu", log=messages.append)
+    trainer.run(progress=False, stop_after=8)
+    assert trainer.bad_steps["total"] == 1 and trainer.provenance()["skipped_steps"] == 1
+    assert any("snet iteration 2: non-finite loss or gradient, step skipped" in m for m in messages)
+    assert non_finite_tensors(trainer.model.state_dict()) == []
+
+    calls["n"] = 0
+    monkeypatch.setattr(losses, "segmentation_loss", nan_from(2, 99))
+    trainer = Trainer(config, phantom_data, tmp_path / "run", "cpu", log=lambda *a: None)  # the same cache
+    with pytest.raises(TrainingDiverged, match="stage snet at iteration 6: 5 steps in a row"):
+        trainer.run(progress=False)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)  # from iteration 4
+    assert saved["position"] == [0, 4] and non_finite_tensors(saved["model"]) == []
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_bfloat16_that_measures_wrong_for_the_autoencoder_trains_it_in_float32(phantom_data, tmp_path,
+                                                                                 monkeypatch):
+    """The AMD Zen 4 case (bfloat16 weight gradients of the autoencoder's
+    stride-2 convolution came out NaN), emulated: that network alone falls
+    back to float32, says so, and the decision is in the model's provenance."""
+    from test_precision import NaNGradientInBFloat16
+
+    from FocusNetCore.networks import ShapeAutoencoder
+
+    original = ShapeAutoencoder._forward
+
+    def faulty(self, mask):
+        recon, z, features = original(self, mask)
+        return NaNGradientInBFloat16.apply(recon), z, features
+
+    monkeypatch.setattr(ShapeAutoencoder, "_forward", faulty)
+    messages = []
+    config = _tiny(precision="bfloat16", stages={"snet": 1, "solnet": 1, "aae_pretrain": 1, "sos": 1,
+                                                   "finetune": 0})
+    trainer = Trainer(config, phantom_data, tmp_path / "run", "cpu", log=messages.append)
+    assert trainer.precision_probe["focusnet"] == "bfloat16"
+    assert trainer.precision_probe["autoencoder"].startswith("float32 (the gradient of ")
+    assert trainer.aae.float32_only and trainer.precision == "bfloat16"
+    assert any("bfloat16 measured wrong for the autoencoder" in m for m in messages)
+    stage_index = [name for name, _ in config.stages].index("aae_pretrain")
+    trainer._set_trainable("aae_pretrain")
+    loss = trainer._step("aae_pretrain", stage_index, 0)  # the autoencoder inside bfloat16 autocast
+    assert math.isfinite(loss) and trainer.bad_steps["total"] == 0
+    assert trainer.provenance()["precision_probe"] == trainer.precision_probe
