@@ -139,7 +139,8 @@ def _cmd_segment(args) -> int:
     out = Path(args.out)
     cases = _segment_inputs(args.input)
     segmenter = Segmenter(args.model, device=args.device, precision=args.precision)
-    suffix = {"seg.nrrd": ".seg.nrrd", "nifti": ".nii.gz", "nrrd": ".nrrd", "rtstruct": ".rtstruct.dcm"}[args.format]
+    suffix = {"seg.nrrd": ".seg.nrrd", "nifti": ".nii.gz", "nrrd": ".nrrd", "rtstruct": ".rtstruct.dcm",
+              "dicomseg": ".seg.dcm"}[args.format]
     status = EXIT_OK
     for index, case in enumerate(cases):
         name = case_name(case)
@@ -150,9 +151,9 @@ def _cmd_segment(args) -> int:
             for path in (target, report_path):
                 if path.exists() and not args.overwrite:
                     raise OutputExistsError(path)
-            if args.format == "rtstruct" and not Path(case).is_dir():
-                raise ImageReadError(case, "--format rtstruct needs a DICOM CT series as input "
-                                     "(the structure set must reference its images)")
+            if args.format in ("rtstruct", "dicomseg") and not Path(case).is_dir():
+                raise ImageReadError(case, f"--format {args.format} needs a DICOM CT series as input "
+                                     "(the DICOM object must reference its images)")
             result = segmenter.segment(case, progress=progress)
             progress("write", 0.95, f"writing {target}")
             organs = segmenter.config.organs
@@ -162,6 +163,12 @@ def _cmd_segment(args) -> int:
                 from .rtstruct import write_rtstruct
 
                 write_rtstruct(result.labels, case, organs, target, overwrite=args.overwrite)
+            elif args.format == "dicomseg":
+                from .dicomseg import write_dicom_seg
+
+                model = segmenter.model_info
+                write_dicom_seg(result.labels, case, organs, target, overwrite=args.overwrite,
+                                model_name=model["name"], model_version=model["code_version"] or "")
             else:
                 write_image(result.labels, target, overwrite=args.overwrite)
                 write_label_table(organs, out / f"{name}.labels.json", overwrite=True)
@@ -272,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
     p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32")
-    p.add_argument("--format", choices=("seg.nrrd", "nifti", "nrrd", "rtstruct"), default="seg.nrrd",
-                   help="rtstruct: a DICOM RT Structure Set for the planning system (DICOM input only)")
+    p.add_argument("--format", choices=("seg.nrrd", "nifti", "nrrd", "rtstruct", "dicomseg"), default="seg.nrrd",
+                   help="rtstruct: a DICOM RT Structure Set for the planning system; dicomseg: a DICOM SEG "
+                        "(both for DICOM input only)")
     p.add_argument("--progress", choices=("text", "json"), default="text",
                    help="json: one JSON object per line on stdout (stage, fraction, message)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -34,6 +34,14 @@ def save_dicom(ds, path) -> None:
         ds.save_as(path, write_like_original=False)
 
 
+def ds_values(values):
+    """Numbers as DICOM decimal strings (at most 16 characters each, as
+    many significant digits as fit): "-95.33545175992099" is invalid DS."""
+    from pydicom.valuerep import format_number_as_ds
+
+    return [format_number_as_ds(float(v)) for v in values]
+
+
 def new_dataset(sop_class_uid: str):
     """A dataset with its file meta information and a new SOP Instance UID."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -90,10 +98,13 @@ def write_ct_series(image: sitk.Image, folder: PathLike, patient_id: str = "PHAN
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.PositionReferenceIndicator = ""
         ds.PatientPosition = "HFS"
-        ds.ImagePositionPatient = [float(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))]
-        ds.ImageOrientationPatient = [float(v) for v in (*direction[:, 0], *direction[:, 1])]
-        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # row spacing, column spacing
-        ds.SliceThickness = float(spacing[2])
+        ds.ImagePositionPatient = ds_values(image.TransformIndexToPhysicalPoint((0, 0, k)))
+        ds.ImageOrientationPatient = ds_values((*direction[:, 0], *direction[:, 1]))
+        ds.PixelSpacing = ds_values((spacing[1], spacing[0]))  # row spacing, column spacing
+        ds.SliceThickness = ds_values((spacing[2],))[0]
+        ds.AcquisitionNumber = 1
+        # Laterality (Type 2C) stays absent: required for paired body parts, and the head is not one.
+        ds.BodyPartExamined = "HEAD"
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows, ds.Columns = array.shape[1], array.shape[2]

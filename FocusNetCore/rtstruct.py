@@ -154,6 +154,8 @@ def write_rtstruct(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, pa
     ds.StructureSetName = label
     ds.StructureSetDate, ds.StructureSetTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     frame_uid = first.FrameOfReferenceUID
+    ds.FrameOfReferenceUID = frame_uid  # the Frame of Reference module: the CT's
+    ds.PositionReferenceIndicator = getattr(first, "PositionReferenceIndicator", "")
 
     def image_ref(s):
         item = Dataset()
@@ -198,7 +200,8 @@ def write_rtstruct(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, pa
                 item.NumberOfContourPoints = len(physical)
                 item.ContourData = [f"{c:.3f}" for p in physical for c in p]
                 items.append(item)
-        roi_contour.ContourSequence = Sequence(items)
+        if items:  # an organ not found has no ContourSequence (an empty one is invalid: 1-n items)
+            roi_contour.ContourSequence = Sequence(items)
         contours.append(roi_contour)
         obs = Dataset()
         obs.ObservationNumber = number

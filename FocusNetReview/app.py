@@ -10,7 +10,7 @@ the code the Slicer module runs.
 
 Files, all under ``--out`` (default ``focusnet-review``):
   <case>.ai.nrrd, <case>.report.json   the AI contours and their report
-  <case>.seg.nrrd (+ .rtstruct.dcm)    the reviewed export; never replaced:
+  <case>.seg.nrrd (+ .rtstruct.dcm, .seg.dcm for DICOM input)    the reviewed export; never replaced:
                                        a second export is "<case> (2).seg.nrrd"
   review-log.jsonl                     the time-savings study's log (one record
                                        appended per finished review)
@@ -283,7 +283,8 @@ class ReviewStation:
         try:
             written: List[Path] = [self.case.export("seg.nrrd", self.out, self.stem)]
             if self.is_dicom:
-                written.append(self.case.export("rtstruct", self.out, self.stem, ct_series_folder=self.input))
+                for kind in ("rtstruct", "dicomseg"):
+                    written.append(self.case.export(kind, self.out, self.stem, ct_series_folder=self.input))
             record = self.case.finish()
         except Exception as error:
             self.state.fn_error = f"export failed: {error}"

@@ -476,7 +476,7 @@ def test_dicom_seg_exports_found_organs_tagged_automatic_and_says_what_is_missin
     segmentation.GetSegment("Pituitary").RemoveAllRepresentations()
     segmentation.GetSegment("Pituitary").AddRepresentation(
         "Binary labelmap", slicer.vtkOrientedImageData())
-    with pytest.raises(DicomExportError, match="QuantitativeReporting"):
+    with pytest.raises(DicomExportError, match="DICOM SEG export needs the CT loaded from Slicer's DICOM"):
         logic.export("dicomseg", dicom=DicomExporter({}, hierarchy))  # no bare KeyError
     FakeSegExporter.calls = []
     exporter = DicomExporter({"DICOMSegmentationPlugin": object}, hierarchy, seg_exporter=FakeSegExporter)
@@ -486,6 +486,32 @@ def test_dicom_seg_exports_found_organs_tagged_automatic_and_says_what_is_missin
     assert "Pituitary" not in call["ids"] and "Brainstem" in call["ids"]
     assert call["tags"]["Brainstem"] == ("AUTOMATIC", "FocusNet phantom-cpu 0.1.0")
     assert call["tags"]["Parotid_L"][0] == "SEMIAUTOMATIC"
+
+
+def test_dicom_seg_without_slicers_plugin_uses_focusnets_writer(dicom_review):
+    """Slicer 5.8/5.10 without QuantitativeReporting: FocusNetCore's highdicom
+    writer, from the CT's series in the DICOM database; read back, the masks
+    are the reviewed contours, organs without a contour are left out."""
+    import pydicom
+
+    from FocusNetCore.dicomseg import read_dicom_seg
+    from FocusNetSegmentLib.dicomexport import DicomExporter
+    from test_slicer_lib import paint
+
+    logic, hierarchy, files, ct_image, series, truth = dicom_review
+    labels = bridge.export_labels(logic.scene, logic.segmentation_node, logic.volume_node, ORGANS)
+    paint(logic.segmentation_node, "Parotid_L", labels, (slice(5, 7), slice(2, 8), slice(2, 8)))
+    path = logic.export("dicomseg", dicom=DicomExporter({}, hierarchy, file_for_instance=files.get))
+    assert path.name == "3_ CT HEAD_NECK.seg.dcm"
+    ds = pydicom.dcmread(str(path))
+    kinds = {s.SegmentLabel: s.SegmentAlgorithmType for s in ds.SegmentSequence}
+    assert kinds["Parotid_L"] == "SEMIAUTOMATIC" and kinds["Brainstem"] == "AUTOMATIC"
+    assert ds.PatientID == "P-17" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == \
+        pydicom.dcmread(next(iter(files.values()))).SeriesInstanceUID
+    reviewed = bridge.export_labels(logic.scene, logic.segmentation_node, logic.volume_node, ORGANS)
+    back = read_dicom_seg(path, ORGANS, ct_image)
+    assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(reviewed))
+    assert set(kinds) == {n for n in ORGANS.names if np.any(sitk.GetArrayViewFromImage(reviewed) == ORGANS.label_of(n))}
 
 
 def test_module_self_test_body_runs_headless(tmp_path):

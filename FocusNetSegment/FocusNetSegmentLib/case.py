@@ -106,13 +106,19 @@ class ReviewCase:
         elif kind == "nifti":
             path = export.export_nifti(self.scene, self.segmentation_node, self.volume_node, self.organs,
                                        base + ".nii.gz")
-        elif kind == "rtstruct":
+        elif kind in ("rtstruct", "dicomseg"):
             if ct_series_folder is None:
-                raise ValueError("RTSTRUCT export needs the CT's DICOM series folder")
-            path = export.export_rtstruct(self.scene, self.segmentation_node, self.volume_node, self.organs,
-                                          ct_series_folder, base + ".rtstruct.dcm")
+                raise ValueError(f"{'RTSTRUCT' if kind == 'rtstruct' else 'DICOM SEG'} export needs the CT's "
+                                 "DICOM series folder")
+            if kind == "rtstruct":
+                path = export.export_rtstruct(self.scene, self.segmentation_node, self.volume_node, self.organs,
+                                              ct_series_folder, base + ".rtstruct.dcm")
+            else:
+                path = export.export_dicom_seg(self.scene, self.segmentation_node, self.volume_node, self.organs,
+                                               ct_series_folder, base + ".seg.dcm",
+                                               self.session.algorithm_types(), self.session.model)
         else:
-            raise ValueError(f"unknown export kind {kind!r}; use seg.nrrd, nifti or rtstruct")
+            raise ValueError(f"unknown export kind {kind!r}; use seg.nrrd, nifti, rtstruct or dicomseg")
         return Path(path)
 
     def finish(self, final_labels: Optional[sitk.Image] = None) -> dict:

@@ -20,6 +20,9 @@ from typing import Dict, List
 REQUIREMENTS: Dict[str, str] = {
     "scipy": "scipy>=1.10",
     "pydicom": "pydicom>=2.4",
+    # DICOM SEG without Slicer's plugin; with Slicer's pydicom 2.4 pip picks
+    # highdicom 0.22, the last release for it.
+    "highdicom": "highdicom>=0.22",
 }
 # The PyTorch extension installs torch; this is the range FocusNetCore supports.
 TORCH_REQUIREMENT = ">=2.1"

@@ -18,6 +18,8 @@ The plugins live in the running application, so they come in as a dict
   ``export`` asks in a dialog about empty ones), after each segment is tagged
   with its algorithm type (AUTOMATIC; SEMIAUTOMATIC once a reviewer edited
   it; MANUAL for the manual baseline) and the model's name and version.
+  Without the plugin, FocusNetCore's writer (highdicom) makes the same SEG
+  from the CT's series in Slicer's DICOM database.
 """
 from __future__ import annotations
 
@@ -57,14 +59,10 @@ def tag_algorithm(segmentation_node, session, model: Optional[dict]) -> None:
     model = model or {}
     name = " ".join(str(p) for p in (model.get("name") or "FocusNetv2", model.get("code_version") or "") if p)
     segmentation = segmentation_node.GetSegmentation()
-    for organ, state in session.states.items():
+    for organ, kind in session.algorithm_types().items():
         segment = segmentation.GetSegment(organ)
         if segment is None:
             continue
-        if session.mode == "manual":
-            kind = "MANUAL"
-        else:
-            kind = "SEMIAUTOMATIC" if state.status == "edited" else "AUTOMATIC"
         segment.SetTag("DICOM.SegmentAlgorithmType", kind)
         if kind != "MANUAL":
             segment.SetTag("DICOM.SegmentAlgorithmName", name)
@@ -113,10 +111,7 @@ class DicomExporter:
         if kind == "dicomseg":
             if SEG_PLUGIN in self.plugins and self.seg_exporter is not None:
                 return self._seg(logic, folder, base)
-            raise DicomExportError(
-                "DICOM SEG export needs Slicer's DICOM Segmentation plugin: install the QuantitativeReporting "
-                "extension (Slicer 5.8 and 5.10; Slicer 5.12 has it built in). .seg.nrrd, NIfTI and RTSTRUCT "
-                "export work without it.")
+            return self._with_focusnet_writer(logic, folder, base, "dicomseg")
         raise ValueError(f"unknown DICOM export {kind!r}")
 
     # -- RTSTRUCT ----------------------------------------------------------------------
@@ -142,19 +137,21 @@ class DicomExporter:
             raise DicomExportError(f"{RT_PLUGIN}: {error}")
         return target
 
-    def _with_focusnet_writer(self, logic, folder: Path, base: str) -> Path:
-        series = self.ct_series_folder(logic.volume_node)
+    def _with_focusnet_writer(self, logic, folder: Path, base: str, kind: str = "rtstruct") -> Path:
+        series = self.ct_series_folder(logic.volume_node, kind)
         try:
-            return logic.case.export("rtstruct", folder, base, ct_series_folder=series)
+            return logic.case.export(kind, folder, base, ct_series_folder=series)
         finally:
             shutil.rmtree(series, ignore_errors=True)
 
-    def ct_series_folder(self, volume_node) -> Path:
+    def ct_series_folder(self, volume_node, kind: str = "rtstruct") -> Path:
         """A temporary folder with just the CT's DICOM files (from Slicer's DICOM database)."""
         uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
         if not uids or self.file_for_instance is None:
-            raise DicomExportError("RTSTRUCT export needs the CT loaded from Slicer's DICOM database (or the "
-                                   "SlicerRT extension): a structure set must reference the CT's DICOM images.")
+            what = ("RTSTRUCT export needs the CT loaded from Slicer's DICOM database (or the SlicerRT extension): "
+                    "a structure set" if kind == "rtstruct" else
+                    "DICOM SEG export needs the CT loaded from Slicer's DICOM database: a segmentation")
+            raise DicomExportError(f"{what} must reference the CT's DICOM images.")
         folder = Path(tempfile.mkdtemp(prefix="FocusNet-CT-"))
         for k, uid in enumerate(uids):
             source = self.file_for_instance(uid)

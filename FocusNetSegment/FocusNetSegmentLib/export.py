@@ -1,7 +1,7 @@
 """Exporting a reviewed segmentation: ``.seg.nrrd`` (Slicer's own writer),
-NIfTI label map with a label table, and RTSTRUCT (the core's writer, when
-the CT came from a DICOM series; the module prefers SlicerRT when it is
-installed). No file is ever replaced: an existing name gets a numbered
+NIfTI label map with a label table, and RTSTRUCT and DICOM SEG (the core's
+writers, when the CT came from a DICOM series; the module prefers SlicerRT
+and Slicer's SEG plugin when they are installed). No file is ever replaced: an existing name gets a numbered
 sibling instead.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ def free_path(path) -> Path:
         return path
     name = path.name
     stem, suffix = name, ""
-    for ending in (".seg.nrrd", ".rtstruct.dcm", ".nii.gz", ".nrrd", ".dcm", ".json"):
+    for ending in (".seg.nrrd", ".rtstruct.dcm", ".seg.dcm", ".nii.gz", ".nrrd", ".dcm", ".json"):
         if name.endswith(ending):
             stem, suffix = name[: -len(ending)], ending
             break
@@ -43,6 +43,18 @@ def export_nifti(scene, segmentation_node, reference_volume, organs: OrganSet, p
     labels = export_labels(scene, segmentation_node, reference_volume, organs)
     write_image(labels, target)
     write_label_table(organs, free_path(target.with_name(target.name.split(".")[0] + ".labels.json")))
+    return target
+
+
+def export_dicom_seg(scene, segmentation_node, reference_volume, organs: OrganSet, ct_series_folder, path,
+                     algorithm_types=None, model: dict = None) -> Path:
+    from FocusNetCore.dicomseg import write_dicom_seg
+
+    model = model or {}
+    target = free_path(path)
+    labels = export_labels(scene, segmentation_node, reference_volume, organs)
+    write_dicom_seg(labels, ct_series_folder, organs, target, algorithm_types=algorithm_types,
+                    model_name=model.get("name") or "FocusNetv2", model_version=model.get("code_version") or "")
     return target
 
 

@@ -170,6 +170,14 @@ class ReviewSession:
         self.checkpoint()
         return accepted
 
+    def algorithm_types(self) -> Dict[str, str]:
+        """DICOM's segment algorithm type of each organ as it stands: AUTOMATIC
+        (the model's contour), SEMIAUTOMATIC once a reviewer edited it,
+        MANUAL in a manual-baseline session."""
+        if self.mode == "manual":
+            return {name: "MANUAL" for name in self.states}
+        return {name: "SEMIAUTOMATIC" if s.status == EDITED else "AUTOMATIC" for name, s in self.states.items()}
+
     # -- persistence ----------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"case_id": self.case_id, "reviewer": self.reviewer, "mode": self.mode, "client": self.client,
