@@ -13,18 +13,28 @@ SLICER_VENV ?= .venv-slicer
 SLICER_PY := $(SLICER_VENV)/bin/python
 SLICER_STAMP := $(SLICER_VENV)/.installed
 SLICER_CONSTRAINTS := Testing/slicer-constraints.txt
-SLICER_SIDE_TESTS := Testing/test_imageio.py Testing/test_rtstruct.py Testing/test_study.py \
-	Testing/test_slicer_lib.py Testing/test_slicer_logic.py
+SLICER_SIDE_TESTS := Testing/test_imageio.py Testing/test_rtstruct.py Testing/test_dicom_conformance.py \
+	Testing/test_study.py Testing/test_slicer_lib.py Testing/test_slicer_logic.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv demo test clean
 
 venv: $(STAMP)
 
+# Debian packages only the tests need: Chromium for the browser review's
+# end-to-end test (Playwright drives it; no browser is downloaded), and the
+# DICOM tools that check what we write (dciodvfy from dicom3tools, dcmtk's
+# dcmdump, plastimatch). Needs root or sudo on Debian. `make demo` needs none.
+TEST_TOOLS := chromium dciodvfy dcmdump plastimatch
+TEST_PACKAGES := chromium dicom3tools dcmtk plastimatch
+
+.PHONY: test-tools
+test-tools:
+	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing (Debian: $(TEST_PACKAGES))"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(TEST_PACKAGES); fi
+
 $(STAMP): pyproject.toml Makefile
-	@# Debian's Chromium for the browser review's end-to-end test (Playwright
-	@# drives it; no browser is downloaded). Needs root or sudo on Debian.
-	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -44,7 +54,7 @@ $(SLICER_STAMP): pyproject.toml Makefile $(SLICER_CONSTRAINTS)
 demo: $(STAMP)
 	$(VENV)/bin/focusnet demo --out demo-output
 
-test: $(STAMP) $(SLICER_STAMP)
+test: test-tools $(STAMP) $(SLICER_STAMP)
 	$(PY) -m pytest -q
 	@echo "Slicer-side tests again with Slicer's package versions (pydicom 2.4.4, numpy < 2):"
 	$(SLICER_PY) -m pytest -q -p no:cacheprovider $(SLICER_SIDE_TESTS)
