@@ -54,10 +54,15 @@ $(SLICER_STAMP): pyproject.toml Makefile $(SLICER_CONSTRAINTS)
 demo: $(STAMP)
 	$(VENV)/bin/focusnet demo --out demo-output
 
+# Two pytest-xdist workers, a test file each at a time (module fixtures and
+# temporary folders stay within one worker): 6.6 instead of 12.4 minutes on
+# a 2-core AMD EPYC, as many tests wait on subprocesses or run single-threaded.
+PYTEST := -m pytest -q -n 2 --dist loadfile
+
 test: test-tools $(STAMP) $(SLICER_STAMP)
-	$(PY) -m pytest -q
+	$(PY) $(PYTEST)
 	@echo "Slicer-side tests again with Slicer's package versions (pydicom 2.4.4, numpy < 2):"
-	$(SLICER_PY) -m pytest -q -p no:cacheprovider $(SLICER_SIDE_TESTS)
+	$(SLICER_PY) $(PYTEST) -p no:cacheprovider $(SLICER_SIDE_TESTS)
 
 clean:
 	rm -rf $(VENV) $(SLICER_VENV) demo-output

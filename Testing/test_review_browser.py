@@ -176,7 +176,7 @@ def test_token_is_required_off_loopback():
     asyncio.run(scenario())
 
 
-def test_dicom_input_exports_seg_nrrd_and_rtstruct(tmp_path):
+def test_dicom_input_exports_seg_nrrd_rtstruct_and_dicom_seg(tmp_path):
     """The station's own logic without a browser: a DICOM series in, the AI
     contours reviewed as they are, "Finish & export" writes both files and a
     second station on the same case never replaces them."""
@@ -199,5 +199,10 @@ def test_dicom_input_exports_seg_nrrd_and_rtstruct(tmp_path):
     assert (tmp_path / "out" / f"{stem}.seg.nrrd").exists() and (tmp_path / "out" / f"{stem} (2).seg.nrrd").exists()
     rtstruct = pydicom.dcmread(tmp_path / "out" / f"{stem}.rtstruct.dcm")
     assert rtstruct.Modality == "RTSTRUCT"
+    seg = pydicom.dcmread(tmp_path / "out" / f"{stem}.seg.dcm")  # DICOM SEG through FocusNetCore's writer
+    assert seg.Modality == "SEG" and (tmp_path / "out" / f"{stem} (2).seg.dcm").exists()
+    assert {s.SegmentAlgorithmType for s in seg.SegmentSequence} == {"AUTOMATIC"}  # accepted as they were
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == rtstruct.ReferencedFrameOfReferenceSequence[0] \
+        .RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID
     records, _ = read_records(tmp_path / "out" / "review-log.jsonl")
     assert len(records) == 2 and all(r["mode"] == "ai" for r in records)

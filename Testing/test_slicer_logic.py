@@ -543,9 +543,8 @@ def test_requirements_install_runs_in_the_background_and_reports(tmp_path):
     from FocusNetSegmentLib import dependencies
 
     logic = SegmentOARsLogic(bridge.new_scene(), tmp_path)
-    started = time.monotonic()
     job = logic.start_install(["pytest>=7"])
-    assert time.monotonic() - started < 2.0 and job.kind == "install"
+    assert job.kind == "install" and logic.running  # returned at once, pip still running
     logic.wait(timeout=120)
     assert job.returncode == 0, job.error_text()
     assert "already satisfied" in " ".join(job.other_output).lower()
