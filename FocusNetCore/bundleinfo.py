@@ -18,7 +18,6 @@ import collections
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 # The storage classes torch.save writes for each dtype (torch/storage.py).
 _STORAGES = {f"{kind}Storage" for kind in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char",
@@ -94,7 +93,3 @@ def describe_bundle(path) -> str:
 def embedded_model_path() -> Path:
     """The model shipped in the package (also the default of ``focusnet segment``)."""
     return Path(__file__).resolve().parent / "models" / "focusnet-phantom-cpu.pt"
-
-
-def model_description(path: Optional[str] = None) -> str:
-    return describe_bundle(path or embedded_model_path())

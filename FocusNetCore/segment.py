@@ -60,8 +60,7 @@ class SegmentationResult:
     precision: str = "float32"
 
     def report(self) -> dict:
-        return {"model": self.model, "device": self.device, "precision": self.precision,
-                "timings_s": self.timings,
+        return {"model": self.model, "device": self.device, "precision": self.precision, "timings_s": self.timings,
                 "organs": [asdict(o) for o in self.organs]}
 
 
