@@ -301,3 +301,23 @@ def test_review_case_autosave_resume_export_finish(phantom, tmp_path):
     assert record["organs"]["Parotid_L"]["status"] == "edited" and record["client"] == "slicer"
     assert record["metrics"]["Parotid_L"]["voxels_added"] > 0  # against the AI contours, not the autosave
     assert not list((tmp_path / "sessions").iterdir())
+
+
+def test_only_real_contour_changes_count_as_edits(loaded, tmp_path):
+    """Making the closed surface ("Show 3D") fires RepresentationModified for
+    all 22 segments and is no edit; one paint stroke fires it more than once
+    and is one edit; "Accept all unflagged" still accepts the untouched organs."""
+    scene, ct, seg, labels, _ = loaded
+    clock = FakeClock()
+    session = start_session(loaded, tmp_path, clock)
+    seg.CreateClosedSurfaceRepresentation()
+    assert all(s.status == "unreviewed" and s.edits == 0 for s in session.states.values())
+    clock.t += 3
+    paint(seg, "Parotid_L", labels, (slice(5, 7), slice(2, 8), slice(2, 8)))
+    edited = {n: s.edits for n, s in session.states.items() if s.edits}
+    assert edited == {"Parotid_L": 1}
+    seg.RemoveClosedSurfaceRepresentation()
+    seg.CreateClosedSurfaceRepresentation()
+    assert {n: s.edits for n, s in session.states.items() if s.edits} == {"Parotid_L": 1}
+    accepted = session.accept_all_unflagged()
+    assert "Brainstem" in accepted and "Parotid_L" not in accepted

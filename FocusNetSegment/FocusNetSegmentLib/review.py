@@ -99,6 +99,7 @@ class ReviewSession:
         self.last_event: Optional[float] = None
         self.elapsed_before_s = 0.0  # wall time of earlier runs of a resumed session
         self._observer = None
+        self._contours: Dict[str, tuple] = {}  # segment -> (label map MTime, voxel fingerprint) last seen
         self.finished = False
         # Called with no argument after every change (an edit, an accept): how
         # a front end refreshes its review panel or schedules an autosave.
@@ -111,7 +112,11 @@ class ReviewSession:
 
         @vtk.calldata_type(vtk.VTK_STRING)
         def on_modified(caller, event, segment_id):
-            self.record_edit(segment_id)
+            if self._contour_changed(segment_id):
+                self.record_edit(segment_id)
+
+        for index in range(self.node.GetSegmentation().GetNumberOfSegments()):
+            self._contour_changed(self.node.GetSegmentation().GetNthSegmentID(index))  # the starting contours
 
         self._callback = on_modified  # keep a reference: VTK holds it weakly
         self._observer = self.node.GetSegmentation().AddObserver(slicer.vtkSegmentation.RepresentationModified,
@@ -136,6 +141,24 @@ class ReviewSession:
             if gap <= self.idle_threshold_s:
                 self.active_s += gap
         self.last_event = t
+
+    def _contour_changed(self, segment_id: str) -> bool:
+        """Whether the segment's binary label map differs from when it was last
+        seen. ``RepresentationModified`` also fires for what is no edit: making
+        the closed surface ("Show 3D", SlicerRT's conversions) fires it for
+        every segment, and one paint stroke fires it more than once. A segment
+        whose (possibly shared) label map has not been modified since is
+        unchanged; otherwise its voxels decide."""
+        segment = self.node.GetSegmentation().GetSegment(segment_id)
+        labelmap = segment.GetRepresentation("Binary labelmap") if segment is not None else None
+        if labelmap is None:
+            return segment is not None
+        seen = self._contours.get(segment_id)
+        if seen is not None and seen[0] == labelmap.GetMTime():
+            return False
+        current = (labelmap.GetMTime(), _voxel_fingerprint(labelmap, segment.GetLabelValue()))
+        self._contours[segment_id] = current
+        return seen is not None and seen[1] != current[1]
 
     def record_edit(self, segment_id: str) -> None:
         name = self._organ_of(segment_id)
@@ -247,6 +270,27 @@ class ReviewSession:
         if self.checkpoint_path.exists():
             os.remove(self.checkpoint_path)
         return record
+
+
+def _voxel_fingerprint(labelmap, value: int) -> str:
+    """The voxels holding ``value`` in a (shared) binary label map, as a digest
+    of their (i, j, k) indices: independent of the map's extent, which grows
+    when another segment is painted outside it."""
+    import hashlib
+
+    from vtk.util import numpy_support
+
+    scalars = labelmap.GetPointData().GetScalars() if labelmap.GetPointData() else None
+    if scalars is None:
+        return ""
+    extent = labelmap.GetExtent()
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    if min(shape) <= 0:
+        return ""
+    array = numpy_support.vtk_to_numpy(scalars).reshape(shape)
+    k, j, i = np.nonzero(array == value)
+    ijk = np.stack([i + extent[0], j + extent[2], k + extent[4]]).astype(np.int64)
+    return hashlib.sha1(ijk.tobytes()).hexdigest()
 
 
 def pending_sessions(folder) -> List[Path]:
