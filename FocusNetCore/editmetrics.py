@@ -43,16 +43,26 @@ def added_path_length(ai: np.ndarray, final: np.ndarray, spacing: Sequence[float
     return total * pixel_mm
 
 
-def edit_metrics(ai: np.ndarray, final: np.ndarray, spacing: Sequence[float], tolerance_mm: float = 2.0
+# APL counts a final boundary pixel as added when it is not on the AI
+# boundary at all (Vaassen et al. 2020 report APL at 0 mm); surface Dice
+# tolerates 2 mm. Both tolerances go into each record.
+APL_TOLERANCE_MM = 0.0
+SURFACE_DICE_TOLERANCE_MM = 2.0
+
+
+def edit_metrics(ai: np.ndarray, final: np.ndarray, spacing: Sequence[float],
+                 tolerance_mm: float = SURFACE_DICE_TOLERANCE_MM, apl_tolerance_mm: float = APL_TOLERANCE_MM
                  ) -> Dict[str, float]:
-    """One organ: AI proposal vs the reviewer's final contour."""
+    """One organ: AI proposal vs the reviewer's final contour; ``tolerance_mm``
+    is surface Dice's, ``apl_tolerance_mm`` APL's, both stated in the result."""
     ai, final = ai.astype(bool), final.astype(bool)
     voxel_cc = float(np.prod(spacing)) / 1000.0
     added = int((final & ~ai).sum())
     removed = int((ai & ~final).sum())
     return {"dice": dice(ai, final), **hausdorff95(ai, final, spacing),
             "surface_dice": surface_dice(ai, final, spacing, tolerance_mm),
-            "apl_mm": added_path_length(ai, final, spacing),
+            "apl_mm": added_path_length(ai, final, spacing, apl_tolerance_mm),
+            "apl_tolerance_mm": float(apl_tolerance_mm), "surface_dice_tolerance_mm": float(tolerance_mm),
             "voxels_added": added, "voxels_removed": removed,
             "cc_added": round(added * voxel_cc, 4), "cc_removed": round(removed * voxel_cc, 4),
             "edited": bool(added or removed)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -71,36 +71,86 @@ def _iqr(values) -> Tuple[float, float]:
 
 
 def bootstrap_ci(manual: np.ndarray, ai: np.ndarray, statistic, rng, samples: int = BOOTSTRAP_SAMPLES):
+    """Independent groups: manual and AI times resampled separately."""
     stats = []
     for _ in range(samples):
         stats.append(statistic(rng.choice(manual, len(manual)), rng.choice(ai, len(ai))))
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
+def paired_bootstrap_ci(manual: np.ndarray, ai: np.ndarray, statistic, rng, samples: int = BOOTSTRAP_SAMPLES):
+    """Paired design: cases resampled with both their times, so the CI keeps
+    the case-to-case correlation (narrower than resampling the groups apart)."""
+    stats = []
+    for _ in range(samples):
+        pick = rng.integers(0, len(manual), len(manual))
+        stats.append(statistic(manual[pick], ai[pick]))
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+# The rule for a case reviewed more than once in one mode (a re-review, a
+# second reviewer): its last finished record counts, in every statistic.
+REPEAT_RULE = "last finished record of each case and mode"
+
+
+def last_records(finished: List[dict]) -> Tuple[List[dict], int]:
+    """One record per (case, mode): the last one in log order; and how many were left out."""
+    kept: Dict[Tuple[str, str], dict] = {}
+    for r in finished:
+        kept[(r["case_id"], r["mode"])] = r
+    return list(kept.values()), len(finished) - len(kept)
+
+
+def _median_or_none(values) -> Optional[float]:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.median(values)) if values else None
+
+
 def analyse(records: List[dict], seed: int = 0) -> dict:
-    finished = [r for r in records if r.get("status") == "finished" and r.get("mode") in ("ai", "manual")]
+    """The study's statistics. Definitions:
+    - time per case: ``wall_s`` (first sight of the contours to Finish), in minutes;
+    - active time: ``active_s`` (gaps between acts longer than the record's
+      ``idle_threshold_s`` left out); records without it are left out of its median;
+    - saving: ratio of the median AI-assisted time to the median manual time,
+      and their difference in minutes. With at least MIN_PAIRS_FOR_TEST cases
+      done both ways it is computed over those cases with a paired bootstrap
+      95 % CI (cases resampled); cases done one way only are reported apart.
+      Otherwise over all cases with an independent-groups bootstrap CI;
+    - repeated records of a case in one mode: REPEAT_RULE."""
+    finished_all = [r for r in records if r.get("status") == "finished" and r.get("mode") in ("ai", "manual")
+                    and r.get("case_id") and r.get("wall_s") is not None]
+    finished, repeated = last_records(finished_all)
     times = {mode: np.array([r["wall_s"] / 60.0 for r in finished if r["mode"] == mode]) for mode in ("manual", "ai")}
-    active = {mode: np.array([r.get("active_s", np.nan) / 60.0 for r in finished if r["mode"] == mode])
-              for mode in ("manual", "ai")}
-    out = {"n_records": len(records), "n_finished": len(finished),
+    out = {"n_records": len(records), "n_finished": len(finished), "n_repeated_left_out": repeated,
+           "repeat_rule": REPEAT_RULE,
            "n_incomplete": sum(1 for r in records if r.get("status") == "incomplete"),
            "synthetic": any(r.get("synthetic") for r in records), "modes": {}}
     for mode in ("manual", "ai"):
         if len(times[mode]):
+            active = [r["active_s"] / 60.0 for r in finished if r["mode"] == mode and r.get("active_s") is not None]
             out["modes"][mode] = {"n": int(len(times[mode])), "median_min": float(np.median(times[mode])),
-                                  "iqr_min": _iqr(times[mode]), "median_active_min": float(np.nanmedian(active[mode]))}
-    if len(times["manual"]) and len(times["ai"]):
-        rng = np.random.default_rng(seed)
-        ratio = lambda m, a: float(np.median(a) / np.median(m))  # noqa: E731
-        saved = lambda m, a: float(np.median(m) - np.median(a))  # noqa: E731
-        out["saving"] = {"ratio": ratio(times["manual"], times["ai"]),
-                         "ratio_ci": bootstrap_ci(times["manual"], times["ai"], ratio, rng),
-                         "minutes": saved(times["manual"], times["ai"]),
-                         "minutes_ci": bootstrap_ci(times["manual"], times["ai"], saved, rng)}
+                                  "iqr_min": _iqr(times[mode]), "median_active_min": _median_or_none(active),
+                                  "n_with_active": len(active)}
     by_case: Dict[str, Dict[str, float]] = {}
     for r in finished:
         by_case.setdefault(r["case_id"], {})[r["mode"]] = r["wall_s"] / 60.0
     pairs = [(v["manual"], v["ai"]) for v in by_case.values() if "manual" in v and "ai" in v]
+    ratio = lambda m, a: float(np.median(a) / np.median(m))  # noqa: E731
+    saved = lambda m, a: float(np.median(m) - np.median(a))  # noqa: E731
+    rng = np.random.default_rng(seed)
+    if len(pairs) >= MIN_PAIRS_FOR_TEST:
+        manual, ai = (np.array(v) for v in zip(*pairs))
+        out["saving"] = {"design": "paired", "n": len(pairs),
+                         "ratio": ratio(manual, ai), "ratio_ci": paired_bootstrap_ci(manual, ai, ratio, rng),
+                         "minutes": saved(manual, ai), "minutes_ci": paired_bootstrap_ci(manual, ai, saved, rng)}
+        unpaired = {mode: [v[mode] for v in by_case.values() if mode in v and len(v) == 1] for mode in ("manual", "ai")}
+        out["unpaired"] = {mode: {"n": len(v), "median_min": _median_or_none(v)} for mode, v in unpaired.items()}
+    elif len(times["manual"]) and len(times["ai"]):
+        out["saving"] = {"design": "unpaired", "n": int(len(times["manual"]) + len(times["ai"])),
+                         "ratio": ratio(times["manual"], times["ai"]),
+                         "ratio_ci": bootstrap_ci(times["manual"], times["ai"], ratio, rng),
+                         "minutes": saved(times["manual"], times["ai"]),
+                         "minutes_ci": bootstrap_ci(times["manual"], times["ai"], saved, rng)}
     out["paired"] = {"n_pairs": len(pairs)}
     if len(pairs) >= MIN_PAIRS_FOR_TEST:
         from scipy.stats import wilcoxon
@@ -116,8 +166,8 @@ def analyse(records: List[dict], seed: int = 0) -> dict:
         if not entries:
             continue
         organs[name] = {"n": len(entries), "edit_rate": float(np.mean([bool(e.get("edited")) for e in entries])),
-                        "median_dice": float(np.median([e["dice"] for e in entries if e.get("dice") is not None])),
-                        "median_apl_mm": float(np.median([e.get("apl_mm") or 0.0 for e in entries]))}
+                        "median_dice": _median_or_none([e.get("dice") for e in entries]),
+                        "median_apl_mm": _median_or_none([e.get("apl_mm") or 0.0 for e in entries])}
     out["organs"] = organs
     return out
 
@@ -141,7 +191,8 @@ def _plots(records: List[dict], stats: dict, out: Path) -> List[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finished = [r for r in records if r.get("status") == "finished"]
+    finished = last_records([r for r in records if r.get("status") == "finished" and r.get("mode") in ("ai", "manual")
+                             and r.get("case_id") and r.get("wall_s") is not None])[0]  # as analyse counts them
     written = []
     figure, ax = plt.subplots(figsize=(5, 4.5))
     data = [[r["wall_s"] / 60 for r in finished if r["mode"] == m] for m in ("manual", "ai")]
@@ -157,8 +208,8 @@ def _plots(records: List[dict], stats: dict, out: Path) -> List[Path]:
     if organs:
         ai = [r for r in finished if r["mode"] == "ai" and r.get("metrics")]
         figure, ax = plt.subplots(figsize=(11, 4.5))
-        ax.boxplot([[r["metrics"][n]["dice"] for r in ai if r["metrics"][n].get("dice") is not None] for n in organs],
-                   showfliers=False)
+        ax.boxplot([[r["metrics"][n]["dice"] for r in ai if (r["metrics"].get(n) or {}).get("dice") is not None]
+                    for n in organs], showfliers=False)
         ax.set_xticks(range(1, len(organs) + 1), organs, rotation=70, fontsize=8)
         ax.set_ylabel("Dice, AI proposal vs final")
         ax.set_title("How much of each AI contour survived review")
@@ -182,14 +233,21 @@ def _markdown(stats: dict, problems: List[str]) -> str:
     for mode, label in (("manual", "Contouring the 22 OARs from scratch"), ("ai", "Correcting FocusNet's contours")):
         if mode in modes:
             m = modes[mode]
+            active = ("no active time recorded" if m["median_active_min"] is None
+                      else f"median active time {m['median_active_min']:.1f} min")
             text.append(f"{label} took a median of {m['median_min']:.1f} min per case "
-                        f"(IQR {m['iqr_min'][0]:.1f}-{m['iqr_min'][1]:.1f}; n = {m['n']}; median active editing "
-                        f"time {m['median_active_min']:.1f} min).")
+                        f"(IQR {m['iqr_min'][0]:.1f}-{m['iqr_min'][1]:.1f}; n = {m['n']}; {active}).")
     if "saving" in stats:
         s = stats["saving"]
-        text.append(f"AI assistance took {s['ratio']:.2f} times the manual time (95 % bootstrap CI "
-                    f"{s['ratio_ci'][0]:.2f}-{s['ratio_ci'][1]:.2f}), saving a median of {s['minutes']:.1f} min per case "
-                    f"(95 % CI {s['minutes_ci'][0]:.1f}-{s['minutes_ci'][1]:.1f}).")
+        over = (f"over the {s['n']} cases contoured both ways, paired 95 % bootstrap CI resampling cases"
+                if s["design"] == "paired" else "over all cases, 95 % bootstrap CI resampling each mode apart")
+        text.append(f"AI assistance took {s['ratio']:.2f} times the manual time ({over}: "
+                    f"{s['ratio_ci'][0]:.2f}-{s['ratio_ci'][1]:.2f}), saving {s['minutes']:.1f} min per case in "
+                    f"medians (95 % CI {s['minutes_ci'][0]:.1f}-{s['minutes_ci'][1]:.1f}).")
+        for mode, u in (stats.get("unpaired") or {}).items():
+            if u["n"]:
+                text.append(f"Cases contoured only {'manually' if mode == 'manual' else 'with AI'}: "
+                            f"n = {u['n']}, median {u['median_min']:.1f} min.")
     paired = stats["paired"]
     if "p_value" in paired:
         text.append(f"In the {paired['n_pairs']} cases contoured both ways, the median paired difference was "
@@ -202,11 +260,19 @@ def _markdown(stats: dict, problems: List[str]) -> str:
     if stats["organs"]:
         lines += ["| organ | edited (% of AI cases) | median Dice AI vs final | median APL (mm) |", "|---|---|---|---|"]
         for name, o in stats["organs"].items():
-            lines.append(f"| {name} | {100 * o['edit_rate']:.0f} | {o['median_dice']:.3f} | {o['median_apl_mm']:.0f} |")
+            dice = "-" if o["median_dice"] is None else f"{o['median_dice']:.3f}"
+            apl = "-" if o["median_apl_mm"] is None else f"{o['median_apl_mm']:.0f}"
+            lines.append(f"| {name} | {100 * o['edit_rate']:.0f} | {dice} | {apl} |")
         lines.append("")
     lines += [f"{stats['n_finished']} finished and {stats['n_incomplete']} incomplete sessions of {stats['n_records']} "
-              "records. Times are wall-clock from loading the contours to Finish; active time leaves out gaps of "
-              "more than the idle threshold between edits.", "",
+              f"records; a case reviewed more than once in one mode counts once ({stats['repeat_rule']}; "
+              f"{stats['n_repeated_left_out']} record(s) left out).", "",
+              "Definitions: time per case is wall-clock from the contours being shown to Finish; active time "
+              "leaves out gaps between acts of reviewing longer than the record's idle threshold; Dice AI vs final "
+              "compares the AI proposal with the reviewer's final contour; APL (added path length, Vaassen et al. "
+              "2020) is the length of final contour not on the AI contour, at the tolerance each record states "
+              "(`apl_tolerance_mm`); surface Dice counts boundary voxels within the record's "
+              "`surface_dice_tolerance_mm`.", "",
               "![time per case](time_per_case.png)", "", "![Dice](dice_ai_vs_final.png)", "", "![APL](apl_per_organ.png)"]
     if problems:
         lines += ["", "Skipped: " + "; ".join(problems)]
@@ -228,7 +294,9 @@ def study_report(logs, out_dir, seed: int = 0) -> Tuple[dict, List[Path]]:
             writer = csv.writer(handle)
             writer.writerow(["organ", "n", "edit_rate", "median_dice_ai_vs_final", "median_apl_mm"])
             for name, o in stats["organs"].items():
-                writer.writerow([name, o["n"], f"{o['edit_rate']:.3f}", f"{o['median_dice']:.4f}", f"{o['median_apl_mm']:.1f}"])
+                writer.writerow([name, o["n"], f"{o['edit_rate']:.3f}",
+                                 "" if o["median_dice"] is None else f"{o['median_dice']:.4f}",
+                                 "" if o["median_apl_mm"] is None else f"{o['median_apl_mm']:.1f}"])
     written.append(out / "organs.csv")
     with atomic_output(out / "report.md", overwrite=True) as tmp:
         tmp.write_text(_markdown(stats, problems))

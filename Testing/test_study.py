@@ -99,3 +99,61 @@ def test_study_cli(tmp_path):
                           "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "r" / "report.md").is_file()
+
+
+def _record(case, mode, minutes, **extra):
+    return {"case_id": case, "mode": mode, "status": "finished", "wall_s": minutes * 60.0, **extra}
+
+
+def test_saving_ci_is_a_paired_bootstrap_over_cases():
+    """Cases differ a lot (10-100 min) but each saves about half: resampling
+    cases keeps that pairing, so the CI is narrower than the one that resamples
+    manual and AI times apart (the design is paired)."""
+    from FocusNetCore.studyreport import analyse, bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    manual = rng.uniform(10, 100, 30)
+    ai = manual * rng.normal(0.5, 0.03, 30)
+    records = [_record(f"c{k}", "manual", m) for k, m in enumerate(manual)]
+    records += [_record(f"c{k}", "ai", a) for k, a in enumerate(ai)]
+    records += [_record("only-ai", "ai", 20.0)]
+    stats = analyse(records, seed=0)
+    saving = stats["saving"]
+    assert saving["design"] == "paired" and saving["n"] == 30
+    independent = bootstrap_ci(manual, ai, lambda m, a: float(np.median(a) / np.median(m)),
+                               np.random.default_rng(0))
+    paired_width = saving["ratio_ci"][1] - saving["ratio_ci"][0]
+    assert paired_width < 0.5 * (independent[1] - independent[0])
+    assert saving["ratio_ci"][0] <= saving["ratio"] <= saving["ratio_ci"][1]
+    assert stats["unpaired"]["ai"] == {"n": 1, "median_min": 20.0}
+
+
+def test_repeated_records_follow_one_rule_and_missing_fields_warn_nothing():
+    import warnings
+
+    from FocusNetCore.studyreport import REPEAT_RULE, _markdown, analyse
+
+    records = [_record(f"c{k}", "manual", 60.0) for k in range(6)]
+    records += [_record(f"c{k}", "ai", 30.0) for k in range(6)]
+    records += [_record(f"c{k}", "ai", 90.0) for k in range(4)]  # second reviews: the last ones count, everywhere
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "All-NaN slice" or empty-median warning
+        stats = analyse(records)
+        text = _markdown(stats, [])
+    assert stats["n_repeated_left_out"] == 4 and stats["repeat_rule"] == REPEAT_RULE
+    assert stats["modes"]["ai"]["n"] == 6 and stats["modes"]["ai"]["median_min"] == pytest.approx(90.0)
+    assert stats["modes"]["ai"]["median_active_min"] is None
+    assert stats["paired"]["n_pairs"] == 6 and stats["paired"]["median_difference_min"] == pytest.approx(-30.0)
+    assert stats["saving"]["design"] == "paired" and stats["saving"]["minutes"] == pytest.approx(-30.0)
+    assert "no active time recorded" in text and "4 record(s) left out" in text and "apl_tolerance_mm" in text
+
+
+def test_edit_metrics_state_their_tolerances():
+    mask = np.zeros((3, 10, 10), bool)
+    mask[1, 3:7, 3:7] = True
+    grown = mask.copy()
+    grown[1, 2:8, 2:8] = True
+    metrics = edit_metrics(mask, grown, (3.0, 1.0, 1.0))
+    assert metrics["apl_tolerance_mm"] == 0.0 and metrics["surface_dice_tolerance_mm"] == 2.0
+    assert metrics["apl_mm"] == pytest.approx(20.0)  # the 6x6 square's 20 boundary pixels, none on the old one
+    assert edit_metrics(mask, grown, (3.0, 1.0, 1.0), apl_tolerance_mm=1.5)["apl_mm"] == 0.0
