@@ -4,10 +4,15 @@
 - 95 % Hausdorff distance, in two forms, always labelled:
   ``hd95_paper``: the mean of the two directed 95th-percentile surface
   distances (the form FocusNetv2 reports); ``hd95_symmetric``: the 95th
-  percentile of the pooled surface distances of both directions (the form of
-  MONAI, nnU-Net and most challenges).
-- Surface Dice at a tolerance (Nikolov et al. 2021): the fraction of both
-  surfaces lying within the tolerance of the other.
+  percentile of the pooled surface distances of both directions (as in
+  several challenges' evaluation code; MONAI 1.6's ``compute_hausdorff_distance``
+  instead takes the larger of the two directed 95th percentiles, a third form
+  not computed here).
+- Surface Dice at a tolerance, in the voxel-count form (MONAI's default):
+  the fraction of both surfaces' boundary voxels lying within the tolerance
+  of the other. Nikolov et al. 2021's reference implementation weights each
+  boundary element by its surface area instead; on anisotropic grids (3 mm
+  slices) the two can differ by up to about 0.2.
 
 Empty masks: Dice of two empty masks is 1.0 (nothing to find, nothing found);
 distances involving an empty mask are NaN (undefined), and surface Dice is
