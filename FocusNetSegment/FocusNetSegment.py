@@ -121,10 +121,9 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.editor.setMRMLScene(slicer.mrmlScene)
         self.editor.setSegmentationNodeSelectorVisible(False)
         self.editor.setSourceVolumeNodeSelectorVisible(False)
-        table = slicer.util.findChild(self.editor, "SegmentsTableResizableFrame")
-        if table is not None:
-            table.hide()
-        self.ui.reviewLayout.addWidget(self.editor)
+        for table in slicer.util.findChildren(self.editor, name="SegmentsTableResizableFrame"):
+            table.hide()  # (findChild would raise if a Slicer version named it otherwise)
+        self.ui.reviewCollapsibleButton.layout().addWidget(self.editor)
 
     def enter(self):
         if self.editor:
