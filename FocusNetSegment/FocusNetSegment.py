@@ -5,8 +5,9 @@ messages. Everything else is ``FocusNetSegmentLib.logic.SegmentOARsLogic``
 (no Qt), which the test suite runs headless against slicer-core with the real
 segmentation subprocess; this file adds only what needs the running
 application: the Segment Editor, slice-view jumps, the DICOM plugins and
-database, PyTorch's installer and the dialogs. torch is never imported in
-the Slicer process: inference runs as ``PythonSlicer -m FocusNetCore segment``,
+database, PyTorch's installer and the dialogs. FocusNet never imports torch
+in the Slicer process (the PyTorch extension's installer does, once, right
+after installing it): inference runs as ``PythonSlicer -m FocusNetCore segment``,
 polled by a QTimer; Cancel ends its whole process tree.
 """
 import logging
@@ -44,7 +45,7 @@ class FocusNetSegment(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Segment OARs (FocusNet)"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Segmentations", "SubjectHierarchy", "Terminologies", "Markups"]
         self.parent.contributors = ["FocusNet developers"]
         self.parent.helpText = (
             "Segments 22 head-and-neck organs at risk on CT (FocusNetv2), with standard TG-263 names, colours and "
@@ -124,8 +125,16 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for table in slicer.util.findChildren(self.editor, name="SegmentsTableResizableFrame"):
             table.hide()  # (findChild would raise if a Slicer version named it otherwise)
         self.ui.reviewCollapsibleButton.layout().addWidget(self.editor)
+        # Effects that extensions register after this panel was built (as Slicer's Segment Editor does).
+        self.effectFactory = slicer.qSlicerSegmentEditorEffectFactory.instance()
+        self.effectFactory.connect("effectRegistered(QString)", self.onEffectRegistered)
+
+    def onEffectRegistered(self, *args):
+        self.editor.updateEffectList()
 
     def enter(self):
+        if self.logic is not None:
+            self.initializeParameterNode()  # the scene may have been closed while the module was hidden
         if self.editor:
             self.editor.installKeyboardShortcuts()
 
@@ -137,6 +146,8 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.timer.stop()
         self.clock.stop()
+        if self.editor:
+            self.effectFactory.disconnect("effectRegistered(QString)", self.onEffectRegistered)
         if self.logic:
             self.logic.close()
         self.removeObservers()
@@ -201,7 +212,7 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setPolling(False)
             return
         volume = self.ui.inputVolumeSelector.currentNode()
-        with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("Could not start the segmentation."):  # no wait cursor over questions
             if self.ensureDependencies(lambda: self.startSegmentation(volume)):
                 self.startSegmentation(volume)
 
@@ -223,9 +234,15 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise RuntimeError(dependencies.NO_PYTORCH_EXTENSION) from None
             if not slicer.util.confirmOkCancelDisplay(dependencies.TORCH_QUESTION):
                 return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                    askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT) is None:
-                raise RuntimeError(dependencies.TORCH_FAILED)
+            self.ui.segmentButton.enabled = False  # the installer runs Slicer's event loop while it blocks
+            self.status("Installing PyTorch (this can take minutes)...")
+            try:
+                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                              torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
+            except Exception as error:
+                raise RuntimeError(f"{dependencies.TORCH_FAILED} ({error})") from None
+            finally:
+                self.updateButtons()
         missing = dependencies.missing_requirements()
         if missing and slicer.util.confirmOkCancelDisplay(dependencies.packages_question(missing)):
             self.logic.start_install(missing)
@@ -361,7 +378,9 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 ReviewSession.mark_incomplete(checkpoint, self.logic.log_path())
 
 
-class FocusNetSegmentLogic(ScriptedLoadableModuleLogic, SegmentOARsLogic):
+class FocusNetSegmentLogic(SegmentOARsLogic, ScriptedLoadableModuleLogic):
+    # SegmentOARsLogic first: ScriptedLoadableModuleLogic.__init__ calls
+    # super().__init__() with no argument, which must reach object, not the Lib.
     """FocusNetSegmentLib's logic (tested headless) in Slicer's scene."""
 
     def __init__(self):

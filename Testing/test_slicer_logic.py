@@ -566,3 +566,72 @@ def test_accept_needs_a_selected_organ(phantom, tmp_path):
         logic.accept(None)
     with pytest.raises(ValueError, match="not one of the organs"):
         logic.accept("Heart")
+
+
+MODULE_WITH_STAND_INS = r'''
+import sys, types
+import slicer  # slicer-core: the real MRML classes
+
+class ScriptedLoadableModule:          # Slicer's Base/Python/slicer/ScriptedLoadableModule.py, same shapes
+    def __init__(self, parent):
+        self.parent = parent
+
+class ScriptedLoadableModuleLogic:
+    def __init__(self, parent=None):
+        super().__init__()             # what Slicer's does: it must reach object, not the Lib's logic
+    def getParameterNode(self):
+        return "parameter node"
+
+class ScriptedLoadableModuleWidget:
+    def __init__(self, parent=None):
+        self.parent = parent
+
+class ScriptedLoadableModuleTest:
+    pass
+
+class Signal:
+    def connect(self, *args):
+        pass
+
+qt = types.ModuleType("qt")
+qt.QTimer = type("QTimer", (Signal,), {"setInterval": lambda self, ms: None})
+sys.modules["qt"] = qt
+sys.modules["slicer.ScriptedLoadableModule"] = types.SimpleNamespace(
+    ScriptedLoadableModule=ScriptedLoadableModule, ScriptedLoadableModuleLogic=ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget, ScriptedLoadableModuleTest=ScriptedLoadableModuleTest)
+sys.modules["slicer.parameterNodeWrapper"] = types.SimpleNamespace(parameterNodeWrapper=lambda cls: cls)
+sys.modules["slicer.util"] = types.SimpleNamespace(VTKObservationMixin=type("VTKObservationMixin", (), {
+    "__init__": lambda self: None}))
+sys.path.insert(0, sys.argv[1])
+from FocusNetSegmentLib import scene as bridge
+slicer.mrmlScene = bridge.new_scene()
+slicer.app = types.SimpleNamespace(connect=lambda *a: None, slicerUserSettingsFilePath=sys.argv[2] + "/Slicer.ini",
+                                   defaultScenePath=sys.argv[2] + "/scenes")
+import FocusNetSegment
+
+module = FocusNetSegment.FocusNetSegment(types.SimpleNamespace())
+assert module.parent.title == "Segment OARs (FocusNet)" and "Segmentations" in module.parent.dependencies
+logic = FocusNetSegment.FocusNetSegmentLogic()
+assert logic.getParameterNode() == "parameter node" and logic.scene is slicer.mrmlScene
+from FocusNetCore.phantom import generate_case
+volume = bridge.volume_node_from_image(slicer.mrmlScene, generate_case(2026, "small").image, "CT")
+node = logic.start_manual(volume, reviewer="stand-in")
+print(node.GetName(), logic.session_folder, logic.export_folder())
+'''
+
+
+def test_module_file_builds_its_logic_as_slicer_would(tmp_path):
+    """FocusNetSegment.py itself, with stand-ins of the same shape for the
+    parts slicer-core lacks (ScriptedLoadableModule*, qt): the module and its
+    Logic class build, and the logic works in the application's scene. (With
+    the Lib's class second among the bases, Slicer's ScriptedLoadableModuleLogic
+    __init__ raised TypeError on every start.)"""
+    import subprocess
+
+    script = tmp_path / "module_with_stand_ins.py"
+    script.write_text(MODULE_WITH_STAND_INS)
+    result = subprocess.run([sys.executable, str(script), str(ROOT / "FocusNetSegment"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout.strip().splitlines()[-1]
+    assert out == f"CT OARs (manual) {tmp_path / 'FocusNet'} {tmp_path / 'scenes'}"
