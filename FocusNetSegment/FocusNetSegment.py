@@ -225,30 +225,21 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def ensureDependencies(self, then):
         """True when everything is there; else installs (after asking) and
         calls ``then`` once the background pip install has succeeded."""
-        from FocusNetSegmentLib import dependencies
-
-        if not dependencies.torch_available():
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise RuntimeError(dependencies.NO_PYTORCH_EXTENSION) from None
-            if not slicer.util.confirmOkCancelDisplay(dependencies.TORCH_QUESTION):
-                return False
-            self.ui.segmentButton.enabled = False  # the installer runs Slicer's event loop while it blocks
-            self.status("Installing PyTorch (this can take minutes)...")
-            try:
-                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                              torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
-            except Exception as error:
-                raise RuntimeError(f"{dependencies.TORCH_FAILED} ({error})") from None
-            finally:
-                self.updateButtons()
-        missing = dependencies.missing_requirements()
-        if missing and slicer.util.confirmOkCancelDisplay(dependencies.packages_question(missing)):
-            self.logic.start_install(missing)
+        state = self.logic.prepare_requirements(slicer.util.confirmOkCancelDisplay, self.installTorch)
+        if state == "installing":
             self._afterInstall = then
             self.setPolling(True)
-        return not missing
+        return state == "ready"
+
+    def installTorch(self, requirement):
+        import PyTorchUtils  # the PyTorch extension (the logic reports it missing)
+
+        self.ui.segmentButton.enabled = False  # the installer runs Slicer's event loop while it blocks
+        self.status("Installing PyTorch (this can take minutes)...")
+        try:
+            PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement)
+        finally:
+            self.updateButtons()
 
     def setPolling(self, on):
         self.timer.start() if on else self.timer.stop()

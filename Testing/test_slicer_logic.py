@@ -635,3 +635,35 @@ def test_module_file_builds_its_logic_as_slicer_would(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout.strip().splitlines()[-1]
     assert out == f"CT OARs (manual) {tmp_path / 'FocusNet'} {tmp_path / 'scenes'}"
+
+
+def test_first_click_asks_then_installs_what_is_missing(tmp_path, monkeypatch):
+    """The first click: without the PyTorch extension a clear error; with it,
+    PyTorch through its installer (FocusNet's version range) after a yes; then
+    the missing packages in the background; a no stops without installing."""
+    import types
+
+    from FocusNetSegmentLib import dependencies
+
+    logic = SegmentOARsLogic(bridge.new_scene(), tmp_path)
+    asked, installed = [], []
+    monkeypatch.setattr(dependencies, "torch_available", lambda: False)
+    with pytest.raises(RuntimeError, match="install the PyTorch extension"):
+        logic.prepare_requirements(lambda q: True, installed.append)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.ModuleType("PyTorchUtils"))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())  # every module "exists"
+    assert logic.prepare_requirements(lambda q: asked.append(q) or False, installed.append) == "declined"
+    assert installed == [] and "PyTorch" in asked[0]
+
+    def failing(requirement):
+        raise OSError("no network")
+
+    with pytest.raises(RuntimeError, match=r"PyTorch could not be installed .*\(no network\)"):
+        logic.prepare_requirements(lambda q: True, failing)
+    monkeypatch.setattr(dependencies, "missing_requirements", lambda: ["pytest>=7"])  # satisfied: no index needed
+    assert logic.prepare_requirements(lambda q: True, installed.append) == "installing"
+    assert installed == [">=2.1"] and logic.job.kind == "install"
+    logic.wait(timeout=120)
+    monkeypatch.setattr(dependencies, "torch_available", lambda: True)
+    monkeypatch.setattr(dependencies, "missing_requirements", lambda: [])
+    assert logic.prepare_requirements(lambda q: pytest.fail("nothing to ask"), installed.append) == "ready"

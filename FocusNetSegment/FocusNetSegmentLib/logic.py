@@ -154,6 +154,32 @@ class SegmentOARsLogic:
                 self._model_cache[key] = (f"Model unusable: {error}", False)
         return self._model_cache[key]
 
+    def prepare_requirements(self, confirm: Callable[[str], bool], install_torch: Callable[[str], None]) -> str:
+        """What the first click needs before segmenting, asked for with
+        ``confirm(question)``: "ready"; "declined"; or "installing" (a
+        background pip install started: poll it, then segment).
+        ``install_torch(requirement)`` is the PyTorch extension's installer."""
+        import importlib.util
+
+        from . import dependencies
+
+        if not dependencies.torch_available():
+            if importlib.util.find_spec("PyTorchUtils") is None:
+                raise RuntimeError(dependencies.NO_PYTORCH_EXTENSION)
+            if not confirm(dependencies.TORCH_QUESTION):
+                return "declined"
+            try:
+                install_torch(dependencies.TORCH_REQUIREMENT)
+            except Exception as error:
+                raise RuntimeError(f"{dependencies.TORCH_FAILED} ({error})") from None
+        missing = dependencies.missing_requirements()
+        if not missing:
+            return "ready"
+        if not confirm(dependencies.packages_question(missing)):
+            return "declined"
+        self.start_install(missing)
+        return "installing"
+
     def start_install(self, requirements: List[str]) -> process.SegmentationProcess:
         """The pip install in the background (constrained so Slicer's numpy,
         SimpleITK, vtk and pydicom stay as they are), polled like a segmentation."""
