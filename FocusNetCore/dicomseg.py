@@ -85,16 +85,10 @@ def write_dicom_seg(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, p
     as a DICOM SEG referencing the series in ``ct_folder``. Organs with no
     voxel are left out; a label map with no organ at all is refused."""
     import highdicom as hd
-    import pydicom
 
-    from .imageio import ImageReadError, scan_dicom_folder, sorted_slices
-    from .rtstruct import _on_series_grid
+    from .rtstruct import _ct_series, _on_series_grid
 
-    found = [s for s in scan_dicom_folder(ct_folder).values() if s.modality == "CT"]
-    if len(found) != 1:
-        raise ImageReadError(ct_folder, f"expected one CT series, found {len(found)}")
-    files, _ = sorted_slices(Path(ct_folder), found[0])
-    sources = [pydicom.dcmread(str(f)) for f in files]
+    sources = _ct_series(ct_folder, pixels=True)
     array = sitk.GetArrayFromImage(_on_series_grid(labels, ct_folder))  # (slices in series order, rows, columns)
     names = [n for n in organs.names if np.any(array == organs.label_of(n))]
     if not names:

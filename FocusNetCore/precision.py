@@ -135,6 +135,16 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / (torch.linalg.vector_norm(b) + 1e-12))
 
 
+def output_problem(got: torch.Tensor, expected: torch.Tensor, what: str) -> str:
+    """"" when a bfloat16 output is finite and within BF16_OUTPUT_TOLERANCE of float32's, else why not."""
+    if not torch.isfinite(got).all():
+        return f"{what} is not finite in bfloat16"
+    difference = relative_difference(got, expected)
+    if difference > BF16_OUTPUT_TOLERANCE:
+        return f"{what} differs from float32 by {difference:.3f} (tolerance {BF16_OUTPUT_TOLERANCE})"
+    return ""
+
+
 def _run_once(module: nn.Module, inputs, device: str, bf16: bool, backward: bool):
     context = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16) if bf16 \
         else nullcontext()
@@ -159,11 +169,9 @@ def probe_bfloat16(module: nn.Module, inputs, device: str, backward: bool = Fals
                               backward))
     (ref_out, ref_grad), (out, grad) = runs
     for k, (a, b) in enumerate(zip(out, ref_out)):
-        if not torch.isfinite(a).all():
-            return f"output {k} is not finite in bfloat16"
-        difference = relative_difference(a, b)
-        if difference > BF16_OUTPUT_TOLERANCE:
-            return f"output {k} differs from float32 by {difference:.3f} (tolerance {BF16_OUTPUT_TOLERANCE})"
+        problem = output_problem(a, b, f"output {k}")
+        if problem:
+            return problem
     for name, g in grad.items():
         if not torch.isfinite(g).all():
             return f"the gradient of {name} is not finite in bfloat16"

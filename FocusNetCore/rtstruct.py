@@ -73,15 +73,15 @@ def match_roi_name(name: str) -> Optional[str]:
 # Export
 # --------------------------------------------------------------------------
 
-def _ct_series(ct_folder: PathLike):
-    """Headers of the CT series' slices in the order SimpleITK reads them."""
+def _ct_series(ct_folder: PathLike, pixels: bool = False):
+    """The CT series' slices (headers only, unless ``pixels``) in the order SimpleITK reads them."""
     import pydicom
 
     found = [s for s in scan_dicom_folder(ct_folder).values() if s.modality == "CT"]
     if len(found) != 1:
         raise ImageReadError(ct_folder, f"expected one CT series, found {len(found)}")
     files, _ = sorted_slices(Path(ct_folder), found[0])
-    return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    return [pydicom.dcmread(f, stop_before_pixels=not pixels) for f in files]
 
 
 def mask_contours(mask2d: np.ndarray) -> List[np.ndarray]:

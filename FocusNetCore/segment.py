@@ -29,8 +29,7 @@ from .imageio import check_finite, read_image
 from .metrics import dice
 from .networks import ShapeAutoencoder, roi_pool
 from .organs import CATALOGUE
-from .precision import (BF16_OUTPUT_TOLERANCE, channels_last, dtype_of, for_inference, relative_difference,
-                        resolve)
+from .precision import channels_last, dtype_of, for_inference, output_problem, resolve
 from .preprocess import labels_to_original, preprocess
 
 EMBEDDED_MODEL = embedded_model_path()
@@ -108,12 +107,7 @@ class Segmenter:
         with torch.inference_mode():
             expected = reference.snet(volume)[0].float()
             got = candidate.snet(channels_last(volume.to(torch.bfloat16)))[0].float()
-        if not torch.isfinite(got).all():
-            return "S-Net's output is not finite in bfloat16"
-        difference = relative_difference(got, expected)
-        if difference > BF16_OUTPUT_TOLERANCE:
-            return f"S-Net's output differs from float32 by {difference:.3f} (tolerance {BF16_OUTPUT_TOLERANCE})"
-        return ""
+        return output_problem(got, expected, "S-Net's output")
 
     @staticmethod
     def _choose_device(device: str) -> str:

@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+from .export import free_path
+
 RT_PLUGIN = "DicomRtImportExportPlugin"
 SEG_PLUGIN = "DICOMSegmentationPlugin"
 # vtkMRMLSubjectHierarchyConstants::GetDICOMPatientTagNames / GetDICOMStudyTagNames
@@ -66,15 +68,6 @@ def tag_algorithm(segmentation_node, session, model: Optional[dict]) -> None:
         segment.SetTag("DICOM.SegmentAlgorithmType", kind)
         if kind != "MANUAL":
             segment.SetTag("DICOM.SegmentAlgorithmName", name)
-
-
-def unused_folder(folder: Path, name: str) -> Path:
-    """``folder/name``, or ``name (2)``... : an export never writes into an existing folder."""
-    target, k = folder / name, 2
-    while target.exists():
-        target, k = folder / f"{name} ({k})", k + 1
-    target.mkdir(parents=True)
-    return target
 
 
 class DicomExporter:
@@ -124,7 +117,8 @@ class DicomExporter:
         if not ct_exportables or not seg_exportables:
             raise DicomExportError(f"{RT_PLUGIN}: the CT and its segmentation cannot be exported together "
                                    "(both must be under one study in the Data module)")
-        target = unused_folder(folder, f"{base} RTSTRUCT")
+        target = free_path(folder / f"{base} RTSTRUCT")  # never into an existing folder
+        target.mkdir(parents=True)
         tags = hierarchy_tags(self.hierarchy, ct_item)
         exportables = ct_exportables + seg_exportables  # the CT first: it supplies the study
         for exportable in exportables:
@@ -167,8 +161,6 @@ class DicomExporter:
         if not names:
             raise DicomExportError("DICOM SEG export: every segment is empty")
         tag_algorithm(logic.segmentation_node, logic.session, logic.session.model)
-        from .export import free_path
-
         target = free_path(folder / f"{base}.seg.dcm")
         exporter = self.seg_exporter(logic.segmentation_node)
         try:

@@ -219,8 +219,7 @@ class SegmentOARsLogic:
         sitk.WriteImage(image_from_volume_node(volume_node), str(ct_path))
         command = process.segment_command(self.python, [str(ct_path)], str(self.work_dir / "output"),
                                           model=model_path, device=device, output_format="nrrd")
-        self.job = process.SegmentationProcess(command, env=self.environment()).start()
-        self.job.kind = "segment"
+        self.job = process.SegmentationProcess(command, env=self.environment()).start()  # kind "segment"
         self.progress = 0
         return self.job
 
