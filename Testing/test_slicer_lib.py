@@ -205,9 +205,9 @@ def test_flags_fire_on_a_wrong_segmentation(loaded, tmp_path):
 def test_edits_timing_and_records(loaded, tmp_path):
     scene, ct, seg, labels, _ = loaded
     clock = FakeClock()
-    session = start_session(loaded, tmp_path, clock)
+    session = start_session(loaded, tmp_path, clock)                               # first sight: an act
     clock.t += 5
-    paint(seg, "Parotid_L", labels, (slice(5, 7), slice(2, 8), slice(2, 8)))   # edit 1 (in the air: a real change)
+    paint(seg, "Parotid_L", labels, (slice(5, 7), slice(2, 8), slice(2, 8)))   # edit 1: +5 s (in the air: a real change)
     clock.t += 10
     paint(seg, "Parotid_L", labels, (slice(7, 8), slice(2, 8), slice(2, 8)))   # edit 2: +10 s active
     clock.t += 300                                                                      # coffee: idle
@@ -220,12 +220,13 @@ def test_edits_timing_and_records(loaded, tmp_path):
     assert states["Parotid_L"].first_edit_s == pytest.approx(5.0) and states["Parotid_L"].last_edit_s == pytest.approx(15.0)
     assert states["Eye_R"].edits == 2 and states["Eye_L"].status == "accepted"
     assert states["Brainstem"].status == "unreviewed"
-    assert session.active_s == pytest.approx(14.0)
+    assert session.active_s == pytest.approx(19.0)
     clock.t += 6
     final = bridge.export_labels(scene, seg, ct, ORGANS)
     record = session.finish(final)
     # finishing 6 s after the last act of reviewing counts as active too
-    assert record["wall_s"] == pytest.approx(325.0) and record["active_s"] == pytest.approx(20.0)
+    assert record["wall_s"] == pytest.approx(325.0) and record["active_s"] == pytest.approx(25.0)
+    assert record["activity"] == {"edit": 4} and "active_s" in record["timing_definitions"]
     assert record["metrics"]["Parotid_L"]["edited"] and record["metrics"]["Parotid_L"]["voxels_added"] > 0
     assert record["metrics"]["Parotid_L"]["voxels_added"] == 3 * 6 * 6 and record["metrics"]["Parotid_L"]["apl_mm"] > 0
     assert not record["metrics"]["Brainstem"]["edited"] and record["metrics"]["Brainstem"]["dice"] == 1.0
@@ -248,7 +249,7 @@ def test_crash_recovery_resume_or_incomplete(loaded, tmp_path):
     clock2 = FakeClock()
     resumed = review.ReviewSession.resume(tmp_path / "abc.review.json", seg, ORGANS, tmp_path / "log.jsonl",
                                           clock=clock2, wall=lambda: 1.7e9).start()
-    assert resumed.states["Brainstem"].edits == 2 and resumed.active_s == pytest.approx(7.0)
+    assert resumed.states["Brainstem"].edits == 2 and resumed.active_s == pytest.approx(10.0)
     clock2.t += 20
     assert resumed.now_s() == pytest.approx(30.0)  # 10 s before the crash + 20 s after
     resumed.stop()
@@ -321,3 +322,94 @@ def test_only_real_contour_changes_count_as_edits(loaded, tmp_path):
     assert {n: s.edits for n, s in session.states.items() if s.edits} == {"Parotid_L": 1}
     accepted = session.accept_all_unflagged()
     assert "Brainstem" in accepted and "Parotid_L" not in accepted
+
+
+def open_shown_case(phantom, tmp_path, clock, shown=True):
+    from FocusNetSegmentLib.case import ReviewCase
+
+    image, labels = phantom
+    scene = bridge.new_scene()
+    ct = bridge.volume_node_from_image(scene, image, "CT")
+    ct.CreateDefaultDisplayNodes()
+    case = ReviewCase.open(scene, ct, labels, folder=tmp_path / "sessions", log_path=tmp_path / "log.jsonl",
+                           case_uid="4.5.6", report={"model": {"name": "tiny", "organ_set": "oar22"}},
+                           clock=clock, wall=lambda: 1.7e9 + clock.t, shown=shown)
+    case.session.idle_threshold_s = 10.0
+    return case
+
+
+def test_scroll_window_level_and_view_changes_are_activity(phantom, tmp_path):
+    """The activity model both front ends share: scrolling a slice view,
+    window/level, rotating the 3D view and toggling a segment's visibility
+    are acts of reviewing (read from the MRML nodes they change); a gap
+    longer than the idle threshold is idle as a whole."""
+    clock = FakeClock()
+    case = open_shown_case(phantom, tmp_path, clock)
+    scene, session = case.scene, case.session
+    axial = scene.AddNode(slicer.vtkMRMLSliceNode())
+    axial.SetName("Red")
+    camera = scene.AddNode(slicer.vtkMRMLCameraNode())
+    display = case.volume_node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    assert session.active_s == 0.0
+
+    for step in range(8):                      # 8 s of scrolling, one slice a second
+        clock.t += 1
+        axial.SetSliceOffset(float(step))
+    clock.t += 2
+    display.SetWindowLevel(400, 40)            # a preset: +2 s
+    clock.t += 3
+    camera.SetPosition(100.0, 0.0, 0.0)        # rotate the 3D view: +3 s
+    clock.t += 1
+    case.segmentation_node.GetDisplayNode().SetSegmentVisibility("Eye_L", False)  # +1 s
+    assert session.active_s == pytest.approx(14.0)
+    assert all(s.edits == 0 and s.status == "unreviewed" for s in session.states.values())
+    clock.t += 45                              # away from the desk: longer than the threshold
+    axial.SetSliceOffset(20.0)
+    assert session.active_s == pytest.approx(14.0)
+    clock.t += 2
+    axial.SetSliceOffset(21.0)
+    assert session.active_s == pytest.approx(16.0)
+    counts = session.state_dict()["activity"]
+    assert counts["slice"] == 10 and counts["window_level"] >= 1 and counts["view3d"] >= 1 and counts["display"] >= 1
+    record = case.finish()
+    assert record["wall_s"] == pytest.approx(61.0) and record["active_s"] == pytest.approx(16.0)
+    case.close()
+
+
+def test_wall_clock_starts_at_first_sight_and_pauses_without_a_page(phantom, tmp_path):
+    clock = FakeClock()
+    case = open_shown_case(phantom, tmp_path, clock, shown=False)   # the browser: contours ready, no page yet
+    session = case.session
+    clock.t += 117                                # nobody looks yet
+    case.scene.AddNode(slicer.vtkMRMLSliceNode()).SetSliceOffset(3.0)  # no page: not an act of reviewing
+    assert session.now_s() == 0.0 and session.active_s == 0.0
+    session.shown()                               # the page opens
+    clock.t += 4
+    session.accept("Brainstem")                   # +4 s
+    clock.t += 5
+    session.hidden()                              # the page is closed: +5 s (closing is an act)
+    clock.t += 600                                # no page open: paused
+    assert session.now_s() == pytest.approx(9.0) and session.active_s == pytest.approx(9.0)
+    session.shown()
+    clock.t += 3
+    record = case.finish()
+    assert record["wall_s"] == pytest.approx(12.0) and record["active_s"] == pytest.approx(12.0)
+    # "started" is first sight, 117 s after the contours were ready
+    assert record["started"] == review._iso(1.7e9 + 1000 + 117)
+    case.close()
+
+
+def test_a_contour_changed_after_finish_is_reported_not_lost(phantom, tmp_path):
+    image, labels = phantom
+    clock = FakeClock()
+    case = open_shown_case(phantom, tmp_path, clock)
+    changed = []
+    case.session.on_change_after_finish = changed.append
+    clock.t += 3
+    record = case.finish()
+    paint(case.segmentation_node, "Parotid_L", labels, (slice(5, 7), slice(2, 8), slice(2, 8)))
+    assert changed == ["Parotid_L"]
+    assert case.session.states["Parotid_L"].edits == 0 and record["organs"]["Parotid_L"]["status"] == "unreviewed"
+    assert not list((tmp_path / "sessions").glob("*.review.json")), "no checkpoint reappears after Finish"
+    case.close()

@@ -22,6 +22,7 @@ from FocusNetCore.organs import OrganSet, get_organ_set
 from FocusNetCore.study import case_id as hashed_case_id
 
 from . import export
+from .activity import ActivityMonitor
 from .review import ReviewSession
 from .scene import export_labels, import_labels
 
@@ -31,6 +32,13 @@ class ReviewCase:
         self.scene, self.volume_node, self.segmentation_node = scene, volume_node, segmentation_node
         self.session = session
         self.folder = Path(folder)
+        # Scroll, window/level, view changes, selection and visibility are acts of reviewing too.
+        self.activity = ActivityMonitor(scene, session.activity).start()
+
+    def close(self) -> None:
+        """Stop observing the scene (the checkpoint of an unfinished session stays)."""
+        self.session.stop()
+        self.activity.stop()
 
     @property
     def organs(self) -> OrganSet:
@@ -49,14 +57,16 @@ class ReviewCase:
     @classmethod
     def open(cls, scene, volume_node, labels: Optional[sitk.Image], *, folder, log_path, case_uid: str,
              reviewer: str = "", report: Optional[dict] = None, name: Optional[str] = None,
-             resume: bool = True, client: str = "slicer", clock: Callable[[], float] = time.monotonic,
-             wall: Callable[[], float] = time.time) -> "ReviewCase":
+             resume: bool = True, client: str = "slicer", shown: bool = True,
+             clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> "ReviewCase":
         """``labels`` are the AI contours on the CT's grid (mode "ai"), or None
         for contouring from scratch (mode "manual"). ``report`` is the
         segmentation report (model, timings, per-organ results for the flags).
         With ``resume`` an unfinished session of the same case continues: its
         times and statuses from the checkpoint, its contours from the
-        autosave."""
+        autosave. ``shown``: the reviewer sees the case from now on (the wall
+        clock starts); the browser station passes False and says when a page
+        shows it (``session.shown()`` / ``session.hidden()``)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         organs = get_organ_set((report or {}).get("model", {}).get("organ_set", "oar22"))
@@ -85,7 +95,7 @@ class ReviewCase:
         else:
             session = ReviewSession(node, organs, mode=mode, case_id=cid, reviewer=reviewer, log_path=log_path,
                                     checkpoint_path=checkpoint, **common)
-        return cls(scene, volume_node, node, session.start(), folder)
+        return cls(scene, volume_node, node, session.start(shown=shown), folder)
 
     # -- while reviewing --------------------------------------------------------
     def autosave(self) -> Path:

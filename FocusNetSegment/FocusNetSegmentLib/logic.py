@@ -332,9 +332,10 @@ class SegmentOARsLogic:
     def close_session(self) -> None:
         """Stop listening to the open review (its checkpoint stays, so it can
         be resumed or recorded as incomplete)."""
-        if self.case is not None and not self.case.session.finished:
-            self.case.session.checkpoint()
-            self.case.session.stop()
+        if self.case is not None:
+            if not self.case.session.finished:
+                self.case.session.checkpoint()
+            self.case.close()
         self.case = None
 
     # -- reviewing -------------------------------------------------------------------------
@@ -408,7 +409,7 @@ class SegmentOARsLogic:
         if self.busy_finishing:
             raise RuntimeError("The review is already being finished.")
         labels = self.case.final_labels()
-        session.stop()
+        session.closing = True  # a contour changed from here on is reported, not recorded (on_change_after_finish)
         case = self.case
         self.finishing = BackgroundCall(lambda: case.finish(labels))
         return self.finishing

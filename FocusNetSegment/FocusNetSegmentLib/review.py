@@ -3,13 +3,35 @@ department's time-savings study needs (no Qt; tested against slicer-core).
 
 A session starts when the AI contours are loaded (mode ``"ai"``) or when an
 empty segmentation with the organ set's named segments is created for
-contouring from scratch (mode ``"manual"``). It listens to the segmentation's
-``RepresentationModified`` events: every edit of a segment marks it edited,
-counts, and moves the clock of active time; so do accepting organs and
-finishing (gaps between such acts longer than ``idle_threshold_s`` count as
-idle). Each event checkpoints the session
-to a JSON file, so after a crash it can be resumed or recorded as incomplete;
-"Finish" appends one record to the study's JSON Lines log.
+contouring from scratch (mode ``"manual"``).
+
+Timing (the same in both front ends; the record carries the definitions in
+``timing_definitions``):
+
+- **Wall time** (``wall_s``) runs while the case is shown to the reviewer:
+  from first sight (:meth:`ReviewSession.shown`: in Slicer when the result
+  appears, in the browser when a page is open on the case) until Finish,
+  paused while no page is open (:meth:`ReviewSession.hidden`). Inference
+  time is recorded apart (``inference_seconds``).
+- **Activity** is any act of reviewing: first sight, slice scroll,
+  window/level, view changes (3D rotation, zoom, layout), segment
+  selection and visibility, edits, accepts and Finish
+  (:meth:`ReviewSession.activity`; :class:`~FocusNetSegmentLib.activity.ActivityMonitor`
+  turns MRML changes into activity).
+- **Active time** (``active_s``): the gap between two consecutive acts counts
+  as active when it is at most ``idle_threshold_s`` seconds; a longer gap is
+  idle as a whole (the reviewer was away, not thinking).
+- **Edits** count only real changes of an organ's binary label map: making
+  closed surfaces (3D display, conversions) is no edit, and one paint
+  stroke is one edit.
+
+The session listens to the segmentation's ``RepresentationModified`` events
+for edits. Each edit and accept checkpoints the session to a JSON file
+(other activity at most every ``CHECKPOINT_EVERY_S``), so after a crash it
+can be resumed or recorded as incomplete; "Finish" appends one record to the
+study's JSON Lines log. After Finish the session is closed: a later change
+of a contour is not part of this record, and the front end says so
+(``on_change_after_finish``).
 
 The clock is injected (``clock`` for intervals, ``wall`` for timestamps), so
 tests drive a session with a fake clock.
@@ -36,6 +58,15 @@ ASYMMETRY_RATIO = 1.5  # left/right volumes differing more than this
 SHAPE_SCORE_MIN = 0.5  # autoencoder reconstruction Dice below this: implausible shape
 CONFIDENCE_MIN = 0.5
 DEFAULT_IDLE_THRESHOLD_S = 60.0
+CHECKPOINT_EVERY_S = 5.0  # activity other than edits and accepts checkpoints at most this often
+TIMING_DEFINITIONS = {
+    "wall_s": "seconds the case was shown to the reviewer, from first sight to Finish, paused while no page "
+              "was open; inference time is not included (inference_seconds)",
+    "active_s": "sum of the gaps between consecutive acts of reviewing (first sight, slice scroll, window/level, "
+                "view changes, selection, visibility, edits, accepts, Finish) that are at most idle_threshold_s; "
+                "a longer gap is idle as a whole",
+    "edits": "changes of an organ's binary label map (not display or representation changes)",
+}
 
 
 def organ_flags(organs: OrganSet, results: List[dict]) -> Dict[str, List[str]]:
@@ -93,27 +124,38 @@ class ReviewSession:
         self.clock, self.wall = clock, wall
         flags = organ_flags(organs, organ_results) if organ_results else {n: [] for n in organs.names}
         self.states: Dict[str, OrganState] = {n: OrganState(flags=flags[n]) for n in organs.names}
-        self.started_wall = wall()
-        self.started = clock()
+        self.started_wall: Optional[float] = None  # first sight (wall clock)
+        self.shown_since: Optional[float] = None  # clock() when the case was last shown; None while hidden
         self.active_s = 0.0
         self.last_event: Optional[float] = None
-        self.elapsed_before_s = 0.0  # wall time of earlier runs of a resumed session
+        self.elapsed_before_s = 0.0  # shown time of earlier showings (and of earlier runs, when resumed)
+        self.activity_counts: Dict[str, int] = {}
+        self._last_checkpoint: Optional[float] = None
+        self.on_change_after_finish: Optional[Callable[[str], None]] = None  # called with the organ's name
         self._observer = None
         self._contours: Dict[str, tuple] = {}  # segment -> (label map MTime, voxel fingerprint) last seen
         self.finished = False
+        self.closing = False  # Finish has begun (it may run on a worker thread): no more edits recorded
         # Called with no argument after every change (an edit, an accept): how
         # a front end refreshes its review panel or schedules an autosave.
         self.listeners: List[Callable[[], None]] = []
 
     # -- events ----------------------------------------------------------------
-    def start(self) -> "ReviewSession":
+    def start(self, shown: bool = True) -> "ReviewSession":
+        """Observe the segmentation for edits; ``shown``: the reviewer sees the
+        case from now on (the browser station says so when a page opens)."""
         import slicer
         import vtk
 
         @vtk.calldata_type(vtk.VTK_STRING)
         def on_modified(caller, event, segment_id):
             if self._contour_changed(segment_id):
-                self.record_edit(segment_id)
+                if self.finished or self.closing:
+                    name = self._organ_of(segment_id)
+                    if self.on_change_after_finish is not None:
+                        self.on_change_after_finish(name or segment_id)
+                else:
+                    self.record_edit(segment_id)
 
         for index in range(self.node.GetSegmentation().GetNumberOfSegments()):
             self._contour_changed(self.node.GetSegmentation().GetNthSegmentID(index))  # the starting contours
@@ -121,7 +163,10 @@ class ReviewSession:
         self._callback = on_modified  # keep a reference: VTK holds it weakly
         self._observer = self.node.GetSegmentation().AddObserver(slicer.vtkSegmentation.RepresentationModified,
                                                                  on_modified)
-        self.checkpoint()
+        if shown:
+            self.shown()
+        else:
+            self.checkpoint()
         return self
 
     def stop(self) -> None:
@@ -129,18 +174,62 @@ class ReviewSession:
             self.node.GetSegmentation().RemoveObserver(self._observer)
             self._observer = None
 
+    # -- the clocks -------------------------------------------------------------------
+    @property
+    def is_shown(self) -> bool:
+        return self.shown_since is not None
+
+    def shown(self) -> None:
+        """The reviewer sees the case (first sight, or a page opened again):
+        the wall clock runs, and seeing it is an act of reviewing."""
+        if self.finished or self.shown_since is not None:
+            return
+        self.shown_since = self.clock()
+        if self.started_wall is None:
+            self.started_wall = self.wall()
+        self.last_event = self.shown_since
+        self.checkpoint()
+
+    def hidden(self) -> None:
+        """No page shows the case any more: the wall clock pauses. The time
+        since the last act counts as for any act (closing the page is one)."""
+        if self.shown_since is None:
+            return
+        self.touch()
+        self.elapsed_before_s += self.clock() - self.shown_since
+        self.shown_since = None
+        self.last_event = None
+        if not self.finished:
+            self.checkpoint()
+
     def now_s(self) -> float:
-        return self.elapsed_before_s + (self.clock() - self.started)
+        """Wall time so far: the seconds the case has been shown."""
+        running = self.clock() - self.shown_since if self.shown_since is not None else 0.0
+        return self.elapsed_before_s + running
 
     def touch(self) -> None:
-        """Any act of reviewing (an edit, an accept, finishing): the time since
-        the previous one counts as active unless it exceeds the idle threshold."""
+        """An act of reviewing: the time since the previous one counts as
+        active unless it exceeds the idle threshold. Acts while the case is
+        not shown (a scripted change with no page open) count nothing."""
+        if self.shown_since is None:
+            return
         t = self.clock()
         if self.last_event is not None:
             gap = t - self.last_event
             if gap <= self.idle_threshold_s:
                 self.active_s += gap
         self.last_event = t
+
+    def activity(self, kind: str = "view") -> None:
+        """An act of reviewing that changes no contour and no status: slice
+        scroll, window/level, a view change, selection, visibility. Counted
+        per kind in the record; checkpointed at most every CHECKPOINT_EVERY_S."""
+        if self.finished or self.closing or self.shown_since is None:
+            return
+        self.touch()
+        self.activity_counts[kind] = self.activity_counts.get(kind, 0) + 1
+        if self._last_checkpoint is None or self.clock() - self._last_checkpoint >= CHECKPOINT_EVERY_S:
+            self.checkpoint(notify=False)
 
     def _contour_changed(self, segment_id: str) -> bool:
         """Whether the segment's binary label map differs from when it was last
@@ -163,6 +252,7 @@ class ReviewSession:
     def record_edit(self, segment_id: str) -> None:
         name = self._organ_of(segment_id)
         self.touch()
+        self.activity_counts["edit"] = self.activity_counts.get("edit", 0) + 1
         if name is None:
             self.checkpoint()
             return
@@ -205,16 +295,20 @@ class ReviewSession:
     def state_dict(self) -> dict:
         return {"case_id": self.case_id, "reviewer": self.reviewer, "mode": self.mode, "client": self.client,
                 "model": self.model,
-                "inference_seconds": self.inference_seconds, "started": _iso(self.started_wall),
+                "inference_seconds": self.inference_seconds,
+                "started": _iso(self.started_wall) if self.started_wall is not None else None,
                 "elapsed_s": round(self.now_s(), 3), "active_s": round(self.active_s, 3),
-                "idle_threshold_s": self.idle_threshold_s,
+                "idle_threshold_s": self.idle_threshold_s, "activity": dict(sorted(self.activity_counts.items())),
+                "timing_definitions": TIMING_DEFINITIONS,
                 "organs": {n: asdict(s) for n, s in self.states.items()}, "software_version": __version__}
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, notify: bool = True) -> None:
         if not self.finished:
             write_json_atomic(self.checkpoint_path, self.state_dict())
-        for listener in list(self.listeners):
-            listener()
+            self._last_checkpoint = self.clock()
+        if notify:
+            for listener in list(self.listeners):
+                listener()
 
     @classmethod
     def resume(cls, checkpoint_path, segmentation_node, organs: OrganSet, log_path, **kwargs) -> "ReviewSession":
@@ -230,7 +324,9 @@ class ReviewSession:
                       inference_seconds=inference_seconds, idle_threshold_s=data["idle_threshold_s"], **kwargs)
         session.elapsed_before_s = float(data["elapsed_s"])
         session.active_s = float(data["active_s"])
-        session.started_wall = datetime.datetime.fromisoformat(data["started"]).timestamp()
+        session.activity_counts = dict(data.get("activity") or {})
+        if data.get("started"):
+            session.started_wall = datetime.datetime.fromisoformat(data["started"]).timestamp()
         for name, state in data["organs"].items():
             if name in session.states:
                 session.states[name] = OrganState(**state)
@@ -249,8 +345,13 @@ class ReviewSession:
 
     # -- finish -------------------------------------------------------------------------
     def finish(self, final_labels: Optional[sitk.Image] = None) -> dict:
-        """End the session: one record (times, statuses, edit metrics) appended to the log."""
-        self.stop()
+        """End the session: one record (times, statuses, edit metrics) appended
+        to the log. The segmentation stays observed: a contour changed after
+        this is reported through ``on_change_after_finish``, never silently
+        dropped (call :meth:`stop` to end that too)."""
+        self.closing = True
+        if self.started_wall is None:  # finished without ever being shown (a script): wall time 0
+            self.started_wall = self.wall()
         self.touch()
         record = {**self.state_dict(), "status": "finished", "finished": _iso(self.wall()),
                   "wall_s": round(self.now_s(), 3)}
