@@ -335,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (default loopback; any other requires the access token printed at start)")
     p.add_argument("--reviewer", default="", help="reviewer id written into the timing record")
     p.add_argument("--device", default="auto", help="where the model runs: auto, cpu or cuda")
+    p.add_argument("--idle-threshold", type=float, default=60.0, metavar="S",
+                   help="seconds without any act of reviewing after which time counts as idle (default 60)")
     p.set_defaults(func=_cmd_review)
 
     p = sub.add_parser("demo", help="the main job on its embedded default: a phantom case end to end")
@@ -356,7 +358,11 @@ def _cmd_review(args) -> int:
         print(f"focusnet review needs the review extra: pip install 'focusnet[review]' ({error})", file=sys.stderr)
         return EXIT_BAD_INPUT
     options = ReviewOptions(input=args.input, seg=args.seg, model=args.model, out=args.out, host=args.host,
-                            port=args.port, reviewer=args.reviewer, device=args.device)
+                            port=args.port, reviewer=args.reviewer, device=args.device,
+                            idle_threshold_s=args.idle_threshold)
+    if not args.idle_threshold > 0:
+        print(f"--idle-threshold must be a positive number of seconds, got {args.idle_threshold}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     ReviewStation(options).start()
     return EXIT_OK
 

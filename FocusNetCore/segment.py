@@ -181,7 +181,7 @@ class Segmenter:
         volume = channels_last(volume.to(self.device, dtype_of(self.precision)))
         with torch.inference_mode():
             return self.model.segment(volume, small_organ_branch=branch,
-                                      progress=lambda f: progress("inference", 0.2 + 0.6 * f, f"chunk {f:.0%}"))
+                                      progress=lambda f: progress("inference", 0.2 + 0.6 * f, f"segmenting {f:.0%}"))
 
     def _organ_results(self, labels: sitk.Image, model_labels: np.ndarray, out: dict) -> List[OrganResult]:
         organs = self.config.organs

@@ -49,6 +49,15 @@ class ReviewOptions:
     port: int = 8080
     reviewer: str = ""
     device: str = "auto"
+    idle_threshold_s: float = 60.0
+
+
+# CT window presets (width, level in HU), as radiotherapy planning systems name them.
+WINDOW_PRESETS = (("Soft tissue", 400.0, 40.0), ("Bone", 1800.0, 400.0), ("Brain", 80.0, 40.0))
+# Window/level by left-drag with no editing tool: HU per pixel, relative to the current window.
+WINDOW_PER_PIXEL = 1.0 / 200.0
+STAGE_WORDS = {"read": "reading the CT", "preprocess": "preparing", "inference": "segmenting",
+               "postprocess": "finishing the contours", "done": "loading the contours", "resume": "resuming"}
 
 
 def _clock_text(seconds: float) -> str:
@@ -87,6 +96,9 @@ class ReviewStation:
         self.layout_logic = LayoutButtonLogic(self.server, self.slicer_app)
         self.editor_logic = SegmentEditorLogic(self.server, self.slicer_app)
         self.case = None
+        self.volume = None
+        self._clients = set()  # open pages (websocket connections)
+        self._drag = None  # window/level drag in progress: (view, x, y, window, level)
         self._autosave_handle = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.token = None if is_loopback(options.host) else new_token()
@@ -94,15 +106,39 @@ class ReviewStation:
         self.state.trame__title = f"FocusNet review — {self.stem}"
         self.state.update({"fn_progress": 0.0, "fn_progress_text": "starting", "fn_ready": False,
                            "fn_rows": [], "fn_clock": "0:00:00", "fn_active": "0:00:00", "fn_finished": False,
-                           "fn_message": "", "fn_error": "", "fn_model": ""})
+                           "fn_finishing": False, "fn_message": "", "fn_error": "", "fn_warning": "",
+                           "fn_missing": "", "fn_model": "", "fn_show3d": False, "fn_wl": "",
+                           "fn_presets": [{"name": n, "window": w, "level": lv} for n, w, lv in WINDOW_PRESETS]})
         self._build_ui()
         self.ctrl.on_server_bind.add(self._on_bind)
         self.ctrl.on_server_ready.add(self._on_ready)
+        self.server.add_protocol_to_configure(self._watch_connections)
 
     # -- server ------------------------------------------------------------------
     def _on_bind(self, wslink_server):
         if self.token is not None:
             wslink_server.app.middlewares.append(token_middleware(self.token))
+
+    def _watch_connections(self, protocol):
+        """A page open on the case is what runs the review's wall clock: the
+        first connection shows the case, the last one closing hides it."""
+        def on_connect(request, client_id):
+            self._clients.add(client_id)
+            self._update_shown()
+
+        def on_close(client_id):
+            self._clients.discard(client_id)
+            self._update_shown()
+
+        protocol.onConnect, protocol.onClose = on_connect, on_close
+
+    def _update_shown(self):
+        if self.case is None:
+            return
+        if self._clients:
+            self.case.session.shown()
+        else:
+            self.case.session.hidden()
 
     def url(self) -> str:
         host = "127.0.0.1" if self.options.host in ("0.0.0.0", "::") else self.options.host
@@ -127,24 +163,27 @@ class ReviewStation:
         return self.out / f"{self.stem}.ai.nrrd", self.out / f"{self.stem}.report.json"
 
     def _progress(self, stage: str, fraction: float, message: str):
+        text = message if message.startswith(STAGE_WORDS.get(stage, "\0")) else STAGE_WORDS.get(stage, message)
+        if stage == "inference" and "out of memory" in message:
+            text = message
+
         def update():
             with self.state:
                 self.state.fn_progress = round(100 * fraction, 1)
-                self.state.fn_progress_text = message
+                self.state.fn_progress_text = text
         if self._loop is not None:
             self._loop.call_soon_threadsafe(update)
 
     def _contours(self):
-        """(labels, report) of the AI: from --seg, from an earlier run of this
-        review (an unfinished session resumes on the same contours), or from
-        the model now (in a worker thread; the page shows its progress)."""
+        """(labels, report) of the AI: from an earlier run of this review (an
+        unfinished session resumes on the same contours), or from the model
+        now. Runs in a worker thread (the page shows its progress), so it
+        touches no MRML: rendering must stay on the server's thread."""
         from FocusNetSegmentLib.case import ReviewCase
         from FocusNetCore.study import case_id
 
         ai_path, report_path = self._ai_paths()
         checkpoint, _ = ReviewCase.paths(self.out / "sessions", case_id(self.case_uid))
-        if self.options.seg:
-            return self._labels_from_seg(Path(self.options.seg)), self._report_beside(Path(self.options.seg))
         if checkpoint.exists() and ai_path.exists() and report_path.exists():
             self._progress("resume", 1.0, "resuming the unfinished review")
             return sitk.ReadImage(str(ai_path)), json.loads(report_path.read_text())
@@ -196,21 +235,35 @@ class ReviewStation:
             volume.CreateDefaultDisplayNodes()
             self.slicer_app.display_manager.show_volume(volume, do_reset_views=True)
             self.volume = volume
-            labels, report = await asyncio.to_thread(self._contours)
+            if self.options.seg:  # MRML reads the file: on this thread
+                seg = Path(self.options.seg)
+                labels, report = self._labels_from_seg(seg), self._report_beside(seg)
+            else:
+                labels, report = await asyncio.to_thread(self._contours)
+            self.report = report or {}
             self.case = ReviewCase.open(self.slicer_app.scene, volume, labels, folder=self.out / "sessions",
                                         log_path=self.out / "review-log.jsonl", case_uid=self.case_uid,
                                         reviewer=self.options.reviewer, report=report, name=f"{self.stem} OARs",
-                                        client="browser")
+                                        client="browser", shown=False, idle_threshold_s=self.options.idle_threshold_s)
             self.editor_logic.on_volume_changed(volume)
             self.case.session.listeners.append(self._on_session_changed)
-            model = (report or {}).get("model", {})
+            self.case.session.on_change_after_finish = self._on_change_after_finish
+            self._observe_window_level(volume)
+            self._install_window_level_drag()
+            model = self.report.get("model", {})
+            missing = [n for n, st in self.case.session.states.items() if "missing" in st.flags]
             with self.state:
                 self.state.fn_model = f"{model.get('name', 'contours from ' + str(self.options.seg))}" + (
                     f" — {model['intended_use']}" if model.get("intended_use") else "")
+                self.state.fn_missing = ("No contour for " + ", ".join(missing)
+                                         + ": draw it, or leave it empty if the organ is not in the scan."
+                                         if missing else "")
                 self.state.fn_ready = True
                 self.state.fn_progress = 100
                 self.state.fn_progress_text = "ready"
                 self._refresh_rows()
+            self._update_shown()  # a page already open sees the case from now on
+            print(f"FocusNet review: ready: {self.url()}", flush=True)
         except Exception as error:  # shown on the page and in the terminal
             print(f"FocusNet review: error: {error}", file=sys.stderr, flush=True)
             with self.state:
@@ -240,13 +293,25 @@ class ReviewStation:
             self.case.autosave()
 
     def _refresh_rows(self):
+        """The one organ list: flagged organs first, each with its colour,
+        status, volume, confidence, flags in words and visibility."""
         session = self.case.session
+        results = {r["name"]: r for r in (self.report.get("organs") or [])}
+        display = self.case.segmentation_node.GetDisplayNode()
         rows = []
-        for name in session.organs.names:
+        for order, name in enumerate(session.organs.names):
             st = session.states[name]
             r, g, b = CATALOGUE[name].color
+            result = results.get(name, {})
+            confidence = result.get("confidence")
+            volume = result.get("volume_cc")
             rows.append({"name": name, "color": f"#{r:02x}{g:02x}{b:02x}", "status": st.status, "edits": st.edits,
-                         "flags": "; ".join(st.flags)})
+                         "flags": "; ".join(st.flags), "flagged": bool(st.flags),
+                         "volume": "" if volume is None else f"{float(volume):.1f} cc",
+                         "confidence": "" if confidence is None else f"{float(confidence):.2f}",
+                         "visible": bool(display.GetSegmentVisibility(name)) if display is not None else True,
+                         "order": order})
+        rows.sort(key=lambda row: (not row["flagged"], row["order"]))
         self.state.fn_rows = rows
 
     # -- panel actions ------------------------------------------------------------
@@ -268,34 +333,138 @@ class ReviewStation:
             if slice_node is not None:
                 slice_node.JumpSlice(center[0], center[1], center[2])
 
+    def toggle_visibility(self, name: str):
+        if self.case is None:
+            return
+        display = self.case.segmentation_node.GetDisplayNode()
+        display.SetSegmentVisibility(name, not display.GetSegmentVisibility(name))  # activity: "display"
+        self._refresh_rows()
+
     def accept(self, name: str):
-        if self.case is not None and not self.case.session.finished:
+        if self._can_review():
             self.case.session.accept(name)
 
     def accept_all(self):
-        if self.case is not None and not self.case.session.finished:
+        if self._can_review():
             accepted = self.case.session.accept_all_unflagged()
             self.state.fn_message = f"accepted {len(accepted)} unflagged organ(s)"
 
+    def _can_review(self) -> bool:
+        return self.case is not None and not self.case.session.finished and not self.state.fn_finishing
+
+    def toggle_3d(self):
+        """Organ surfaces in the 3D view (the segment editor's closed-surface
+        representation; making it is no edit)."""
+        show = not self.state.fn_show3d
+        self.editor_logic.data.segment_display.show_3d = show
+        self.state.fn_show3d = show
+
+    def set_window(self, window: float, level: float):
+        if self.volume is not None:
+            display = self.volume.GetDisplayNode()
+            display.AutoWindowLevelOff()
+            display.SetWindowLevel(float(window), float(level))  # activity: "window_level"
+
+    def _observe_window_level(self, volume):
+        def update(*_):
+            display = volume.GetDisplayNode()
+            self.state.fn_wl = f"W {display.GetWindow():.0f} / L {display.GetLevel():.0f}"
+
+        volume.GetDisplayNode().AddObserver("ModifiedEvent", update)
+        update()
+
+    def _install_window_level_drag(self):
+        """Left-drag in a slice view with no editing tool changes the window
+        (left/right) and the level (up/down), as in Slicer."""
+        import vtk
+
+        for view in self.slicer_app.view_manager.get_slice_views():
+            interactor = view.interactor()
+
+            def press(caller, event, view=view):
+                if self.segmentation_editor_tool() or self.volume is None:
+                    return
+                display = self.volume.GetDisplayNode()
+                x, y = caller.GetEventPosition()
+                self._drag = (view, x, y, display.GetWindow(), display.GetLevel())
+
+            def move(caller, event, view=view):
+                if self._drag is None or self._drag[0] is not view:
+                    return
+                _, x0, y0, window, level = self._drag
+                x, y = caller.GetEventPosition()
+                step = max(window, 1.0) * WINDOW_PER_PIXEL
+                self.set_window(max(1.0, window + (x - x0) * step), level + (y - y0) * step)
+
+            def release(caller, event):
+                self._drag = None
+
+            interactor.AddObserver(vtk.vtkCommand.LeftButtonPressEvent, press, 1.0)
+            interactor.AddObserver(vtk.vtkCommand.MouseMoveEvent, move, 1.0)
+            interactor.AddObserver(vtk.vtkCommand.LeftButtonReleaseEvent, release, 1.0)
+
+    def segmentation_editor_tool(self) -> str:
+        """The active editing tool's name ("" for none: the arrow)."""
+        return self.editor_logic.segmentation_editor.get_active_effect_name() or ""
+
+    def _on_change_after_finish(self, name: str):
+        with self.state:
+            self.state.fn_warning = (f"{name} was changed after Finish: the review is finished and read-only, so "
+                                     "this change is not saved. Start a new review of this case to change it.")
+
     def finish(self):
-        if self.case is None or self.case.session.finished:
+        """Export and record on a worker thread (the metrics of 22 organs take
+        seconds); the page shows progress and Finish is disabled meanwhile."""
+        if not self._can_review():
             return
-        try:
-            written: List[Path] = [self.case.export("seg.nrrd", self.out, self.stem)]
-            if self.is_dicom:
-                for kind in ("rtstruct", "dicomseg"):
-                    written.append(self.case.export(kind, self.out, self.stem, ct_series_folder=self.input))
-            record = self.case.finish()
-        except Exception as error:
-            self.state.fn_error = f"export failed: {error}"
-            return
+        self.state.fn_finishing = True
+        self.state.fn_message = "Finishing: exporting the contours and computing the edit metrics..."
+        self.editor_logic.segmentation_editor.deactivate_effect()  # read-only from here on
         if self._autosave_handle is not None:
             self._autosave_handle.cancel()
+        self.case.session.closing = True
+        try:  # the scene's part here (MRML is not thread-safe): the contours, and the .seg.nrrd by Slicer's writer
+            final = self.case.final_labels()
+            seg_nrrd = self.case.export("seg.nrrd", self.out, self.stem)
+        except Exception as error:
+            self._finish_done([], None, error)
+            return
+        if self._loop is not None:
+            self._loop.create_task(self._finish(final, seg_nrrd))
+        else:  # no server (tests of the station's logic): finish now
+            self._finish_done(*self._export_and_record(final, seg_nrrd))
+
+    async def _finish(self, final, seg_nrrd):
+        result = await asyncio.to_thread(self._export_and_record, final, seg_nrrd)
+        with self.state:
+            self._finish_done(*result)
+
+    def _export_and_record(self, final, seg_nrrd):
+        written: List[Path] = [seg_nrrd]
+        try:
+            if self.is_dicom:
+                for kind in ("rtstruct", "dicomseg"):
+                    written.append(self.case.export(kind, self.out, self.stem, ct_series_folder=self.input,
+                                                    labels=final))
+            return written, self.case.finish(final), None
+        except Exception as error:
+            return written, None, error
+
+    def _finish_done(self, written, record, error):
+        self.state.fn_finishing = False
+        if error is not None:
+            self.case.session.closing = False  # the review goes on; Finish can be tried again
+            self.state.fn_error = (f"Finish failed: {error}"
+                                   + (f" (already written: {', '.join(str(p) for p in written)})" if written else ""))
+            self.state.fn_message = ""
+            return
+        self.state.fn_error = ""
         self.state.fn_finished = True
         self.state.fn_clock = _clock_text(record["wall_s"])
         self.state.fn_active = _clock_text(record["active_s"])
         self.state.fn_message = ("Exported " + ", ".join(str(p) for p in written)
-                                 + f"; timing record appended to {self.case.session.log_path}")
+                                 + f"; timing record appended to {self.case.session.log_path}. "
+                                 "The review is finished and read-only.")
         self._refresh_rows()
         print(f"FocusNet review: {self.state.fn_message}", flush=True)
 
@@ -303,11 +472,12 @@ class ReviewStation:
     def _build_ui(self):
         from trame.widgets import html
         from trame.widgets import vuetify3 as v
-        from trame_slicer.app.ui import LayoutButton, SegmentEditorToolbarUI, SegmentEditorUI, SegmentEditorUndoRedoUI
+        from trame_slicer.app.ui import LayoutButton, SegmentEditorUndoRedoUI
         from trame_slicer.app.ui.viewer_layout import ViewerLayout
 
         with ViewerLayout(self.server, is_drawer_visible=True) as layout:
             self.layout = layout
+            layout.drawer.width = 480  # the organ list's columns and the flags' words fit without wrapping
             layout.title.set_text("FocusNet review")
             with layout.appbar:
                 html.Span("{{ fn_model }}", classes="text-caption mx-4", style="opacity: 0.7")
@@ -316,42 +486,130 @@ class ReviewStation:
             with layout.drawer:
                 with v.VCard(flat=True, classes="pa-2", id="fn-review-panel"):
                     v.VProgressLinear(v_if="!fn_ready && !fn_error", model_value=("fn_progress",), height=18,
-                                      color="primary", children=["{{ fn_progress_text }}"], id="fn-progress")
+                                      color="primary", id="fn-progress",
+                                      children=["{{ fn_progress_text }}"])
                     v.VAlert(v_if="fn_error", type="error", density="compact", text=("fn_error",), id="fn-error")
-                    html.Div("Organs at risk", classes="text-subtitle-2 mt-1")
-                    with v.VTable(density="compact", v_if="fn_ready", id="fn-organs",
-                                  style="max-height: 40vh; overflow-y: auto;"):
-                        with html.Tbody():
-                            with html.Tr(v_for="row in fn_rows", key="row.name", classes="fn-organ-row"):
-                                with html.Td(style="cursor: pointer;", click=(self.select_organ, "[row.name]")):
-                                    html.Span(style=("{background: row.color, display: 'inline-block', width: '10px', "
-                                                     "height: '10px', 'margin-right': '6px'}",))
-                                    html.Span("{{ row.name }}", classes="fn-organ-name")
-                                with html.Td():
-                                    v.VChip("{{ row.status }}", size="x-small", classes="fn-status",
-                                            color=("row.status === 'accepted' ? 'green' : "
-                                                   "(row.status === 'edited' ? 'orange' : 'grey')",))
-                                    v.VIcon("mdi-flag", v_if="row.flags", size="small", color="red",
-                                            title=("row.flags",))
-                                with html.Td():
-                                    v.VBtn("Accept", size="x-small", variant="tonal", classes="fn-accept",
-                                           disabled=("fn_finished || row.status !== 'unreviewed'",),
-                                           click=(self.accept, "[row.name]"))
-                    with html.Div(classes="d-flex mt-2", style="gap: 6px;"):
+                    v.VAlert(v_if="fn_warning", type="warning", density="compact", text=("fn_warning",),
+                             id="fn-warning")
+                    v.VAlert(v_if="fn_missing", type="info", density="compact", text=("fn_missing",),
+                             id="fn-missing", classes="text-caption py-1", icon=False)
+                    self._build_organ_list(html, v)
+                    with html.Div(classes="d-flex flex-wrap mt-2", style="gap: 6px;"):
                         v.VBtn("Accept all unflagged", size="small", id="fn-accept-all",
-                               disabled=("!fn_ready || fn_finished",), click=self.accept_all)
+                               disabled=("!fn_ready || fn_finished || fn_finishing",), click=self.accept_all)
                         v.VBtn("Finish & export", size="small", color="primary", id="fn-finish",
-                               disabled=("!fn_ready || fn_finished",), click=self.finish)
+                               loading=("fn_finishing",), disabled=("!fn_ready || fn_finished || fn_finishing",),
+                               click=self.finish)
+                    v.VProgressLinear(v_if="fn_finishing", indeterminate=True, color="primary", classes="mt-1",
+                                      id="fn-finish-progress")
                     html.Div("{{ fn_message }}", classes="text-caption mt-1", id="fn-message")
+                    self._build_display_controls(html, v)
                 v.VDivider()
-                self.editor_ui = SegmentEditorUI()
+                self.editor_ui = _review_editor_ui()(v_if="!fn_finished && !fn_finishing")
             with layout.toolbar:
                 self.layout_button = LayoutButton(classes="mt-1")
-                SegmentEditorToolbarUI(editor_ui=self.editor_ui)
+                with html.Div(v_if="fn_ready && !fn_finished && !fn_finishing", id="fn-tools",
+                              classes="d-flex flex-column align-center"):
+                    self.editor_ui.build_effect_buttons(all=False)
             with layout.undo_redo:
-                SegmentEditorUndoRedoUI(editor_ui=self.editor_ui)
+                with html.Div(v_if="!fn_finished && !fn_finishing"):
+                    SegmentEditorUndoRedoUI(editor_ui=self.editor_ui)
             with layout.content:
                 self.layout_logic.layout_manager.initialize_layout_grid(layout)
         self.editor_logic.set_ui(self.editor_ui)
         self.layout_logic.set_ui(self.layout_button)
 
+    def _build_organ_list(self, html, v):
+        """One compact row per organ, flagged organs first: colour, name,
+        volume, confidence, status, visibility, Accept, and the flags' reasons
+        in words under the name. All 22 fit a 900-pixel-high screen."""
+        from trame.widgets import client
+
+        html.Div("Organs at risk (flagged first)", classes="text-subtitle-2 mt-1")
+        with v.VTable(density="compact", v_if="fn_ready", id="fn-organs", classes="fn-organs"):
+            with html.Thead(), html.Tr():
+                for title in ("", "organ", "volume", "conf.", "status", "", ""):
+                    html.Th(title)
+            with html.Tbody():
+                with html.Tr(v_for="row in fn_rows", key="row.name", classes="fn-organ-row",
+                             style=("{background: row.flagged ? 'rgba(244, 67, 54, 0.07)' : ''}",)):
+                    with html.Td(style="width: 12px; padding: 0 4px;"):
+                        html.Span(style=("{background: row.color, display: 'inline-block', width: '10px', "
+                                         "height: '10px', 'border-radius': '2px'}",))
+                    with html.Td(style="cursor: pointer; padding: 0 4px;", click=(self.select_organ, "[row.name]")):
+                        html.Div("{{ row.name }}", classes="fn-organ-name", style="white-space: nowrap;")
+                        html.Div("{{ row.flags }}", v_if="row.flagged", classes="fn-flags text-red",
+                                 style="font-size: 11px; line-height: 1.2;")
+                    html.Td("{{ row.volume }}", classes="fn-volume", style="padding: 0 4px; white-space: nowrap;")
+                    html.Td("{{ row.confidence }}", classes="fn-confidence", style="padding: 0 4px;")
+                    with html.Td(style="padding: 0 4px;"):
+                        v.VChip("{{ row.status }}", size="x-small", classes="fn-status",
+                                color=("row.status === 'accepted' ? 'green' : "
+                                       "(row.status === 'edited' ? 'orange' : 'grey')",))
+                    with html.Td(style="padding: 0 2px;"):
+                        v.VIcon(icon=("row.visible ? 'mdi-eye-outline' : 'mdi-eye-off-outline'",), size="small",
+                                classes="fn-visibility", click=(self.toggle_visibility, "[row.name]"))
+                    with html.Td(style="padding: 0 2px;"):
+                        v.VBtn("Accept", size="x-small", variant="tonal", classes="fn-accept",
+                               disabled=("fn_finished || fn_finishing || row.status !== 'unreviewed'",),
+                               click=(self.accept, "[row.name]"))
+        client.Style(".fn-organs td { height: 24px !important; font-size: 12px; } "
+                   ".fn-organs th { height: 20px !important; font-size: 11px; padding: 0 4px !important; }")
+
+    def _build_display_controls(self, html, v):
+        with html.Div(classes="d-flex flex-wrap align-center mt-2", style="gap: 4px;", v_if="fn_ready",
+                      id="fn-display"):
+            v.VBtn("3D surfaces", size="x-small", id="fn-show3d", prepend_icon="mdi-cube-outline",
+                   variant=("fn_show3d ? 'flat' : 'tonal'",), color=("fn_show3d ? 'primary' : ''",),
+                   click=self.toggle_3d)
+            v.VBtn("{{ preset.name }}", v_for="preset in fn_presets", key="preset.name", size="x-small",
+                   variant="tonal", classes="fn-preset",
+                   click=(self.set_window, "[preset.window, preset.level]"))
+            html.Span("{{ fn_wl }}", classes="text-caption", id="fn-wl")
+        html.Div("Window/level: drag with the arrow tool (left/right: window, up/down: level).",
+                 classes="text-caption", style="opacity: 0.7;", v_if="fn_ready")
+
+
+def _review_editor_ui():
+    """trame-slicer's segment editor panel without its own segment list (which
+    has delete buttons): the review panel is the one organ list."""
+    from trame.widgets import html
+    from trame.widgets.vuetify3 import VCard, VCardItem, VCardText, VDivider
+    from trame_slicer.app.ui.flex_container import FlexContainer
+    from trame_slicer.app.ui.segmentation import segment_editor_ui as editor
+    from trame_slicer.segmentation import (SegmentationEffectDraw, SegmentationEffectErase,
+                                           SegmentationEffectIslands, SegmentationEffectLogicalOperators,
+                                           SegmentationEffectPaint, SegmentationEffectScissors,
+                                           SegmentationEffectSmoothing, SegmentationEffectThreshold)
+
+    class ReviewEditorUI(editor.SegmentEditorUI):
+        def _build_ui(self):
+            with self:
+                self.edit_ui._build_color_dialog()
+                with html.Div(v_if="false"):  # never rendered: the signals stay wired, no second list
+                    self._create_segment_list()
+                active = self._typed_state.name.segment_list.active_segment_id
+                with VCard(v_if=(active,), variant="flat", style="display: flex; flex-direction: column;"):
+                    with VCardItem(), FlexContainer(row=True, justify="space-between"):
+                        self.build_effect_buttons()
+                    VDivider(classes="mx-3")
+                    with VCardText(style="display: flex; flex-direction: column; overflow-y: auto;"):
+                        with html.Div(style="margin-bottom: 10px;"):
+                            self._register_effect_ui(SegmentationEffectPaint, editor.PaintEffectUI)
+                            self._register_effect_ui(SegmentationEffectErase, editor.PaintEffectUI)
+                            self._register_effect_ui(SegmentationEffectLogicalOperators,
+                                                     editor.LogicalOperatorsEffectUI)
+                            self._register_effect_ui(SegmentationEffectThreshold, editor.ThresholdEffectUI)
+                            self._register_effect_ui(SegmentationEffectIslands, editor.IslandsEffectUI)
+                            self._register_effect_ui(SegmentationEffectDraw, editor.DrawEffectUI)
+                            self._register_effect_ui(SegmentationEffectScissors, editor.ScissorsEffectUI)
+                            self._register_effect_ui(SegmentationEffectSmoothing, editor.SmoothingEffectUI)
+                        VDivider()
+                        editor.SegmentDisplayUI(typed_state=self.sub_state(self._typed_state.name.segment_display),
+                                                variant="flat")
+                        VDivider()
+                        editor.SegmentEditAreaUI(
+                            segment_edit_area_typed_state=self.sub_state(self._typed_state.name.segment_edit_area),
+                            variant="flat")
+
+    return ReviewEditorUI

@@ -291,6 +291,8 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def openReview(self):
         self.logic.session.listeners.append(self.fillReviewTable)
+        self.logic.session.on_change_after_finish = self.onChangedAfterFinish
+        self.editor.enabled = True
         self.editor.setSegmentationNode(self.logic.segmentation_node)
         self.editor.setSourceVolumeNode(self.logic.volume_node)
         self.fillReviewTable()
@@ -336,9 +338,14 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.clockLabel.text = (f"Review time: {session.now_s() / 60:.1f} min "
                                    f"(active {session.active_s / 60:.1f} min)")
 
+    def onChangedAfterFinish(self, name):
+        self.status(f"{name} was changed after Finish: the change is not in the review's timing record "
+                    "(exports take the contours as they are now). Segment again for a new timed review.")
+
     def onFinish(self):
         with slicer.util.tryWithErrorDisplay("Could not finish the review.", waitCursor=True):
             self.editor.setActiveEffect(None)
+            self.editor.enabled = False  # the finished review is read-only here; changes elsewhere are reported
             self.logic.start_finish()
             self.clock.stop()
             self.status("Finishing: comparing the contours with the AI's...")

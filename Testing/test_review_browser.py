@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,13 +19,17 @@ from FocusNetCore.study import read_records
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ORGANS = ORGAN_SETS["oar22"]
+VIEWPORT = {"width": 1500, "height": 900}
 
 
 def start_review(ct, out, *extra):
-    """Start `focusnet review`; returns (process, URL) once it prints its URL."""
+    """Start `focusnet review`; returns (process, URL) once it prints its URL.
+    Everything it prints later is collected in ``process.lines``."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    errors = open(Path(out).parent / "review-server.stderr.txt", "w")  # read it when a test fails
     proc = subprocess.Popen([sys.executable, "-m", "FocusNetCore", "review", str(ct), "--out", str(out), "--port", "0",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+                             *extra], stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
         line = proc.stdout.readline()
@@ -32,9 +37,25 @@ def start_review(ct, out, *extra):
             raise AssertionError(f"focusnet review exited with {proc.returncode} before serving")
         match = re.search(r"open (http://\S+)", line)
         if match:
+            proc.lines = []
+
+            def collect():
+                for later in proc.stdout:
+                    proc.lines.append(later)
+
+            threading.Thread(target=collect, daemon=True).start()
             return proc, match.group(1)
     proc.kill()
     raise AssertionError("focusnet review printed no URL within 120 s")
+
+
+def wait_for_line(proc, pattern, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(re.search(pattern, line) for line in proc.lines):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"focusnet review never printed {pattern!r}; it printed {proc.lines}")
 
 
 def stop(proc):
@@ -62,7 +83,42 @@ def phantom_ct(tmp_path_factory):
     return folder / "phantom_0400_ct.nrrd"
 
 
+def axial_view(page):
+    """The largest rendered view: the axial slice view of the default layout
+    (waiting for the views' first images)."""
+    deadline = time.monotonic() + 30
+    while True:
+        boxes = [page.locator("img").nth(i).bounding_box() for i in range(page.locator("img").count())]
+        boxes = [b for b in boxes if b and b["width"] > 100]
+        if boxes or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert boxes, "the page shows no view"
+    return max(boxes, key=lambda b: b["width"] * b["height"])
+
+
+def scroll(page, seconds, every=0.4):
+    """Scroll through slices of the axial view for ``seconds``, one wheel step every ``every`` s."""
+    view = axial_view(page)
+    page.mouse.move(view["x"] + 0.5 * view["width"], view["y"] + 0.5 * view["height"])
+    end, step = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        page.mouse.wheel(0, 120 if (step // 5) % 2 == 0 else -120)
+        step += 1
+        time.sleep(every)
+
+
+def window_level(page):
+    return page.locator("#fn-wl").inner_text().strip()
+
+
 def test_browser_review_paint_accept_finish_export(phantom_ct, tmp_path):
+    """A reviewer's whole session in Debian's Chromium: the progress in
+    words, "ready: URL", the one organ list (22 rows on a 900-pixel screen,
+    flagged first with their reasons, no delete), visibility, presets and
+    window/level by drag, 3D surfaces (no edit), a paint stroke, a page
+    closed and reopened (the clock pauses), Accept, Finish with its progress,
+    and a read-only page after it."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "Debian's chromium is needed (make test installs it)"
@@ -71,34 +127,84 @@ def test_browser_review_paint_accept_finish_export(phantom_ct, tmp_path):
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1500, "height": 900})
+            page = browser.new_page(viewport=VIEWPORT)
+            opened = time.monotonic()
             page.goto(url)
-            # The model runs inside the app; the 22 OARs appear when it is done.
-            page.locator(".fn-organ-row").nth(21).wait_for(timeout=120_000)
-            names = page.locator(".fn-organ-name").all_inner_texts()
-            assert sorted(names) == sorted(ORGANS.names)
+            # The model runs inside the app: its progress reads in words; the 22 OARs appear when it is done.
+            seen = set()
+            while not page.locator(".fn-organ-row").nth(21).is_visible():
+                progress = page.locator("#fn-progress")
+                if progress.count():
+                    seen.add(progress.inner_text().strip())
+                assert time.monotonic() - opened < 120, f"no organ list after 120 s; progress seen: {seen}"
+                time.sleep(0.1)
+            assert any(re.fullmatch(r"segmenting \d+%", text) for text in seen), seen
+            assert not any("chunk" in text for text in seen), seen
+            wait_for_line(proc, r"ready: http://")
+
+            # One organ list: all 22 rows on screen, flagged organs first with their reasons in words.
+            rows = page.locator(".fn-organ-row")
+            assert sorted(page.locator(".fn-organ-name").all_inner_texts()) == sorted(ORGANS.names)
+            for i in range(22):
+                box = rows.nth(i).bounding_box()
+                assert box["y"] >= 0 and box["y"] + box["height"] <= VIEWPORT["height"], f"row {i} is off screen"
+            flagged = [rows.nth(i).locator(".fn-flags").count() > 0 for i in range(22)]
+            assert flagged == sorted(flagged, reverse=True), "flagged organs come first"
+            for i in range(sum(flagged)):
+                assert len(rows.nth(i).locator(".fn-flags").inner_text().strip()) > 3
+            assert page.locator(".mdi-delete-outline").count() == 0, "no delete anywhere"
+            assert page.locator(".fn-organ-row", has_text="Eye_L").locator(".fn-volume").inner_text().endswith("cc")
+
+            # Visibility from the list.
+            eye = page.locator(".fn-organ-row", has_text="Eye_L").locator(".fn-visibility")
+            eye.click()
+            page.wait_for_function("e => e.classList.contains('mdi-eye-off-outline')", arg=eye.element_handle(),
+                                   timeout=10_000)
+
+            # CT presets, then window/level by left-drag with the arrow tool.
+            page.locator(".fn-preset", has_text="Bone").click()
+            page.wait_for_function("document.querySelector('#fn-wl').innerText.includes('W 1800 / L 400')",
+                                   timeout=10_000)
+            view = axial_view(page)
+            x, y = view["x"] + 0.5 * view["width"], view["y"] + 0.5 * view["height"]
+            page.mouse.move(x, y)
+            page.mouse.down()
+            for k in range(1, 11):
+                page.mouse.move(x + 8 * k, y - 4 * k)
+                time.sleep(0.05)
+            page.mouse.up()
+            page.wait_for_function("!document.querySelector('#fn-wl').innerText.includes('W 1800 / L 400')",
+                                   timeout=10_000)
+
+            # Organ surfaces in 3D: a display change, never an edit.
+            page.locator("#fn-show3d").click()
+            time.sleep(3.0)
+            assert set(page.locator(".fn-status").all_inner_texts()) == {"unreviewed"}
 
             # Select Parotid_L in the review panel (the slices jump to it), paint a stroke
             # down the left edge of the axial view, in the air beside the head.
             page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-organ-name").click()
-            page.locator("button:has(i.mdi-brush)").last.click()  # the toolbar's paint button
+            page.locator("#fn-tools button:has(i.mdi-brush)").click()  # the toolbar's paint button
             time.sleep(1.0)
-            views = [page.locator("img").nth(i).bounding_box() for i in range(page.locator("img").count())]
-            axial = max((b for b in views if b), key=lambda b: b["width"] * b["height"])
-            x = axial["x"] + 0.06 * axial["width"]
-            page.mouse.move(x, axial["y"] + 0.40 * axial["height"])
+            view = axial_view(page)
+            x = view["x"] + 0.06 * view["width"]
+            page.mouse.move(x, view["y"] + 0.40 * view["height"])
             page.mouse.down()
             for k in range(1, 21):
-                page.mouse.move(x, axial["y"] + (0.40 + 0.01 * k) * axial["height"])
+                page.mouse.move(x, view["y"] + (0.40 + 0.01 * k) * view["height"])
                 time.sleep(0.05)
             page.mouse.up()
             parotid = page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-status")
             page.wait_for_function("s => s.innerText.trim() === 'edited'", arg=parotid.element_handle(),
                                    timeout=20_000)
+            assert page.locator(".fn-status", has_text="edited").count() == 1
 
-            # Closing the page keeps the session: a new page shows the same review.
+            # Closing the page keeps the session and pauses its clock: a new page shows the same review.
             page.close()
-            page = browser.new_page(viewport={"width": 1500, "height": 900})
+            closed = time.monotonic()
+            time.sleep(8.0)
+            page = browser.new_page(viewport=VIEWPORT)
+            reopened = time.monotonic()
             page.goto(url)
             page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)
             assert page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-status").inner_text() == "edited"
@@ -107,9 +213,16 @@ def test_browser_review_paint_accept_finish_export(phantom_ct, tmp_path):
             brainstem.locator(".fn-accept").click()
             page.wait_for_function("s => s.innerText.trim() === 'accepted'",
                                    arg=brainstem.locator(".fn-status").element_handle(), timeout=10_000)
+            # Finish shows its progress and cannot be clicked twice; then the page is read-only.
             page.locator("#fn-finish").click()
+            page.locator("#fn-finish-progress").wait_for(timeout=5_000)
+            assert page.locator("#fn-finish").is_disabled()
             page.wait_for_function("document.querySelector('#fn-message').innerText.includes('Exported')",
                                    timeout=60_000)
+            finished = time.monotonic()
+            assert page.locator("#fn-finish").is_disabled() and page.locator("#fn-accept-all").is_disabled()
+            assert page.locator("button:has(i.mdi-brush)").count() == 0, "no editing tool after Finish"
+            assert "read-only" in page.locator("#fn-message").inner_text()
             browser.close()
     finally:
         stop(proc)
@@ -133,10 +246,93 @@ def test_browser_review_paint_accept_finish_export(phantom_ct, tmp_path):
     record = records[0]
     assert record["mode"] == "ai" and record["status"] == "finished" and record["client"] == "browser"
     assert record["organs"]["Parotid_L"]["status"] == "edited" and record["organs"]["Parotid_L"]["edits"] >= 1
+    assert [n for n, o in record["organs"].items() if o["edits"]] == ["Parotid_L"], "3D surfaces are no edit"
     assert record["organs"]["Brainstem"]["status"] == "accepted"
     assert record["active_s"] > 0 and record["wall_s"] >= record["active_s"]
+    # The wall clock ran only while a page was open (not the 8 s without one).
+    assert record["wall_s"] <= (closed - opened) + (finished - reopened) + 2.0
+    assert record["wall_s"] >= (closed - opened) - 130  # minus at most the model's run before the contours came
+    assert record["activity"].get("display", 0) >= 1 and record["activity"].get("window_level", 0) >= 2
     assert record["metrics"]["Parotid_L"]["edited"] and not record["metrics"]["Eye_L"]["edited"]
     assert not list((out / "sessions").glob("*.review.json")), "a finished session leaves no checkpoint"
+    assert any("Exported" in line for line in proc.lines)
+
+
+def test_scripted_review_active_time_matches_the_interaction(phantom_ct, tmp_path):
+    """The timing study's acceptance check: scroll-only phases, window/level,
+    an edit, an idle pause longer than the threshold, more scrolling, Finish.
+    Active time is the scripted interaction time within 10 %, the pause is
+    not counted, and the minutes before the page was opened are not either.
+    Contours come from a file (--seg) with the pituitary left out: the page
+    says it is missing."""
+    from playwright.sync_api import sync_playwright
+
+    from FocusNetCore.organs import convert_labels
+    from FocusNetCore.phantom import PHANTOM_SET
+    from FocusNetCore.segfile import write_seg_nrrd
+
+    case = generate_case(400, "small")
+    array, _ = convert_labels(sitk.GetArrayViewFromImage(case.labels), PHANTOM_SET, ORGANS)
+    array[array == ORGANS.label_of("Pituitary")] = 0
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(case.labels)
+    seg = write_seg_nrrd(labels, ORGANS, tmp_path / "contours.seg.nrrd")
+    threshold = 5.0
+    out = tmp_path / "review"
+    proc, url = start_review(phantom_ct, out, "--seg", str(seg), "--idle-threshold", str(threshold))
+    try:
+        wait_for_line(proc, r"ready: http://")
+        time.sleep(6.0)  # the contours are ready, nobody looks yet
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport=VIEWPORT)
+            t0 = time.monotonic()
+            page.goto(url)
+            page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)
+            assert "Pituitary" in page.locator("#fn-missing").inner_text()
+            first = page.locator(".fn-organ-row").first
+            assert "Pituitary" in first.inner_text() and "missing" in first.locator(".fn-flags").inner_text()
+
+            scroll(page, 10.0)                                      # phase 1: reading the slices
+            for preset in ("Soft tissue", "Brain", "Bone", "Soft tissue"):  # phase 2: windows
+                page.locator(".fn-preset", has_text=preset).click()
+                time.sleep(1.0)
+            page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-organ-name").click()
+            page.locator("#fn-tools button:has(i.mdi-brush)").click()  # phase 3: one stroke
+            time.sleep(0.5)
+            view = axial_view(page)
+            x = view["x"] + 0.06 * view["width"]
+            page.mouse.move(x, view["y"] + 0.40 * view["height"])
+            page.mouse.down()
+            for k in range(1, 21):
+                page.mouse.move(x, view["y"] + (0.40 + 0.01 * k) * view["height"])
+                time.sleep(0.05)
+            page.mouse.up()
+            page.locator("#fn-tools button:has(i.mdi-cursor-default)").click()
+            t1 = time.monotonic()
+            time.sleep(2.5 * threshold)                             # idle: away from the desk
+            t2 = time.monotonic()
+            scroll(page, 5.0)                                       # phase 4: a last look
+            page.locator("#fn-finish").click()
+            t3 = time.monotonic()
+            page.wait_for_function("document.querySelector('#fn-message').innerText.includes('Exported')",
+                                   timeout=60_000)
+            browser.close()
+    finally:
+        stop(proc)
+
+    records, _ = read_records(out / "review-log.jsonl")
+    record = records[-1]
+    scripted = (t1 - t0) + (t3 - t2)
+    print(f"scripted review: interaction {scripted:.1f} s, idle pause {t2 - t1:.1f} s; record: active_s "
+          f"{record['active_s']}, wall_s {record['wall_s']}, activity {record['activity']}")
+    assert abs(record["active_s"] - scripted) <= 0.10 * scripted
+    assert record["active_s"] < scripted + 0.5 * (t2 - t1), "the idle pause is not counted"
+    assert record["wall_s"] <= (t3 - t0) + 2.0, "the time before the page was opened is not counted"
+    assert record["wall_s"] >= (t3 - t0) - 2.0
+    assert record["idle_threshold_s"] == threshold
+    assert record["activity"]["slice"] >= 10 and record["activity"]["window_level"] >= 4
+    assert record["organs"]["Parotid_L"]["status"] == "edited" and record["organs"]["Pituitary"]["flags"] == ["missing"]
 
 
 def test_review_refuses_bad_input_with_the_file_name(tmp_path):

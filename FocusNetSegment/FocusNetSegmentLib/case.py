@@ -58,6 +58,7 @@ class ReviewCase:
     def open(cls, scene, volume_node, labels: Optional[sitk.Image], *, folder, log_path, case_uid: str,
              reviewer: str = "", report: Optional[dict] = None, name: Optional[str] = None,
              resume: bool = True, client: str = "slicer", shown: bool = True,
+             idle_threshold_s: Optional[float] = None,
              clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> "ReviewCase":
         """``labels`` are the AI contours on the CT's grid (mode "ai"), or None
         for contouring from scratch (mode "manual"). ``report`` is the
@@ -87,12 +88,16 @@ class ReviewCase:
             labels_for_scene = sitk.ReadImage(str(working))
         node = import_labels(scene, labels_for_scene, organs, volume_node, name)
         node.CreateDefaultDisplayNodes()
+        results = (report or {}).get("organs")
+        if results is None and labels is not None:  # contours from elsewhere, no report: flags from the labels
+            results = organ_results_from_labels(labels, organs)
         common = dict(model=(report or {}).get("model"), ai_labels=labels, clock=clock, wall=wall, client=client,
-                      inference_seconds=(report or {}).get("timings_s", {}).get("total"),
-                      organ_results=(report or {}).get("organs"))
+                      inference_seconds=(report or {}).get("timings_s", {}).get("total"), organ_results=results)
         if resuming:
             session = ReviewSession.resume(checkpoint, node, organs, log_path, **common)
         else:
+            if idle_threshold_s is not None:
+                common["idle_threshold_s"] = idle_threshold_s
             session = ReviewSession(node, organs, mode=mode, case_id=cid, reviewer=reviewer, log_path=log_path,
                                     checkpoint_path=checkpoint, **common)
         return cls(scene, volume_node, node, session.start(shown=shown), folder)
@@ -108,8 +113,11 @@ class ReviewCase:
         return export_labels(self.scene, self.segmentation_node, self.volume_node, self.organs)
 
     # -- finishing ---------------------------------------------------------------
-    def export(self, kind: str, folder, base_name: str, ct_series_folder=None) -> Path:
-        """Write the reviewed contours; never replaces a file (numbered names)."""
+    def export(self, kind: str, folder, base_name: str, ct_series_folder=None,
+               labels: Optional[sitk.Image] = None) -> Path:
+        """Write the reviewed contours; never replaces a file (numbered names).
+        For RTSTRUCT and DICOM SEG, ``labels`` (read from the scene
+        beforehand) lets the writing run off the GUI thread."""
         base = os.path.join(str(folder), base_name)
         if kind == "seg.nrrd":
             path = export.export_seg_nrrd(self.scene, self.segmentation_node, base + ".seg.nrrd")
@@ -122,11 +130,11 @@ class ReviewCase:
                                  "DICOM series folder")
             if kind == "rtstruct":
                 path = export.export_rtstruct(self.scene, self.segmentation_node, self.volume_node, self.organs,
-                                              ct_series_folder, base + ".rtstruct.dcm")
+                                              ct_series_folder, base + ".rtstruct.dcm", labels=labels)
             else:
                 path = export.export_dicom_seg(self.scene, self.segmentation_node, self.volume_node, self.organs,
                                                ct_series_folder, base + ".seg.dcm",
-                                               self.session.algorithm_types(), self.session.model)
+                                               self.session.algorithm_types(), self.session.model, labels=labels)
         else:
             raise ValueError(f"unknown export kind {kind!r}; use seg.nrrd, nifti, rtstruct or dicomseg")
         return Path(path)
@@ -141,3 +149,15 @@ class ReviewCase:
             self._working_path.unlink()
         return record
 
+
+
+def organ_results_from_labels(labels: sitk.Image, organs: OrganSet) -> list:
+    """Per-organ presence and volume (cc) of a label map, in the segmentation
+    report's form: what the review's flags need when contours come without a
+    report (``focusnet review --seg``)."""
+    import numpy as np
+
+    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=len(organs.names) + 1)
+    voxel_cc = float(np.prod(labels.GetSpacing())) / 1000.0
+    return [{"name": name, "present": bool(counts[organs.label_of(name)] > 0),
+             "volume_cc": round(float(counts[organs.label_of(name)]) * voxel_cc, 3)} for name in organs.names]

@@ -47,21 +47,27 @@ def export_nifti(scene, segmentation_node, reference_volume, organs: OrganSet, p
 
 
 def export_dicom_seg(scene, segmentation_node, reference_volume, organs: OrganSet, ct_series_folder, path,
-                     algorithm_types=None, model: dict = None) -> Path:
+                     algorithm_types=None, model: dict = None, labels=None) -> Path:
+    """``labels``: the contours already read from the scene (then this runs
+    no MRML and may run on a worker thread)."""
     from FocusNetCore.dicomseg import write_dicom_seg
 
     model = model or {}
     target = free_path(path)
-    labels = export_labels(scene, segmentation_node, reference_volume, organs)
+    if labels is None:
+        labels = export_labels(scene, segmentation_node, reference_volume, organs)
     write_dicom_seg(labels, ct_series_folder, organs, target, algorithm_types=algorithm_types,
                     model_name=model.get("name") or "FocusNetv2", model_version=model.get("code_version") or "")
     return target
 
 
-def export_rtstruct(scene, segmentation_node, reference_volume, organs: OrganSet, ct_series_folder, path) -> Path:
+def export_rtstruct(scene, segmentation_node, reference_volume, organs: OrganSet, ct_series_folder, path,
+                    labels=None) -> Path:
+    """``labels`` as for :func:`export_dicom_seg`."""
     from FocusNetCore.rtstruct import write_rtstruct
 
     target = free_path(path)
-    labels = export_labels(scene, segmentation_node, reference_volume, organs)
+    if labels is None:
+        labels = export_labels(scene, segmentation_node, reference_volume, organs)
     write_rtstruct(labels, ct_series_folder, organs, target)
     return target
