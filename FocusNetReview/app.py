@@ -368,7 +368,8 @@ class ReviewStation:
     def _observe_window_level(self, volume):
         def update(*_):
             display = volume.GetDisplayNode()
-            self.state.fn_wl = f"W {display.GetWindow():.0f} / L {display.GetLevel():.0f}"
+            with self.state:  # flushed also when a drag in a view changed it
+                self.state.fn_wl = f"W {display.GetWindow():.0f} / L {display.GetLevel():.0f}"
 
         volume.GetDisplayNode().AddObserver("ModifiedEvent", update)
         update()
@@ -399,13 +400,16 @@ class ReviewStation:
             def release(caller, event):
                 self._drag = None
 
-            interactor.AddObserver(vtk.vtkCommand.LeftButtonPressEvent, press, 1.0)
-            interactor.AddObserver(vtk.vtkCommand.MouseMoveEvent, move, 1.0)
-            interactor.AddObserver(vtk.vtkCommand.LeftButtonReleaseEvent, release, 1.0)
+            interactor.AddObserver(vtk.vtkCommand.LeftButtonPressEvent, press, 100.0)
+            interactor.AddObserver(vtk.vtkCommand.MouseMoveEvent, move, 100.0)
+            interactor.AddObserver(vtk.vtkCommand.LeftButtonReleaseEvent, release, 100.0)
 
     def segmentation_editor_tool(self) -> str:
         """The active editing tool's name ("" for none: the arrow)."""
-        return self.editor_logic.segmentation_editor.get_active_effect_name() or ""
+        from trame_slicer.segmentation import SegmentationEffectNoTool
+
+        name = self.editor_logic.segmentation_editor.get_active_effect_name() or ""
+        return "" if name == SegmentationEffectNoTool.get_effect_name() else name
 
     def _on_change_after_finish(self, name: str):
         with self.state:
