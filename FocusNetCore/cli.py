@@ -228,11 +228,13 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_study_report(args) -> int:
-    from .studyreport import study_report
+    from .studyreport import definitions, study_report
 
     stats, written = study_report(args.logs, args.out)
     for path in written:
         print(f"wrote {path}")
+    print("Definitions (also in report.md):")
+    print("\n".join(definitions(stats)))
     return EXIT_OK
 
 

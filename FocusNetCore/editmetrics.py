@@ -14,7 +14,7 @@ from typing import Dict, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .metrics import dice, hausdorff95, surface_dice
+from .metrics import dice, hausdorff95, surface_dice, surface_dice_voxels
 
 _IN_PLANE = np.zeros((3, 3, 3), bool)
 _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
@@ -61,6 +61,7 @@ def edit_metrics(ai: np.ndarray, final: np.ndarray, spacing: Sequence[float],
     removed = int((ai & ~final).sum())
     return {"dice": dice(ai, final), **hausdorff95(ai, final, spacing),
             "surface_dice": surface_dice(ai, final, spacing, tolerance_mm),
+            "surface_dice_voxels": surface_dice_voxels(ai, final, spacing, tolerance_mm),
             "apl_mm": added_path_length(ai, final, spacing, apl_tolerance_mm),
             "apl_tolerance_mm": float(apl_tolerance_mm), "surface_dice_tolerance_mm": float(tolerance_mm),
             "voxels_added": added, "voxels_removed": removed,

@@ -122,7 +122,7 @@ def markdown_table(rows: List[dict], organs, missing: List[str]) -> str:
     lines = [f"# FocusNet evaluation ({organs.key}, {len(cases)} cases)", "",
              "95HD (paper) is the mean of the two directed 95th-percentile surface distances, as FocusNetv2 "
              "reports it; 95HD (symmetric) is the 95th percentile of both directions pooled. Surface Dice at "
-             "2 mm. Paper columns: FocusNetv2's published results (tables 1-3) on real CT, for orientation "
+             "2 mm, area-weighted (Nikolov et al. 2021, DeepMind's surface-distance). Paper columns: FocusNetv2's published results (tables 1-3) on real CT, for orientation "
              "only: these numbers are not comparable with synthetic phantoms.", "",
              "| organ | Dice | 95HD paper (mm) | 95HD symmetric (mm) | surface Dice 2 mm | paper Dice | paper 95HD |",
              "|---|---|---|---|---|---|---|"]

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .organs import ORGAN_SETS
-from .study import append_record, case_id, read_records
+from .study import TIMING_DEFINITIONS, append_record, case_id, read_records
 
 BOOTSTRAP_SAMPLES = 2000
 MIN_PAIRS_FOR_TEST = 5
@@ -53,10 +53,12 @@ def synthetic_log(path, n_cases: int = 40, seed: int = 0, paired_fraction: float
                                                      if edited else 1.0)
                 metrics[name] = {"dice": dice, "apl_mm": float(rng.gamma(2.0, 40.0 if small else 120.0)) if edited else 0.0,
                                  "surface_dice": min(1.0, dice + 0.05), "edited": bool(edited),
+                                 "apl_tolerance_mm": 0.0, "surface_dice_tolerance_mm": 2.0,
                                  "voxels_added": int(rng.integers(10, 500)) if edited else 0, "voxels_removed": 0}
                 states[name] = {"status": "edited" if edited else "accepted", "edits": int(rng.integers(1, 9)) if edited else 0}
             append_record(path, {"synthetic": True, "case_id": cid, "reviewer": f"reviewer {k % 3 + 1}", "mode": mode,
                                  "status": "finished", "wall_s": round(wall, 1), "active_s": round(wall * 0.7, 1),
+                                 "idle_threshold_s": 60.0,
                                  "model": {"name": "synthetic"}, "organs": states, "metrics": metrics,
                                  "software_version": "synthetic"})
     return path
@@ -169,6 +171,10 @@ def analyse(records: List[dict], seed: int = 0) -> dict:
                         "median_dice": _median_or_none([e.get("dice") for e in entries]),
                         "median_apl_mm": _median_or_none([e.get("apl_mm") or 0.0 for e in entries])}
     out["organs"] = organs
+    out["recorded"] = {
+        "idle_threshold_s": sorted({r["idle_threshold_s"] for r in finished if r.get("idle_threshold_s") is not None}),
+        **{key: sorted({m[key] for r in ai_records for m in r["metrics"].values() if m.get(key) is not None})
+           for key in ("apl_tolerance_mm", "surface_dice_tolerance_mm")}}
     return out
 
 
@@ -223,6 +229,38 @@ def _plots(records: List[dict], stats: dict, out: Path) -> List[Path]:
     return written
 
 
+def _values(values, unit: str) -> str:
+    values = sorted({v for v in values if v is not None})
+    return ", ".join(f"{v:g}" for v in values) + f" {unit}" if values else "not recorded"
+
+
+def definitions(stats: dict) -> List[str]:
+    """What each figure of the report means, as a markdown list; the
+    thresholds and tolerances are the ones the records state."""
+    used = stats["recorded"]
+    return [
+        f"- **Time per case** (`wall_s`): {TIMING_DEFINITIONS['wall_s']}.",
+        f"- **Active time** (`active_s`): {TIMING_DEFINITIONS['active_s']}. Idle thresholds in these records: "
+        f"{_values(used['idle_threshold_s'], 's')}.",
+        f"- **Edits**: {TIMING_DEFINITIONS['edits']}; an organ is edited when its final contour differs from the "
+        "AI proposal by at least one voxel.",
+        "- **Saving**: the median AI-assisted time over the median manual time, and their difference in minutes. "
+        f"With at least {MIN_PAIRS_FOR_TEST} cases done both ways, over those cases, with a 95 % bootstrap CI "
+        "that resamples cases (paired); otherwise over all cases, resampling each mode apart. Wilcoxon "
+        "signed-rank test over the paired cases.",
+        f"- **Repeated records**: a case reviewed more than once in one mode counts once: the {stats['repeat_rule']}.",
+        "- **Dice AI vs final**: 2|A∩F| / (|A| + |F|) between the AI proposal A and the reviewer's final contour F.",
+        "- **APL** (added path length, Vaassen et al. 2020): the length of final contour, slice by slice, farther "
+        "than the tolerance from the AI contour of the same slice; one in-plane pixel width per boundary pixel. "
+        f"Tolerances in these records: {_values(used['apl_tolerance_mm'], 'mm')} (`apl_tolerance_mm`).",
+        "- **Surface Dice** (`surface_dice`, Nikolov et al. 2021, by DeepMind's reference implementation): the "
+        "area of both surfaces (marching-cubes surface elements) within the tolerance of the other, over their "
+        "total area; `surface_dice_voxels` is the voxel-count form (MONAI's default). Tolerances in these "
+        f"records: {_values(used['surface_dice_tolerance_mm'], 'mm')} (`surface_dice_tolerance_mm`).",
+        "- **Medians and IQR** are over cases; missing values are left out and counted (`n_with_active`).",
+    ]
+
+
 def _markdown(stats: dict, problems: List[str]) -> str:
     lines = ["# Time-savings study", ""]
     if stats["synthetic"]:
@@ -267,12 +305,7 @@ def _markdown(stats: dict, problems: List[str]) -> str:
     lines += [f"{stats['n_finished']} finished and {stats['n_incomplete']} incomplete sessions of {stats['n_records']} "
               f"records; a case reviewed more than once in one mode counts once ({stats['repeat_rule']}; "
               f"{stats['n_repeated_left_out']} record(s) left out).", "",
-              "Definitions: time per case is wall-clock from the contours being shown to Finish; active time "
-              "leaves out gaps between acts of reviewing longer than the record's idle threshold; Dice AI vs final "
-              "compares the AI proposal with the reviewer's final contour; APL (added path length, Vaassen et al. "
-              "2020) is the length of final contour not on the AI contour, at the tolerance each record states "
-              "(`apl_tolerance_mm`); surface Dice counts boundary voxels within the record's "
-              "`surface_dice_tolerance_mm`.", "",
+              "## Definitions", "", *definitions(stats), "",
               "![time per case](time_per_case.png)", "", "![Dice](dice_ai_vs_final.png)", "", "![APL](apl_per_organ.png)"]
     if problems:
         lines += ["", "Skipped: " + "; ".join(problems)]

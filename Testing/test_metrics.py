@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from FocusNetCore.metrics import dice, hausdorff95, organ_metrics, surface_dice, surface_distances
+from FocusNetCore.metrics import dice, hausdorff95, organ_metrics, surface_dice, surface_dice_voxels, surface_distances
 
 
 def box(shape, lo, hi):
@@ -38,8 +38,8 @@ def test_square_grown_by_one_voxel():
     result = hausdorff95(a, b, spacing)
     assert result["hd95_symmetric"] == pytest.approx(0.8, abs=1e-6)
     assert result["hd95_paper"] == pytest.approx(0.8, abs=1e-6)
-    assert surface_dice(a, b, spacing, tolerance_mm=1.2) == pytest.approx(1.0)  # corners: 0.8 * sqrt(2)
-    assert surface_dice(a, b, spacing, tolerance_mm=0.5) < 0.8  # only the shared top and bottom faces count
+    assert surface_dice_voxels(a, b, spacing, tolerance_mm=1.2) == pytest.approx(1.0)  # corners: 0.8 * sqrt(2)
+    assert surface_dice_voxels(a, b, spacing, tolerance_mm=0.5) < 0.8  # only the shared top and bottom faces count
 
 
 def test_sphere_shifted_by_2mm():
@@ -65,8 +65,27 @@ def test_empty_masks_are_documented_values():
     empty = np.zeros((5, 5, 5), bool)
     full = box((5, 5, 5), (1, 1, 1), (3, 3, 3))
     assert all(math.isnan(v) for v in hausdorff95(empty, full, (1, 1, 1)).values())
-    assert surface_dice(empty, empty, (1, 1, 1)) == 1.0
-    assert surface_dice(empty, full, (1, 1, 1)) == 0.0
+    for form in (surface_dice, surface_dice_voxels):
+        assert form(empty, empty, (1, 1, 1)) == 1.0
+        assert form(empty, full, (1, 1, 1)) == 0.0
+
+
+def test_surface_dice_weights_the_surface_by_its_area():
+    """Nikolov et al.'s surface Dice is a fraction of surface area. A
+    60 x 60 mm slab of ten 3-mm slices whose top moves up one slice: with a
+    2 mm tolerance only the two top faces (2 x 3600 mm²) are out, so the
+    score is 1 - 7200 / (total area of both), up to the rounding of the
+    slab's edges by marching cubes. The voxel-count form, which gives each
+    boundary voxel one vote whatever its area, is far from it on 3 mm slices."""
+    spacing, n = (3.0, 1.0, 1.0), 60
+    a = box((20, n + 20, n + 20), (5, 10, 10), (15, 10 + n, 10 + n))
+    b = box((20, n + 20, n + 20), (5, 10, 10), (16, 10 + n, 10 + n))
+    areas = (4 * n * 30 + 2 * n * n) + (4 * n * 33 + 2 * n * n)
+    expected = 1.0 - 2 * n * n / areas
+    assert surface_dice(a, b, spacing, tolerance_mm=2.0) == pytest.approx(expected, abs=0.01)
+    assert abs(surface_dice_voxels(a, b, spacing, tolerance_mm=2.0) - expected) > 0.1
+    assert surface_dice(a, b, spacing, tolerance_mm=3.5) == pytest.approx(1.0)
+    assert surface_dice(a, a, spacing, tolerance_mm=0.0) == pytest.approx(1.0)
 
 
 def test_organ_metrics_per_label():

@@ -99,6 +99,9 @@ def test_study_cli(tmp_path):
                           "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "r" / "report.md").is_file()
+    # The definitions are printed, with the thresholds and tolerances the records state.
+    assert "paused while no page was open" in out.stdout and "Idle thresholds in these records: 60 s" in out.stdout
+    assert "area of both surfaces" in out.stdout and "2 mm (`surface_dice_tolerance_mm`)" in out.stdout
 
 
 def _record(case, mode, minutes, **extra):
@@ -146,6 +149,7 @@ def test_repeated_records_follow_one_rule_and_missing_fields_warn_nothing():
     assert stats["paired"]["n_pairs"] == 6 and stats["paired"]["median_difference_min"] == pytest.approx(-30.0)
     assert stats["saving"]["design"] == "paired" and stats["saving"]["minutes"] == pytest.approx(-30.0)
     assert "no active time recorded" in text and "4 record(s) left out" in text and "apl_tolerance_mm" in text
+    assert "Idle thresholds in these records: not recorded" in text
 
 
 def test_edit_metrics_state_their_tolerances():

@@ -23,6 +23,9 @@ REQUIREMENTS: Dict[str, str] = {
     # DICOM SEG without Slicer's plugin; with Slicer's pydicom 2.4 pip picks
     # highdicom 0.22, the last release for it.
     "highdicom": "highdicom>=0.22",
+    # The review's surface Dice (Nikolov et al.'s reference implementation;
+    # pure Python, brings absl-py).
+    "surface_distance": "surface-distance>=0.1",
 }
 # The PyTorch extension installs torch; this is the range FocusNetCore supports.
 TORCH_REQUIREMENT = ">=2.1"

@@ -50,7 +50,7 @@ import SimpleITK as sitk
 
 from FocusNetCore import __version__
 from FocusNetCore.organs import CATALOGUE, OrganSet
-from FocusNetCore.study import append_record, read_records, write_json_atomic
+from FocusNetCore.study import TIMING_DEFINITIONS, append_record, read_records, write_json_atomic
 
 UNREVIEWED, ACCEPTED, EDITED = "unreviewed", "accepted", "edited"
 # Flags (review panel)
@@ -59,14 +59,6 @@ SHAPE_SCORE_MIN = 0.5  # autoencoder reconstruction Dice below this: implausible
 CONFIDENCE_MIN = 0.5
 DEFAULT_IDLE_THRESHOLD_S = 60.0
 CHECKPOINT_EVERY_S = 5.0  # activity other than edits and accepts checkpoints at most this often
-TIMING_DEFINITIONS = {
-    "wall_s": "seconds the case was shown to the reviewer, from first sight to Finish, paused while no page "
-              "was open; inference time is not included (inference_seconds)",
-    "active_s": "sum of the gaps between consecutive acts of reviewing (first sight, slice scroll, window/level, "
-                "view changes, selection, visibility, edits, accepts, Finish) that are at most idle_threshold_s; "
-                "a longer gap is idle as a whole",
-    "edits": "changes of an organ's binary label map (not display or representation changes)",
-}
 
 
 def organ_flags(organs: OrganSet, results: List[dict]) -> Dict[str, List[str]]:
