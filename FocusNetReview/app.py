@@ -514,7 +514,7 @@ class ReviewStation:
                 self.layout_button = LayoutButton(classes="mt-1")
                 with html.Div(v_if="fn_ready && !fn_finished && !fn_finishing", id="fn-tools",
                               classes="d-flex flex-column align-center"):
-                    self.editor_ui.build_effect_buttons(all=False)
+                    self.editor_ui.build_effect_buttons(all=True)  # every effect, once (not again in the panel)
             with layout.undo_redo:
                 with html.Div(v_if="!fn_finished && !fn_finishing"):
                     SegmentEditorUndoRedoUI(editor_ui=self.editor_ui)
@@ -578,8 +578,7 @@ def _review_editor_ui():
     """trame-slicer's segment editor panel without its own segment list (which
     has delete buttons): the review panel is the one organ list."""
     from trame.widgets import html
-    from trame.widgets.vuetify3 import VCard, VCardItem, VCardText, VDivider
-    from trame_slicer.app.ui.flex_container import FlexContainer
+    from trame.widgets.vuetify3 import VCard, VCardText, VDivider
     from trame_slicer.app.ui.segmentation import segment_editor_ui as editor
     from trame_slicer.segmentation import (SegmentationEffectDraw, SegmentationEffectErase,
                                            SegmentationEffectIslands, SegmentationEffectLogicalOperators,
@@ -594,9 +593,7 @@ def _review_editor_ui():
                     self._create_segment_list()
                 active = self._typed_state.name.segment_list.active_segment_id
                 with VCard(v_if=(active,), variant="flat", style="display: flex; flex-direction: column;"):
-                    with VCardItem(), FlexContainer(row=True, justify="space-between"):
-                        self.build_effect_buttons()
-                    VDivider(classes="mx-3")
+                    # the effect buttons are in the toolbar (#fn-tools), once
                     with VCardText(style="display: flex; flex-direction: column; overflow-y: auto;"):
                         with html.Div(style="margin-bottom: 10px;"):
                             self._register_effect_ui(SegmentationEffectPaint, editor.PaintEffectUI)

@@ -1,6 +1,7 @@
 """`focusnet review` end to end: a real server, Debian's Chromium driven by
 Playwright (no browser download), a reviewer's clicks, the files on disk."""
 import os
+import json
 import re
 import shutil
 import subprocess
@@ -326,6 +327,8 @@ def test_scripted_review_active_time_matches_the_interaction(phantom_ct, tmp_pat
     scripted = (t1 - t0) + (t3 - t2)
     print(f"scripted review: interaction {scripted:.1f} s, idle pause {t2 - t1:.1f} s; record: active_s "
           f"{record['active_s']}, wall_s {record['wall_s']}, activity {record['activity']}")
+    print("record (metrics and organs left out):",
+          json.dumps({k: v for k, v in record.items() if k not in ("metrics", "organs", "timing_definitions")}))
     assert abs(record["active_s"] - scripted) <= 0.10 * scripted
     assert record["active_s"] < scripted + 0.5 * (t2 - t1), "the idle pause is not counted"
     assert record["wall_s"] <= (t3 - t0) + 2.0, "the time before the page was opened is not counted"

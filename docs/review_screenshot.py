@@ -1,5 +1,6 @@
 """The README's picture of the browser review station: a phantom CT segmented
-by the embedded model, Parotid_L selected and the paint effect active.
+by the embedded model, the organ list (flagged organs first), organ
+surfaces in 3D, Parotid_L selected and the paint effect active.
 
     .venv/bin/python docs/review_screenshot.py [--out docs/images/review_station.png]
 
@@ -44,11 +45,14 @@ def main():
                 page.goto(url)
                 page.locator(".fn-organ-row").nth(21).wait_for(timeout=180_000)
                 time.sleep(3)  # let the views finish their first render
+                page.locator("#fn-show3d").click()
+                time.sleep(5)
                 page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-organ-name").click()
                 time.sleep(2)
-                page.locator("button:has(i.mdi-brush)").last.click()
+                page.locator("#fn-tools button:has(i.mdi-brush)").click()
                 time.sleep(3)
                 page.mouse.move(5, 5)  # no tooltip in the picture
+                page.evaluate("document.querySelector('.v-navigation-drawer__content').scrollTop = 0")
                 time.sleep(1)
                 page.screenshot(path=args.out)
                 browser.close()
