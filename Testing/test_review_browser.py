@@ -1,7 +1,7 @@
 """`focusnet review` end to end: a real server, Debian's Chromium driven by
 Playwright (no browser download), a reviewer's clicks, the files on disk."""
-import os
 import json
+import os
 import re
 import shutil
 import subprocess
