@@ -341,6 +341,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without any act of reviewing after which time counts as idle (default 60)")
     p.set_defaults(func=_cmd_review)
 
+    p = sub.add_parser("node", help="run as a DICOM node: CT in by C-STORE, RTSTRUCT and SEG out to a destination",
+                       description="focusnet node --spool DIR --destination AE@HOST:PORT [...] serves; "
+                                   "focusnet node status --spool DIR prints the queue as JSON; "
+                                   "focusnet node retry --spool DIR [JOB ...] queues failed jobs again.")
+    p.add_argument("action", nargs="?", choices=("run", "status", "retry"), default="run")
+    p.add_argument("jobs", nargs="*", help="retry: the failed jobs (id or SeriesInstanceUID); default all")
+    p.add_argument("--spool", required=True, help="the node's folder: received series, queue, results, logs")
+    p.add_argument("--port", type=int, default=11112, help="port to listen on (default 11112; 0: any free one)")
+    p.add_argument("--ae-title", default="FOCUSNET", help="this node's AE title (default FOCUSNET)")
+    p.add_argument("--destination", help="where results go: AE_TITLE@HOST:PORT (the planning system)")
+    p.add_argument("--allow", nargs="+", default=[], metavar="AE_TITLE",
+                   help="calling AE titles that may send (required off loopback; others are rejected)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--settle", type=float, default=10.0, metavar="S",
+                   help="a series is complete after S seconds with no new instance (default 10)")
+    p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--format", default="rtstruct,dicomseg", help="what to send: rtstruct, dicomseg or both (default)")
+    p.add_argument("--tls", nargs=3, metavar=("CERT", "KEY", "CA"), default=None,
+                   help="accept associations over TLS only; callers need a certificate signed by CA")
+    p.add_argument("--retry-window", type=float, default=600.0, metavar="S",
+                   help="keep retrying delivery for S seconds (backoff 2 s doubling to 60 s), then fail the job "
+                        "(default 600)")
+    p.set_defaults(func=_cmd_node)
+
     p = sub.add_parser("demo", help="the main job on its embedded default: a phantom case end to end")
     p.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     p.add_argument("--seed", type=int, default=2026, help="phantom seed (default 2026, never used in training)")
@@ -351,6 +376,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _cmd_node(args) -> int:
+    import json
+    import signal
+
+    from .node import Destination, Node, NodeError, NodeOptions, Spool, configure_logging
+
+    try:
+        if args.action == "status":
+            print(json.dumps(Spool(args.spool).status(), indent=1))
+            return EXIT_OK
+        if args.action == "retry":
+            moved = Spool(args.spool).retry(args.jobs)
+            print(f"queued again: {', '.join(moved) if moved else 'nothing (no failed job)'}")
+            return EXIT_OK
+        if args.jobs:
+            raise NodeError(f"unexpected arguments {args.jobs}")
+        if not args.destination:
+            raise NodeError("--destination AE_TITLE@HOST:PORT is required: where the results go")
+        options = NodeOptions(spool=Path(args.spool), destination=Destination.parse(args.destination),
+                              port=args.port, ae_title=args.ae_title, host=args.host, allow=args.allow,
+                              settle_s=args.settle, model=args.model, device=args.device,
+                              formats=[f.strip() for f in args.format.split(",") if f.strip()],
+                              tls=tuple(args.tls) if args.tls else None, retry_window_s=args.retry_window)
+        configure_logging()
+        node = Node(options)
+    except NodeError as error:
+        print(f"focusnet node: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    try:
+        node.run()
+    except KeyboardInterrupt:
+        node.stop()
+    except OSError as error:  # e.g. the port is taken
+        print(f"focusnet node: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
 
 
 def _cmd_review(args) -> int:

@@ -1,0 +1,552 @@
+"""``focusnet node``: FocusNet as a DICOM node.
+
+The scanner or PACS sends the planning CT here (C-STORE); each complete
+series is segmented once and its RTSTRUCT (and DICOM SEG) are sent by
+C-STORE to the planning system. Networking is pynetdicom's.
+
+The spool folder is the node's whole state, so a crash or restart loses
+nothing and segments each series once:
+
+- ``incoming/<study>/<series>/``: CT instances as they arrive, each written
+  atomically (a temporary file, fsynced, renamed) before the C-STORE
+  response is sent;
+- ``series/<job>/``: a complete series (no new instance for ``--settle``
+  seconds), moved here when its job is queued;
+- ``jobs/queue/``, ``jobs/active/``, ``jobs/done/``, ``jobs/failed/``: one
+  JSON file per job, moved between the folders by ``os.replace`` (atomic);
+  a job found in ``active/`` at start (the node was killed while working on
+  it) goes back to the queue;
+- ``results/<job>/``: the RTSTRUCT and SEG; the job records which of them
+  were delivered, so a retry sends only what is missing;
+- ``other/<modality>/``: instances that are not CT (MR, RTSTRUCT, SR, ...):
+  stored, logged, never segmented.
+
+One log line per event goes to standard error (``received``, ``complete``,
+``segmented in N s``, ``sent``, ``failed``).
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+LOG = logging.getLogger("focusnet.node")
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+FORMATS = ("rtstruct", "dicomseg")
+# C-STORE statuses (PS3.4 B.2.3 and pynetdicom's own use of them)
+SUCCESS = 0x0000
+CANNOT_UNDERSTAND = 0xC210
+DOES_NOT_MATCH = 0xA900
+OUT_OF_RESOURCES = 0xA700
+# The attributes without which a CT slice cannot be placed in a volume
+CT_REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient",
+               "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "BitsAllocated", "PixelData")
+UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+
+
+class NodeError(ValueError):
+    """A setting the node cannot run with (reported in words, exit 2)."""
+
+
+@dataclass
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        """``AE_TITLE@HOST:PORT``."""
+        try:
+            ae_title, address = text.split("@", 1)
+            host, port = address.rsplit(":", 1)
+            port_number = int(port)
+        except ValueError:
+            raise NodeError(f"--destination {text!r}: expected AE_TITLE@HOST:PORT, e.g. PLANNING@10.0.0.5:104") from None
+        if not ae_title or len(ae_title) > 16 or not host or not 0 < port_number < 65536:
+            raise NodeError(f"--destination {text!r}: the AE title is 1-16 characters, the port 1-65535")
+        return cls(ae_title, host, port_number)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass
+class NodeOptions:
+    spool: Path
+    destination: Destination
+    port: int = 11112
+    ae_title: str = "FOCUSNET"
+    host: str = "127.0.0.1"
+    allow: Sequence[str] = ()
+    settle_s: float = 10.0
+    model: Optional[str] = None
+    device: str = "auto"
+    formats: Sequence[str] = FORMATS
+    tls: Optional[Tuple[str, str, str]] = None
+    retry_window_s: float = 600.0
+    first_retry_s: float = 2.0
+    max_retry_wait_s: float = 60.0
+
+    def check(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise NodeError(f"--format {','.join(self.formats)}: choose from {','.join(FORMATS)}")
+        if not is_loopback(self.host) and not self.allow:
+            raise NodeError(f"--host {self.host} is reachable from other machines: give the calling AE titles "
+                            "that may send with --allow (others are rejected at association)")
+        if not 1 <= len(self.ae_title) <= 16:
+            raise NodeError(f"--ae-title {self.ae_title!r}: 1-16 characters")
+        if self.settle_s < 0 or self.retry_window_s < 0:
+            raise NodeError("--settle and --retry-window are seconds, not negative")
+        if self.tls:
+            for path in self.tls:
+                if not Path(path).is_file():
+                    raise NodeError(f"--tls: {path} is not a file (CERT KEY CA)")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _safe(uid: str) -> str:
+    """A UID as a folder name (UIDs are digits and dots; anything else is replaced)."""
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in str(uid))[:64] or "unknown"
+
+
+# --------------------------------------------------------------------------
+# The spool
+# --------------------------------------------------------------------------
+
+class Spool:
+    STATES = ("queue", "active", "done", "failed")
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.lock = threading.Lock()  # receiving vs queueing a series
+        for sub in ("incoming", "series", "results", "other", "tmp", *(f"jobs/{s}" for s in self.STATES)):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def jobs(self, state: str) -> List[Path]:
+        return sorted((self.root / "jobs" / state).glob("*.json"))
+
+    def _write_atomic(self, data: bytes, path: Path) -> None:
+        tmp = self.root / "tmp" / f"{path.name}.{threading.get_ident()}.part"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def store_ct(self, data: bytes, study: str, series: str, sop: str) -> Path:
+        with self.lock:
+            folder = self.root / "incoming" / _safe(study) / _safe(series)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{_safe(sop)}.dcm"
+            self._write_atomic(data, path)
+            return path
+
+    def store_other(self, data: bytes, modality: str, sop: str) -> Path:
+        folder = self.root / "other" / _safe(modality or "unknown")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{_safe(sop)}.dcm"
+        self._write_atomic(data, path)
+        return path
+
+    def receiving(self) -> List[Path]:
+        return sorted(p for p in (self.root / "incoming").glob("*/*") if p.is_dir())
+
+    def queue_settled(self, settle_s: float, now: Optional[float] = None) -> List[dict]:
+        """Series with no new instance for ``settle_s`` seconds become jobs."""
+        now = time.time() if now is None else now
+        queued = []
+        with self.lock:
+            for folder in self.receiving():
+                files = list(folder.glob("*.dcm"))
+                if not files:
+                    continue
+                if now - max(f.stat().st_mtime for f in files) < settle_s:
+                    continue
+                job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{folder.name}"[:120]
+                if (self.root / "series" / job_id).exists():
+                    job_id += f"-{os.getpid()}-{int(now * 1000) % 100000}"
+                target = self.root / "series" / job_id
+                os.replace(folder, target)
+                try:
+                    folder.parent.rmdir()  # the study folder, when this was its last series
+                except OSError:
+                    pass
+                job = {"id": job_id, "study": folder.parent.name, "series": folder.name, "instances": len(files),
+                       "folder": str(target.relative_to(self.root)), "queued": _now(), "attempts": 0,
+                       "outputs": {}, "sent": []}
+                _write_json(self.root / "jobs" / "queue" / f"{job_id}.json", job)
+                queued.append(job)
+        return queued
+
+    def move(self, job: dict, source: str, target: str) -> None:
+        path = self.root / "jobs" / target / f"{job['id']}.json"
+        _write_json(path, job)
+        old = self.root / "jobs" / source / f"{job['id']}.json"
+        if old != path and old.exists():
+            old.unlink()
+
+    def save(self, job: dict, state: str) -> None:
+        _write_json(self.root / "jobs" / state / f"{job['id']}.json", job)
+
+    def claim(self) -> Optional[dict]:
+        """The oldest queued job, now active; None when the queue is empty."""
+        for path in self.jobs("queue"):
+            target = self.root / "jobs" / "active" / path.name
+            try:
+                os.replace(path, target)
+            except FileNotFoundError:
+                continue
+            return json.loads(target.read_text())
+        return None
+
+    def recover(self) -> List[dict]:
+        """Jobs left active by a node that was killed go back to the queue."""
+        recovered = []
+        for path in self.jobs("active"):
+            job = json.loads(path.read_text())
+            os.replace(path, self.root / "jobs" / "queue" / path.name)
+            recovered.append(job)
+        return recovered
+
+    def retry(self, ids: Sequence[str] = ()) -> List[str]:
+        """Failed jobs (all, or those named) back to the queue."""
+        moved = []
+        for path in self.jobs("failed"):
+            job = json.loads(path.read_text())
+            if ids and job["id"] not in ids and job["series"] not in ids:
+                continue
+            job.pop("reason", None)
+            job["retried"] = _now()
+            self.move(job, "failed", "queue")
+            moved.append(job["id"])
+        missing = [i for i in ids if not any(i in (m, m.split("-", 2)[-1]) for m in moved)]
+        if missing:
+            raise NodeError(f"{self.root}: no failed job {', '.join(missing)}")
+        return moved
+
+    def status(self) -> dict:
+        failed = [json.loads(p.read_text()) for p in self.jobs("failed")]
+        return {"spool": str(self.root), "receiving": len(self.receiving()), "queued": len(self.jobs("queue")),
+                "in_progress": len(self.jobs("active")), "done": len(self.jobs("done")), "failed": len(failed),
+                "failed_jobs": [{"id": j["id"], "series": j["series"], "reason": j.get("reason", "")}
+                                for j in failed],
+                "not_segmented": sum(1 for _ in (self.root / "other").glob("*/*.dcm"))}
+
+
+# --------------------------------------------------------------------------
+# Receiving (the Storage SCP)
+# --------------------------------------------------------------------------
+
+def _check_ct(ds, transfer_syntax: str) -> str:
+    """"" for a CT slice FocusNet can place in a volume, else the problem."""
+    missing = [k for k in CT_REQUIRED if k not in ds]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if str(transfer_syntax) in UNCOMPRESSED:
+        expected = int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+        got = len(ds.PixelData)
+        if got not in (expected, expected + 1):
+            return f"pixel data has {got} bytes, {ds.Rows} x {ds.Columns} x {ds.BitsAllocated} bits needs {expected}"
+    return ""
+
+
+class Receiver:
+    """The C-STORE and C-ECHO handlers: every instance is on disk before
+    its response; CT goes to the series spool, anything else to other/."""
+
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        self.counts: Dict[int, Dict[str, int]] = {}
+        self._lock = threading.Lock()
+
+    def handlers(self):
+        from pynetdicom import evt
+
+        return [(evt.EVT_C_STORE, self.on_store), (evt.EVT_C_ECHO, self.on_echo),
+                (evt.EVT_RELEASED, self.on_end), (evt.EVT_ABORTED, self.on_end)]
+
+    def on_echo(self, event) -> int:
+        LOG.info("echo from %s", event.assoc.requestor.ae_title)
+        return SUCCESS
+
+    def _count(self, event, key: str) -> None:
+        with self._lock:
+            counts = self.counts.setdefault(id(event.assoc), {})
+            counts[key] = counts.get(key, 0) + 1
+
+    def on_store(self, event) -> int:
+        caller = event.assoc.requestor.ae_title
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            sop = str(ds.SOPInstanceUID)
+            sop_class = str(ds.SOPClassUID)
+        except Exception as error:  # undecodable: refused, the association goes on
+            LOG.warning("refused an instance from %s: it cannot be decoded (%s)", caller, error)
+            self._count(event, "refused")
+            return CANNOT_UNDERSTAND
+        try:
+            data = event.encoded_dataset()
+        except Exception as error:
+            LOG.warning("refused %s from %s: %s", sop, caller, error)
+            self._count(event, "refused")
+            return CANNOT_UNDERSTAND
+        try:
+            if sop_class != CT_IMAGE_STORAGE or getattr(ds, "Modality", "CT") != "CT":
+                modality = str(getattr(ds, "Modality", "") or "unknown")
+                self.spool.store_other(data, modality, sop)
+                LOG.info("received %s instance %s from %s: stored in other/, not segmented (FocusNet segments CT)",
+                         modality, sop, caller)
+                self._count(event, f"other {modality}")
+                return SUCCESS
+            problem = _check_ct(ds, event.context.transfer_syntax)
+            if problem:
+                LOG.warning("refused CT instance %s from %s: %s", sop, caller, problem)
+                self._count(event, "refused")
+                return DOES_NOT_MATCH
+            self.spool.store_ct(data, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop)
+        except OSError as error:
+            LOG.error("could not store %s from %s: %s", sop, caller, error)
+            self._count(event, "refused")
+            return OUT_OF_RESOURCES
+        self._count(event, "CT")
+        return SUCCESS
+
+    def on_end(self, event) -> None:
+        with self._lock:
+            counts = self.counts.pop(id(event.assoc), None)
+        if counts:
+            summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+            LOG.info("received from %s: %s", event.assoc.requestor.ae_title, summary)
+
+
+def _tls_context(tls: Tuple[str, str, str]) -> ssl.SSLContext:
+    cert, key, ca = tls
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
+    context.load_cert_chain(cert, key)
+    context.verify_mode = ssl.CERT_REQUIRED  # callers show a certificate the CA signed
+    return context
+
+
+# --------------------------------------------------------------------------
+# Sending (the Storage SCU)
+# --------------------------------------------------------------------------
+
+class DeliveryError(RuntimeError):
+    pass
+
+
+def send_file(path: Path, destination: Destination, calling_ae: str, timeout_s: float = 30.0) -> None:
+    """One C-STORE of one file; raises DeliveryError unless it succeeded."""
+    import pydicom
+    from pynetdicom import AE
+
+    ds = pydicom.dcmread(str(path))
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise DeliveryError(f"no association with {destination} (refused, aborted or not listening)")
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None)
+    if code != SUCCESS:
+        raise DeliveryError(f"{destination} answered C-STORE of {path.name} with status "
+                            f"{'none' if code is None else hex(code)}")
+
+
+# --------------------------------------------------------------------------
+# The node
+# --------------------------------------------------------------------------
+
+@dataclass
+class Node:
+    options: NodeOptions
+    spool: Spool = field(init=False)
+    segmenter: object = field(init=False, default=None)
+    server: object = field(init=False, default=None)
+    stopping: threading.Event = field(init=False, default_factory=threading.Event)
+
+    def __post_init__(self):
+        self.options.check()
+        self.spool = Spool(self.options.spool)
+
+    # -- service -----------------------------------------------------------
+    def start_server(self) -> int:
+        from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts
+
+        ae = AE(ae_title=self.options.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts + VerificationPresentationContexts
+        ae.require_called_aet = True
+        if self.options.allow:
+            ae.require_calling_aet = list(self.options.allow)
+        ssl_context = _tls_context(self.options.tls) if self.options.tls else None
+        self.server = ae.start_server((self.options.host, self.options.port), block=False,
+                                      evt_handlers=Receiver(self.spool).handlers(), ssl_context=ssl_context)
+        port = self.server.server_address[1]
+        LOG.info("listening as %s on %s:%d%s%s; results to %s", self.options.ae_title, self.options.host, port,
+                 " (TLS)" if ssl_context else "",
+                 f"; accepting {', '.join(self.options.allow)}" if self.options.allow else "",
+                 self.options.destination)
+        return port
+
+    def load_model(self) -> None:
+        from .segment import Segmenter
+
+        start = time.perf_counter()
+        self.segmenter = Segmenter(self.options.model, device=self.options.device)
+        LOG.info("model %s loaded on %s in %.1f s", self.segmenter.model_info["name"], self.segmenter.device,
+                 time.perf_counter() - start)
+
+    def run(self) -> None:
+        """Serve until stop(): receive, queue settled series, segment, send."""
+        for job in self.spool.recover():
+            LOG.info("job %s was interrupted: queued again", job["id"])
+        self.load_model()
+        self.start_server()
+        try:
+            while not self.stopping.is_set():
+                for job in self.spool.queue_settled(self.options.settle_s):
+                    LOG.info("complete: series %s (%d instances), job %s queued", job["series"], job["instances"],
+                             job["id"])
+                job = self.spool.claim()
+                if job is None:
+                    self.stopping.wait(0.5)
+                    continue
+                self.process(job)
+        finally:
+            if self.server is not None:
+                self.server.shutdown()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # -- one job -------------------------------------------------------------
+    def process(self, job: dict) -> None:
+        job["attempts"] = job.get("attempts", 0) + 1
+        job["started"] = _now()
+        self.spool.save(job, "active")
+        try:
+            if not self._outputs_ready(job):
+                self.segment(job)
+            self.deliver(job)
+        except Exception as error:  # the job fails, the node goes on
+            job["reason"] = f"{type(error).__name__}: {error}" if not isinstance(error, (DeliveryError, ValueError)) \
+                else str(error)
+            job["failed"] = _now()
+            self.spool.move(job, "active", "failed")
+            LOG.error("failed: job %s (series %s): %s", job["id"], job["series"], job["reason"])
+            return
+        job["done"] = _now()
+        self.spool.move(job, "active", "done")
+
+    def _outputs_ready(self, job: dict) -> bool:
+        outputs = job.get("outputs") or {}
+        return bool(outputs) and all((self.spool.root / p).is_file() for p in outputs.values())
+
+    def segment(self, job: dict) -> None:
+        from .dicomseg import write_dicom_seg
+        from .imageio import read_dicom_series
+        from .rtstruct import write_rtstruct
+
+        folder = self.spool.root / job["folder"]
+        image = read_dicom_series(folder)
+        start = time.perf_counter()
+        result = self.segmenter.segment(image)
+        seconds = time.perf_counter() - start
+        organs = self.segmenter.config.organs
+        out = self.spool.root / "results" / job["id"]
+        if out.exists():  # an earlier attempt stopped mid-write: its files are not trusted
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        outputs = {}
+        present = sum(o.present for o in result.organs)
+        for fmt in self.options.formats:
+            if fmt == "rtstruct":
+                path = write_rtstruct(result.labels, folder, organs, out / "rtstruct.dcm")
+            else:
+                model = self.segmenter.model_info
+                path = write_dicom_seg(result.labels, folder, organs, out / "seg.dcm", model_name=model["name"],
+                                       model_version=model["code_version"] or "")
+            outputs[fmt] = str(Path(path).relative_to(self.spool.root))
+        job.update(outputs=outputs, sent=[], segmented_s=round(seconds, 2), organs_found=present)
+        self.spool.save(job, "active")
+        LOG.info("segmented in %.1f s: series %s, %d of %d organs", seconds, job["series"], present, len(organs.names))
+
+    def deliver(self, job: dict) -> None:
+        """C-STORE each output not yet delivered; retried with backoff for
+        the retry window, then DeliveryError."""
+        opts = self.options
+        for fmt, rel in job["outputs"].items():
+            if fmt in job.get("sent", []):
+                continue
+            deadline = time.monotonic() + opts.retry_window_s
+            wait = opts.first_retry_s
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    send_file(self.spool.root / rel, opts.destination, opts.ae_title)
+                    break
+                except DeliveryError as error:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self.stopping.is_set():
+                        raise DeliveryError(f"{fmt} not delivered to {opts.destination} after {attempt} attempt(s) "
+                                            f"in {opts.retry_window_s:g} s: {error}") from None
+                    LOG.warning("send %s of job %s: %s; retrying in %.0f s", fmt, job["id"], error, min(wait, left))
+                    self.stopping.wait(min(wait, left))
+                    wait = min(wait * 2, opts.max_retry_wait_s)
+            job.setdefault("sent", []).append(fmt)
+            self.spool.save(job, "active")  # delivered once: a restart does not send it again
+            LOG.info("sent %s of series %s to %s", fmt, job["series"], opts.destination)
+
+
+def configure_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s focusnet-node %(levelname)s %(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # its own lines per PDU; ours say what happened
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
