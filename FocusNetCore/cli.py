@@ -344,9 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("node", help="run as a DICOM node: CT in by C-STORE, RTSTRUCT and SEG out to a destination",
                        description="focusnet node --spool DIR --destination AE@HOST:PORT [...] serves; "
                                    "focusnet node status --spool DIR prints the queue as JSON; "
-                                   "focusnet node retry --spool DIR [JOB ...] queues failed jobs again.")
+                                   "focusnet node retry --spool DIR [--job ID ...] queues failed jobs again.")
     p.add_argument("action", nargs="?", choices=("run", "status", "retry"), default="run")
-    p.add_argument("jobs", nargs="*", help="retry: the failed jobs (id or SeriesInstanceUID); default all")
+    p.add_argument("--job", dest="jobs", action="append", default=[], metavar="ID",
+                   help="retry: a failed job (its id or SeriesInstanceUID), repeatable; default all failed jobs")
     p.add_argument("--spool", required=True, help="the node's folder: received series, queue, results, logs")
     p.add_argument("--port", type=int, default=11112, help="port to listen on (default 11112; 0: any free one)")
     p.add_argument("--ae-title", default="FOCUSNET", help="this node's AE title (default FOCUSNET)")
@@ -393,7 +394,7 @@ def _cmd_node(args) -> int:
             print(f"queued again: {', '.join(moved) if moved else 'nothing (no failed job)'}")
             return EXIT_OK
         if args.jobs:
-            raise NodeError(f"unexpected arguments {args.jobs}")
+            raise NodeError("--job is for `focusnet node retry`")
         if not args.destination:
             raise NodeError("--destination AE_TITLE@HOST:PORT is required: where the results go")
         options = NodeOptions(spool=Path(args.spool), destination=Destination.parse(args.destination),

@@ -268,7 +268,8 @@ def test_destination_down_then_up_and_failed_jobs_retry(series, tmp_path):
         assert state["failed"] == 1 and state["done"] == 1
         assert f"PLANNING@127.0.0.1:{dest_port}" in state["failed_jobs"][0]["reason"]
         scp = start_storescp(tmp_path / "planning", dest_port)
-        retry = subprocess.run([sys.executable, "-m", "FocusNetCore", "node", "retry", "--spool", str(spool)],
+        retry = subprocess.run([sys.executable, "-m", "FocusNetCore", "node", "retry", "--spool", str(spool),
+                                "--job", b],
                                capture_output=True, text=True, timeout=60)
         assert retry.returncode == 0, retry.stderr
         node.wait_line(r"sent rtstruct", timeout=120, count=2)
