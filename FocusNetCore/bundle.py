@@ -44,9 +44,11 @@ def non_finite_tensors(state_dict: Dict[str, torch.Tensor], prefix: str = "") ->
 
 
 def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, overwrite: bool = False,
-                autoencoder: Optional[nn.Module] = None, autoencoder_width: float = 1.0) -> Path:
+                autoencoder: Optional[nn.Module] = None, autoencoder_width: float = 1.0,
+                postprocess: Optional[dict] = None) -> Path:
     """Write the bundle; ``autoencoder`` (the trained shape autoencoder) lets
-    inference score how plausible each small organ's shape is. Refuses
+    inference score how plausible each small organ's shape is;
+    ``postprocess`` is the plan of FocusNetCore.postprocess. Refuses
     weights or a presence threshold that are not finite: such a model would
     draw nothing or anything, on every scan."""
     bad = non_finite_tensors(model.state_dict())
@@ -69,6 +71,8 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
         "provenance": {"code_version": __version__, "date": datetime.date.today().isoformat(),
                        **(provenance or {})},
     }
+    if postprocess is not None:
+        payload["postprocess"] = postprocess
     if autoencoder is not None:
         aae_state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
         payload["autoencoder"] = {"width": float(autoencoder_width), "state_dict": aae_state,
@@ -111,3 +115,16 @@ def load_bundle(path, map_location="cpu") -> Tuple[FocusNetV2, dict]:
         meta["autoencoder_state"] = aae["state_dict"]
         meta["autoencoder_width"] = aae["width"]
     return model, meta
+
+
+def with_postprocess(path, plan: dict, out, overwrite: bool = False) -> Path:
+    """A copy of the bundle at ``path`` with the post-processing ``plan``
+    (weights, checksums and provenance unchanged), written atomically."""
+    load_bundle(path)  # refuses a damaged or altered bundle
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    payload["postprocess"] = plan
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with atomic_output(Path(out), overwrite) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return Path(out)

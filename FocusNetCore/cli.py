@@ -367,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 600)")
     p.set_defaults(func=_cmd_node)
 
+    p = sub.add_parser("postprocess", help="choose a bundle's post-processing (largest component, hole filling) "
+                                           "per organ on validation cases, and write the bundle with it")
+    p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
+    p.add_argument("--data", required=True, help="cases with ground truth, as `focusnet train` reads them")
+    p.add_argument("--validation-cases", type=int, default=2,
+                   help="the last N cases of --data, sorted as training sorts them (default 2: training's split)")
+    p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
+    p.set_defaults(func=_cmd_postprocess)
+
     p = sub.add_parser("demo", help="the main job on its embedded default: a phantom case end to end")
     p.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     p.add_argument("--seed", type=int, default=2026, help="phantom seed (default 2026, never used in training)")
@@ -415,6 +424,33 @@ def _cmd_node(args) -> int:
     except OSError as error:  # e.g. the port is taken
         print(f"focusnet node: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+def _cmd_postprocess(args) -> int:
+    import tempfile
+
+    from .bundle import with_postprocess
+    from .data import load_training_cases
+    from .postprocess import choose, mean_dice
+    from .segment import Segmenter
+
+    segmenter = Segmenter(args.model, device="cpu", precision="float32")
+    organs = segmenter.config.organs
+    with tempfile.TemporaryDirectory() as cache:
+        cases, problems = load_training_cases(args.data, cache, segmenter.config.preprocess, organs, print)
+    if args.validation_cases < 1 or len(cases) < args.validation_cases:
+        raise ValueError(f"{args.data}: {len(cases)} usable case(s), --validation-cases {args.validation_cases}")
+    pairs = []
+    for case in cases[len(cases) - args.validation_cases:]:
+        pairs.append((segmenter.model_grid_labels(case.image), case.labels))
+        print(f"{case.name}: segmented")
+    plan = choose(pairs, organs)
+    for step in ("largest_component", "fill_holes"):
+        print(f"{step}: {', '.join(plan[step]) or 'none'}")
+    print(f"validation mean Dice {mean_dice(pairs, organs):.4f} without, {mean_dice(pairs, organs, plan):.4f} with")
+    with_postprocess(segmenter.bundle_path, plan, args.out)
+    print(f"wrote {args.out}")
     return EXIT_OK
 
 

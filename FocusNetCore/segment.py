@@ -28,6 +28,7 @@ from .bundleinfo import embedded_model_path
 from .imageio import check_finite, read_image
 from .metrics import dice
 from .networks import ShapeAutoencoder, roi_pool
+from . import postprocess
 from .organs import CATALOGUE
 from .precision import channels_last, dtype_of, for_inference, output_problem, resolve
 from .preprocess import labels_to_original, preprocess
@@ -126,7 +127,10 @@ class Segmenter:
                 "intended_use": prov.get("intended_use", ""), "checksum": self.meta.get("checksum", ""),
                 "organ_set": self.config.organ_set, "code_version": prov.get("code_version", ""),
                 # why bfloat16 was not used although asked for ("" when it was used or not asked for)
-                "precision_probe": self.precision_note}
+                "precision_probe": self.precision_note,
+                # what the bundle's post-processing does (organ names per step; none for older bundles)
+                "postprocess": {k: v for k, v in (self.meta.get("postprocess") or {}).items()
+                                if k in ("largest_component", "fill_holes")}}
 
     def segment(self, image_or_path, progress: Optional[Progress] = None,
                 small_organ_branch: bool = True) -> SegmentationResult:
@@ -156,6 +160,8 @@ class Segmenter:
         t = time.perf_counter()
         progress("postprocess", 0.85, "back to the CT's grid")
         model_labels = out["labels"][0].cpu().numpy().astype(np.uint8)
+        if small_organ_branch:  # the bundle's post-processing (not in the ablation's "S-Net alone")
+            model_labels = postprocess.apply(model_labels, self.meta.get("postprocess"), self.config.organs)
         labels = labels_to_original(model_labels, pre.grid, image)
         organs = self._organ_results(labels, model_labels, out)
         timings["postprocess"] = time.perf_counter() - t
@@ -163,6 +169,11 @@ class Segmenter:
         progress("done", 1.0, f"{sum(o.present for o in organs)} organs in {timings['total']:.1f} s")
         return SegmentationResult(labels, organs, {k: round(v, 3) for k, v in timings.items()}, self.device,
                                   self.model_info, self.precision)
+
+    def model_grid_labels(self, array: np.ndarray) -> np.ndarray:
+        """The network's labels for a volume already on the model grid and
+        normalised (a training cache's case), before any post-processing."""
+        return self._infer(array, _quiet)["labels"][0].cpu().numpy().astype(np.uint8)
 
     def _infer(self, array: np.ndarray, progress: Progress, branch: bool = True) -> dict:
         volume = torch.as_tensor(array)[None, None]

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import losses, precision
+from . import losses, postprocess, precision
 from .data import AugmentConfig, CachedCase, heatmaps, load_training_cases, sample_chunk
 from .metrics import nanmean, organ_metrics
 from .networks import FocusNetConfig, FocusNetV2, ShapeAutoencoder, roi_pool, roi_start
@@ -339,6 +339,7 @@ class Trainer:
         self.runners: Dict[str, nn.Module] = {}
         self.stage: Optional[str] = None
         self.lr_scale = 1.0  # the schedule's factor for the iteration being run
+        self.postprocess_plan: Optional[dict] = None  # chosen at the end; the final validation applies it
 
     # -- data --------------------------------------------------------------
     def _class_weights(self) -> torch.Tensor:
@@ -533,6 +534,7 @@ class Trainer:
                     shutil.copyfile(self._checkpoint_path(), self.run_dir / "checkpoint-after-solnet.pt")
         bar.close()
         self.calibrate_heatmap_threshold()
+        self.postprocess_plan = self.plan_postprocessing()
         final = self.validate(total, "final")
         self.training_seconds = time.perf_counter() - start_time
         return final
@@ -598,6 +600,8 @@ class Trainer:
             volume = torch.as_tensor(case.image, device=self.device)[None, None]
             with self._autocast():
                 labels = self.model.segment(volume, small_organ_branch=branch)["labels"][0].cpu().numpy()
+            if branch:
+                labels = postprocess.apply(labels.astype(np.uint8), self.postprocess_plan, self.organs)
             present = [lab for lab in range(1, self.organs.num_classes) if case.present[lab]]
             for lab, values in organ_metrics(labels, case.labels, present, spacing).items():
                 per_organ.setdefault(self.organs.name_of(lab), []).append(values)
@@ -639,6 +643,26 @@ class Trainer:
         if self.stage is not None:
             self._set_trainable(self.stage)
         return self.model.config.heatmap_threshold
+
+    @torch.no_grad()
+    def plan_postprocessing(self) -> Optional[dict]:
+        """Which post-processing steps help each organ on the validation
+        cases (FocusNetCore.postprocess.choose); stored in the bundle."""
+        if self.rank != 0:
+            return None
+        self.model.eval()
+        pairs = []
+        for case in self.val_cases:
+            volume = torch.as_tensor(case.image, device=self.device)[None, None]
+            with self._autocast():
+                labels = self.model.segment(volume, small_organ_branch=self._sos_trained())["labels"]
+            pairs.append((labels[0].cpu().numpy().astype(np.uint8), case.labels))
+        plan = postprocess.choose(pairs, self.organs)
+        self.log(f"post-processing on {len(pairs)} validation case(s): largest component for "
+                 f"{len(plan['largest_component'])} organs, hole filling for {len(plan['fill_holes'])}")
+        if self.stage is not None:
+            self._set_trainable(self.stage)
+        return plan
 
     def _sos_trained(self) -> bool:
         for index, (name, length) in enumerate(self.config.stages):
@@ -844,7 +868,7 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
     if trainer.rank == 0:
         aae = trainer.aae if config.adversarial else None
         save_bundle(trainer.model, bundle, trainer.provenance(), overwrite=True, autoencoder=aae,
-                    autoencoder_width=config.autoencoder_width)
+                    autoencoder_width=config.autoencoder_width, postprocess=trainer.postprocess_plan)
         log(f"wrote {bundle}")
     if dist.is_initialized():
         dist.barrier()

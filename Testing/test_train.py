@@ -208,6 +208,10 @@ def test_train_command_writes_a_bundle_with_provenance(phantom_data, tmp_path):
     model, meta = load_bundle(bundle)
     assert meta["provenance"]["training_cases"] == 2 and meta["provenance"]["validation_cases"] == 1
     assert "OpticChiasm" in meta["provenance"]["validation_metrics"]
+    # The post-processing chosen on the validation case travels in the bundle.
+    plan = meta["postprocess"]
+    assert plan["cases"] == 1 and set(plan["largest_component"]) <= set(model.config.organs.names)
+    assert set(plan["mean_dice_change"]) == {"largest_component", "fill_holes"}
     with pytest.raises(FileExistsError, match="--resume"):
         train(TINY, phantom_data, tmp_path / "run", progress=False, log=lambda *a: None)
 

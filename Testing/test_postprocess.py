@@ -1,0 +1,99 @@
+"""Post-processing on the model grid: largest connected component and hole
+filling per organ, chosen on validation cases, stored in the bundle and
+applied by every inference."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from FocusNetCore.bundle import load_bundle, with_postprocess
+from FocusNetCore.metrics import hausdorff95
+from FocusNetCore.organs import ORGAN_SETS
+from FocusNetCore.phantom import generate_case
+from FocusNetCore.postprocess import apply, choose, mean_dice
+from FocusNetCore.segment import EMBEDDED_MODEL, Segmenter
+
+ORGANS = ORGAN_SETS["oar22"]
+PAROTID, BRAINSTEM = ORGANS.label_of("Parotid_L"), ORGANS.label_of("Brainstem")
+
+
+def ball(shape, centre, radius):
+    z, y, x = np.indices(shape)
+    return (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= radius ** 2
+
+
+def test_a_stray_island_goes_and_the_distance_comes_back():
+    truth = np.zeros((40, 60, 60), np.uint8)
+    truth[ball(truth.shape, (20, 20, 20), 8)] = PAROTID
+    predicted = truth.copy()
+    predicted[ball(truth.shape, (20, 48, 48), 4)] = PAROTID  # an island 40 voxels away, 1/5 of the surface
+    plan = {"largest_component": ["Parotid_L"], "fill_holes": []}
+    cleaned = apply(predicted, plan, ORGANS)
+    assert np.array_equal(cleaned, truth)
+    before = hausdorff95(predicted == PAROTID, truth == PAROTID, (2.0, 2.0, 2.0))["hd95_paper"]
+    after = hausdorff95(cleaned == PAROTID, truth == PAROTID, (2.0, 2.0, 2.0))["hd95_paper"]
+    assert before > 10 and after == 0.0
+    assert np.array_equal(apply(predicted, None, ORGANS), predicted), "no plan, no change"
+
+
+def test_holes_are_filled_but_never_with_another_organs_voxels():
+    labels = np.zeros((30, 40, 40), np.uint8)
+    labels[ball(labels.shape, (15, 20, 20), 10)] = BRAINSTEM
+    labels[ball(labels.shape, (15, 20, 20), 3)] = 0                 # a hole
+    labels[15, 20, 20] = PAROTID                                      # another organ inside it
+    out = apply(labels, {"largest_component": [], "fill_holes": ["Brainstem"]}, ORGANS)
+    assert out[15, 20, 20] == PAROTID
+    assert (out == BRAINSTEM).sum() == (ball(labels.shape, (15, 20, 20), 10)).sum() - 1
+    assert not ndimage.binary_fill_holes(out == BRAINSTEM).sum() > (out == BRAINSTEM).sum() + 1
+
+
+def test_choose_keeps_a_step_only_where_it_does_not_cost_dice():
+    """Parotid_L truly has two parts here: keeping the largest one costs
+    Dice, so it is not chosen; the brainstem's island is false, so it is."""
+    truth = np.zeros((40, 60, 60), np.uint8)
+    truth[ball(truth.shape, (20, 15, 15), 7)] = PAROTID
+    truth[ball(truth.shape, (20, 45, 45), 6)] = PAROTID
+    truth[ball(truth.shape, (10, 45, 15), 5)] = BRAINSTEM
+    predicted = truth.copy()
+    predicted[ball(truth.shape, (32, 15, 45), 2)] = BRAINSTEM
+    plan = choose([(predicted, truth)], ORGANS)
+    assert "Brainstem" in plan["largest_component"] and "Parotid_L" not in plan["largest_component"]
+    assert plan["mean_dice_change"]["largest_component"]["Parotid_L"] < -0.1
+    assert mean_dice([(predicted, truth)], ORGANS, plan) > mean_dice([(predicted, truth)], ORGANS)
+
+
+def test_the_bundles_plan_is_applied_by_inference(tmp_path):
+    """A plan written into a copy of the embedded bundle changes what
+    `focusnet segment` draws, and only as the plan says: every organ in
+    the plan comes out as one connected piece."""
+    case = generate_case(1500, "small")
+    plain = Segmenter(device="cpu", precision="float32")
+    everything = {"largest_component": list(ORGANS.names), "fill_holes": list(ORGANS.names)}
+    bundle = with_postprocess(EMBEDDED_MODEL, everything, tmp_path / "model.pt")
+    _, meta = load_bundle(bundle)
+    assert meta["postprocess"] == everything and meta["checksum"] == plain.meta["checksum"]
+    planned = Segmenter(bundle, device="cpu", precision="float32")
+    assert planned.model_info["postprocess"]["largest_component"] == list(ORGANS.names)
+    labels = sitk.GetArrayFromImage(planned.segment(case.image).labels)
+    for name in ORGANS.names:
+        mask = labels == ORGANS.label_of(name)
+        if mask.any():
+            assert ndimage.label(mask, structure=np.ones((3, 3, 3)))[1] <= 2, name  # one piece (resampling may split a hair)
+    with pytest.raises(FileExistsError):
+        with_postprocess(EMBEDDED_MODEL, everything, bundle)
+
+
+def test_postprocess_command_writes_a_new_bundle(tmp_path):
+    from FocusNetCore.phantom import write_case
+
+    for seed in (1600, 1601):
+        write_case(generate_case(seed, "small"), tmp_path / "val", "nrrd")
+    out = subprocess.run([sys.executable, "-m", "FocusNetCore", "postprocess", "--data", str(tmp_path / "val"),
+                          "--out", str(tmp_path / "pp.pt")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "validation mean Dice" in out.stdout
+    _, meta = load_bundle(tmp_path / "pp.pt")
+    assert meta["postprocess"]["cases"] == 2
