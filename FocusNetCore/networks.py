@@ -25,6 +25,7 @@ from .preprocess import PreprocessConfig
 # S-Net downsamples by (1, 2, 2) then (2, 2, 2): inputs are padded to these multiples.
 S_NET_MULTIPLE = (2, 4, 4)
 SOS_INPUTS = ("features+ct", "ct")
+BELOW_THRESHOLD = ("absent", "snet")
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,16 @@ class FocusNetConfig:
     roi_size: Tuple[int, int, int] = (8, 64, 64)  # D, H, W voxels (24 x 64 x 64 mm at 3 mm)
     sos_input: str = "features+ct"
     aspp_rates: Tuple[int, ...] = (3, 6, 12, 18)
-    heatmap_threshold: float = 0.3  # below it a small organ is absent from the scan
+    heatmap_threshold: float = 0.3  # below it SOL-Net has not found the small organ
+    # SOL-Net's peak below the threshold: "absent" gives the organ no contour
+    # (a scan without it); "snet" keeps what S-Net drew for it, if anything.
+    below_threshold: str = "absent"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self):
         get_organ_set(self.organ_set)
+        if self.below_threshold not in BELOW_THRESHOLD:
+            raise ValueError(f"below_threshold must be one of {BELOW_THRESHOLD}, got {self.below_threshold!r}")
         if self.sos_input not in SOS_INPUTS:
             raise ValueError(f"sos_input must be one of {SOS_INPUTS}, got {self.sos_input!r}")
         if self.width <= 0:
@@ -237,14 +243,18 @@ class FocusNetV2(nn.Module):
         small_labels = self.config.organs.small_labels
         present, small = [], []
         for k, (head, label) in enumerate(zip(self.sosnet.heads, small_labels)):
-            # A small organ lies inside its ROI only: S-Net's votes for it
-            # elsewhere are false positives, and go in any case.
-            labels[labels == label] = 0
             peak = float(heatmaps[0, k].max())
             if peak < self.config.heatmap_threshold:
-                present.append(False)
+                if self.config.below_threshold == "snet" and bool((labels == label).any()):
+                    present.append(True)  # SOL-Net missed it, S-Net did not: S-Net's contour stays
+                else:
+                    labels[labels == label] = 0
+                    present.append(False)
                 small.append(None)
                 continue
+            # A small organ lies inside its ROI only: S-Net's votes for it
+            # elsewhere are false positives.
+            labels[labels == label] = 0
             start = roi_start(argmax_3d(heatmaps[0, k]), self.config.roi_size)
             prob = head(roi_pool(joined, start, self.config.roi_size))[:, 0]          # (1, 8, 64, 64)
             mask = prob > 0.5

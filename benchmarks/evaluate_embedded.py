@@ -26,8 +26,14 @@ def main():
     parser.add_argument("--model", default=None)
     parser.add_argument("--v1", default=None, help="FocusNetv1 bundle for the ablation column")
     parser.add_argument("--out", default="docs/phantom-cpu-evaluation.md")
+    parser.add_argument("--below-threshold", choices=("absent", "snet"), default=None,
+                        help="override the bundle's rule for a small organ SOL-Net does not find")
     args = parser.parse_args()
     segmenter = Segmenter(args.model, device="cpu")
+    if args.below_threshold:
+        import dataclasses
+
+        segmenter.model.config = dataclasses.replace(segmenter.model.config, below_threshold=args.below_threshold)
     v1 = Segmenter(args.v1, device="cpu") if args.v1 else None
     organs = segmenter.config.organs
     work = Path(tempfile.mkdtemp(prefix="focusnet-eval-"))
