@@ -220,17 +220,20 @@ class FocusNetV2(nn.Module):
         chunk = self.config.preprocess.chunk_slices
         depth = volume.shape[2]
         logits, features, heatmaps = [], [], []
-        for start in range(0, depth, chunk):
-            piece = volume[:, :, start:start + chunk]
-            short = chunk - piece.shape[2]
-            if short:  # pad the last chunk with air so every chunk sees 40 slices
-                piece = F.pad(piece, (0, 0, 0, 0, 0, short), value=float(volume.min()))
+        # Chunks are counted from the top slice down (the model grid is
+        # anchored at the head's top): the lowest chunk is padded with air
+        # below, so a scan that goes on further below has the same chunks.
+        short = (-depth) % chunk
+        for start in range(-short, depth, chunk):
+            piece = volume[:, :, max(start, 0):start + chunk]
+            if start < 0:  # every chunk sees 40 slices
+                piece = F.pad(piece, (0, 0, 0, 0, -start, 0), value=float(volume.min()))
             lg, ft = self.snet(piece)
             hm = self.solnet(ft)
-            keep = chunk - short
-            logits.append(lg[:, :, :keep])
-            features.append(ft[:, :, :keep])
-            heatmaps.append(hm[:, :, :keep])
+            drop = max(-start, 0)
+            logits.append(lg[:, :, drop:])
+            features.append(ft[:, :, drop:])
+            heatmaps.append(hm[:, :, drop:])
             if progress is not None:
                 progress(min(start + chunk, depth) / depth)
         logits, features, heatmaps = (torch.cat(t, dim=2) for t in (logits, features, heatmaps))

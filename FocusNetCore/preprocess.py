@@ -9,7 +9,11 @@ The model sees every scan on a *model grid*:
 - an in-plane window of 240 x 240 voxels centred on the head found in the
   image (the paper crops the image centre, which misses heads placed off
   centre); what falls outside the scan is padded with air;
-- the full z extent of the scan, cut into 40-slice chunks (padded with air).
+- in z, the head-and-neck band of the scan: from HEAD_BAND_MARGIN_MM above
+  the top of the head down to HEAD_BAND_MM below it (the 22 OARs lie within
+  about 25 cm of the vertex), so a scan that goes on into the thorax or
+  over the whole body costs what its head does; the rest of the scan gets
+  background. The band is cut into 40-slice chunks (padded with air).
 
 Resampling the CT onto that grid is one SimpleITK resample: orientation,
 spacing and crop happen together, with no intermediate copies. Labels go back
@@ -37,6 +41,17 @@ HEAD_FINDER_SPACING_MM = 4.0
 # Slices wider than this multiple of the median body area are shoulders and
 # are left out of the head centre.
 SHOULDER_AREA_FACTOR = 1.25
+# The head-and-neck band (z): the organs at risk lie within about 250 mm of
+# the top of the head (vertex to the mandible and the upper cervical cord);
+# the band keeps 320 mm below the top and 20 mm above it.
+HEAD_BAND_MM = 320.0
+HEAD_BAND_MARGIN_MM = 20.0
+# The in-plane centre comes from the slices this far below the top (the
+# cranium and the orbits), so a neck or thorax in the band does not pull the crop.
+HEAD_CENTRE_MM = 120.0
+# A slice belongs to the patient when it holds at least this much body (mm²):
+# less is noise, a headrest's edge, hair.
+MIN_BODY_AREA_MM2 = 400.0
 # Voxels of margin around each label's box when resampling labels: room for
 # the distance map to turn positive outside the organ.
 LABEL_BOX_MARGIN = 3
@@ -152,10 +167,19 @@ def _resample(image: sitk.Image, grid: Grid, interpolator, default: float, pixel
                          grid.origin, grid.spacing, grid.direction, float(default), pixel_type)
 
 
-def find_head_centre(image: sitk.Image) -> Tuple[float, float]:
-    """Physical (x, y) centre of the head: the body's largest connected
-    component above the threshold, averaged over the slices narrower than
-    the shoulders. Falls back to the image's centre when no body is found."""
+@dataclass(frozen=True)
+class HeadLocation:
+    centre: Tuple[float, float]  # physical x, y (mm) of the head
+    top: float  # physical z (mm, LPS: superior is +z) of the head's top, or of the scan's top slice
+    band: Tuple[float, float]  # physical z range (low, high) the model sees
+
+
+def locate_head(image: sitk.Image) -> HeadLocation:
+    """Where the head is: the body is the largest connected component above
+    BODY_THRESHOLD_HU on a coarse copy of the scan; the head's top is its
+    most superior slice; the band runs from HEAD_BAND_MM below that to
+    HEAD_BAND_MARGIN_MM above; the in-plane centre averages the slices of
+    the top HEAD_CENTRE_MM that are narrower than the shoulders. A scan with no body is refused."""
     # Work on the LPS-ordered copy (a flip/permutation of the array, no
     # resampling), so flipped acquisitions are shrunk from the same end and
     # give exactly the same centre.
@@ -166,38 +190,69 @@ def find_head_centre(image: sitk.Image) -> Tuple[float, float]:
     coarse = sitk.Shrink(image, factors) if factors != [1, 1, 1] else image
     body = sitk.BinaryMorphologicalOpening(coarse > BODY_THRESHOLD_HU, [1, 1, 0])
     components = sitk.RelabelComponent(sitk.ConnectedComponent(body), sortByObjectSize=True)
-    mask = sitk.GetArrayViewFromImage(components) == 1  # (z, y, x)
+    mask = sitk.GetArrayViewFromImage(components) == 1  # (z, y, x), z to superior
     grid = Grid.of(coarse)
-    if not mask.any():
-        centre = grid.index_to_physical((np.asarray(grid.size) - 1) / 2.0)
-        return float(centre[0]), float(centre[1])
+    pixel_mm2 = float(coarse.GetSpacing()[0] * coarse.GetSpacing()[1])
     areas = mask.sum(axis=(1, 2))
-    occupied = np.nonzero(areas)[0]
-    median_area = float(np.median(areas[occupied]))
-    head_slices = [k for k in occupied if areas[k] <= SHOULDER_AREA_FACTOR * median_area]
+    occupied = np.nonzero(areas * pixel_mm2 >= MIN_BODY_AREA_MM2)[0]
+    if not len(occupied):
+        raise ValueError("no patient in the scan: nothing denser than "
+                         f"{BODY_THRESHOLD_HU:g} HU over {MIN_BODY_AREA_MM2:g} mm² in any slice")
+    top = float(grid.index_to_physical((0, 0, int(occupied.max())))[2])
+    band = (top - HEAD_BAND_MM, top + HEAD_BAND_MARGIN_MM)
+    head = [k for k in np.nonzero(areas)[0] if top - HEAD_CENTRE_MM <= grid.index_to_physical((0, 0, int(k)))[2]]
+    median_area = float(np.median(areas[head]))
+    head_slices = [k for k in head if areas[k] <= SHOULDER_AREA_FACTOR * median_area]
     points = []
     for k in head_slices:
         ys, xs = np.nonzero(mask[k])
         points.append((xs.mean(), ys.mean(), float(k)))
     centre = grid.index_to_physical(np.mean(points, axis=0))
-    return float(centre[0]), float(centre[1])
+    return HeadLocation((float(centre[0]), float(centre[1])), top, band)
 
 
-def model_grid(image: sitk.Image, config: PreprocessConfig, head_centre=None) -> Grid:
+def find_head_centre(image: sitk.Image) -> Tuple[float, float]:
+    """Physical (x, y) centre of the head (see :func:`locate_head`)."""
+    return locate_head(image).centre
+
+
+def model_grid(image: sitk.Image, config: PreprocessConfig, head=None) -> Grid:
     """The canonical LPS grid at model spacing: crop_size in-plane around the
-    head, covering the scan's whole physical z extent."""
-    if head_centre is None:
-        head_centre = find_head_centre(image)
+    head, covering the part of the scan's z extent inside the head band.
+    ``head``: a HeadLocation, or an (x, y) centre (then the whole z extent)."""
+    if head is None:
+        head = locate_head(image)
     sx, sy, sz = config.spacing
     nx, ny = config.crop_size
     corners = Grid.of(image).corners()
     z_low, z_high = float(corners[:, 2].min()), float(corners[:, 2].max())
+    if isinstance(head, HeadLocation):
+        z_low, z_high = max(z_low, head.band[0]), min(z_high, head.band[1])
+        centre = head.centre
+    else:
+        centre = head
     nz = int(math.floor((z_high - z_low) / sz + 1e-6)) + 1
-    z0 = z_low + ((z_high - z_low) - (nz - 1) * sz) / 2.0  # centre the slices in the extent
-    x0 = head_centre[0] - (nx - 1) / 2.0 * sx
-    y0 = head_centre[1] - (ny - 1) / 2.0 * sy
-    origin = _snap_to_lattice((x0, y0, z0), Grid.of(image))
+    x0 = centre[0] - (nx - 1) / 2.0 * sx
+    y0 = centre[1] - (ny - 1) / 2.0 * sy
+    if isinstance(head, HeadLocation):
+        # Slices counted down from the band's top: the same head gives the
+        # same model slices however far the scan goes on below it.
+        x0, y0, anchor = _snap_to_lattice((x0, y0, z_high), Grid.of(image))
+        if anchor > z_high + 1e-6:
+            anchor -= _source_step_z(Grid.of(image), anchor - z_high)
+        nz = int(math.floor((anchor - z_low) / sz + 1e-6)) + 1
+        origin = (x0, y0, anchor - (nz - 1) * sz)
+    else:
+        z0 = z_low + ((z_high - z_low) - (nz - 1) * sz) / 2.0  # centre the slices in the extent
+        origin = _snap_to_lattice((x0, y0, z0), Grid.of(image))
     return Grid((nx, ny, nz), origin, (sx, sy, sz))
+
+
+def _source_step_z(source: "Grid", overshoot: float) -> float:
+    """The source's slice step along z (LPS), for moving a snapped anchor back inside the scan."""
+    matrix = np.abs(source.matrix)
+    step = float(source.spacing[int(np.argmax(matrix[2]))])
+    return step * math.ceil(overshoot / step - 1e-9)
 
 
 def _snap_to_lattice(origin, source: Grid) -> Tuple[float, float, float]:
@@ -223,11 +278,11 @@ def normalise(hu: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 
 def preprocess(image: sitk.Image, config: PreprocessConfig = PreprocessConfig()) -> Preprocessed:
     """CT (HU, any orientation and spacing) -> normalised array on the model grid."""
-    centre = find_head_centre(image)
-    grid = model_grid(image, config, centre)
+    head = locate_head(image)
+    grid = model_grid(image, config, head)
     resampled = _resample(image, grid, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
     array = normalise(sitk.GetArrayViewFromImage(resampled), config)
-    return Preprocessed(array, grid, Grid.of(image), centre)
+    return Preprocessed(array, grid, Grid.of(image), head.centre)
 
 
 def resample_labels(labels: sitk.Image, target: Grid) -> np.ndarray:
@@ -242,7 +297,15 @@ def resample_labels(labels: sitk.Image, target: Grid) -> np.ndarray:
     """
     source = Grid.of(labels)
     out = np.zeros(target.shape, dtype=np.uint8 if _max_label(labels) < 256 else np.uint16)
-    best = np.zeros(target.shape, dtype=np.float32)  # distance of the winning label (< 0)
+    # The distances are kept only where the source grid reaches: a long scan
+    # around a short model grid does not pay for its length (memory).
+    reach = target.physical_to_index(source.corners())
+    base = np.clip(np.floor(reach.min(axis=0)).astype(int) - 1, 0, target.size)
+    top = np.clip(np.ceil(reach.max(axis=0)).astype(int) + 2, 0, target.size)
+    if np.any(top <= base):
+        return out
+    out_window = out[base[2]:top[2], base[1]:top[1], base[0]:top[0]]
+    best = np.zeros(out_window.shape, dtype=np.float32)  # distance of the winning label (< 0)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.Cast(labels, sitk.sitkUInt16))
     array = sitk.GetArrayViewFromImage(labels)
@@ -258,17 +321,18 @@ def resample_labels(labels: sitk.Image, target: Grid) -> np.ndarray:
         box_grid.apply_to(distance)
         # Target voxels that the source box can reach.
         corners = target.physical_to_index(box_grid.corners())
-        lo = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, target.size)
-        hi = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, target.size)
+        lo = np.clip(np.floor(corners.min(axis=0)).astype(int), base, top)
+        hi = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, base, top)
         if np.any(hi <= lo):
             continue
         region = target.sub_grid(lo, hi - lo)
         far = float(max(source.spacing)) * LABEL_BOX_MARGIN
         dist = sitk.GetArrayFromImage(_resample(distance, region, sitk.sitkLinear, far, sitk.sitkFloat32))
-        window = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+        a, b = lo - base, hi - base
+        window = (slice(a[2], b[2]), slice(a[1], b[1]), slice(a[0], b[0]))
         wins = dist < best[window]
         best[window][wins] = dist[wins]
-        out[window][wins] = label
+        out_window[window][wins] = label
     return out
 
 

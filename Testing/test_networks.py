@@ -112,13 +112,13 @@ class _PeakAt(torch.nn.Module):
     """Stand-in SOL-Net: one heat-map peak for the first small organ at a
     chosen whole-volume position, whichever chunk holds it."""
 
-    def __init__(self, where, chunk, organs):
+    def __init__(self, where, chunk, organs, first=0):
         super().__init__()
-        self.where, self.chunk, self.organs, self.calls = where, chunk, organs, 0
+        self.where, self.chunk, self.organs, self.calls, self.first = where, chunk, organs, 0, first
 
     def forward(self, features):
         maps = torch.zeros(1, self.organs, *features.shape[2:])
-        z = self.where[0] - self.calls * self.chunk
+        z = self.where[0] - (self.first + self.calls * self.chunk)  # index in this chunk
         if 0 <= z < features.shape[2]:
             maps[0, 0, z, self.where[1], self.where[2]] = 1.0
         self.calls += 1
@@ -129,18 +129,21 @@ def test_roi_across_a_chunk_border_reads_the_stitched_volume():
     model = _tiny_model(heatmap_threshold=0.5)
     chunk, roi = model.config.preprocess.chunk_slices, model.config.roi_size
     volume = torch.randn(1, 1, 20, 24, 24)
-    centre = (chunk - 1, 5, 20)  # ROI slices 3..10 straddle the border at 8, and cross two borders in-plane
-    model.solnet = _PeakAt(centre, chunk, len(model.sosnet.heads))
+    # Chunks are counted from the top: the lowest one holds 20 % 8 = 4 slices
+    # of the volume below 4 of air, so the borders are at slices 4 and 12.
+    short = (-20) % chunk
+    centre = (chunk - short - 1, 5, 20)  # ROI slices -1..6 straddle the border at 4, and cross two borders in-plane
+    model.solnet = _PeakAt(centre, chunk, len(model.sosnet.heads), first=-short)
     result = model.segment(volume)
     assert result["present"].tolist() == [True] + [False] * (len(model.sosnet.heads) - 1)
     # The expected mask: the SOS head on the ROI of the chunk-by-chunk features, stitched.
     with torch.no_grad():
         pieces = []
-        for start in range(0, 20, chunk):
-            piece = volume[:, :, start:start + chunk]
-            keep = piece.shape[2]
-            piece = torch.nn.functional.pad(piece, (0, 0, 0, 0, 0, chunk - keep), value=float(volume.min()))
-            pieces.append(model.snet(piece)[1][:, :, :keep])
+        for start in range(-short, 20, chunk):
+            piece = volume[:, :, max(start, 0):start + chunk]
+            below = max(-start, 0)
+            piece = torch.nn.functional.pad(piece, (0, 0, 0, 0, below, 0), value=float(volume.min()))
+            pieces.append(model.snet(piece)[1][:, :, below:])
         joined = torch.cat([torch.cat(pieces, dim=2), volume], dim=1)
         start = roi_start(centre, roi)
         mask = model.sosnet.heads[0](roi_pool(joined, start, roi))[0, 0] > 0.5

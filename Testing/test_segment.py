@@ -203,3 +203,62 @@ def test_bfloat16_segmentation_matches_float32(case_dir):
             overlap = 2 * np.sum((a == lab) & (b == lab)) / (np.sum(a == lab) + np.sum(b == lab))
             assert overlap > 0.95, organ.name
     assert checked >= 5
+
+
+def _with_thorax_below(image: sitk.Image, slices: int, neck: int = 60) -> sitk.Image:
+    """The same scan going on ``slices`` slices further down, geometry
+    kept: first ``neck`` slices of neck (its lowest slice, repeated), then
+    thorax (a wide body with two lungs and a spine)."""
+    image = sitk.DICOMOrient(image, "LPS")
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    d, h, w = array.shape
+    y, x = np.indices((h, w))
+    thorax = np.full((h, w), -1000.0, np.float32)
+    thorax[((x - w / 2) / (0.46 * w)) ** 2 + ((y - h / 2) / (0.33 * h)) ** 2 <= 1] = 40.0
+    for side in (-1, 1):
+        thorax[((x - w / 2 - side * 0.2 * w) / (0.14 * w)) ** 2 + ((y - h / 2) / (0.2 * h)) ** 2 <= 1] = -800.0
+    thorax[((x - w / 2) / (0.04 * w)) ** 2 + ((y - h / 2 - 0.22 * h) / (0.04 * h)) ** 2 <= 1] = 700.0
+    below = np.concatenate([np.repeat(thorax[None], slices - neck, axis=0), np.repeat(array[:1], neck, axis=0)])
+    longer = sitk.GetImageFromArray(np.concatenate([below, array]))
+    longer.SetSpacing(image.GetSpacing())
+    longer.SetDirection(image.GetDirection())
+    longer.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, -slices)))
+    return longer
+
+
+def test_a_scan_that_goes_on_into_the_thorax_gets_the_same_organs():
+    """The model sees the head-and-neck band only (320 mm below the head's
+    top): 300 slices added below a phantom (0.9 m more scan: 180 mm more
+    neck, then thorax) leave the model grid at the band's size, the organs
+    as they were (the spinal cord compared where both scans have it), and
+    no contour below the band."""
+    from FocusNetCore.preprocess import HEAD_BAND_MARGIN_MM, HEAD_BAND_MM, locate_head, model_grid
+
+    case = generate_case(2027, "small")
+    head = sitk.DICOMOrient(case.image, "LPS")
+    longer = _with_thorax_below(case.image, 300)
+    segmenter = Segmenter(device="cpu", precision="float32")
+    config = segmenter.config.preprocess
+    grid = model_grid(longer, config)
+    assert grid.size[2] * config.spacing[2] <= HEAD_BAND_MM + HEAD_BAND_MARGIN_MM + config.spacing[2]
+    assert locate_head(longer).top == pytest.approx(locate_head(head).top)
+
+    short = sitk.GetArrayFromImage(segmenter.segment(head).labels)
+    long = sitk.GetArrayFromImage(segmenter.segment(longer).labels)
+    assert long.shape[0] == short.shape[0] + 300
+    lowest = int(np.nonzero(long.any(axis=(1, 2)))[0].min())
+    band_low = locate_head(longer).band[0]
+    assert longer.TransformIndexToPhysicalPoint((0, 0, lowest))[2] >= band_low - head.GetSpacing()[2], \
+        "nothing below the head-and-neck band"
+    same = long[300:]
+    organs = segmenter.config.organs
+    found = 0
+    for name in organs.names:
+        a, b = short == organs.label_of(name), same == organs.label_of(name)
+        if name == "SpinalCord":  # it goes on down the longer neck: compare above the short scan's two lowest slices
+            a, b = a[2:], b[2:]
+        if a.any() or b.any():
+            found += 1
+            overlap = 2 * (a & b).sum() / (a.sum() + b.sum())
+            assert overlap >= 0.97, f"{name}: Dice {overlap:.3f} between the scan and the scan with thorax below"
+    assert found >= 15
