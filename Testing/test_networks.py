@@ -205,3 +205,43 @@ def test_bundle_refuses_tampered_truncated_and_newer(tmp_path):
         load_bundle(tmp_path / "newer.pt")
     with pytest.raises(FileExistsError):
         save_bundle(model, path)
+
+
+class _VotesFor(torch.nn.Module):
+    """Stand-in S-Net: the real one, with one organ winning in a block."""
+
+    def __init__(self, snet, label):
+        super().__init__()
+        self.snet, self.label = snet, label
+
+    def forward(self, x):
+        logits, features = self.snet(x)
+        logits = logits.clone()
+        logits[:, self.label, 2:5, 8:12, 8:12] += 1e3
+        return logits, features
+
+
+def test_a_small_organ_sol_net_misses_keeps_s_nets_contour_only_when_asked():
+    """heatmap_threshold above every peak: SOL-Net finds no small organ.
+    "absent" (the default) gives them no contour; "snet" keeps what S-Net
+    drew for each, exactly."""
+    volume = torch.randn(1, 1, 16, 24, 24)
+    small = _tiny_model().config.organs.small_labels
+
+    def model(**changes):
+        m = _tiny_model(heatmap_threshold=1e9, **changes)
+        m.snet = _VotesFor(m.snet, small[0])
+        return m
+
+    snet_alone = model().segment(volume, small_organ_branch=False)["labels"]
+    drawn = [label for label in small if bool((snet_alone == label).any())]
+    assert small[0] in drawn
+    absent = model().segment(volume)
+    assert not any(bool((absent["labels"] == label).any()) for label in small)
+    assert not absent["present"].any()
+    kept = model(below_threshold="snet").segment(volume)
+    for label in small:
+        assert torch.equal(kept["labels"] == label, snet_alone == label)
+    assert kept["present"].tolist() == [label in drawn for label in small]
+    with pytest.raises(ValueError, match="below_threshold"):
+        _tiny_model(below_threshold="maybe")
