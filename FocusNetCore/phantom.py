@@ -434,3 +434,26 @@ def write_case(case: PhantomCase, out, fmt: str, overwrite: bool = False) -> lis
         with atomic_output(out / "labels.json", overwrite=True) as tmp:
             tmp.write_text(json.dumps(label_table(), indent=2))
     return written
+
+
+def with_body_below(image: sitk.Image, slices: int, neck_slices: int) -> sitk.Image:
+    """The scan going on ``slices`` slices further down (LPS order, geometry
+    kept): first ``neck_slices`` of neck (its lowest slice repeated), then
+    thorax (a wide body, two lungs, a vertebra). For tests and benchmarks of
+    scans longer than the head-and-neck band."""
+    image = sitk.DICOMOrient(image, "LPS")
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    _, h, w = array.shape
+    y, x = np.indices((h, w))
+    thorax = np.full((h, w), -1000.0, np.float32)
+    thorax[((x - w / 2) / (0.46 * w)) ** 2 + ((y - h / 2) / (0.33 * h)) ** 2 <= 1] = 40.0
+    for side in (-1, 1):
+        thorax[((x - w / 2 - side * 0.2 * w) / (0.14 * w)) ** 2 + ((y - h / 2) / (0.2 * h)) ** 2 <= 1] = -800.0
+    thorax[((x - w / 2) / (0.04 * w)) ** 2 + ((y - h / 2 - 0.22 * h) / (0.04 * h)) ** 2 <= 1] = 700.0
+    neck = min(neck_slices, slices)
+    below = np.concatenate([np.repeat(thorax[None], slices - neck, axis=0), np.repeat(array[:1], neck, axis=0)])
+    longer = sitk.GetImageFromArray(np.concatenate([below, array]))
+    longer.SetSpacing(image.GetSpacing())
+    longer.SetDirection(image.GetDirection())
+    longer.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, -slices)))
+    return longer

@@ -9,20 +9,12 @@ requests and its WebSocket.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import secrets
 from typing import Optional
 
+from FocusNetCore.node import is_loopback  # noqa: F401  (one definition, used here and by the node)
+
 COOKIE = "focusnet_review_token"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def new_token() -> str:

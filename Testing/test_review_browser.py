@@ -113,6 +113,23 @@ def window_level(page):
     return page.locator("#fn-wl").inner_text().strip()
 
 
+def paint_stroke(page, organ: str):
+    """Select ``organ`` in the list (the slices jump to it), take the
+    toolbar's paint tool, and paint a stroke down the left edge of the axial
+    view, in the air beside the head."""
+    page.locator(".fn-organ-row", has_text=organ).locator(".fn-organ-name").click()
+    page.locator("#fn-tools button:has(i.mdi-brush)").click()
+    time.sleep(1.0)
+    view = axial_view(page)
+    x = view["x"] + 0.06 * view["width"]
+    page.mouse.move(x, view["y"] + 0.40 * view["height"])
+    page.mouse.down()
+    for k in range(1, 21):
+        page.mouse.move(x, view["y"] + (0.40 + 0.01 * k) * view["height"])
+        time.sleep(0.05)
+    page.mouse.up()
+
+
 def test_browser_review_paint_accept_finish_export(phantom_ct, tmp_path):
     """A reviewer's whole session in Debian's Chromium: the progress in
     words, "ready: URL", the one organ list (22 rows on a 900-pixel screen,
@@ -182,19 +199,7 @@ def test_browser_review_paint_accept_finish_export(phantom_ct, tmp_path):
             time.sleep(3.0)
             assert set(page.locator(".fn-status").all_inner_texts()) == {"unreviewed"}
 
-            # Select Parotid_L in the review panel (the slices jump to it), paint a stroke
-            # down the left edge of the axial view, in the air beside the head.
-            page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-organ-name").click()
-            page.locator("#fn-tools button:has(i.mdi-brush)").click()  # the toolbar's paint button
-            time.sleep(1.0)
-            view = axial_view(page)
-            x = view["x"] + 0.06 * view["width"]
-            page.mouse.move(x, view["y"] + 0.40 * view["height"])
-            page.mouse.down()
-            for k in range(1, 21):
-                page.mouse.move(x, view["y"] + (0.40 + 0.01 * k) * view["height"])
-                time.sleep(0.05)
-            page.mouse.up()
+            paint_stroke(page, "Parotid_L")
             parotid = page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-status")
             page.wait_for_function("s => s.innerText.trim() === 'edited'", arg=parotid.element_handle(),
                                    timeout=20_000)
@@ -298,17 +303,7 @@ def test_scripted_review_active_time_matches_the_interaction(phantom_ct, tmp_pat
             for preset in ("Soft tissue", "Brain", "Bone", "Soft tissue"):  # phase 2: windows
                 page.locator(".fn-preset", has_text=preset).click()
                 time.sleep(1.0)
-            page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-organ-name").click()
-            page.locator("#fn-tools button:has(i.mdi-brush)").click()  # phase 3: one stroke
-            time.sleep(0.5)
-            view = axial_view(page)
-            x = view["x"] + 0.06 * view["width"]
-            page.mouse.move(x, view["y"] + 0.40 * view["height"])
-            page.mouse.down()
-            for k in range(1, 21):
-                page.mouse.move(x, view["y"] + (0.40 + 0.01 * k) * view["height"])
-                time.sleep(0.05)
-            page.mouse.up()
+            paint_stroke(page, "Parotid_L")                         # phase 3: one stroke
             page.locator("#fn-tools button:has(i.mdi-cursor-default)").click()
             t1 = time.monotonic()
             time.sleep(2.5 * threshold)                             # idle: away from the desk

@@ -12,7 +12,7 @@ from FocusNetCore.bundle import save_bundle
 from FocusNetCore.evaluate import evaluate
 from FocusNetCore.networks import FocusNetConfig, FocusNetV2, ShapeAutoencoder
 from FocusNetCore.organs import CATALOGUE, ORGAN_SETS
-from FocusNetCore.phantom import PHANTOM_SET, generate_case, write_case
+from FocusNetCore.phantom import PHANTOM_SET, generate_case, with_body_below, write_case
 from FocusNetCore.preprocess import PreprocessConfig
 from FocusNetCore.segfile import read_seg_nrrd_segments, write_seg_nrrd
 from FocusNetCore.segment import Segmenter
@@ -205,27 +205,6 @@ def test_bfloat16_segmentation_matches_float32(case_dir):
     assert checked >= 5
 
 
-def _with_thorax_below(image: sitk.Image, slices: int, neck: int = 60) -> sitk.Image:
-    """The same scan going on ``slices`` slices further down, geometry
-    kept: first ``neck`` slices of neck (its lowest slice, repeated), then
-    thorax (a wide body with two lungs and a spine)."""
-    image = sitk.DICOMOrient(image, "LPS")
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    d, h, w = array.shape
-    y, x = np.indices((h, w))
-    thorax = np.full((h, w), -1000.0, np.float32)
-    thorax[((x - w / 2) / (0.46 * w)) ** 2 + ((y - h / 2) / (0.33 * h)) ** 2 <= 1] = 40.0
-    for side in (-1, 1):
-        thorax[((x - w / 2 - side * 0.2 * w) / (0.14 * w)) ** 2 + ((y - h / 2) / (0.2 * h)) ** 2 <= 1] = -800.0
-    thorax[((x - w / 2) / (0.04 * w)) ** 2 + ((y - h / 2 - 0.22 * h) / (0.04 * h)) ** 2 <= 1] = 700.0
-    below = np.concatenate([np.repeat(thorax[None], slices - neck, axis=0), np.repeat(array[:1], neck, axis=0)])
-    longer = sitk.GetImageFromArray(np.concatenate([below, array]))
-    longer.SetSpacing(image.GetSpacing())
-    longer.SetDirection(image.GetDirection())
-    longer.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, -slices)))
-    return longer
-
-
 def test_a_scan_that_goes_on_into_the_thorax_gets_the_same_organs():
     """The model sees the head-and-neck band only (320 mm below the head's
     top): 300 slices added below a phantom (0.9 m more scan: 180 mm more
@@ -236,7 +215,7 @@ def test_a_scan_that_goes_on_into_the_thorax_gets_the_same_organs():
 
     case = generate_case(2027, "small")
     head = sitk.DICOMOrient(case.image, "LPS")
-    longer = _with_thorax_below(case.image, 300)
+    longer = with_body_below(case.image, 300, neck_slices=60)
     segmenter = Segmenter(device="cpu", precision="float32")
     config = segmenter.config.preprocess
     grid = model_grid(longer, config)

@@ -20,12 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from FocusNetCore.phantom import generate_case  # noqa: E402
+from FocusNetCore.phantom import generate_case, with_body_below  # noqa: E402
 
 NECK_MM = 180.0  # neck slices (the head's lowest, repeated) below the phantom, then thorax
 
@@ -33,26 +32,10 @@ NECK_MM = 180.0  # neck slices (the head's lowest, repeated) below the phantom, 
 def extended(image: sitk.Image, slices: int) -> sitk.Image:
     """The phantom as an LPS volume of ``slices`` slices: neck, then thorax, added below."""
     image = sitk.DICOMOrient(image, "LPS")
-    array = sitk.GetArrayFromImage(image).astype(np.int16)
-    extra = slices - array.shape[0]
-    if extra <= 0:
-        out = sitk.GetImageFromArray(array[-slices:])
-        out.CopyInformation(sitk.RegionOfInterest(image, (*image.GetSize()[:2], slices),
-                                                  (0, 0, array.shape[0] - slices)))
-        return out
-    d, h, w = array.shape
-    y, x = np.indices((h, w))
-    thorax = np.full((h, w), -1000, np.int16)
-    thorax[((x - w / 2) / (0.46 * w)) ** 2 + ((y - h / 2) / (0.33 * h)) ** 2 <= 1] = 40
-    for side in (-1, 1):
-        thorax[((x - w / 2 - side * 0.2 * w) / (0.14 * w)) ** 2 + ((y - h / 2) / (0.2 * h)) ** 2 <= 1] = -800
-    neck = min(extra, int(NECK_MM / image.GetSpacing()[2]))
-    below = np.concatenate([np.repeat(thorax[None], extra - neck, axis=0), np.repeat(array[:1], neck, axis=0)])
-    out = sitk.GetImageFromArray(np.concatenate([below, array]))
-    out.SetSpacing(image.GetSpacing())
-    out.SetDirection(image.GetDirection())
-    out.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, -extra)))
-    return out
+    extra = slices - image.GetSize()[2]
+    if extra <= 0:  # the top of the head, cut to length
+        return sitk.RegionOfInterest(image, (*image.GetSize()[:2], slices), (0, 0, -extra))
+    return with_body_below(image, extra, neck_slices=int(NECK_MM / image.GetSpacing()[2]))
 
 
 def paper_bundle(path: Path) -> Path:
