@@ -173,6 +173,10 @@ class ReviewStation:
                 self.state.fn_progress_text = text
         if self._loop is not None:
             self._loop.call_soon_threadsafe(update)
+        step = int(10 * fraction)  # the terminal too, in the same words, every 10 %
+        if step != getattr(self, "_printed_step", None):
+            self._printed_step = step
+            print(f"FocusNet review: {text}", flush=True)
 
     def _contours(self):
         """(labels, report) of the AI: from an earlier run of this review (an
@@ -404,6 +408,10 @@ class ReviewStation:
             interactor.AddObserver(vtk.vtkCommand.MouseMoveEvent, move, 100.0)
             interactor.AddObserver(vtk.vtkCommand.LeftButtonReleaseEvent, release, 100.0)
 
+    def _on_tool_chosen(self, **_):
+        if self.case is not None:
+            self.case.session.activity("selection")
+
     def segmentation_editor_tool(self) -> str:
         """The active editing tool's name ("" for none: the arrow)."""
         from trame_slicer.segmentation import SegmentationEffectNoTool
@@ -521,6 +529,9 @@ class ReviewStation:
             with layout.content:
                 self.layout_logic.layout_manager.initialize_layout_grid(layout)
         self.editor_logic.set_ui(self.editor_ui)
+        # Choosing an editing tool is an act of reviewing (in Slicer the
+        # segment editor node's change says the same).
+        self.state.change(self.editor_ui._typed_state.name.active_effect_name)(self._on_tool_chosen)
         self.layout_logic.set_ui(self.layout_button)
 
     def _build_organ_list(self, html, v):
