@@ -26,8 +26,8 @@ TIMING_DEFINITIONS = {
     "wall_s": "seconds the case was shown to the reviewer, from first sight to Finish, paused while no page "
               "was open on it (browser review); inference time is not included (inference_seconds)",
     "active_s": "sum of the gaps between consecutive acts of reviewing (first sight, slice scroll, window/level, "
-                "view changes, selection, visibility, edits, accepts, Finish) that are at most idle_threshold_s; "
-                "a longer gap is idle as a whole",
+                "view changes, selection of an organ or an editing tool, visibility, edits, accepts, Finish) that "
+                "are at most idle_threshold_s; a longer gap is idle as a whole",
     "edits": "changes of an organ's binary label map (not display or representation changes)",
 }
 
