@@ -194,6 +194,14 @@ class FocusNetV2(nn.Module):
     def sos_input(self, ct: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return ct if self.config.sos_input == "ct" else torch.cat([features, ct], dim=1)
 
+    def sos_roi(self, ct: torch.Tensor, features: torch.Tensor, start) -> torch.Tensor:
+        """``roi_pool(sos_input(ct, features), start)`` without joining the
+        whole volumes first (the ROI is all SOS-Net needs)."""
+        roi = roi_pool(ct, start, self.config.roi_size)
+        if self.config.sos_input == "ct":
+            return roi
+        return torch.cat([roi_pool(features, start, self.config.roi_size), roi.to(features.dtype)], dim=1)
+
     def forward(self, ct: torch.Tensor, centres: List[Tuple[int, int, int]] = None) -> Dict[str, torch.Tensor]:
         """Training forward on a chunk (B=1): logits, heat maps, and for each
         small organ its ROI mask at ``centres`` (default: the heat-map arg-max)."""
@@ -219,30 +227,38 @@ class FocusNetV2(nn.Module):
         ablation's "S-Net" row)."""
         chunk = self.config.preprocess.chunk_slices
         depth = volume.shape[2]
-        logits, features, heatmaps = [], [], []
         # Chunks are counted from the top slice down (the model grid is
         # anchored at the head's top): the lowest chunk is padded with air
         # below, so a scan that goes on further below has the same chunks.
+        # Each chunk's results go straight into whole-volume tensors (no
+        # list-then-concatenate copies); the class probabilities are kept
+        # in float16 (for the organs' confidence) and S-Net's logits not at all.
         short = (-depth) % chunk
+        features = heatmaps = probabilities = labels = None
         for start in range(-short, depth, chunk):
             piece = volume[:, :, max(start, 0):start + chunk]
             if start < 0:  # every chunk sees 40 slices
                 piece = F.pad(piece, (0, 0, 0, 0, -start, 0), value=float(volume.min()))
             lg, ft = self.snet(piece)
             hm = self.solnet(ft)
-            drop = max(-start, 0)
-            logits.append(lg[:, :, drop:])
-            features.append(ft[:, :, drop:])
-            heatmaps.append(hm[:, :, drop:])
+            drop, lo, hi = max(-start, 0), max(start, 0), start + chunk
+            if features is None:
+                whole = (depth, *ft.shape[3:])
+                features = ft.new_empty((1, ft.shape[1], *whole))
+                heatmaps = hm.new_empty((1, hm.shape[1], *whole))
+                probabilities = torch.empty((1, lg.shape[1], *whole), dtype=torch.float16, device=lg.device)
+                labels = torch.empty((1, *whole), dtype=torch.long, device=lg.device)
+            chunk_probabilities = torch.softmax(lg[:, :, drop:].float(), dim=1)
+            labels[:, lo:hi] = chunk_probabilities.argmax(dim=1)
+            probabilities[:, :, lo:hi] = chunk_probabilities
+            features[:, :, lo:hi] = ft[:, :, drop:]
+            heatmaps[:, :, lo:hi] = hm[:, :, drop:]
+            del lg, ft, hm, chunk_probabilities
             if progress is not None:
                 progress(min(start + chunk, depth) / depth)
-        logits, features, heatmaps = (torch.cat(t, dim=2) for t in (logits, features, heatmaps))
-        probabilities = torch.softmax(logits.float(), dim=1)
-        labels = probabilities.argmax(dim=1)                      # (1, D, H, W)
         if not small_organ_branch:
             return {"labels": labels, "probabilities": probabilities, "heatmaps": heatmaps,
                     "present": torch.ones(len(self.sosnet.heads), dtype=torch.bool), "small": []}
-        joined = self.sos_input(volume, features)
         small_labels = self.config.organs.small_labels
         present, small = [], []
         for k, (head, label) in enumerate(zip(self.sosnet.heads, small_labels)):
@@ -259,7 +275,7 @@ class FocusNetV2(nn.Module):
             # elsewhere are false positives.
             labels[labels == label] = 0
             start = roi_start(argmax_3d(heatmaps[0, k]), self.config.roi_size)
-            prob = head(roi_pool(joined, start, self.config.roi_size))[:, 0]          # (1, 8, 64, 64)
+            prob = head(self.sos_roi(volume, features, start))[:, 0]                   # (1, 8, 64, 64)
             mask = prob > 0.5
             small.append((start, prob))
             region = roi_pool(labels.unsqueeze(1).float(), start, self.config.roi_size)[:, 0].long()
