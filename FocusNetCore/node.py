@@ -32,13 +32,14 @@ import json
 import logging
 import os
 import shutil
-import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from .study import write_json_atomic
 
 LOG = logging.getLogger("focusnet.node")
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -128,15 +129,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _safe(uid: str) -> str:
     """A UID as a folder name (UIDs are digits and dots; anything else is replaced)."""
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in str(uid))[:64] or "unknown"
@@ -207,19 +199,19 @@ class Spool:
                 job = {"id": job_id, "study": folder.parent.name, "series": folder.name, "instances": len(files),
                        "folder": str(target.relative_to(self.root)), "queued": _now(), "attempts": 0,
                        "outputs": {}, "sent": []}
-                _write_json(self.root / "jobs" / "queue" / f"{job_id}.json", job)
+                write_json_atomic(self.root / "jobs" / "queue" / f"{job_id}.json", job)
                 queued.append(job)
         return queued
 
     def move(self, job: dict, source: str, target: str) -> None:
         path = self.root / "jobs" / target / f"{job['id']}.json"
-        _write_json(path, job)
+        write_json_atomic(path, job)
         old = self.root / "jobs" / source / f"{job['id']}.json"
         if old != path and old.exists():
             old.unlink()
 
     def save(self, job: dict, state: str) -> None:
-        _write_json(self.root / "jobs" / state / f"{job['id']}.json", job)
+        write_json_atomic(self.root / "jobs" / state / f"{job['id']}.json", job)
 
     def claim(self) -> Optional[dict]:
         """The oldest queued job, now active; None when the queue is empty."""
@@ -544,9 +536,3 @@ def configure_logging() -> None:
     LOG.setLevel(logging.INFO)
     LOG.propagate = False
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # its own lines per PDU; ours say what happened
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
