@@ -222,7 +222,8 @@ def _cmd_train(args) -> int:
     from .train import train
 
     bundle = train(args.config, args.data, args.out, resume=args.resume, device=args.device,
-                   progress=not args.no_progress, branch_from=args.branch_from)
+                   progress=not args.no_progress, branch_from=args.branch_from, from_model=args.from_model,
+                   from_stage=args.from_stage)
     print(f"model bundle: {bundle}")
     return EXIT_OK
 
@@ -324,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch-from", default=None, metavar="CHECKPOINT",
                    help="start from another run's checkpoint taken after its snet and solnet stages "
                         "(ablations, e.g. FocusNetv1 = adversarial: false, share those stages)")
+    p.add_argument("--from-model", default=None, metavar="BUNDLE",
+                   help="start from a model bundle's weights (same network settings) at --from-stage")
+    p.add_argument("--from-stage", default=None, choices=("snet", "solnet", "aae_pretrain", "sos", "finetune"),
+                   help="with --from-model: the first stage to train; the earlier ones are the bundle's")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("review", help="review and correct the contours in a browser (needs focusnet[review])")

@@ -52,18 +52,22 @@ class TrainConfig:
                                            ("sos", 1000), ("finetune", 500))
     seed: int = 0
     lr: float = 5e-4
-    # Adam's learning rate in the joint fine-tune; None = lr (the paper). Each
-    # stage starts a fresh Adam, whose first steps move every weight by about
-    # lr whatever its gradient: at 5e-4 that undid the SOS stage and cost the
-    # S-Net 0.2-0.3 Dice on some organs in short CPU runs.
-    finetune_lr: Optional[float] = None
-    # Adam's rate for the autoencoder pre-training and the SOS stage; None = lr.
-    sos_lr: Optional[float] = None
     # How Adam's rate moves within each stage: "constant" (the paper) or
     # "cosine" (from the stage's rate down towards 0 at its last iteration,
     # half a cosine). A pure function of the iteration, so --resume is exact.
     lr_schedule: str = "constant"
+    # Each stage's own rate and schedule, where it is not ``lr`` /
+    # ``lr_schedule``: ((stage, rate, schedule), ...); in YAML a mapping
+    # ``stage_lr: {finetune: 5.0e-5, solnet: {lr: 2.0e-3, schedule: cosine}}``.
+    # Each stage starts a fresh Adam, whose first steps move every weight by
+    # about its rate whatever the gradient: at 5e-4 the joint fine-tune undid
+    # the SOS stage and cost S-Net 0.2-0.3 Dice on some organs in short CPU
+    # runs, hence its own lower rate.
+    stage_lr: Tuple[Tuple[str, float, str], ...] = ()
     focal_gamma: float = 2.0
+    # SOL-Net's heat-map L2 with each voxel weighed by 1 + w * target (0 =
+    # the paper's plain L2; see losses.heatmap_loss).
+    heatmap_foreground_weight: float = 0.0
     dice_weight: float = 1.0
     alpha_power: float = 1.0  # 1 = the paper: alpha inversely proportional to organ size
     shape_weight: float = 5.0
@@ -101,10 +105,26 @@ class TrainConfig:
             raise ValueError(f"organ_crop_fraction must be between 0 and 1, got {self.organ_crop_fraction}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        for name in ("finetune_lr", "sos_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value}")
+        if not (self.heatmap_foreground_weight >= 0 and math.isfinite(self.heatmap_foreground_weight)):
+            raise ValueError(f"heatmap_foreground_weight must be 0 or more, got {self.heatmap_foreground_weight}")
+        seen = set()
+        for stage, rate, schedule in self.stage_lr:
+            if stage not in STAGES:
+                raise ValueError(f"stage_lr: unknown stage {stage!r}; stages are {STAGES}")
+            if stage in seen:
+                raise ValueError(f"stage_lr: stage {stage} is given twice")
+            seen.add(stage)
+            if not (isinstance(rate, (int, float)) and rate > 0 and math.isfinite(rate)):
+                raise ValueError(f"stage_lr: {stage}'s rate must be a positive number, got {rate!r}")
+            if schedule not in LR_SCHEDULES:
+                raise ValueError(f"stage_lr: {stage}'s schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+
+    def rate_of(self, stage: str) -> Tuple[float, str]:
+        """The stage's Adam rate and schedule."""
+        for name, rate, schedule in self.stage_lr:
+            if name == stage:
+                return rate, schedule
+        return self.lr, self.lr_schedule
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -115,13 +135,41 @@ class TrainConfig:
             return tuple((str(k), int(v)) for k, v in items)
 
         augment = lambda value: from_dict(AugmentConfig, value, "augment", tuples=("scale",))  # noqa: E731
+        data = dict(data)
+        schedule = data.get("lr_schedule", "constant")
+        rates = dict(data.get("stage_lr") or {}) if not isinstance(data.get("stage_lr"), (list, tuple)) else \
+            {row[0]: {"lr": row[1], "schedule": row[2]} for row in data["stage_lr"]}
+        # The settings stage_lr replaced, as configurations, checkpoints and
+        # bundles written before it hold them: the same rates.
+        for old, stages_of in (("sos_lr", ("aae_pretrain", "sos")), ("finetune_lr", ("finetune",))):
+            value = data.pop(old, None)
+            if value is not None:
+                for stage in stages_of:
+                    rates.setdefault(stage, value)
+
+        def stage_lr(value):
+            out = []
+            for stage, rate in value.items():
+                if isinstance(rate, dict):
+                    unknown = set(rate) - {"lr", "schedule"}
+                    if unknown:
+                        raise ValueError(f"stage_lr: {stage} takes lr and schedule, not {sorted(unknown)}")
+                    out.append((str(stage), rate.get("lr", data.get("lr", cls.lr)), rate.get("schedule", schedule)))
+                else:
+                    out.append((str(stage), rate, schedule))
+            return tuple(out)
+
+        if rates:
+            data["stage_lr"] = rates
         return from_dict(cls, data, "training configuration", tuples=("sos_jitter",),
-                         nested={"network": FocusNetConfig.from_dict, "stages": stages, "augment": augment})
+                         nested={"network": FocusNetConfig.from_dict, "stages": stages, "augment": augment,
+                                 "stage_lr": stage_lr})
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["network"] = self.network.to_dict()
         data["stages"] = {k: v for k, v in self.stages}
+        data["stage_lr"] = {stage: {"lr": rate, "schedule": schedule} for stage, rate, schedule in self.stage_lr}
         return data
 
 
@@ -203,14 +251,14 @@ class SNetStep(nn.Module):
 
 
 class SOLNetStep(nn.Module):
-    def __init__(self, model: FocusNetV2):
+    def __init__(self, model: FocusNetV2, foreground_weight: float = 0.0):
         super().__init__()
-        self.model = model
+        self.model, self.foreground_weight = model, foreground_weight
 
     def forward(self, ct, target_maps):
         with torch.no_grad():
             _, features = self.model.snet(ct)
-        return losses.heatmap_loss(self.model.solnet(features), target_maps)
+        return losses.heatmap_loss(self.model.solnet(features), target_maps, self.foreground_weight)
 
 
 def _roi_targets(labels: torch.Tensor, starts, small_labels, roi):
@@ -251,7 +299,8 @@ class GeneratorStep(nn.Module):
             logits, features = self.model.snet(ct)
             loss = losses.segmentation_loss(logits, labels, self.alpha, self.config.focal_gamma,
                                             self.config.dice_weight, present)
-            loss = loss + losses.heatmap_loss(self.model.solnet(features), target_maps)
+            loss = loss + losses.heatmap_loss(self.model.solnet(features), target_maps,
+                                              self.config.heatmap_foreground_weight)
         else:
             with torch.no_grad():
                 _, features = self.model.snet(ct)
@@ -405,14 +454,14 @@ class Trainer:
             self.runners[key] = _wrap(factory(), self.world, self.device)
         return self.runners[key]
 
+    # Which stage each optimiser belongs to (its rate and schedule).
+    OPTIMIZER_STAGE = {"snet": "snet", "solnet": "solnet", "aae": "aae_pretrain", "sos_g": "sos", "sos_d": "sos",
+                       "finetune_g": "finetune", "finetune_d": "finetune"}
+
     def _optimizer(self, key: str, params) -> torch.optim.Optimizer:
         """The stage's Adam (created at its first use), at the rate the
-        schedule gives the current iteration."""
-        lr = self.config.lr
-        if key.startswith("finetune") and self.config.finetune_lr:
-            lr = self.config.finetune_lr
-        elif key in ("aae", "sos_g", "sos_d") and self.config.sos_lr:
-            lr = self.config.sos_lr
+        stage's schedule gives the current iteration."""
+        lr, _ = self.config.rate_of(self.OPTIMIZER_STAGE[key])
         if key not in self.optimizers:
             self.optimizers[key] = torch.optim.Adam([p for p in params if p.requires_grad], lr=lr)
         for group in self.optimizers[key].param_groups:
@@ -421,9 +470,9 @@ class Trainer:
 
     def _schedule(self, stage_index: int, step: int) -> float:
         """The factor on the stage's learning rate at this iteration."""
-        if self.config.lr_schedule == "constant":
+        name, length = self.config.stages[stage_index]
+        if self.config.rate_of(name)[1] == "constant":
             return 1.0
-        length = self.config.stages[stage_index][1]
         return 0.5 * (1.0 + math.cos(math.pi * step / length))
 
     def _autocast(self):
@@ -553,7 +602,7 @@ class Trainer:
             return self._apply(opt, loss, stage, step)
         if stage == "solnet":
             opt = self._optimizer("solnet", model.solnet.parameters())
-            runner = self._runner("solnet", lambda: SOLNetStep(model))
+            runner = self._runner("solnet", lambda: SOLNetStep(model, self.config.heatmap_foreground_weight))
             with self._autocast():
                 loss = runner(ct, maps)
             return self._apply(opt, loss, stage, step)
@@ -599,20 +648,28 @@ class Trainer:
         for case in self.val_cases:
             volume = torch.as_tensor(case.image, device=self.device)[None, None]
             with self._autocast():
-                labels = self.model.segment(volume, small_organ_branch=branch)["labels"][0].cpu().numpy()
+                out = self.model.segment(volume, small_organ_branch=branch)
+            labels = out["labels"][0].cpu().numpy()
             if branch:
                 labels = postprocess.apply(labels.astype(np.uint8), self.postprocess_plan, self.organs)
             present = [lab for lab in range(1, self.organs.num_classes) if case.present[lab]]
-            for lab, values in organ_metrics(labels, case.labels, present, spacing).items():
+            found = organ_metrics(labels, case.labels, present, spacing)
+            found.update({lab: {**found.get(lab, {}), **values} for lab, values in
+                          localisation_metrics(out["heatmaps"][0], case.labels, self.organs.small_labels, spacing,
+                                               self.model.config.heatmap_threshold).items()})
+            for lab, values in found.items():
                 per_organ.setdefault(self.organs.name_of(lab), []).append(values)
-        summary = {name: {k: nanmean([v[k] for v in vals]) for k in vals[0]} for name, vals in per_organ.items()}
+        summary = {name: {k: nanmean([v.get(k, float("nan")) for v in vals]) for k in dict.fromkeys(k for v in vals for k in v)}
+                   for name, vals in per_organ.items()}
         rows = [{"step": global_step, "stage": stage, "organ": name, **vals} for name, vals in summary.items()]
         self.history.extend(rows)
         self._write_metrics()
         mean_dice = np.mean([v["dice"] for v in summary.values()]) if summary else float("nan")
         small = [summary[n]["dice"] for n in self.organs.small_names if n in summary]
+        errors = [summary[n]["peak_error_mm"] for n in self.organs.small_names if n in summary]
         self.log(f"validation at step {global_step} ({stage}): mean Dice {mean_dice:.3f}, "
-                 f"small organs {np.mean(small) if small else float('nan'):.3f}")
+                 f"small organs {np.mean(small) if small else float('nan'):.3f}, SOL-Net peak error "
+                 f"{np.median(errors) if errors else float('nan'):.1f} mm (median over small organs)")
         if self.stage is not None:
             self._set_trainable(self.stage)  # back to training mode
         return summary
@@ -665,6 +722,8 @@ class Trainer:
         return plan
 
     def _sos_trained(self) -> bool:
+        if getattr(self, "started_from", None):
+            return True  # a model bundle's SOS-Net has had its stages
         for index, (name, length) in enumerate(self.config.stages):
             if name in ("sos", "finetune") and length:
                 if index < self.position[0] or (index == self.position[0] and self.position[1] > 0):
@@ -674,10 +733,11 @@ class Trainer:
     def _write_metrics(self):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "validation.csv"
-        fields = ["step", "stage", "organ", "dice", "hd95_paper", "hd95_symmetric", "surface_dice"]
+        fields = ["step", "stage", "organ", "dice", "hd95_paper", "hd95_symmetric", "surface_dice", "peak_error_mm",
+                  "detected"]
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.history)
         tmp.replace(path)
@@ -699,7 +759,8 @@ class Trainer:
         state = {"model": self.model.state_dict(), "aae": self.aae.state_dict(),
                  "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                  "position": list(self.position), "history": self.history,
-                 "config": json.dumps(self.config.to_dict())}
+                 "config": json.dumps(self.config.to_dict()),
+                 "started_from": getattr(self, "started_from", None)}
         tmp = self._checkpoint_path().with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self._checkpoint_path())
@@ -715,6 +776,7 @@ class Trainer:
         self.aae.load_state_dict(state["aae"])
         self.position = tuple(state["position"])
         self.history = state["history"]
+        self.started_from = state.get("started_from")
         stage = self.config.stages[self.position[0]][0] if self.position[0] < len(self.config.stages) else None
         if stage is not None:
             self._set_trainable(stage)
@@ -730,7 +792,7 @@ class Trainer:
     # Settings that act only from the autoencoder stage on: runs differing in
     # them share their S-Net and SOL-Net stages (the table 6 ablation).
     BRANCH_FREE = ("adversarial", "shape_weight", "adversarial_weight", "shape_loss_normalized", "autoencoder_width",
-                   "sos_jitter", "finetune_lr", "sos_lr", "model_name", "intended_use", "validate_every", "checkpoint_every")
+                   "sos_jitter", "model_name", "intended_use", "validate_every", "checkpoint_every")
 
     def branch_from(self, checkpoint) -> None:
         """Start from another run's checkpoint taken after its S-Net and SOL-Net
@@ -756,8 +818,14 @@ class Trainer:
             raise ValueError(f"{path}: can branch only after the snet and solnet stages, before sos, with the same "
                              f"snet stage and a solnet stage at least as long (checkpoint at stage {stage_index}, "
                              f"step {step})")
+        # Rates matter for the shared stages only (the rest is this run's).
+        their_config = TrainConfig.from_dict(theirs)
+        for name in names[:aae_index]:
+            if their_config.rate_of(name) != self.config.rate_of(name):
+                raise ValueError(f"{path}: made with a different rate for the {name} stage "
+                                 f"({their_config.rate_of(name)} vs {self.config.rate_of(name)})")
         for key in set(theirs) | set(ours):
-            if key in self.BRANCH_FREE or key == "stages":
+            if key in self.BRANCH_FREE or key in ("stages", "lr", "lr_schedule", "stage_lr"):
                 continue
             if theirs.get(key) != ours.get(key):
                 raise ValueError(f"{path}: made with a different {key!r} ({theirs.get(key)!r} vs {ours.get(key)!r})")
@@ -765,6 +833,39 @@ class Trainer:
         extra = stages[sol][1] - their_stages[sol][1]
         self.position = (sol, their_stages[sol][1]) if extra else (aae_index, 0)
         self.history = [row for row in state["history"] if row["stage"] in names[:aae_index]]
+        self._save_checkpoint()
+
+    def start_from_model(self, bundle, stage: str) -> None:
+        """Start from a model bundle's weights (its networks and shape
+        autoencoder) at ``stage``: the stages before it count as done by the
+        bundle, ``stage`` and those after it train on from its weights (e.g.
+        a new SOL-Net rate on the shipped model's S-Net, or a model trained
+        on phantoms fine-tuned on one's own cases). The bundle's network must
+        be this configuration's (organs, widths, ROI, grid); its calibrated
+        presence threshold and the rest are recalibrated at the end."""
+        from .bundle import load_bundle
+
+        names = [name for name, _ in self.config.stages]
+        if stage not in names:
+            raise ValueError(f"--from-stage {stage!r} is not a stage of this configuration ({', '.join(names)})")
+        model, meta = load_bundle(bundle)
+        calibrated = ("heatmap_threshold", "below_threshold")
+        theirs = {k: v for k, v in model.config.to_dict().items() if k not in calibrated}
+        ours = {k: v for k, v in self.config.network.to_dict().items() if k not in calibrated}
+        different = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if different:
+            raise ValueError(f"{bundle}: its network differs from this configuration's in {', '.join(different)} "
+                             f"({', '.join(f'{theirs.get(k)!r} vs {ours.get(k)!r}' for k in different)})")
+        self.model.load_state_dict(model.state_dict())
+        if "autoencoder_state" in meta:
+            if meta.get("autoencoder_width") != self.config.autoencoder_width:
+                raise ValueError(f"{bundle}: its shape autoencoder has width {meta.get('autoencoder_width')}, this "
+                                 f"configuration {self.config.autoencoder_width}")
+            self.aae.load_state_dict(meta["autoencoder_state"])
+        self.position = (names.index(stage), 0)
+        self.history = []
+        self.started_from = {"model": str(bundle), "checksum": meta.get("checksum", ""), "stage": stage}
+        self.log(f"starting at the {stage} stage from {bundle} (checksum {meta.get('checksum', '')[:12]})")
         self._save_checkpoint()
 
     def provenance(self) -> dict:
@@ -777,7 +878,8 @@ class Trainer:
                 "training_config": self.config.to_dict(),
                 "training_seconds": round(getattr(self, "training_seconds", 0.0), 1),
                 "device": self.device, "precision": self.precision, "precision_probe": self.precision_probe,
-                "skipped_steps": self.bad_steps["total"], "world_size": self.world}
+                "skipped_steps": self.bad_steps["total"], "world_size": self.world,
+                **({"started_from": self.started_from} if getattr(self, "started_from", None) else {})}
 
 
 def _as_json(config: TrainConfig) -> dict:
@@ -818,6 +920,25 @@ class _progress:
             self.bar.close()
 
 
+def localisation_metrics(heatmaps: torch.Tensor, labels: np.ndarray, small_labels, spacing,
+                         threshold: float) -> Dict[int, Dict[str, float]]:
+    """SOL-Net's localisation per small organ present in ``labels``:
+    ``peak_error_mm``, the distance from its heat map's maximum to the organ's
+    centre (mm, ``spacing`` in (z, y, x) order), and ``detected`` (1 when the
+    maximum clears the presence threshold, else 0). The heat-map loss does not
+    show a SOL-Net whose peaks sit on the wrong organ; this does."""
+    out = {}
+    for k, label in enumerate(small_labels):
+        where = np.argwhere(labels == label)
+        if not len(where):
+            continue
+        heat = heatmaps[k].float()
+        peak = np.array(np.unravel_index(int(torch.argmax(heat)), tuple(heat.shape)))
+        error = float(np.linalg.norm((peak - where.mean(axis=0)) * np.asarray(spacing, dtype=float)))
+        out[label] = {"peak_error_mm": error, "detected": float(float(heat.max()) >= threshold)}
+    return out
+
+
 def _plot_history(history: List[dict], path: Path, small_names):
     import matplotlib
 
@@ -827,13 +948,15 @@ def _plot_history(history: List[dict], path: Path, small_names):
     if not history:
         return
     steps = sorted({r["step"] for r in history})
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, metric, title in ((axes[0], "dice", "validation Dice"), (axes[1], "hd95_paper", "validation 95HD (paper form), mm")):
-        organs = sorted({r["organ"] for r in history})
+    figure, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for ax, metric, title in ((axes[0], "dice", "validation Dice"), (axes[1], "hd95_paper", "validation 95HD (paper form), mm"),
+                              (axes[2], "peak_error_mm", "SOL-Net peak to organ centre, mm")):
+        organs = sorted({r["organ"] for r in history if metric in r})
         for organ in organs:
-            values = [next((r[metric] for r in history if r["step"] == s and r["organ"] == organ), np.nan) for s in steps]
+            values = [next((r.get(metric, np.nan) for r in history if r["step"] == s and r["organ"] == organ), np.nan)
+                      for s in steps]
             ax.plot(steps, values, lw=2.0 if organ in small_names else 0.8, label=organ if organ in small_names else None)
-        mean = [np.nanmean([r[metric] for r in history if r["step"] == s]) for s in steps]
+        mean = [np.nanmean([r[metric] for r in history if r["step"] == s and metric in r] or [np.nan]) for s in steps]
         ax.plot(steps, mean, "k--", lw=2.5, label="mean")
         ax.set_title(title)
         ax.set_xlabel("iteration")
@@ -846,10 +969,16 @@ def _plot_history(history: List[dict], path: Path, small_names):
 
 
 def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "auto", progress: bool = True,
-          log=print, branch_from=None) -> Path:
+          log=print, branch_from=None, from_model=None, from_stage: Optional[str] = None) -> Path:
     """``focusnet train``: returns the path of the model bundle it wrote.
     ``branch_from``: another run's checkpoint after its S-Net and SOL-Net
-    stages to continue from (see Trainer.branch_from)."""
+    stages to continue from (see Trainer.branch_from). ``from_model`` and
+    ``from_stage``: start at that stage from a model bundle's weights
+    (Trainer.start_from_model)."""
+    if (from_model is None) != (from_stage is None):
+        raise ValueError("--from-model and --from-stage go together")
+    if from_model is not None and branch_from is not None:
+        raise ValueError("--from-model and --branch-from are two different starts; give one")
     from .bundle import save_bundle
 
     if device == "auto":
@@ -862,6 +991,9 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
     trainer = Trainer(config, data_dir, run_dir, device, log)
     if branch_from is not None and not resume:
         trainer.branch_from(branch_from)
+        resume = True
+    if from_model is not None and not resume:
+        trainer.start_from_model(from_model, from_stage)
         resume = True
     trainer.run(resume=resume, progress=progress)
     bundle = run_dir / "model.pt"

@@ -278,47 +278,82 @@ def test_branch_with_a_longer_solnet_stage_continues_solnet(phantom_data, tmp_pa
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("solnet."))
 
 
-def test_finetune_runs_at_its_own_learning_rate(phantom_data, tmp_path):
-    """``finetune_lr`` sets Adam's rate for the joint fine-tune (generator and
-    autoencoder) only; left out, every stage uses ``lr`` as in the paper."""
+def test_each_stage_runs_at_its_own_learning_rate_and_schedule(phantom_data, tmp_path):
+    """``stage_lr`` gives a stage its own Adam rate (and schedule); stages it
+    leaves out use ``lr`` / ``lr_schedule`` as in the paper. The settings it
+    replaced (``finetune_lr``, ``sos_lr``) still read as the same rates."""
     torch.set_num_threads(1)
     base = load_config(TINY)
-    assert base.finetune_lr is None
-    config = TrainConfig.from_dict({**base.to_dict(), "finetune_lr": 5e-5})
-    trainer = Trainer(config, phantom_data, tmp_path / "run", "cpu", log=lambda *a: None)
-    trainer.run(progress=False, stop_after=10)  # 3 + 2 + 2 + 2, then the first fine-tune iteration
-    assert trainer.stage == "finetune"
-    rates = {key: opt.param_groups[0]["lr"] for key, opt in trainer.optimizers.items()}
-    assert rates == {"finetune_g": 5e-5, "finetune_d": 5e-5}
-    trainer = _run(config, phantom_data, tmp_path / "early", stop_after=8)  # inside the sos stage
-    assert trainer.stage == "sos" and {o.param_groups[0]["lr"] for o in trainer.optimizers.values()} == {5e-4}
-    with pytest.raises(ValueError, match="finetune_lr must be a positive number"):
-        TrainConfig.from_dict({**base.to_dict(), "finetune_lr": 0})
-    # sos_lr: the autoencoder pre-training and the SOS stage only
-    config = TrainConfig.from_dict({**base.to_dict(), "finetune_lr": 5e-5, "sos_lr": 1e-4})
-    trainer = _run(config, phantom_data, tmp_path / "sos", stop_after=8)
+    assert base.stage_lr == () and base.rate_of("finetune") == (5e-4, "constant")
+    config = TrainConfig.from_dict({**base.to_dict(), "stage_lr": {"finetune": 5e-5,
+                                                                   "sos": {"lr": 1e-4, "schedule": "constant"}}})
+    trainer = _run(config, phantom_data, tmp_path / "sos", stop_after=8)  # inside the sos stage
     assert {key: o.param_groups[0]["lr"] for key, o in trainer.optimizers.items()} == {"sos_g": 1e-4, "sos_d": 1e-4}
-    trainer.run(resume=True, progress=False, stop_after=10)
-    assert {o.param_groups[0]["lr"] for o in trainer.optimizers.values()} == {5e-5}
+    trainer.run(resume=True, progress=False, stop_after=10)  # the first fine-tune iteration
+    assert trainer.stage == "finetune"
+    assert {key: o.param_groups[0]["lr"] for key, o in trainer.optimizers.items()} == \
+        {"finetune_g": 5e-5, "finetune_d": 5e-5}
+    # what a configuration or checkpoint written before stage_lr holds
+    older = {k: v for k, v in base.to_dict().items() if k != "stage_lr"}
+    assert TrainConfig.from_dict({**older, "finetune_lr": 5e-5, "sos_lr": 1e-4}).stage_lr == (
+        ("aae_pretrain", 1e-4, "constant"), ("sos", 1e-4, "constant"), ("finetune", 5e-5, "constant"))
+    for bad, message in (({"finetune": 0}, "finetune's rate must be a positive number"),
+                         ({"warmup": 1e-3}, "unknown stage 'warmup'"),
+                         ({"solnet": {"lr": 1e-3, "schedule": "linear"}}, "solnet's schedule must be one of"),
+                         ({"solnet": {"rate": 1e-3}}, "solnet takes lr and schedule")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_dict({**base.to_dict(), "stage_lr": bad})
 
 
 def test_cosine_schedule_lowers_the_rate_within_each_stage(phantom_data, tmp_path):
-    """``lr_schedule: cosine``: each stage starts at its own rate (``lr``, or
-    ``finetune_lr`` in the fine-tune) and lowers it along half a cosine."""
+    """``lr_schedule: cosine``: each stage starts at its own rate and lowers it
+    along half a cosine; a stage with a schedule of its own keeps it."""
     torch.set_num_threads(1)
     base = load_config(TINY)
     assert base.lr_schedule == "constant"
-    config = TrainConfig.from_dict({**base.to_dict(), "lr_schedule": "cosine", "finetune_lr": 5e-5})
+    config = TrainConfig.from_dict({**base.to_dict(), "lr_schedule": "cosine",
+                                    "stage_lr": {"finetune": 5e-5, "solnet": {"lr": 2e-3, "schedule": "constant"}}})
     trainer = Trainer(config, phantom_data, tmp_path / "run", "cpu", log=lambda *a: None)
     expected = {2: ("snet", 5e-4 * 0.75),      # iteration 1 of 3: (1 + cos(pi / 3)) / 2
-                4: ("solnet", 5e-4),           # iteration 0 of the next stage: its full rate again
-                5: ("solnet", 5e-4 * 0.5),     # iteration 1 of 2
+                4: ("solnet", 2e-3),           # iteration 0 of the next stage: its own rate, constant
+                5: ("solnet", 2e-3),
                 11: ("finetune_g", 5e-5 * 0.5)}
     for stop, (key, lr) in expected.items():
         trainer.run(resume=stop > 2, progress=False, stop_after=stop)
         assert trainer.optimizers[key].param_groups[0]["lr"] == pytest.approx(lr)
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         TrainConfig.from_dict({**base.to_dict(), "lr_schedule": "linear"})
+
+
+def test_a_run_starts_from_a_model_bundle_at_a_chosen_stage(phantom_data, tmp_path):
+    """``--from-model BUNDLE --from-stage solnet``: S-Net stays the bundle's,
+    SOL-Net and what follows train on from the bundle's weights; the bundle
+    written says where it started. A bundle of another network is refused by
+    name of what differs."""
+    torch.set_num_threads(1)
+    config = load_config(TINY)
+    first = train(TINY, phantom_data, tmp_path / "first", device="cpu", progress=False, log=lambda *a: None)
+    shipped, _ = load_bundle(first)
+    second = train(TINY, phantom_data, tmp_path / "second", device="cpu", progress=False, log=lambda *a: None,
+                   from_model=first, from_stage="solnet")
+    model, meta = load_bundle(second)
+    ours, theirs = model.state_dict(), shipped.state_dict()
+    assert any(not torch.equal(ours[k], theirs[k]) for k in ours if k.startswith("solnet."))
+    assert meta["provenance"]["started_from"]["stage"] == "solnet"
+    assert meta["provenance"]["started_from"]["checksum"] == load_bundle(first)[1]["checksum"]
+    # S-Net is not trained before the fine-tune: stop inside SOL-Net and compare
+    trainer = Trainer(config, phantom_data, tmp_path / "third", "cpu", log=lambda *a: None)
+    trainer.start_from_model(first, "solnet")
+    trainer.run(resume=True, progress=False, stop_after=config.stages[0][1] + 1)
+    assert trainer.stage == "solnet"
+    now = trainer.model.state_dict()
+    assert all(torch.equal(now[k], theirs[k]) for k in now if k.startswith("snet."))
+    assert any(not torch.equal(now[k], theirs[k]) for k in now if k.startswith("solnet."))
+    wider = TrainConfig.from_dict({**config.to_dict(), "network": {**config.network.to_dict(), "width": 0.25}})
+    with pytest.raises(ValueError, match="its network differs from this configuration's in width"):
+        Trainer(wider, phantom_data, tmp_path / "fourth", "cpu", log=lambda *a: None).start_from_model(first, "sos")
+    with pytest.raises(ValueError, match="--from-model and --from-stage go together"):
+        train(TINY, phantom_data, tmp_path / "fifth", device="cpu", progress=False, from_model=first)
 
 
 def _tiny(**overrides):
