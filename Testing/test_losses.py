@@ -89,3 +89,15 @@ def test_organ_weights_inverse_to_size():
     # a false positive in it must cost as much as one in the largest organ.
     alpha = organ_weights([1e6, 100.0, 10.0])
     assert float(alpha[0]) == pytest.approx(float(alpha[1])) and float(alpha[2] / alpha[0]) == pytest.approx(10.0)
+
+
+def test_foreground_weighted_heatmap_loss_sees_a_missed_peak():
+    """A SOL-Net answering 0 everywhere is near plain L2's minimum on a small
+    organ's Gaussian; weighing voxels by 1 + w * target makes the missed peak
+    cost what a wrong background costs. Hand-computed on 4 voxels."""
+    target = torch.tensor([1.0, 0.5, 0.0, 0.0]).view(1, 1, 1, 1, 4)
+    zeros = torch.zeros_like(target)
+    assert float(heatmap_loss(zeros, target)) == pytest.approx((1 + 0.25) / 4)
+    # (1 * (1 + 10) + 0.25 * (1 + 5)) / 4
+    assert float(heatmap_loss(zeros, target, foreground_weight=10)) == pytest.approx((11 + 1.5) / 4)
+    assert float(heatmap_loss(target, target, foreground_weight=10)) == 0.0

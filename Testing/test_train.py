@@ -425,3 +425,20 @@ def test_bfloat16_that_measures_wrong_for_the_autoencoder_trains_it_in_float32(p
     loss = trainer._step("aae_pretrain", stage_index, 0)  # the autoencoder inside bfloat16 autocast
     assert math.isfinite(loss) and trainer.bad_steps["total"] == 0
     assert trainer.provenance()["precision_probe"] == trainer.precision_probe
+
+
+def test_localisation_metrics_measure_the_peak_distance_in_mm():
+    """Validation's SOL-Net metric: the heat map's maximum against the organ's
+    centre, in mm of the model grid's (z, y, x) spacing, and whether the peak
+    clears the presence threshold; organs absent from the truth are left out."""
+    from FocusNetCore.train import localisation_metrics
+
+    labels = np.zeros((10, 20, 20), np.uint8)
+    labels[4:7, 9:12, 2:5] = 7          # centre (5, 10, 3)
+    heat = torch.zeros((2, 10, 20, 20))
+    heat[0, 5, 10, 7] = 0.8             # 4 voxels off in x
+    heat[1, 1, 1, 1] = 0.9              # an organ (label 9) the truth does not hold
+    out = localisation_metrics(heat, labels, (7, 9), (3.0, 2.0, 1.5), threshold=0.5)
+    assert list(out) == [7]
+    assert out[7]["peak_error_mm"] == pytest.approx(6.0) and out[7]["detected"] == 1.0
+    assert localisation_metrics(heat, labels, (7, 9), (3.0, 2.0, 1.5), threshold=0.9)[7]["detected"] == 0.0
