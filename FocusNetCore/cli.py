@@ -346,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without any act of reviewing after which time counts as idle (default 60)")
     p.set_defaults(func=_cmd_review)
 
+    p = sub.add_parser("worker", help="a long-lived inference process for click-to-find (JSON lines on stdin/stdout)",
+                       description="Reads one JSON request per line on stdin (open a CT, refine a small organ at a "
+                                   "point, close, quit) and answers one JSON line each on stdout; see "
+                                   "FocusNetCore/worker.py and the README's 'Click to find'.")
+    p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.set_defaults(func=_cmd_worker)
+
     p = sub.add_parser("node", help="run as a DICOM node: CT in by C-STORE, RTSTRUCT and SEG out to a destination",
                        description="focusnet node --spool DIR --destination AE@HOST:PORT [...] serves; "
                                    "focusnet node status --spool DIR prints the queue as JSON; "
@@ -391,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _cmd_worker(args) -> int:
+    from .worker import main
+
+    return main(args.model, args.device)
 
 
 def _cmd_node(args) -> int:

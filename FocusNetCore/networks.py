@@ -216,7 +216,8 @@ class FocusNetV2(nn.Module):
 
     @torch.no_grad()
     def segment(self, volume: torch.Tensor, small_organ_branch: bool = True,
-                progress: Optional[Callable[[float], None]] = None) -> Dict[str, torch.Tensor]:
+                progress: Optional[Callable[[float], None]] = None,
+                keep_features: bool = False) -> Dict[str, torch.Tensor]:
         """Whole-volume inference on (1, 1, D, H, W): non-overlapping chunks
         through S-Net and SOL-Net, then each small organ's centre is the
         arg-max of its heat map over the *whole* volume, and its ROI is pooled
@@ -224,7 +225,9 @@ class FocusNetV2(nn.Module):
         the same as on one big chunk. A heat-map maximum below the threshold
         means the organ is not in the scan; it gets no contour.
         ``small_organ_branch=False`` returns the S-Net's labels alone (the
-        ablation's "S-Net" row)."""
+        ablation's "S-Net" row). ``keep_features``: the result holds S-Net's
+        whole-volume features too (``features``), for SOS-Net at other
+        points later (``focusnet worker``'s refine)."""
         chunk = self.config.preprocess.chunk_slices
         depth = volume.shape[2]
         # Chunks are counted from the top slice down (the model grid is
@@ -256,9 +259,10 @@ class FocusNetV2(nn.Module):
             del lg, ft, hm, chunk_probabilities
             if progress is not None:
                 progress(min(start + chunk, depth) / depth)
+        kept = {"features": features} if keep_features else {}
         if not small_organ_branch:
             return {"labels": labels, "probabilities": probabilities, "heatmaps": heatmaps,
-                    "present": torch.ones(len(self.sosnet.heads), dtype=torch.bool), "small": []}
+                    "present": torch.ones(len(self.sosnet.heads), dtype=torch.bool), "small": [], **kept}
         small_labels = self.config.organs.small_labels
         present, small = [], []
         for k, (head, label) in enumerate(zip(self.sosnet.heads, small_labels)):
@@ -283,7 +287,7 @@ class FocusNetV2(nn.Module):
             roi_paste(labels, region, start)
             present.append(True)
         return {"labels": labels, "probabilities": probabilities, "heatmaps": heatmaps,
-                "present": torch.tensor(present), "small": small}
+                "present": torch.tensor(present), "small": small, **kept}
 
 
 def argmax_3d(volume: torch.Tensor) -> Tuple[int, int, int]:

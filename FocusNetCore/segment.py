@@ -58,6 +58,10 @@ class SegmentationResult:
     device: str
     model: dict
     precision: str = "float32"
+    # With Segmenter.segment(keep_state=True): what SOS-Net needs to segment a
+    # small organ at another point later (FocusNetCore.worker): the
+    # preprocessed scan, the model-grid volume and S-Net's features.
+    state: Optional[dict] = None
 
     def report(self) -> dict:
         return {"model": self.model, "device": self.device, "precision": self.precision, "timings_s": self.timings,
@@ -133,9 +137,10 @@ class Segmenter:
                                 if k in ("largest_component", "fill_holes")}}
 
     def segment(self, image_or_path, progress: Optional[Progress] = None,
-                small_organ_branch: bool = True) -> SegmentationResult:
+                small_organ_branch: bool = True, keep_state: bool = False) -> SegmentationResult:
         """``small_organ_branch=False`` keeps the S-Net's own small-organ labels
-        (the ablation's "S-Net alone")."""
+        (the ablation's "S-Net alone"); ``keep_state`` keeps what a later
+        :meth:`place_small_organ` needs (``result.state``)."""
         progress = progress or _quiet
         timings: Dict[str, float] = {}
         start = time.perf_counter()
@@ -154,7 +159,7 @@ class Segmenter:
 
         t = time.perf_counter()
         progress("inference", 0.2, f"FocusNetv2 on {self.device} ({self.precision})")
-        out = self._infer(pre.image, progress, small_organ_branch)
+        out = self._infer(pre.image, progress, small_organ_branch, keep_state)
         timings["inference"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -167,18 +172,23 @@ class Segmenter:
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         progress("done", 1.0, f"{sum(o.present for o in organs)} organs in {timings['total']:.1f} s")
+        state = None
+        if keep_state:
+            state = {"image": image, "preprocessed": pre, "features": out["features"],
+                     "volume": channels_last(torch.as_tensor(pre.image)[None, None].to(self.device,
+                                                                                       dtype_of(self.precision)))}
         return SegmentationResult(labels, organs, {k: round(v, 3) for k, v in timings.items()}, self.device,
-                                  self.model_info, self.precision)
+                                  self.model_info, self.precision, state)
 
     def model_grid_labels(self, array: np.ndarray) -> np.ndarray:
         """The network's labels for a volume already on the model grid and
         normalised (a training cache's case), before any post-processing."""
         return self._infer(array, _quiet)["labels"][0].cpu().numpy().astype(np.uint8)
 
-    def _infer(self, array: np.ndarray, progress: Progress, branch: bool = True) -> dict:
+    def _infer(self, array: np.ndarray, progress: Progress, branch: bool = True, keep: bool = False) -> dict:
         volume = torch.as_tensor(array)[None, None]
         try:
-            return self._run(volume, progress, branch)
+            return self._run(volume, progress, branch, keep)
         except torch.cuda.OutOfMemoryError:
             # Out of GPU memory: finish on the CPU rather than fail.
             progress("inference", 0.2, "GPU out of memory: falling back to the CPU (slower)")
@@ -186,12 +196,12 @@ class Segmenter:
             self.device = "cpu"
             self.precision = resolve(self.requested_precision, "cpu")
             self.model.to("cpu", dtype_of(self.precision))
-            return self._run(volume, progress, branch)
+            return self._run(volume, progress, branch, keep)
 
-    def _run(self, volume: torch.Tensor, progress: Progress, branch: bool = True) -> dict:
+    def _run(self, volume: torch.Tensor, progress: Progress, branch: bool = True, keep: bool = False) -> dict:
         volume = channels_last(volume.to(self.device, dtype_of(self.precision)))
         with torch.inference_mode():
-            return self.model.segment(volume, small_organ_branch=branch,
+            return self.model.segment(volume, small_organ_branch=branch, keep_features=keep,
                                       progress=lambda f: progress("inference", 0.2 + 0.6 * f, f"segmenting {f:.0%}"))
 
     def _organ_results(self, labels: sitk.Image, model_labels: np.ndarray, out: dict) -> List[OrganResult]:

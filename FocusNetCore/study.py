@@ -28,7 +28,10 @@ TIMING_DEFINITIONS = {
     "active_s": "sum of the gaps between consecutive acts of reviewing (first sight, slice scroll, window/level, "
                 "view changes, selection of an organ or an editing tool, visibility, edits, accepts, Finish) that "
                 "are at most idle_threshold_s; a longer gap is idle as a whole",
-    "edits": "changes of an organ's binary label map (not display or representation changes)",
+    "edits": "changes of an organ's binary label map by hand (not display or representation changes); "
+             "click-to-find placements are counted apart",
+    "assisted_edits": "click-to-find placements: the organ's contour inside SOS-Net's ROI replaced by the model's "
+                      "answer at the reviewer's click (assisted_undone: placements undone)",
 }
 
 

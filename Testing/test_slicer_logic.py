@@ -667,3 +667,77 @@ def test_first_click_asks_then_installs_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(dependencies, "torch_available", lambda: True)
     monkeypatch.setattr(dependencies, "missing_requirements", lambda: [])
     assert logic.prepare_requirements(lambda q: pytest.fail("nothing to ask"), installed.append) == "ready"
+
+
+def test_click_to_find_brings_a_missed_lens_back_through_the_real_worker(tmp_path):
+    """Click-to-find as the module runs it: the real ``focusnet worker``
+    subprocess (embedded model) on the reviewed CT, polled as the widget's
+    QTimer does; a click in world RAS on a CT under a registration transform,
+    at the centre of the lens the contours lack, brings the lens back inside
+    SOS-Net's ROI only - one assisted edit, no hand edit - and Undo takes it
+    away again. Large organs and finished reviews are refused in words."""
+    case = generate_case(1000, "full")  # a held-out seed
+    truth, _ = convert_labels(sitk.GetArrayViewFromImage(case.labels), PHANTOM_SET, ORGANS)
+    lens = ORGANS.label_of("Lens_L")
+    missed = np.where(truth == lens, 0, truth).astype(np.uint8)  # the AI missed Lens_L
+    ai = sitk.GetImageFromArray(missed)
+    ai.CopyInformation(case.image)
+    scene, hierarchy, study = new_study_scene()
+    ct = add_ct(scene, hierarchy, study, case.image, DICOM_NAME)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, -20.0)
+    matrix.SetElement(2, 3, 7.5)
+    transform.SetMatrixTransformToParent(matrix)
+    ct.SetAndObserveTransformNodeID(transform.GetID())
+    logic = SegmentOARsLogic(scene, tmp_path / "sessions", python=sys.executable)
+    node = logic.open_review(ct, ai, reviewer="dr click")
+    with pytest.raises(ValueError, match="not started"):
+        logic.click_to_find("Lens_L", (0, 0, 0))
+    logic.start_click_to_find(device="cpu")
+    messages = []
+    deadline = time.monotonic() + 300
+    while logic.click.state == "opening" and time.monotonic() < deadline:
+        messages += logic.poll_click_to_find()
+        time.sleep(0.1)
+    assert logic.click.state == "ready", (logic.click.error, messages)
+    assert any("ready" in m for m in messages)
+
+    centre = np.argwhere(truth == lens).mean(axis=0)[::-1]  # (i, j, k)
+    lps = case.image.TransformContinuousIndexToPhysicalPoint([float(v) for v in centre])
+    world = [-lps[0] - 20.0, -lps[1], lps[2] + 7.5]  # RAS, then the registration
+    with pytest.raises(ValueError, match="for the small organs"):
+        logic.click_to_find("Parotid_L", world)
+    with pytest.raises(ValueError, match="Select the organ"):
+        logic.click_to_find(None, world)
+    before = bridge.export_labels(scene, node, ct, ORGANS)
+    logic.click_to_find("Lens_L", world)
+    deadline = time.monotonic() + 60
+    while logic.click.state == "busy" and time.monotonic() < deadline:
+        messages += logic.poll_click_to_find()
+        time.sleep(0.02)
+    assert any(m.startswith("Lens_L placed") for m in messages), messages
+    after = sitk.GetArrayFromImage(bridge.export_labels(scene, node, ct, ORGANS))
+    placed = after == lens
+    assert 2 * (placed & (truth == lens)).sum() / (placed.sum() + (truth == lens).sum()) >= 0.5
+    changed = after != sitk.GetArrayViewFromImage(before)
+    assert np.all(placed[changed]), "only Lens_L voxels changed"
+    states = logic.session.states
+    assert states["Lens_L"].assisted_edits == 1 and states["Lens_L"].edits == 0
+    assert states["Lens_L"].status == "edited"
+
+    assert logic.undo_click_to_find() == "Lens_L"
+    undone = sitk.GetArrayFromImage(bridge.export_labels(scene, node, ct, ORGANS))
+    assert np.array_equal(undone, sitk.GetArrayViewFromImage(before))
+    assert states["Lens_L"].assisted_undone == 1 and states["Lens_L"].edits == 0
+    assert logic.undo_click_to_find() is None
+
+    record = logic.finish()
+    assert record["organs"]["Lens_L"]["assisted_edits"] == 1 and record["organs"]["Lens_L"]["edits"] == 0
+    assert record["activity"].get("assisted_edit") == 1 and record["activity"].get("assisted_undo") == 1
+    assert "assisted_edits" in record["timing_definitions"]
+    with pytest.raises(ValueError, match="finished"):
+        logic.click_to_find("Lens_L", world)
+    worker = logic.click.worker.process
+    logic.close()
+    assert worker.wait(10) == 0, "the worker ends with the module"

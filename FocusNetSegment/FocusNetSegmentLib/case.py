@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import SimpleITK as sitk
 
@@ -24,7 +24,7 @@ from FocusNetCore.study import case_id as hashed_case_id
 from . import export
 from .activity import ActivityMonitor
 from .review import ReviewSession
-from .scene import export_labels, import_labels
+from .scene import export_labels, import_labels, replace_in_region, segment_in_region
 
 
 class ReviewCase:
@@ -34,6 +34,7 @@ class ReviewCase:
         self.folder = Path(folder)
         # Scroll, window/level, view changes, selection and visibility are acts of reviewing too.
         self.activity = ActivityMonitor(scene, session.activity).start()
+        self._placed: List[Tuple[str, sitk.Image]] = []  # click-to-find undo stack: (organ, contour before)
 
     def close(self) -> None:
         """Stop observing the scene (the checkpoint of an unfinished session stays)."""
@@ -108,6 +109,36 @@ class ReviewCase:
         replacing the previous autosave atomically), so a session resumed
         after a crash has them."""
         return write_image(self.final_labels(), self._working_path, overwrite=True)
+
+    # -- click to find ---------------------------------------------------------
+    def place(self, organ: str, mask: sitk.Image) -> None:
+        """Replace ``organ``'s contour inside ``mask``'s box (a click-to-find
+        answer: 0/1 on the CT's grid over SOS-Net's ROI) with the mask; outside
+        the box the contour stays. One assisted edit; :meth:`undo_place`
+        restores the contour as it was."""
+        if organ not in self.organs.names:
+            raise ValueError(f"unknown organ {organ!r}")
+        before = segment_in_region(self.scene, self.segmentation_node, organ, self.volume_node, self.organs, mask)
+        with self.session.assisting(organ):
+            replace_in_region(self.segmentation_node, organ, self.volume_node, mask)
+        self._placed.append((organ, before))
+        self.session.record_assisted_edit(organ)
+
+    @property
+    def can_undo_place(self) -> bool:
+        return bool(self._placed) and not self.session.finished
+
+    def undo_place(self) -> Optional[str]:
+        """Undo the last placement (its organ's contour inside the box as it
+        was before); returns the organ, or None when there is nothing to undo."""
+        if not self._placed:
+            return None
+        organ, before = self._placed[-1]
+        with self.session.assisting(organ):
+            replace_in_region(self.segmentation_node, organ, self.volume_node, before)
+        self._placed.pop()
+        self.session.record_assisted_edit(organ, undo=True)
+        return organ
 
     def final_labels(self) -> sitk.Image:
         return export_labels(self.scene, self.segmentation_node, self.volume_node, self.organs)

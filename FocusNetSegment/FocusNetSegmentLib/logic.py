@@ -30,6 +30,7 @@ from typing import Callable, List, Optional, Tuple
 import SimpleITK as sitk
 
 from . import find_core_directory, process  # noqa: F401  (find_core_directory: part of the API)
+from .assist import ClickToFind, ras_to_lps, worker_command
 from .case import ReviewCase
 from .review import ReviewSession
 from .scene import image_from_volume_node
@@ -125,6 +126,8 @@ class SegmentOARsLogic:
         self.organ_results: Optional[List[dict]] = None
         self.finishing: Optional[BackgroundCall] = None
         self._model_cache: dict = {}
+        self.click: Optional[ClickToFind] = None  # click-to-find's worker, per reviewed case
+        self._click_case: Optional[ReviewCase] = None
 
     # -- environment -------------------------------------------------------------
     def environment(self) -> dict:
@@ -332,6 +335,7 @@ class SegmentOARsLogic:
     def close_session(self) -> None:
         """Stop listening to the open review (its checkpoint stays, so it can
         be resumed or recorded as incomplete)."""
+        self.stop_click_to_find()  # its worker holds this case's CT
         if self.case is not None:
             if not self.case.session.finished:
                 self.case.session.checkpoint()
@@ -442,10 +446,82 @@ class SegmentOARsLogic:
             raise RuntimeError("DICOM export needs the CT loaded from Slicer's DICOM database.")
         return dicom.export(kind, self, target, base)
 
+    # -- click to find -------------------------------------------------------------------
+    def start_click_to_find(self, model_path: Optional[str] = None, device: str = "auto") -> ClickToFind:
+        """Start ``focusnet worker`` on the reviewed CT (it segments the CT once
+        and keeps S-Net's features; poll_click_to_find says when it is ready).
+        Started once per case; a failed worker is started again."""
+        if self.case is None:
+            raise ValueError("Segment the CT first: click-to-find works on a review.")
+        if self.click is not None and self.click.state not in ("idle", "failed") and self._click_case is self.case:
+            return self.click
+        self.stop_click_to_find()
+        self.click = ClickToFind(worker_command(self.python, model_path, device), env=self.environment())
+        self.click.open(image_from_volume_node(self.volume_node))
+        self._click_case = self.case
+        return self.click
+
+    def click_to_find(self, organ: Optional[str], ras) -> int:
+        """A click at ``ras`` (Slicer's world coordinates, as a slice view gives
+        them) for ``organ``: one refine request. The CT's parent transform (a
+        registration) is undone first: the worker works in the CT's own frame."""
+        if organ is None:
+            raise ValueError("Select the organ to place in the review table first.")
+        if self.case is None or self.click is None:
+            raise ValueError("Click-to-find is not started.")
+        if self.case.session.finished:
+            raise ValueError("The review is finished: its contours are read-only.")
+        if organ not in self.case.organs.small_names:
+            raise ValueError(f"Click-to-place is for the small organs ({', '.join(self.case.organs.small_names)}); "
+                             f"edit {organ} with the Segment Editor's tools.")
+        point = [float(v) for v in ras[:3]]
+        transform_node = self.volume_node.GetParentTransformNode()
+        if transform_node is not None:
+            import vtk
+
+            to_ct = vtk.vtkGeneralTransform()
+            transform_node.GetTransformFromWorld(to_ct)
+            point = list(to_ct.TransformPoint(point))
+        return self.click.click(organ, ras_to_lps(point))
+
+    def poll_click_to_find(self) -> List[str]:
+        """Answers since the last poll, applied: each placed contour replaces
+        the organ's inside the ROI (an assisted edit). Returns what the status
+        line says about each."""
+        if self.click is None:
+            return []
+        messages = []
+        for result in self.click.poll():
+            if result["op"] == "open":
+                messages.append(f"Click-to-find is ready ({result['round_trip_s']:.0f} s): select a small organ, "
+                                "then click on it in a slice view." if result.get("ok")
+                                else f"Click-to-find failed: {result.get('error')}")
+            elif result["op"] == "refine" and result.get("ok"):
+                if self.case is not self._click_case or self.case.session.finished:
+                    messages.append(f"{result['organ']}: the answer came after the review changed; not placed.")
+                    continue
+                self.case.place(result["organ"], result["mask"])
+                messages.append(f"{result['organ']} placed ({result['voxels']} voxels, "
+                                f"{result['round_trip_s']:.2f} s); Undo placement takes it back.")
+            else:
+                messages.append(f"Click-to-find: {result.get('error')}")
+        return messages
+
+    def undo_click_to_find(self) -> Optional[str]:
+        if self.case is None or not self.case.can_undo_place:
+            return None
+        return self.case.undo_place()
+
+    def stop_click_to_find(self) -> None:
+        if self.click is not None:
+            self.click.close()
+        self.click, self._click_case = None, None
+
     def close(self) -> None:
         """The module is closing or the scene is: stop the job and the session."""
         if self.running:
             self.cancel()
+        self.stop_click_to_find()
         self.close_session()
         self._remove_work_dir()
 

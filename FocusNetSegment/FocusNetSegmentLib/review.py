@@ -38,6 +38,7 @@ tests drive a session with a fake clock.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -90,7 +91,9 @@ def organ_flags(organs: OrganSet, results: List[dict]) -> Dict[str, List[str]]:
 @dataclass
 class OrganState:
     status: str = UNREVIEWED
-    edits: int = 0
+    edits: int = 0  # by hand (paint, erase, any Segment Editor effect)
+    assisted_edits: int = 0  # click-to-find placements (SOS-Net at the reviewer's click)
+    assisted_undone: int = 0  # placements the reviewer undid
     first_edit_s: Optional[float] = None  # seconds since the session started
     last_edit_s: Optional[float] = None
     flags: List[str] = field(default_factory=list)
@@ -126,6 +129,7 @@ class ReviewSession:
         self.on_change_after_finish: Optional[Callable[[str], None]] = None  # called with the organ's name
         self._observer = None
         self._contours: Dict[str, tuple] = {}  # segment -> (label map MTime, voxel fingerprint) last seen
+        self._assisting = False  # a click-to-find placement is being written (see assisting())
         self.finished = False
         self.closing = False  # Finish has begun (it may run on a worker thread): no more edits recorded
         # Called with no argument after every change (an edit, an accept): how
@@ -142,6 +146,8 @@ class ReviewSession:
         @vtk.calldata_type(vtk.VTK_STRING)
         def on_modified(caller, event, segment_id):
             if self._contour_changed(segment_id):
+                if self._assisting:
+                    return  # recorded once, as an assisted edit, by record_assisted_edit
                 if self.finished or self.closing:
                     name = self._organ_of(segment_id)
                     if self.on_change_after_finish is not None:
@@ -251,6 +257,35 @@ class ReviewSession:
         state = self.states[name]
         state.status = EDITED
         state.edits += 1
+        state.first_edit_s = state.first_edit_s if state.first_edit_s is not None else round(self.now_s(), 3)
+        state.last_edit_s = round(self.now_s(), 3)
+        self.checkpoint()
+
+    @contextlib.contextmanager
+    def assisting(self, segment_id: str):
+        """Contour changes inside this block are a click-to-find placement,
+        not hand edits: the caller records it once (record_assisted_edit)."""
+        if self.finished or self.closing:
+            raise RuntimeError("this review is finished: its contours are read-only")
+        self._assisting = True
+        try:
+            yield
+        finally:
+            self._assisting = False
+            self._contour_changed(segment_id)  # the placed contour is the one seen from now on
+
+    def record_assisted_edit(self, name: str, undo: bool = False) -> None:
+        """A click-to-find placement (or its undo) changed ``name``'s contour:
+        counted apart from hand edits, so a study can measure what clicking saves."""
+        self.touch()
+        kind = "assisted_undo" if undo else "assisted_edit"
+        self.activity_counts[kind] = self.activity_counts.get(kind, 0) + 1
+        state = self.states[name]
+        state.status = EDITED
+        if undo:
+            state.assisted_undone += 1
+        else:
+            state.assisted_edits += 1
         state.first_edit_s = state.first_edit_s if state.first_edit_s is not None else round(self.now_s(), 3)
         state.last_edit_s = round(self.now_s(), 3)
         self.checkpoint()

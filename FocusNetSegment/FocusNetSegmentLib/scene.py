@@ -11,7 +11,7 @@ map is imported into exactly those segments, label value v into organ v.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -74,6 +74,24 @@ def image_from_volume_node(node) -> sitk.Image:
     image.SetSpacing(tuple(spacing))
     image.SetDirection(tuple((linear / spacing).ravel()))
     return image
+
+
+def geometry_of_volume_node(node) -> Tuple[sitk.Image, Tuple[int, int, int]]:
+    """The node's grid without its voxels: a one-voxel image with its origin,
+    spacing and direction (LPS), and its size."""
+    import vtk
+
+    dims = node.GetImageData().GetDimensions()
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    linear = LPS_TO_RAS @ np.array([[matrix.GetElement(r, c) for c in range(3)] for r in range(3)])
+    origin = LPS_TO_RAS @ np.array([matrix.GetElement(r, 3) for r in range(3)])
+    spacing = np.linalg.norm(linear, axis=0)
+    image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    image.SetOrigin(tuple(origin))
+    image.SetSpacing(tuple(spacing))
+    image.SetDirection(tuple((linear / spacing).ravel()))
+    return image, tuple(int(v) for v in dims)
 
 
 def color_table_node(scene, organs: OrganSet, name: str = "FocusNet organs"):
@@ -270,3 +288,65 @@ def segment_editor_node(scene, tag: str):
         node.SetSingletonTag(tag)
         node = scene.AddNode(node)
     return node
+
+
+def region_of(mask: sitk.Image, reference: sitk.Image, size=None) -> Tuple[int, int, int, int, int, int]:
+    """The voxel box (i0, j0, k0, i1, j1, k1; stop exclusive) that ``mask``
+    covers on ``reference``'s grid (of ``size``, default the reference's);
+    refused unless it lies on that grid (same spacing and direction, origin
+    on a voxel, inside)."""
+    size = np.asarray(size if size is not None else reference.GetSize())
+    if not (np.allclose(mask.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+            and np.allclose(mask.GetDirection(), reference.GetDirection(), atol=1e-5)):
+        raise ValueError("the mask is not on the CT's grid (spacing or direction differ)")
+    start = np.asarray(reference.TransformPhysicalPointToContinuousIndex(mask.GetOrigin()))
+    if not np.allclose(start, np.round(start), atol=1e-3):
+        raise ValueError("the mask's origin does not lie on a voxel of the CT's grid")
+    start = np.round(start).astype(int)
+    stop = start + np.asarray(mask.GetSize())
+    if np.any(start < 0) or np.any(stop > size):
+        raise ValueError(f"the mask's box {start.tolist()}-{stop.tolist()} reaches outside the CT "
+                         f"({size.tolist()} voxels)")
+    return tuple(int(v) for v in start) + tuple(int(v) for v in stop)
+
+
+def replace_in_region(segmentation_node, segment_id: str, reference_volume, mask: sitk.Image) -> None:
+    """Make ``segment_id``'s contour equal to ``mask`` (0/1 on the CT's grid)
+    inside the mask's box, and leave it as it was outside; other segments are
+    untouched. Two modifications in Slicer's segmentation logic: the box is
+    cleared of the segment (merge-min with zeros), then the mask is added
+    (merge-mask) - what the Segment Editor's erase and paint do."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    box = region_of(mask, *geometry_of_volume_node(reference_volume))
+    array = (sitk.GetArrayFromImage(mask) > 0).astype(np.uint8)
+    matrix = vtk.vtkMatrix4x4()
+    reference_volume.GetIJKToRASMatrix(matrix)
+    modifier = slicer.vtkOrientedImageData()
+    modifier.SetExtent(box[0], box[3] - 1, box[1], box[4] - 1, box[2], box[5] - 1)
+    modifier.SetImageToWorldMatrix(matrix)
+    modifier.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True,
+                                                                 array_type=vtk.VTK_UNSIGNED_CHAR))
+    empty = slicer.vtkOrientedImageData()
+    empty.DeepCopy(modifier)
+    empty.GetPointData().GetScalars().Fill(0)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    extent = modifier.GetExtent()
+    if not (logic.SetBinaryLabelmapToSegment(empty, segmentation_node, segment_id, logic.MODE_MERGE_MIN, extent)
+            and logic.SetBinaryLabelmapToSegment(modifier, segmentation_node, segment_id, logic.MODE_MERGE_MASK,
+                                                 extent)):
+        raise RuntimeError(f"Slicer could not write the new contour of {segment_id}")
+
+
+def segment_in_region(scene, segmentation_node, segment_id: str, reference_volume, organs: OrganSet,
+                      like: sitk.Image) -> sitk.Image:
+    """``segment_id``'s contour (0/1) over ``like``'s box on the CT's grid
+    (what :func:`replace_in_region` replaces: kept for undo)."""
+    whole = export_labels(scene, segmentation_node, reference_volume, organs, [segment_id])
+    i0, j0, k0, i1, j1, k1 = region_of(like, whole)
+    array = (sitk.GetArrayViewFromImage(whole)[k0:k1, j0:j1, i0:i1] > 0).astype(np.uint8)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(like)
+    return out
