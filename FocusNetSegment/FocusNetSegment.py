@@ -8,13 +8,15 @@ application: the Segment Editor, slice-view jumps, the DICOM plugins and
 database, PyTorch's installer and the dialogs. FocusNet never imports torch
 in the Slicer process (the PyTorch extension's installer does, once, right
 after installing it): inference runs as ``PythonSlicer -m FocusNetCore segment``,
-polled by a QTimer; Cancel ends its whole process tree.
+polled by a QTimer; Cancel ends its whole process tree. Click to find runs
+``PythonSlicer -m FocusNetCore worker`` the same way (one per reviewed CT).
 """
 import logging
 import os
 
 import qt
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.parameterNodeWrapper import parameterNodeWrapper  # Slicer 5.4+; 5.8+ is checked at setup
@@ -67,6 +69,7 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.ui = None
         self._parameterNode = None
         self._afterInstall = None
         self.editor = None
@@ -76,6 +79,10 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.clock = qt.QTimer()
         self.clock.setInterval(1000)
         self.clock.connect("timeout()", self.onClock)
+        self.clickTimer = qt.QTimer()
+        self.clickTimer.setInterval(50)
+        self.clickTimer.connect("timeout()", self.onClickPoll)
+        self._clickObservers = []  # (interactor, tag) of the slice views while "Click to place" is on
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -100,6 +107,8 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
         self.ui.acceptAllButton.connect("clicked(bool)", self.onAcceptAll)
         self.ui.finishButton.connect("clicked(bool)", self.onFinish)
+        self.ui.clickToPlaceButton.connect("toggled(bool)", self.onClickToPlace)
+        self.ui.undoPlaceButton.connect("clicked(bool)", self.onUndoPlace)
         self.ui.manualBaselineCheckBox.connect("toggled(bool)", self.updateButtons)
         self.ui.startManualButton.connect("clicked(bool)", self.onStartManual)
         self.ui.reviewTable.connect("itemSelectionChanged()", self.onRowSelected)
@@ -146,6 +155,7 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.timer.stop()
         self.clock.stop()
+        self.stopClickToPlace()
         if self.editor:
             self.effectFactory.disconnect("effectRegistered(QString)", self.onEffectRegistered)
         if self.logic:
@@ -153,6 +163,7 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def onSceneStartClose(self, caller, event):
+        self.stopClickToPlace()
         self.logic.close()
         self.timer.stop()
         self.clock.stop()
@@ -194,6 +205,9 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.startManualButton.enabled = hasVolume and self.ui.manualBaselineCheckBox.checked and not busy
         for button in (self.ui.acceptButton, self.ui.acceptAllButton, self.ui.finishButton):
             button.enabled = self.logic.can_finish and not busy
+        self.ui.clickToPlaceButton.enabled = self.logic.can_finish and not busy
+        self.ui.undoPlaceButton.enabled = (self.logic.case is not None and self.logic.case.can_undo_place
+                                           and not busy)
         for button in (self.ui.exportSegButton, self.ui.exportNiftiButton, self.ui.exportDicomSegButton,
                        self.ui.exportRtstructButton):
             button.enabled = self.logic.can_export and not busy
@@ -331,6 +345,68 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not accept the organs."):
             self.logic.accept_all_unflagged()
 
+    # -- click to find -----------------------------------------------------------------
+    def onClickToPlace(self, checked):
+        if not checked:
+            self.stopClickToPlace()
+            return
+        organ = self.selectedOrgan()
+        try:
+            if self.logic.case is None:
+                raise ValueError("Segment the CT first: click-to-find works on a review.")
+            if organ not in self.logic.case.organs.small_names:
+                raise ValueError("Select a small organ in the table first (" +
+                                 ", ".join(self.logic.case.organs.small_names) + "); the others are edited "
+                                 "with the Segment Editor's tools.")
+            self.editor.setActiveEffect(None)  # a click places the organ; it must not paint too
+            device = ["auto", "cuda", "cpu"][self.ui.deviceComboBox.currentIndex]
+            click = self.logic.start_click_to_find(self.ui.modelPathLineEdit.currentPath or None, device)
+        except Exception as error:
+            self.ui.clickToPlaceButton.checked = False
+            slicer.util.errorDisplay(f"Could not start click-to-find: {error}")
+            return
+        layoutManager = slicer.app.layoutManager()
+        for name in layoutManager.sliceViewNames():
+            sliceWidget = layoutManager.sliceWidget(name)
+            interactor = sliceWidget.sliceView().interactor()
+            tag = interactor.AddObserver(vtk.vtkCommand.LeftButtonPressEvent,
+                                         lambda caller, event, w=sliceWidget: self.onSliceClick(w), 1.0)
+            self._clickObservers.append((interactor, tag))
+        self.clickTimer.start()
+        self.status(f"Click on {organ} in a slice view." if click.state == "ready" else
+                    "Click-to-find is getting ready (the CT is segmented once more, in the background)...")
+
+    def stopClickToPlace(self):
+        for interactor, tag in self._clickObservers:
+            interactor.RemoveObserver(tag)
+        self._clickObservers = []
+        if self.ui is not None and self.ui.clickToPlaceButton.checked:
+            self.ui.clickToPlaceButton.checked = False
+
+    def onSliceClick(self, sliceWidget):
+        organ = self.selectedOrgan()
+        x, y = sliceWidget.sliceView().interactor().GetEventPosition()
+        ras = sliceWidget.mrmlSliceNode().GetXYToRAS().MultiplyPoint((x, y, 0, 1))[:3]
+        try:
+            self.logic.click_to_find(organ, ras)
+            self.status(f"Placing {organ}...")
+        except Exception as error:
+            self.status(f"Click-to-find: {error}")
+
+    def onClickPoll(self):
+        for message in self.logic.poll_click_to_find():
+            self.status(message)
+        self.updateButtons()
+        if self.logic.click is None or self.logic.click.state in ("idle", "failed"):
+            self.clickTimer.stop()
+            self.stopClickToPlace()
+
+    def onUndoPlace(self):
+        with slicer.util.tryWithErrorDisplay("Could not undo the placement."):
+            organ = self.logic.undo_click_to_find()
+            self.status(f"{organ}: placement undone." if organ else "Nothing to undo.")
+            self.updateButtons()
+
     def onClock(self):
         session = self.logic.session
         if session is None or session.finished:
@@ -343,6 +419,7 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     "(exports take the contours as they are now). Segment again for a new timed review.")
 
     def onFinish(self):
+        self.stopClickToPlace()
         with slicer.util.tryWithErrorDisplay("Could not finish the review.", waitCursor=True):
             self.editor.setActiveEffect(None)
             self.editor.enabled = False  # the finished review is read-only here; changes elsewhere are reported
