@@ -101,6 +101,11 @@ class ReviewStation:
         self._drag = None  # window/level drag in progress: (view, x, y, window, level)
         self._autosave_handle = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        # Click to find: FocusNetCore.worker.Worker in this process, holding
+        # the S-Net features of the segmentation the review started from (or,
+        # for contours from a file or a resumed review, of one run on demand).
+        self.worker = None
+        self._worker_opening = False
         self.token = None if is_loopback(options.host) else new_token()
 
         self.state.trame__title = f"FocusNet review — {self.stem}"
@@ -108,6 +113,8 @@ class ReviewStation:
                            "fn_rows": [], "fn_clock": "0:00:00", "fn_active": "0:00:00", "fn_finished": False,
                            "fn_finishing": False, "fn_message": "", "fn_error": "", "fn_warning": "",
                            "fn_missing": "", "fn_model": "", "fn_show3d": False, "fn_wl": "",
+                           "fn_selected": "", "fn_click_mode": False, "fn_click_text": "", "fn_can_undo": False,
+                           "fn_small": [],
                            "fn_presets": [{"name": n, "window": w, "level": lv} for n, w, lv in WINDOW_PRESETS]})
         self._build_ui()
         self.ctrl.on_server_bind.add(self._on_bind)
@@ -194,8 +201,12 @@ class ReviewStation:
         from FocusNetCore.segment import Segmenter
         from FocusNetCore.study import write_json_atomic
 
+        from FocusNetCore.worker import Worker
+
         segmenter = Segmenter(self.options.model, device=self.options.device)
-        result = segmenter.segment(self.image, progress=self._progress)
+        result = segmenter.segment(self.image, progress=self._progress, keep_state=True)
+        self.worker = Worker(segmenter)  # click to find reuses this run's S-Net features
+        self.worker.state, result.state = result.state, None
         write_image(result.labels, ai_path, overwrite=True)
         report = result.report()
         write_json_atomic(report_path, report)
@@ -262,6 +273,7 @@ class ReviewStation:
                 self.state.fn_missing = ("No contour for " + ", ".join(missing)
                                          + ": draw it, or leave it empty if the organ is not in the scan."
                                          if missing else "")
+                self.state.fn_small = list(self.case.organs.small_names)
                 self.state.fn_ready = True
                 self.state.fn_progress = 100
                 self.state.fn_progress_text = "ready"
@@ -322,8 +334,101 @@ class ReviewStation:
     def select_organ(self, name: str):
         if self.case is None:
             return
+        self.state.fn_selected = name
         self.editor_logic.segmentation_editor.set_active_segment_id(name)
         self._jump_to(name)
+        if self.state.fn_click_mode:
+            self.state.fn_click_text = self._click_prompt()
+
+    # -- click to find --------------------------------------------------------------
+    def _click_prompt(self) -> str:
+        organ = self.state.fn_selected
+        if organ not in self.case.organs.small_names:
+            return ("Select a small organ (" + ", ".join(self.case.organs.small_names) + "): click-placing is for "
+                    "those; edit the others with the tools.")
+        if self.worker is None or self.worker.state is None:
+            return "Click to find is getting ready (the CT is segmented once more)..."
+        return f"Click on {organ} in a slice view."
+
+    def toggle_click_mode(self):
+        """"Click to place": a click in a slice view segments the selected
+        small organ there with FocusNetv2's small-organ branch."""
+        if not self._can_review():
+            return
+        on = not self.state.fn_click_mode
+        self.state.fn_click_mode = on
+        if not on:
+            self.state.fn_click_text = ""
+            return
+        self.editor_logic.segmentation_editor.deactivate_effect()  # a click places; it must not paint
+        if (self.worker is None or self.worker.state is None) and not self._worker_opening and self._loop:
+            self._worker_opening = True
+            self._loop.create_task(self._open_worker())
+        self.state.fn_click_text = self._click_prompt()
+
+    async def _open_worker(self):
+        from FocusNetCore.segment import Segmenter
+        from FocusNetCore.worker import Worker
+
+        def open_case():
+            worker = Worker(Segmenter(self.options.model, device=self.options.device))
+            worker.open(str(self.input))
+            return worker
+
+        try:
+            self.worker = await asyncio.to_thread(open_case)
+            text = self._click_prompt()
+        except Exception as error:
+            text = f"Click to find failed: {error}"
+        self._worker_opening = False
+        with self.state:
+            if self.state.fn_click_mode:
+                self.state.fn_click_text = text
+
+    def _click(self, view, x: int, y: int):
+        """A click at pixel (x, y) of a slice view while "Click to place" is on."""
+        import numpy as np
+
+        organ = self.state.fn_selected
+        slice_node = view._view_node
+        ras = slice_node.GetXYToRAS().MultiplyPoint((float(x), float(y), 0.0, 1.0))[:3]
+        lps = [-ras[0], -ras[1], ras[2]]
+        print(f"FocusNet review: click to find {organ or '(no organ)'} at LPS ({lps[0]:.1f}, {lps[1]:.1f}, "
+              f"{lps[2]:.1f}) mm", flush=True)
+        if organ not in self.case.organs.small_names or self.worker is None or self.worker.state is None:
+            self.state.fn_click_text = self._click_prompt()
+            self.state.flush()
+            return
+        self.state.fn_click_text = f"placing {organ}..."
+        self.state.flush()
+        self._loop.create_task(self._place(organ, np.asarray(lps)))
+
+    async def _place(self, organ: str, lps):
+        import time
+
+        start = time.perf_counter()
+        try:
+            mask, _, _ = await asyncio.to_thread(self.worker.place, organ, lps)
+            if not self._can_review():
+                raise RuntimeError("the review was finished meanwhile")
+            self.case.place(organ, mask)  # MRML: on this (the server's) thread
+            voxels = int(sitk.GetArrayViewFromImage(mask).sum())
+            text = (f"{organ} placed ({voxels} voxels, {time.perf_counter() - start:.2f} s); Undo placement takes "
+                    "it back." if voxels else f"{organ}: nothing found there; click on the organ itself.")
+        except Exception as error:
+            text = f"Click to find: {error}"
+        with self.state:
+            self.state.fn_click_text = text
+            self.state.fn_can_undo = self.case.can_undo_place
+            self._refresh_rows()
+
+    def undo_place(self):
+        if not self._can_review():
+            return
+        organ = self.case.undo_place()
+        self.state.fn_click_text = f"{organ}: placement undone." if organ else "Nothing to undo."
+        self.state.fn_can_undo = self.case.can_undo_place
+        self._refresh_rows()
 
     def _jump_to(self, name: str):
         node = self.case.segmentation_node
@@ -389,6 +494,9 @@ class ReviewStation:
             def press(caller, event, view=view):
                 if self.segmentation_editor_tool() or self.volume is None:
                     return
+                if self.state.fn_click_mode and self._can_review():
+                    self._click(view, *caller.GetEventPosition())
+                    return
                 display = self.volume.GetDisplayNode()
                 x, y = caller.GetEventPosition()
                 self._drag = (view, x, y, display.GetWindow(), display.GetLevel())
@@ -411,6 +519,8 @@ class ReviewStation:
     def _on_tool_chosen(self, **_):
         if self.case is not None:
             self.case.session.activity("selection")
+        if self.state.fn_click_mode and self.segmentation_editor_tool():
+            self.state.fn_click_mode = False  # an editing tool takes the clicks from here on
 
     def segmentation_editor_tool(self) -> str:
         """The active editing tool's name ("" for none: the arrow)."""
@@ -429,6 +539,7 @@ class ReviewStation:
         seconds); the page shows progress and Finish is disabled meanwhile."""
         if not self._can_review():
             return
+        self.state.fn_click_mode = False
         self.state.fn_finishing = True
         self.state.fn_message = "Finishing: exporting the contours and computing the edit metrics..."
         self.editor_logic.segmentation_editor.deactivate_effect()  # read-only from here on
@@ -512,6 +623,14 @@ class ReviewStation:
                         v.VBtn("Finish & export", size="small", color="primary", id="fn-finish",
                                loading=("fn_finishing",), disabled=("!fn_ready || fn_finished || fn_finishing",),
                                click=self.finish)
+                    with html.Div(classes="d-flex flex-wrap align-center mt-2", style="gap: 6px;", v_if="fn_ready"):
+                        v.VBtn("Click to place", size="small", id="fn-click-place", prepend_icon="mdi-target",
+                               variant=("fn_click_mode ? 'flat' : 'tonal'",),
+                               color=("fn_click_mode ? 'primary' : ''",),
+                               disabled=("fn_finished || fn_finishing",), click=self.toggle_click_mode)
+                        v.VBtn("Undo placement", size="small", variant="tonal", id="fn-click-undo",
+                               disabled=("!fn_can_undo || fn_finished || fn_finishing",), click=self.undo_place)
+                    html.Div("{{ fn_click_text }}", classes="text-caption", id="fn-click-text", v_if="fn_click_mode")
                     v.VProgressLinear(v_if="fn_finishing", indeterminate=True, color="primary", classes="mt-1",
                                       id="fn-finish-progress")
                     html.Div("{{ fn_message }}", classes="text-caption mt-1", id="fn-message")

@@ -416,3 +416,89 @@ def test_dicom_input_exports_seg_nrrd_rtstruct_and_dicom_seg(tmp_path):
         .RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID
     records, _ = read_records(tmp_path / "out" / "review-log.jsonl")
     assert len(records) == 2 and all(r["mode"] == "ai" for r in records)
+
+
+def test_click_to_find_brings_a_missed_lens_back(phantom_ct, tmp_path):
+    """Contours without Lens_L (as if the AI missed it): the reviewer selects
+    Lens_L, chooses "Click to place" and clicks the lens's centre in the axial
+    view; FocusNetv2's small-organ branch segments it there and the contour
+    comes back, recorded as one assisted edit and no hand edit."""
+    from playwright.sync_api import sync_playwright
+
+    from FocusNetCore.organs import convert_labels
+    from FocusNetCore.phantom import PHANTOM_SET
+    from FocusNetCore.segfile import write_seg_nrrd
+
+    case = generate_case(400, "small")
+    truth, _ = convert_labels(sitk.GetArrayViewFromImage(case.labels), PHANTOM_SET, ORGANS)
+    lens = ORGANS.label_of("Lens_L")
+    labels = sitk.GetImageFromArray(np.where(truth == lens, 0, truth).astype(np.uint8))
+    labels.CopyInformation(case.labels)
+    seg = write_seg_nrrd(labels, ORGANS, tmp_path / "contours.seg.nrrd")
+    out = tmp_path / "review"
+    proc, url = start_review(phantom_ct, out, "--seg", str(seg))
+    try:
+        wait_for_line(proc, r"ready: http://")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(url)
+            page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)
+            # Lens_R brings the axial view to the lenses' level; then the missing lens is selected.
+            page.locator(".fn-organ-row", has_text="Lens_R").locator(".fn-organ-name").click()
+            time.sleep(1.0)
+            page.locator(".fn-organ-row", has_text="Lens_L").locator(".fn-organ-name").click()
+            page.locator("#fn-click-place").click()
+            # Contours from a file: the model runs once for click to find.
+            page.wait_for_function("document.querySelector('#fn-click-text') && "
+                                   "document.querySelector('#fn-click-text').innerText.includes('Click on Lens_L')",
+                                   timeout=180_000)
+            # Where the lens's centre lies in the axial view: two clicks with a large organ selected
+            # (no placement: "select a small organ") give the view's pixel -> LPS mapping, as the server prints it.
+            view = axial_view(page)
+            page.locator(".fn-organ-row", has_text="Eye_L").locator(".fn-organ-name").click()
+            pixels = [(view["x"] + f * view["width"], view["y"] + f * view["height"]) for f in (0.35, 0.65)]
+            seen = []
+            for px, py in pixels:
+                before = len(proc.lines)
+                page.mouse.click(px, py)
+                deadline = time.time() + 20
+                while not any("click to find Eye_L at LPS" in line for line in proc.lines[before:]):
+                    assert time.time() < deadline, proc.lines[before:]
+                    time.sleep(0.1)
+                line = next(line for line in proc.lines[before:] if "click to find Eye_L at LPS" in line)
+                seen.append([float(v) for v in re.search(r"LPS \((.*)\) mm", line).group(1).split(",")])
+            assert page.locator(".fn-status", has_text="edited").count() == 0, "a large organ is not placed"
+            (x0, y0), (x1, y1) = pixels
+            (a0, b0, _), (a1, b1, _) = seen
+            where = np.argwhere(truth == lens).mean(axis=0)[::-1]
+            lps = case.image.TransformContinuousIndexToPhysicalPoint([float(v) for v in where])
+            x = x0 + (lps[0] - a0) * (x1 - x0) / (a1 - a0)
+            y = y0 + (lps[1] - b0) * (y1 - y0) / (b1 - b0)
+            page.locator(".fn-organ-row", has_text="Lens_L").locator(".fn-organ-name").click()
+            time.sleep(0.5)
+            page.mouse.click(x, y)
+            status = page.locator(".fn-organ-row", has_text="Lens_L").locator(".fn-status")
+            page.wait_for_function("s => s.innerText.trim() === 'edited'", arg=status.element_handle(),
+                                   timeout=30_000)
+            assert "Lens_L placed" in page.locator("#fn-click-text").inner_text()
+            assert page.locator("#fn-click-undo").is_enabled()
+            page.locator("#fn-finish").click()
+            page.wait_for_function("document.querySelector('#fn-message').innerText.includes('Exported')",
+                                   timeout=60_000)
+            browser.close()
+    finally:
+        stop(proc)
+    clicked = [line for line in proc.lines if "click to find Lens_L at LPS" in line]
+    assert len(clicked) == 1, proc.lines
+    at = np.array([float(v) for v in re.search(r"LPS \((.*)\) mm", clicked[0]).group(1).split(",")])
+    assert np.linalg.norm((at - lps)[:2]) < 4.0, f"clicked at {at}, the lens's centre is at {lps}"
+    final = read_seg_nrrd_as_labels(out / "phantom_0400_ct.seg.nrrd", phantom_ct)
+    placed, true_lens = final == lens, truth == lens
+    assert 2 * (placed & true_lens).sum() / (placed.sum() + true_lens.sum()) >= 0.5, clicked
+    assert np.array_equal(final[~placed], np.where(truth == lens, 0, truth)[~placed]), "nothing else changed"
+    records, problems = read_records(out / "review-log.jsonl")
+    assert len(records) == 1 and not problems
+    organ = records[0]["organs"]["Lens_L"]
+    assert organ["assisted_edits"] == 1 and organ["edits"] == 0 and organ["status"] == "edited"
+    assert records[0]["activity"].get("assisted_edit") == 1
