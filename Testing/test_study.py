@@ -161,3 +161,22 @@ def test_edit_metrics_state_their_tolerances():
     assert metrics["apl_tolerance_mm"] == 0.0 and metrics["surface_dice_tolerance_mm"] == 2.0
     assert metrics["apl_mm"] == pytest.approx(20.0)  # the 6x6 square's 20 boundary pixels, none on the old one
     assert edit_metrics(mask, grown, (3.0, 1.0, 1.0), apl_tolerance_mm=1.5)["apl_mm"] == 0.0
+
+
+def test_click_placements_are_reported_per_organ():
+    """Click-to-find placements (assisted edits) are counted apart from hand
+    edits in the records; the report says in what share of the AI cases each
+    organ was placed by a click."""
+    from FocusNetCore.studyreport import _markdown, analyse
+
+    metrics = {"Lens_L": {"edited": True, "dice": 0.4, "apl_mm": 30.0},
+               "Brainstem": {"edited": False, "dice": 1.0, "apl_mm": 0.0}}
+    records = []
+    for k in range(4):
+        organs = {"Lens_L": {"status": "edited", "edits": 0, "assisted_edits": 1 if k < 3 else 0},
+                  "Brainstem": {"status": "accepted", "edits": 0}}  # a record from before click to find
+        records.append(_record(f"c{k}", "ai", 20.0, metrics=metrics, organs=organs))
+    stats = analyse(records)
+    assert stats["organs"]["Lens_L"]["click_rate"] == pytest.approx(0.75)
+    assert stats["organs"]["Brainstem"]["click_rate"] == 0.0
+    assert "| Lens_L | 100 | 75 | 0.400 | 30 |" in _markdown(stats, [])
