@@ -155,9 +155,10 @@ def roi_start(centre: Tuple[int, int, int], roi_size: Tuple[int, int, int]) -> T
     return tuple(int(c) - s // 2 for c, s in zip(centre, roi_size))
 
 
-def roi_pool(volume: torch.Tensor, start: Tuple[int, int, int], roi_size: Tuple[int, int, int]) -> torch.Tensor:
-    """Crop (B, C, D, H, W) -> (B, C, *roi_size) at ``start``; zeros outside the volume."""
-    out = volume.new_zeros(volume.shape[:2] + tuple(roi_size))
+def roi_pool(volume: torch.Tensor, start: Tuple[int, int, int], roi_size: Tuple[int, int, int],
+             fill: float = 0.0) -> torch.Tensor:
+    """Crop (B, C, D, H, W) -> (B, C, *roi_size) at ``start``; ``fill`` outside the volume."""
+    out = volume.new_full(volume.shape[:2] + tuple(roi_size), fill)
     src, dst = _overlap(volume.shape[-3:], start, roi_size)
     out[(..., *dst)] = volume[(..., *src)]
     return out
@@ -195,9 +196,11 @@ class FocusNetV2(nn.Module):
         return ct if self.config.sos_input == "ct" else torch.cat([features, ct], dim=1)
 
     def sos_roi(self, ct: torch.Tensor, features: torch.Tensor, start) -> torch.Tensor:
-        """``roi_pool(sos_input(ct, features), start)`` without joining the
-        whole volumes first (the ROI is all SOS-Net needs)."""
-        roi = roi_pool(ct, start, self.config.roi_size)
+        """SOS-Net's input at ``start``: the ROI of S-Net's features and of the
+        CT, pooled apart (no whole-volume join). Past the volume's edge the CT
+        is air (its minimum: after normalisation 0 would be water) and the
+        features 0; training pools a crop the same way."""
+        roi = roi_pool(ct, start, self.config.roi_size, fill=float(ct.min()) if ct.numel() else 0.0)
         if self.config.sos_input == "ct":
             return roi
         return torch.cat([roi_pool(features, start, self.config.roi_size), roi.to(features.dtype)], dim=1)
@@ -209,9 +212,8 @@ class FocusNetV2(nn.Module):
         heatmaps = self.solnet(features)                          # (1, S, D, H, W)
         if centres is None:
             centres = [argmax_3d(heatmaps[0, k]) for k in range(heatmaps.shape[1])]
-        joined = self.sos_input(ct, features)
         starts = [roi_start(c, self.config.roi_size) for c in centres]
-        masks = [head(roi_pool(joined, s, self.config.roi_size)) for head, s in zip(self.sosnet.heads, starts)]
+        masks = [head(self.sos_roi(ct, features, s)) for head, s in zip(self.sosnet.heads, starts)]
         return {"logits": logits, "features": features, "heatmaps": heatmaps, "masks": masks, "starts": starts}
 
     @torch.no_grad()

@@ -305,11 +305,10 @@ class GeneratorStep(nn.Module):
             with torch.no_grad():
                 _, features = self.model.snet(ct)
             loss = ct.new_zeros(())
-        joined = self.model.sos_input(ct, features)
         truths = _roi_targets(labels, starts, small_labels, roi)
         preds = []
         for k, (head, start) in enumerate(zip(self.model.sosnet.heads, starts)):
-            pred = head(roi_pool(joined, start, roi))
+            pred = head(self.model.sos_roi(ct, features, start))  # as inference pools it (air past the crop)
             preds.append(pred)
             # An organ outside this chunk adds nothing, but stays in the graph
             # so every DDP process reduces the same parameters.
@@ -318,12 +317,21 @@ class GeneratorStep(nn.Module):
             keep = [k for k, v in enumerate(valid) if v] or list(range(len(valid)))
             batch_t = torch.cat([truths[k] for k in keep])
             batch_p = torch.cat([preds[k] for k in keep])
-            _, z_t, f_t = self.aae(batch_t)
-            _, z_p, f_p = self.aae(batch_p)
+            z_t, f_t, z_p, f_p = _encode_pairs(self.aae, batch_t, batch_p)
             shape = losses.shape_loss([z_t.detach()] + [f.detach() for f in f_t], [z_p] + f_p,
                                       self.config.shape_loss_normalized)
             loss = loss + self.config.shape_weight * shape * float(any(valid))
         return loss, [p.detach() for p in preds], truths
+
+
+def _encode_pairs(aae: ShapeAutoencoder, truths: torch.Tensor, preds: torch.Tensor):
+    """The autoencoder's codes of the true and the predicted masks from one
+    batch: in training mode its BatchNorm then normalises both by the same
+    statistics (two batches would each be normalised by their own, which can
+    hide the very difference the shape loss is to see)."""
+    _, z, f = aae(torch.cat([truths, preds.to(truths.dtype)]))
+    n = truths.shape[0]
+    return z[:n], [x[:n] for x in f], z[n:], [x[n:] for x in f]
 
 
 class DiscriminatorStep(nn.Module):
@@ -334,8 +342,9 @@ class DiscriminatorStep(nn.Module):
         self.aae, self.config = aae, config
 
     def forward(self, truths: torch.Tensor, preds: torch.Tensor):
-        rec_t, z_t, f_t = self.aae(truths)
-        rec_p, z_p, f_p = self.aae(preds)
+        rec, z, f = self.aae(torch.cat([truths, preds.to(truths.dtype)]))
+        n = truths.shape[0]
+        rec_t, z_t, f_t, rec_p, z_p, f_p = rec[:n], z[:n], [x[:n] for x in f], rec[n:], z[n:], [x[n:] for x in f]
         rec = losses.reconstruction_loss(rec_t, truths, rec_p, preds)
         shape = losses.shape_loss([z_t] + f_t, [z_p] + f_p, self.config.shape_loss_normalized)
         return losses.autoencoder_loss(rec, shape, self.config.adversarial_weight)
@@ -592,7 +601,10 @@ class Trainer:
         rng = self._rng(stage_index, step)
         self.lr_scale = self._schedule(stage_index, step)
         model = self.model
-        around_small = stage in ("aae_pretrain", "sos")
+        # The small-organ stages and the joint fine-tune draw crops around a
+        # small organ: SOS-Net and the autoencoder learn complete shapes, and a
+        # crop without one would give their Adam a zero loss to step on.
+        around_small = stage in ("aae_pretrain", "sos", "finetune")
         ct, labels, present, maps, centres = self._sample(rng, around_small)
         if stage == "snet":
             opt = self._optimizer("snet", model.snet.parameters())

@@ -144,9 +144,13 @@ def test_roi_across_a_chunk_border_reads_the_stitched_volume():
             below = max(-start, 0)
             piece = torch.nn.functional.pad(piece, (0, 0, 0, 0, below, 0), value=float(volume.min()))
             pieces.append(model.snet(piece)[1][:, :, below:])
-        joined = torch.cat([torch.cat(pieces, dim=2), volume], dim=1)
+        features = torch.cat(pieces, dim=2)
         start = roi_start(centre, roi)
-        mask = model.sosnet.heads[0](roi_pool(joined, start, roi))[0, 0] > 0.5
+        # SOS-Net's input: features and CT, and past the volume's edge air (not 0, which is water), as training pools it
+        joined = torch.cat([roi_pool(features, start, roi), roi_pool(volume, start, roi, fill=float(volume.min()))], 1)
+        assert torch.equal(model.sos_roi(volume, features, start), joined)
+        assert float(joined[0, -1, 0].max()) == float(volume.min())  # ROI slice -1: outside the volume
+        mask = model.sosnet.heads[0](joined)[0, 0] > 0.5
     label = model.config.organs.small_labels[0]
     got = roi_pool((result["labels"] == label).unsqueeze(1).float(), start, roi)[0, 0] > 0.5
     inside = roi_pool(torch.ones_like(volume), start, roi)[0, 0] > 0.5
