@@ -31,10 +31,11 @@ def localise(segmenter: Segmenter, image, labels_image) -> dict:
     pre = preprocess(image, config.preprocess)
     truth = labels_to_model_grid(labels_image, pre.grid)
     spacing = np.array(list(reversed(config.preprocess.spacing)))  # (z, y, x) mm
-    volume = torch.as_tensor(pre.image)[None, None]
+    parameter = next(model.parameters())
+    volume = torch.as_tensor(pre.image)[None, None].to(parameter.device, parameter.dtype)
     with torch.inference_mode():
         out = model.segment(volume)
-        labels = out["labels"][0].numpy()
+        labels = out["labels"][0].cpu().numpy()
         features = None
         rows = {}
         for k, (name, label) in enumerate(zip(config.organs.small_names, config.organs.small_labels)):
@@ -47,7 +48,7 @@ def localise(segmenter: Segmenter, image, labels_image) -> dict:
                 rows[name] = {**row, "error_mm": None, "dice_at_truth": None}
                 continue
             centre = idx.mean(axis=0)
-            at = np.unravel_index(int(torch.argmax(heat)), heat.shape)
+            at = np.unravel_index(int(torch.argmax(heat)), tuple(heat.shape))
             row["error_mm"] = round(float(np.linalg.norm((np.array(at) - centre) * spacing)), 1)
             if features is None:
                 features = _features(model, volume)
@@ -55,7 +56,7 @@ def localise(segmenter: Segmenter, image, labels_image) -> dict:
             prob = model.sosnet.heads[k](model.sos_roi(volume, features, start))
             mask = torch.zeros((1,) + truth.shape)
             roi_paste(mask, (prob[:, 0] > 0.5).float(), start)
-            row["dice_at_truth"] = round(dice(mask[0].numpy() > 0, truth == label), 3)
+            row["dice_at_truth"] = round(dice(mask[0].float().cpu().numpy() > 0, truth == label), 3)
             rows[name] = row
     return rows
 
