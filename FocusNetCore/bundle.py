@@ -117,12 +117,17 @@ def load_bundle(path, map_location="cpu") -> Tuple[FocusNetV2, dict]:
     return model, meta
 
 
-def with_postprocess(path, plan: dict, out, overwrite: bool = False) -> Path:
-    """A copy of the bundle at ``path`` with the post-processing ``plan``
-    (weights, checksums and provenance unchanged), written atomically."""
+def with_postprocess(path, plan: dict, out, overwrite: bool = False,
+                     sos_thresholds: Optional[Tuple[float, ...]] = None) -> Path:
+    """A copy of the bundle at ``path`` with the post-processing ``plan`` and,
+    if given, SOS-Net's thresholds (weights, checksums and provenance
+    unchanged), written atomically."""
     load_bundle(path)  # refuses a damaged or altered bundle
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     payload["postprocess"] = plan
+    if sos_thresholds is not None:
+        config = FocusNetConfig.from_dict({**payload["config"], "sos_thresholds": list(sos_thresholds)})
+        payload["config"] = config.to_dict()
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_output(Path(out), overwrite) as tmp:

@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 600)")
     p.set_defaults(func=_cmd_node)
 
-    p = sub.add_parser("postprocess", help="choose a bundle's post-processing (largest component, hole filling) "
+    p = sub.add_parser("postprocess", help="choose a bundle's post-processing (SOS-Net thresholds, largest component, hole filling) "
                                            "per organ on validation cases, and write the bundle with it")
     p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
     p.add_argument("--data", required=True, help="cases with ground truth, as `focusnet train` reads them")
@@ -449,10 +449,13 @@ def _cmd_node(args) -> int:
 def _cmd_postprocess(args) -> int:
     import tempfile
 
+    import dataclasses
+
     from .bundle import with_postprocess
     from .data import load_training_cases
-    from .postprocess import choose, mean_dice
+    from .postprocess import choose, choose_sos_thresholds, mean_dice
     from .segment import Segmenter
+    from .train import sos_samples
 
     segmenter = Segmenter(args.model, device="cpu", precision="float32")
     organs = segmenter.config.organs
@@ -460,15 +463,22 @@ def _cmd_postprocess(args) -> int:
         cases, problems = load_training_cases(args.data, cache, segmenter.config.preprocess, organs, print)
     if args.validation_cases < 1 or len(cases) < args.validation_cases:
         raise ValueError(f"{args.data}: {len(cases)} usable case(s), --validation-cases {args.validation_cases}")
+    validation = cases[len(cases) - args.validation_cases:]
+    # SOS-Net's thresholds first: the labels the plan is chosen on are drawn with them.
+    thresholds, report = choose_sos_thresholds(sos_samples(segmenter.model, validation), organs.small_names)
+    for name, row in report.items():
+        print(f"SOS-Net threshold {name}: {row['threshold']} (Dice at the true centre {row['dice_at_0.5']:.3f} at "
+              f"0.5, {row['dice']:.3f} with it)")
+    segmenter.model.config = dataclasses.replace(segmenter.model.config, sos_thresholds=thresholds)
     pairs = []
-    for case in cases[len(cases) - args.validation_cases:]:
+    for case in validation:
         pairs.append((segmenter.model_grid_labels(case.image), case.labels))
         print(f"{case.name}: segmented")
     plan = choose(pairs, organs)
     for step in ("largest_component", "fill_holes"):
         print(f"{step}: {', '.join(plan[step]) or 'none'}")
     print(f"validation mean Dice {mean_dice(pairs, organs):.4f} without, {mean_dice(pairs, organs, plan):.4f} with")
-    with_postprocess(segmenter.bundle_path, plan, args.out)
+    with_postprocess(segmenter.bundle_path, plan, args.out, sos_thresholds=thresholds)
     print(f"wrote {args.out}")
     return EXIT_OK
 

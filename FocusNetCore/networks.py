@@ -39,6 +39,10 @@ class FocusNetConfig:
     # SOL-Net's peak below the threshold: "absent" gives the organ no contour
     # (a scan without it); "snet" keeps what S-Net drew for it, if anything.
     below_threshold: str = "absent"
+    # SOS-Net's probability threshold per small organ (in organs.small_names
+    # order), chosen on the validation cases at the end of training
+    # (postprocess.choose_sos_thresholds); empty: 0.5 for each.
+    sos_thresholds: Tuple[float, ...] = ()
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self):
@@ -49,8 +53,16 @@ class FocusNetConfig:
             raise ValueError(f"sos_input must be one of {SOS_INPUTS}, got {self.sos_input!r}")
         if self.width <= 0:
             raise ValueError(f"width must be positive, got {self.width}")
+        if self.sos_thresholds and (len(self.sos_thresholds) != len(self.organs.small_names)
+                                    or not all(0.0 < t < 1.0 for t in self.sos_thresholds)):
+            raise ValueError(f"sos_thresholds must be one probability in (0, 1) per small organ "
+                             f"({len(self.organs.small_names)}), got {self.sos_thresholds}")
         if any(s % 8 for s in self.roi_size[1:]) or self.roi_size[0] % 8:
             raise ValueError(f"roi_size must be multiples of 8 (autoencoder strides), got {self.roi_size}")
+
+    def sos_threshold(self, k: int) -> float:
+        """SOS-Net's probability threshold for the k-th small organ."""
+        return float(self.sos_thresholds[k]) if self.sos_thresholds else 0.5
 
     def channels(self, n: int) -> int:
         return max(4, int(round(n * self.width)))
@@ -68,7 +80,7 @@ class FocusNetConfig:
     def from_dict(cls, data: dict) -> "FocusNetConfig":
         from .configdict import from_dict
 
-        return from_dict(cls, data, "network configuration", tuples=("roi_size", "aspp_rates"),
+        return from_dict(cls, data, "network configuration", tuples=("roi_size", "aspp_rates", "sos_thresholds"),
                          nested={"preprocess": PreprocessConfig.from_dict})
 
 
@@ -282,7 +294,7 @@ class FocusNetV2(nn.Module):
             labels[labels == label] = 0
             start = roi_start(argmax_3d(heatmaps[0, k]), self.config.roi_size)
             prob = head(self.sos_roi(volume, features, start))[:, 0]                   # (1, 8, 64, 64)
-            mask = prob > 0.5
+            mask = prob > self.config.sos_threshold(k)
             small.append((start, prob))
             region = roi_pool(labels.unsqueeze(1).float(), start, self.config.roi_size)[:, 0].long()
             region[mask] = label

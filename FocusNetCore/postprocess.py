@@ -106,3 +106,31 @@ def mean_dice(cases: Sequence[Tuple[np.ndarray, np.ndarray]], organs: OrganSet, 
         if values:
             per_organ.append(np.mean(values))
     return float(np.mean(per_organ)) if per_organ else float("nan")
+
+
+# SOS-Net's probability thresholds tried per small organ; 0.5 unless another
+# raises the validation Dice by more than TOLERANCE.
+SOS_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def choose_sos_thresholds(samples: Dict[str, List[Tuple[np.ndarray, np.ndarray]]],
+                          small_names: Sequence[str]) -> Tuple[Tuple[float, ...], Dict[str, dict]]:
+    """Per small organ, the SOS-Net probability threshold with the highest
+    mean Dice over ``samples[name]``: (probability ROI, true mask ROI) pairs,
+    SOS-Net at the organ's true centre on the validation cases (a lens drawn
+    2.6x too large at 0.5 is what this corrects). Returns the thresholds in
+    ``small_names`` order and, per organ, the Dice at 0.5 and at the choice."""
+    chosen, report = [], {}
+    for name in small_names:
+        pairs = samples.get(name) or []
+        if not pairs:
+            chosen.append(0.5)
+            continue
+        scores = {t: float(np.mean([dice(prob > t, truth) for prob, truth in pairs])) for t in SOS_THRESHOLDS}
+        best = max(SOS_THRESHOLDS, key=lambda t: (scores[t], -abs(t - 0.5)))
+        if scores[best] <= scores[0.5] + TOLERANCE:
+            best = 0.5
+        chosen.append(best)
+        report[name] = {"threshold": best, "dice_at_0.5": round(scores[0.5], 4), "dice": round(scores[best], 4),
+                        "cases": len(pairs)}
+    return tuple(chosen), report

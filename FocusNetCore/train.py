@@ -592,6 +592,7 @@ class Trainer:
                     shutil.copyfile(self._checkpoint_path(), self.run_dir / "checkpoint-after-solnet.pt")
         bar.close()
         self.calibrate_heatmap_threshold()
+        self.calibrate_sos_thresholds()
         self.postprocess_plan = self.plan_postprocessing()
         final = self.validate(total, "final")
         self.training_seconds = time.perf_counter() - start_time
@@ -712,6 +713,27 @@ class Trainer:
         if self.stage is not None:
             self._set_trainable(self.stage)
         return self.model.config.heatmap_threshold
+
+    @torch.no_grad()
+    def calibrate_sos_thresholds(self) -> Tuple[float, ...]:
+        """Set SOS-Net's probability threshold per small organ from the
+        validation cases (postprocess.choose_sos_thresholds), stored in the
+        bundle's network configuration."""
+        import dataclasses
+
+        if self.rank != 0:
+            return self.model.config.sos_thresholds
+        self.model.eval()
+        with self._autocast():
+            samples = sos_samples(self.model, self.val_cases, self.device)
+        thresholds, report = postprocess.choose_sos_thresholds(samples, self.organs.small_names)
+        self.model.config = dataclasses.replace(self.model.config, sos_thresholds=thresholds)
+        self.sos_threshold_report = report
+        self.log("SOS-Net thresholds: " + ", ".join(f"{n} {r['threshold']} (Dice {r['dice_at_0.5']:.3f} at 0.5, "
+                                                    f"{r['dice']:.3f})" for n, r in report.items()))
+        if self.stage is not None:
+            self._set_trainable(self.stage)
+        return thresholds
 
     @torch.no_grad()
     def plan_postprocessing(self) -> Optional[dict]:
@@ -861,7 +883,7 @@ class Trainer:
         if stage not in names:
             raise ValueError(f"--from-stage {stage!r} is not a stage of this configuration ({', '.join(names)})")
         model, meta = load_bundle(bundle)
-        calibrated = ("heatmap_threshold", "below_threshold")
+        calibrated = ("heatmap_threshold", "below_threshold", "sos_thresholds")
         theirs = {k: v for k, v in model.config.to_dict().items() if k not in calibrated}
         ours = {k: v for k, v in self.config.network.to_dict().items() if k not in calibrated}
         different = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -930,6 +952,29 @@ class _progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+@torch.no_grad()
+def sos_samples(model: FocusNetV2, cases, device: str = "cpu") -> Dict[str, List[Tuple[np.ndarray, np.ndarray]]]:
+    """Per small organ, SOS-Net's probability ROI at the organ's true centre
+    and the true mask there, on each case (on the model grid) that holds it."""
+    from .networks import roi_start
+
+    organs, roi = model.config.organs, model.config.roi_size
+    out: Dict[str, List[Tuple[np.ndarray, np.ndarray]]] = {}
+    for case in cases:
+        volume = torch.as_tensor(case.image, device=device)[None, None]
+        features = model.segment(volume, small_organ_branch=False, keep_features=True)["features"]
+        labels = torch.as_tensor(case.labels)[None, None]
+        for k, (name, label) in enumerate(zip(organs.small_names, organs.small_labels)):
+            where = np.argwhere(case.labels == label)
+            if not len(where):
+                continue
+            start = roi_start(tuple(int(round(v)) for v in where.mean(axis=0)), roi)
+            prob = model.sosnet.heads[k](model.sos_roi(volume, features, start))[0, 0].float().cpu().numpy()
+            truth = roi_pool((labels == label).float(), start, roi)[0, 0].numpy() > 0.5
+            out.setdefault(name, []).append((prob, truth))
+    return out
 
 
 def localisation_metrics(heatmaps: torch.Tensor, labels: np.ndarray, small_labels, spacing,

@@ -138,7 +138,7 @@ class Worker:
         with torch.inference_mode():
             prob = model.sosnet.heads[k](model.sos_roi(self.state["volume"], self.state["features"], roi_corner))
         prob = prob[0, 0].float().cpu().numpy()
-        mask = _component_at(prob > 0.5, tuple(c - s for c, s in zip(centre, roi_corner)))
+        mask = _component_at(prob > config.sos_threshold(k), tuple(c - s for c, s in zip(centre, roi_corner)))
         probability = round(float(prob[mask].mean()), 4) if mask.any() else None
         # The ROI on the model grid -> the CT's grid, over the ROI's extent only.
         roi_grid = pre.grid.sub_grid(roi_corner[::-1], roi[::-1])

@@ -95,5 +95,26 @@ def test_postprocess_command_writes_a_new_bundle(tmp_path):
                           "--out", str(tmp_path / "pp.pt")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "validation mean Dice" in out.stdout
-    _, meta = load_bundle(tmp_path / "pp.pt")
+    model, meta = load_bundle(tmp_path / "pp.pt")
     assert meta["postprocess"]["cases"] == 2
+    # SOS-Net's thresholds, chosen on the same cases, go into the network configuration
+    assert len(model.config.sos_thresholds) == len(model.config.organs.small_names)
+    assert "SOS-Net threshold Lens_L" in out.stdout
+
+
+def test_sos_thresholds_are_chosen_where_they_raise_validation_dice():
+    """A head whose probabilities spill past the organ (a lens drawn too
+    large at 0.5) gets a higher threshold; one that is right at 0.5 keeps it;
+    an organ no validation case holds keeps 0.5."""
+    from FocusNetCore.postprocess import choose_sos_thresholds
+
+    truth = np.zeros((4, 10, 10), bool)
+    truth[1:3, 3:6, 3:6] = True
+    spilling = np.where(truth, 0.97, 0.0)
+    spilling[0:4, 2:7, 2:7] = np.maximum(spilling[0:4, 2:7, 2:7], 0.7)  # a rim at 0.7 around the organ
+    sharp = np.where(truth, 0.8, 0.1)
+    thresholds, report = choose_sos_thresholds({"Lens_L": [(spilling, truth)] * 2, "Lens_R": [(sharp, truth)]},
+                                               ("Lens_L", "Lens_R", "Pituitary"))
+    assert thresholds == (0.7, 0.5, 0.5)  # the threshold nearest 0.5 that drops the rim (> 0.7 is kept)
+    assert report["Lens_L"]["dice"] == 1.0 and report["Lens_L"]["dice_at_0.5"] < 0.5 and report["Lens_L"]["cases"] == 2
+    assert "Pituitary" not in report
