@@ -55,7 +55,7 @@ def localise(segmenter: Segmenter, image, labels_image) -> dict:
             start = roi_start(tuple(int(round(c)) for c in centre), config.roi_size)
             prob = model.sosnet.heads[k](model.sos_roi(volume, features, start))
             mask = torch.zeros((1,) + truth.shape)
-            roi_paste(mask, (prob[:, 0] > 0.5).float(), start)
+            roi_paste(mask, (prob[:, 0] > config.sos_threshold(k)).float(), start)
             row["dice_at_truth"] = round(dice(mask[0].float().cpu().numpy() > 0, truth == label), 3)
             rows[name] = row
     return rows
