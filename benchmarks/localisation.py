@@ -34,9 +34,9 @@ def localise(segmenter: Segmenter, image, labels_image) -> dict:
     parameter = next(model.parameters())
     volume = torch.as_tensor(pre.image)[None, None].to(parameter.device, parameter.dtype)
     with torch.inference_mode():
-        out = model.segment(volume)
+        out = model.segment(volume, keep_features=True)
         labels = out["labels"][0].cpu().numpy()
-        features = None
+        features = out["features"]
         rows = {}
         for k, (name, label) in enumerate(zip(config.organs.small_names, config.organs.small_labels)):
             heat = out["heatmaps"][0, k]
@@ -50,8 +50,6 @@ def localise(segmenter: Segmenter, image, labels_image) -> dict:
             centre = idx.mean(axis=0)
             at = np.unravel_index(int(torch.argmax(heat)), tuple(heat.shape))
             row["error_mm"] = round(float(np.linalg.norm((np.array(at) - centre) * spacing)), 1)
-            if features is None:
-                features = _features(model, volume)
             start = roi_start(tuple(int(round(c)) for c in centre), config.roi_size)
             prob = model.sosnet.heads[k](model.sos_roi(volume, features, start))
             mask = torch.zeros((1,) + truth.shape)
@@ -59,20 +57,6 @@ def localise(segmenter: Segmenter, image, labels_image) -> dict:
             row["dice_at_truth"] = round(dice(mask[0].float().cpu().numpy() > 0, truth == label), 3)
             rows[name] = row
     return rows
-
-
-def _features(model, volume):
-    """S-Net's features over the whole volume, chunk by chunk as segment() computes them."""
-    chunk = model.config.preprocess.chunk_slices
-    depth = volume.shape[2]
-    short = (-depth) % chunk
-    parts = []
-    for start in range(-short, depth, chunk):
-        piece = volume[:, :, max(start, 0):start + chunk]
-        if start < 0:
-            piece = torch.nn.functional.pad(piece, (0, 0, 0, 0, -start, 0), value=float(volume.min()))
-        parts.append(model.snet(piece)[1][:, :, max(-start, 0):])
-    return torch.cat(parts, dim=2)
 
 
 def main():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from review_screenshot import served_url  # docs/review_screenshot.py, beside this script
 
 
 def main():
@@ -48,13 +49,7 @@ def main():
                                   stderr=open("/tmp/click_screenshot.stderr", "w"), text=True)
         lines = []
         try:
-            url = None
-            while url is None:
-                line = server.stdout.readline()
-                if not line:
-                    raise SystemExit("focusnet review stopped before serving")
-                match = re.search(r"open (http://\S+)", line)
-                url = match.group(1) if match else None
+            url = served_url(server)
             threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])

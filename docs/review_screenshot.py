@@ -17,6 +17,17 @@ import time
 from pathlib import Path
 
 
+def served_url(server) -> str:
+    """The URL `focusnet review` prints once it serves (its stdout a pipe)."""
+    while True:
+        line = server.stdout.readline()
+        if not line:
+            raise SystemExit("focusnet review stopped before serving")
+        match = re.search(r"open (http://\S+)", line)
+        if match:
+            return match.group(1)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "images" / "review_station.png"))
@@ -32,13 +43,7 @@ def main():
                                    f"{tmp}/review", "--port", "0"], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True)
         try:
-            url = None
-            while url is None:
-                line = server.stdout.readline()
-                if not line:
-                    raise SystemExit("focusnet review stopped before serving")
-                match = re.search(r"open (http://\S+)", line)
-                url = match.group(1) if match else None
+            url = served_url(server)
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
                 page = browser.new_page(viewport={"width": 1500, "height": 900})
