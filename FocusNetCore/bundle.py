@@ -133,3 +133,55 @@ def with_postprocess(path, plan: dict, out, overwrite: bool = False,
     with atomic_output(Path(out), overwrite) as tmp:
         tmp.write_bytes(buffer.getvalue())
     return Path(out)
+
+
+def with_sos_heads(path, donors: Dict[str, str], out, overwrite: bool = False, note: str = "") -> Path:
+    """A copy of the bundle at ``path`` whose SOS-Net head for each organ in
+    ``donors`` (small organ name -> bundle path), with that head's
+    threshold, comes from the donor bundle; written atomically.
+
+    Each small organ has its own SOS-Net head, fed by S-Net's features and
+    the CT, so a head can move between bundles only where S-Net and SOL-Net
+    are the very same weights (a bundle trained further from this one at its
+    ``sos`` stage, ``focusnet train --from-model --from-stage sos``): anything
+    else is refused. Post-processing plan and autoencoder are ``path``'s own;
+    the provenance records where each head came from (``note``: how the donor
+    was made, how the heads were chosen)."""
+    base, base_meta = load_bundle(path)
+    organs = base.config.organs
+    state = base.state_dict()
+    thresholds = [base.config.sos_threshold(k) for k in range(len(organs.small_names))]
+    taken = {}
+    for organ, donor_path in donors.items():
+        if organ not in organs.small_names:
+            raise BundleError(path, f"{organ!r} is not one of the small organs ({', '.join(organs.small_names)})")
+        donor, donor_meta = load_bundle(donor_path)
+        if donor.config.organs.names != organs.names or donor.config.roi_size != base.config.roi_size:
+            raise BundleError(donor_path, f"its organs or ROI differ from {path}'s")
+        donor_state = donor.state_dict()
+        shared = [name for name in state if not name.startswith("sosnet.")]
+        if set(donor_state) != set(state) or any(not torch.equal(state[n], donor_state[n]) for n in shared):
+            raise BundleError(donor_path, f"its S-Net or SOL-Net weights differ from {path}'s: an SOS-Net "
+                              "head only fits the features it was trained on")
+        k = organs.small_names.index(organ)
+        prefix = f"sosnet.heads.{k}."
+        for name in state:
+            if name.startswith(prefix):
+                state[name] = donor_state[name]
+        thresholds[k] = donor.config.sos_threshold(k)
+        taken[organ] = {"bundle": Path(donor_path).name, "checksum": donor_meta["checksum"],
+                        **({"note": note} if note else {})}
+    base.load_state_dict(state)
+    base.config = FocusNetConfig.from_dict({**base.config.to_dict(), "sos_thresholds": thresholds})
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    provenance = {k: v for k, v in payload["provenance"].items() if k not in ("code_version", "date")}
+    provenance["sos_heads_from"] = {**provenance.get("sos_heads_from", {}), **taken}
+    autoencoder = None
+    if "autoencoder_state" in base_meta:
+        from .networks import ShapeAutoencoder
+
+        autoencoder = ShapeAutoencoder(base.config.roi_size, width=base_meta["autoencoder_width"])
+        autoencoder.load_state_dict(base_meta["autoencoder_state"])
+    return save_bundle(base, out, provenance=provenance, overwrite=overwrite, autoencoder=autoencoder,
+                       autoencoder_width=base_meta.get("autoencoder_width", 1.0),
+                       postprocess=payload.get("postprocess"))

@@ -138,7 +138,7 @@ def _cmd_segment(args) -> int:
 
     out = Path(args.out)
     cases = _segment_inputs(args.input)
-    segmenter = Segmenter(args.model, device=args.device, precision=args.precision)
+    segmenter = Segmenter(args.model, device=args.device, precision=args.precision, backend=args.backend)
     suffix = {"seg.nrrd": ".seg.nrrd", "nifti": ".nii.gz", "nrrd": ".nrrd", "rtstruct": ".rtstruct.dcm",
               "dicomseg": ".seg.dcm"}[args.format]
     status = EXIT_OK
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
     p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32")
+    p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                   help="what runs S-Net and SOL-Net over the scan: auto = OpenVINO on the CPU (2-3x faster than "
+                        "PyTorch there, same results), PyTorch on a GPU")
     p.add_argument("--format", choices=("seg.nrrd", "nifti", "nrrd", "rtstruct", "dicomseg"), default="seg.nrrd",
                    help="rtstruct: a DICOM RT Structure Set for the planning system; dicomseg: a DICOM SEG "
                         "(both for DICOM input only)")

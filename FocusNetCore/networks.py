@@ -24,6 +24,8 @@ from .preprocess import PreprocessConfig
 
 # S-Net downsamples by (1, 2, 2) then (2, 2, 2): inputs are padded to these multiples.
 S_NET_MULTIPLE = (2, 4, 4)
+# Slices soft-maxed at once in the whole-volume pass (bounds its temporaries).
+SOFTMAX_SLICES = 8
 SOS_INPUTS = ("features+ct", "ct")
 BELOW_THRESHOLD = ("absent", "snet")
 
@@ -203,6 +205,10 @@ class FocusNetV2(nn.Module):
         self.snet = SNet(config)
         self.solnet = SOLNet(config)
         self.sosnet = SOSNet(config)
+        # The whole-volume pass's S-Net + SOL-Net on one chunk, when another
+        # runtime computes it (FocusNetCore/openvino_backend.py): a callable
+        # (1, 1, D, H, W) -> (logits, features, heat maps). None: PyTorch.
+        self.chunk_forward = None
 
     def sos_input(self, ct: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return ct if self.config.sos_input == "ct" else torch.cat([features, ct], dim=1)
@@ -256,8 +262,11 @@ class FocusNetV2(nn.Module):
             piece = volume[:, :, max(start, 0):start + chunk]
             if start < 0:  # every chunk sees 40 slices
                 piece = F.pad(piece, (0, 0, 0, 0, -start, 0), value=float(volume.min()))
-            lg, ft = self.snet(piece)
-            hm = self.solnet(ft)
+            if self.chunk_forward is not None:
+                lg, ft, hm = (t.to(piece.dtype) for t in self.chunk_forward(piece))
+            else:
+                lg, ft = self.snet(piece)
+                hm = self.solnet(ft)
             drop, lo, hi = max(-start, 0), max(start, 0), start + chunk
             if features is None:
                 whole = (depth, *ft.shape[3:])
@@ -265,12 +274,15 @@ class FocusNetV2(nn.Module):
                 heatmaps = hm.new_empty((1, hm.shape[1], *whole))
                 probabilities = torch.empty((1, lg.shape[1], *whole), dtype=torch.float16, device=lg.device)
                 labels = torch.empty((1, *whole), dtype=torch.long, device=lg.device)
-            chunk_probabilities = torch.softmax(lg[:, :, drop:].float(), dim=1)
-            labels[:, lo:hi] = chunk_probabilities.argmax(dim=1)
-            probabilities[:, :, lo:hi] = chunk_probabilities
+            # soft-max a few slices at a time: no whole-chunk float32 copy of the logits
+            for z in range(drop, lg.shape[2], SOFTMAX_SLICES):
+                part = torch.softmax(lg[:, :, z:z + SOFTMAX_SLICES].float(), dim=1)
+                at = lo + z - drop
+                labels[:, at:at + part.shape[2]] = part.argmax(dim=1)
+                probabilities[:, :, at:at + part.shape[2]] = part
             features[:, :, lo:hi] = ft[:, :, drop:]
             heatmaps[:, :, lo:hi] = hm[:, :, drop:]
-            del lg, ft, hm, chunk_probabilities
+            del lg, ft, hm
             if progress is not None:
                 progress(min(start + chunk, depth) / depth)
         kept = {"features": features} if keep_features else {}

@@ -28,7 +28,7 @@ from .bundleinfo import embedded_model_path
 from .imageio import check_finite, read_image
 from .metrics import dice
 from .networks import ShapeAutoencoder, roi_pool
-from . import postprocess
+from . import openvino_backend, postprocess
 from .organs import CATALOGUE
 from .precision import channels_last, dtype_of, for_inference, output_problem, resolve
 from .preprocess import labels_to_original, preprocess
@@ -75,9 +75,13 @@ def _quiet(stage: str, fraction: float, message: str) -> None:
 class Segmenter:
     """Loads a model bundle once and segments any number of CTs."""
 
-    def __init__(self, bundle: Union[str, Path, None] = None, device: str = "auto", precision: str = "auto"):
+    def __init__(self, bundle: Union[str, Path, None] = None, device: str = "auto", precision: str = "auto",
+                 backend: str = "auto"):
         """``precision``: "auto" (bfloat16 on CUDA and on CPUs that compute it
-        natively, else float32), "float32" or "bfloat16"; see precision.py."""
+        natively, else float32), "float32" or "bfloat16"; see precision.py.
+        ``backend``: what runs S-Net and SOL-Net over the scan: "auto"
+        (OpenVINO on the CPU where it is installed, else PyTorch), "torch" or
+        "openvino"; see openvino_backend.py."""
         path = Path(bundle) if bundle is not None else EMBEDDED_MODEL
         if bundle is None and not path.is_file():
             raise FileNotFoundError(f"{path}: the embedded model is missing from this installation")
@@ -94,7 +98,13 @@ class Segmenter:
                 self.precision = "float32"
                 print(f"focusnet: bfloat16 measured wrong on this machine ({self.precision_note}); "
                       "computing in float32", file=sys.stderr, flush=True)
+        self.backend = openvino_backend.resolve(backend, self.device)
+        float32_model = for_inference(self.model, "float32") if self.backend == "openvino" else None
         self.model = for_inference(self.model.to(self.device), self.precision)
+        if float32_model is not None:
+            self.model.chunk_forward = openvino_backend.OpenVINOChunks(
+                float32_model.snet, float32_model.solnet, self.meta["checksum"], self.config.to_dict(),
+                self.precision)
         self.autoencoder = None
         if "autoencoder_state" in self.meta:
             self.autoencoder = ShapeAutoencoder(self.config.roi_size, self.meta["autoencoder_width"])
@@ -132,6 +142,8 @@ class Segmenter:
                 "organ_set": self.config.organ_set, "code_version": prov.get("code_version", ""),
                 # why bfloat16 was not used although asked for ("" when it was used or not asked for)
                 "precision_probe": self.precision_note,
+                # what ran S-Net and SOL-Net: "torch" or "openvino"
+                "backend": self.backend,
                 # what the bundle's post-processing does (organ names per step; none for older bundles)
                 "postprocess": {k: v for k, v in (self.meta.get("postprocess") or {}).items()
                                 if k in ("largest_component", "fill_holes")}}
@@ -158,7 +170,7 @@ class Segmenter:
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        progress("inference", 0.2, f"FocusNetv2 on {self.device} ({self.precision})")
+        progress("inference", 0.2, f"FocusNetv2 on {self.device} ({self.precision}, {self.backend})")
         out = self._infer(pre.image, progress, small_organ_branch, keep_state)
         timings["inference"] = time.perf_counter() - t
 

@@ -75,3 +75,15 @@ def oriented_volume(request):
     direction, spacing = GEOMETRIES[request.param]
     ct, labels = render(*make_grid(direction, spacing))
     return request.param, ct, labels
+
+
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache(tmp_path_factory):
+    """OpenVINO's converted models (FocusNetCore/openvino_backend.py) go to a
+    folder of this test run, shared by the xdist workers and the CLI
+    subprocesses, never to the user's own cache."""
+    import os
+
+    folder = tmp_path_factory.getbasetemp().parent / "focusnet-cache"
+    os.environ["FOCUSNET_CACHE_DIR"] = str(folder)
+    return folder

@@ -118,3 +118,46 @@ def test_sos_thresholds_are_chosen_where_they_raise_validation_dice():
     assert thresholds == (0.7, 0.5, 0.5)  # the threshold nearest 0.5 that drops the rim (> 0.7 is kept)
     assert report["Lens_L"]["dice"] == 1.0 and report["Lens_L"]["dice_at_0.5"] < 0.5 and report["Lens_L"]["cases"] == 2
     assert "Pituitary" not in report
+
+
+def test_an_sos_head_moves_between_bundles_only_over_the_same_s_net(tmp_path):
+    """with_sos_heads: the donor's head for the named organ and its threshold
+    come over exactly; every other weight stays the base's; a donor whose
+    S-Net differs is refused (its head would read other features)."""
+    import dataclasses
+
+    import torch
+
+    from FocusNetCore.bundle import BundleError, save_bundle, with_sos_heads
+    from FocusNetCore.networks import FocusNetConfig, FocusNetV2
+
+    config = FocusNetConfig(width=0.125, roi_size=(8, 16, 16), sos_thresholds=(0.5,) * 6)
+    torch.manual_seed(0)
+    base = FocusNetV2(config)
+    save_bundle(base, tmp_path / "base.pt", {"name": "base"})
+    donor = FocusNetV2(dataclasses.replace(config, sos_thresholds=(0.5, 0.5, 0.5, 0.5, 0.8, 0.5)))
+    donor.load_state_dict(base.state_dict())
+    for head in donor.sosnet.heads:
+        for p in head.parameters():
+            p.data.add_(1.0)
+    save_bundle(donor, tmp_path / "donor.pt", {"name": "donor"})
+    out = with_sos_heads(tmp_path / "base.pt", {"OpticChiasm": tmp_path / "donor.pt"}, tmp_path / "mixed.pt",
+                         note="test")
+    mixed, meta = load_bundle(out)
+    k = config.organs.small_names.index("OpticChiasm")
+    assert mixed.config.sos_thresholds == (0.5, 0.5, 0.5, 0.5, 0.8, 0.5)
+    got, was, given = mixed.state_dict(), base.state_dict(), donor.state_dict()
+    for name in got:
+        expected = given if name.startswith(f"sosnet.heads.{k}.") else was
+        assert torch.equal(got[name], expected[name]), name
+    assert meta["provenance"]["name"] == "base"
+    assert meta["provenance"]["sos_heads_from"]["OpticChiasm"]["checksum"] == load_bundle(tmp_path / "donor.pt")[1]["checksum"]
+    stranger = FocusNetV2(config)  # other S-Net weights
+    save_bundle(stranger, tmp_path / "stranger.pt")
+    with pytest.raises(BundleError, match="S-Net or SOL-Net weights differ"):
+        with_sos_heads(tmp_path / "base.pt", {"Lens_L": tmp_path / "stranger.pt"}, tmp_path / "bad.pt")
+    with pytest.raises(BundleError, match="not one of the small organs"):
+        with_sos_heads(tmp_path / "base.pt", {"Brainstem": tmp_path / "donor.pt"}, tmp_path / "bad.pt")
+    with pytest.raises(FileExistsError):
+        with_sos_heads(tmp_path / "base.pt", {"OpticChiasm": tmp_path / "donor.pt"}, out)
+    assert not (tmp_path / "bad.pt").exists()

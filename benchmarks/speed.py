@@ -57,7 +57,7 @@ def build(name, classes=23):
     raise ValueError(name)
 
 
-def run_one(name, slices, repeats, device, precision):
+def run_one(name, slices, repeats, device, precision, backend="auto"):
     """Runs in a child process; prints one JSON line."""
     import SimpleITK as sitk
     import torch
@@ -78,8 +78,23 @@ def run_one(name, slices, repeats, device, precision):
     precision = policy.resolve(precision, device)
     model = build(name).to(device).eval()
     params = sum(p.numel() for p in model.parameters())
+    float32_model = policy.for_inference(model, "float32")
     model = policy.for_inference(model, precision)  # what focusnet segment runs: BN folded, channels-last, dtype
     dtype = policy.dtype_of(precision)
+    convert_s, source = None, None
+    if name == "focusnet":
+        from FocusNetCore import openvino_backend
+
+        backend = openvino_backend.resolve(backend, device)
+        if backend == "openvino":  # as Segmenter sets it up; converted once, then read from the cache
+            t = time.perf_counter()
+            model.chunk_forward = openvino_backend.OpenVINOChunks(
+                float32_model.snet, float32_model.solnet, "speed-benchmark-random-seed-0", model.config.to_dict(),
+                precision)
+            convert_s, source = time.perf_counter() - t, model.chunk_forward.source
+    else:
+        backend = "torch"
+    del float32_model
     config = PreprocessConfig()
 
     def forward(volume):
@@ -133,7 +148,8 @@ def run_one(name, slices, repeats, device, precision):
     print(json.dumps({"model": name, "params": params, "end_to_end_s": statistics.median(end_to_end),
                       "end_to_end_compact_s": statistics.median(compact),
                       "model_only_s": statistics.median(model_only), "peak_rss_mb": peak_mb, "gpu_peak_mb": gpu_mb,
-                      "device": device, "precision": precision, "threads": torch.get_num_threads()}))
+                      "device": device, "precision": precision, "threads": torch.get_num_threads(),
+                      "backend": backend, "openvino_setup_s": convert_s, "openvino_model": source}))
 
 
 def main():
@@ -143,10 +159,12 @@ def main():
     parser.add_argument("--models", default="focusnet,dynunet,segresnet")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino"),
+                        help="FocusNetv2's (as focusnet segment --backend); the peers run in PyTorch")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_one(args.one, args.slices, args.repeats, args.device, args.precision)
+        run_one(args.one, args.slices, args.repeats, args.device, args.precision, args.backend)
         return
     devices = [args.device]
     try:
@@ -160,17 +178,20 @@ def main():
         results = {}
         for name in args.models.split(","):
             out = subprocess.run([sys.executable, __file__, "--one", name, "--slices", str(args.slices),
-                                  "--repeats", str(args.repeats), "--device", device, "--precision", args.precision],
+                                  "--repeats", str(args.repeats), "--device", device, "--precision", args.precision,
+                                  "--backend", args.backend],
                                  capture_output=True, text=True, env=os.environ)
             if out.returncode != 0:
                 print(f"{name} on {device}: failed\n{out.stderr[-2000:]}")
                 continue
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
             r = results[name]
-            print(f"{device} {r['precision']:8s} {name:10s} params {r['params']:>11,}  end-to-end {r['end_to_end_s']:7.1f} s "
+            print(f"{device} {r['precision']:8s} {r['backend']:8s} {name:10s} params {r['params']:>11,}  end-to-end {r['end_to_end_s']:7.1f} s "
                   f"(with compact organs {r['end_to_end_compact_s']:6.1f} s)  "
                   f"model-only {r['model_only_s']:7.1f} s  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB"
-                  + (f"  GPU peak {r['gpu_peak_mb'] / 1024:5.2f} GB" if r["gpu_peak_mb"] else ""), flush=True)
+                  + (f"  GPU peak {r['gpu_peak_mb'] / 1024:5.2f} GB" if r["gpu_peak_mb"] else "")
+                  + (f"  (OpenVINO model {r['openvino_model']} in {r['openvino_setup_s']:.1f} s, not timed above)"
+                     if r["openvino_model"] else ""), flush=True)
         if "focusnet" in results:
             base = results["focusnet"]
             for name, r in results.items():

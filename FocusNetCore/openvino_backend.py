@@ -1,0 +1,197 @@
+"""S-Net and SOL-Net's chunk forward on the CPU through OpenVINO (issue 23).
+
+The whole-volume pass (:meth:`FocusNetV2.segment`) spends nearly all its time
+in S-Net and SOL-Net on 40-slice chunks, 77 % of it in 3-D convolutions
+(``benchmarks/profile_chunk.py``). OpenVINO's CPU plugin runs the same graph,
+exported from the very weights PyTorch holds, with fused convolution,
+activation, squeeze-excitation and residual kernels and its own memory
+planning: measured on this project's 2-core AMD CPU in float32, one
+40 x 240 x 240 paper-configuration chunk 42 s (PyTorch, BatchNorm folded,
+channels-last) -> 18 s, outputs equal within 2e-7 (``benchmarks/speed.py``
+prints the whole-CT figures).
+
+    torch module (float32, BatchNorm folded)
+        --torch.jit.trace on a small input--> OpenVINO model (dynamic D, H, W)
+        --reshape to the chunk's shape--> compiled for the CPU
+        (cached as IR per weights, network settings and versions)
+
+SOS-Net stays in PyTorch: its ROIs are small, and the worker's click-to-find
+calls it one organ at a time.
+
+Conversion (the trace and OpenVINO's PyTorch front end) costs ~8-12 s on 2
+cores, so the converted model is kept as OpenVINO IR in a cache folder
+(``FOCUSNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/focusnet``, else
+``~/.cache/focusnet``), keyed by the weights' checksum, the network
+configuration and the OpenVINO, PyTorch and FocusNet versions; reading it
+back takes milliseconds. An unreadable cache entry is converted again; a
+cache folder that cannot be written only costs the conversion.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+
+BACKENDS = ("auto", "torch", "openvino")
+# Traced at this size (a multiple of S-Net's (2, 4, 4), so the trace holds no
+# padding; any chunk shape is set by reshape before compiling).
+TRACE_SHAPE = (1, 1, 8, 32, 32)
+# The precision policy's names -> OpenVINO's inference precision hint. Set
+# explicitly: on CPUs with AMX or AVX512-BF16 OpenVINO's default is bf16.
+PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16"}
+
+
+class BackendError(ValueError):
+    pass
+
+
+def available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(backend: str, device: str) -> str:
+    """"auto" -> "openvino" on the CPU where OpenVINO is installed, else
+    "torch"; "openvino" on a GPU or without the package is refused."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "openvino" if device == "cpu" and available() else "torch"
+    if backend == "openvino":
+        if device != "cpu":
+            raise BackendError(f"the openvino backend runs on the CPU only (device {device!r} was asked for); "
+                               "use --backend torch or auto on a GPU")
+        if not available():
+            raise BackendError("the openvino backend was asked for, but the openvino package is not installed "
+                               "(pip install openvino), or use --backend torch")
+    return backend
+
+
+def cache_dir() -> Path:
+    if os.environ.get("FOCUSNET_CACHE_DIR"):
+        return Path(os.environ["FOCUSNET_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "focusnet"
+
+
+class _Chunk(nn.Module):
+    """What the whole-volume pass runs per chunk: (1, 1, D, H, W) ->
+    logits (1, K+1, D, H, W), features (1, c32, D, H, W), heat maps (1, S, D, H, W)."""
+
+    def __init__(self, snet: nn.Module, solnet: nn.Module):
+        super().__init__()
+        self.snet, self.solnet = snet, solnet
+
+    def forward(self, ct: torch.Tensor):
+        logits, features = self.snet(ct)
+        return logits, features, self.solnet(features)
+
+
+def _key(checksum: str, config: dict) -> str:
+    import openvino
+
+    text = json.dumps({"checksum": checksum, "config": config, "openvino": openvino.__version__,
+                       "torch": torch.__version__, "focusnet": __version__, "trace": TRACE_SHAPE},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _convert(snet: nn.Module, solnet: nn.Module):
+    """The chunk forward as an OpenVINO model with dynamic D, H, W (float32)."""
+    import openvino as ov
+
+    module = _Chunk(snet, solnet).eval()
+    if any(p.dtype != torch.float32 for p in module.parameters()):
+        raise BackendError("the chunk forward is converted from float32 weights (the precision is set when "
+                           "compiling)")
+    example = torch.zeros(TRACE_SHAPE)
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        # the trace warns about S-Net's padding, which is never taken at TRACE_SHAPE
+        warnings.simplefilter("ignore")
+        # Traced here without the trace's own re-run check (half the
+        # conversion time); the outputs are compared with PyTorch's in the tests.
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+        return ov.convert_model(traced, input=[ov.PartialShape([1, 1, -1, -1, -1])])
+
+
+def load_or_convert(snet: nn.Module, solnet: nn.Module, checksum: str, config: dict,
+                    folder: Optional[Path] = None) -> Tuple[object, str]:
+    """(OpenVINO model, where it came from: "cache" or "converted")."""
+    import openvino as ov
+
+    folder = Path(folder) if folder is not None else cache_dir()
+    entry = folder / "openvino" / _key(checksum, config)
+    xml = entry / "chunk.xml"
+    if xml.is_file():
+        try:
+            return ov.Core().read_model(str(xml)), "cache"
+        except Exception as error:  # damaged by hand or by a crash: convert again
+            print(f"focusnet: the OpenVINO cache entry {entry} is unreadable ({type(error).__name__}); "
+                  "converting again", file=sys.stderr, flush=True)
+            shutil.rmtree(entry, ignore_errors=True)
+    model = _convert(snet, solnet)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        ov.save_model(model, str(tmp / "chunk.xml"), compress_to_fp16=False)
+        try:
+            os.replace(tmp, entry)  # whole entry at once; another process may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as error:
+        print(f"focusnet: could not cache the OpenVINO model in {folder} ({error}); it is converted again "
+              "next time", file=sys.stderr, flush=True)
+    return model, "converted"
+
+
+class OpenVINOChunks:
+    """Callable like S-Net then SOL-Net on one chunk: (1, 1, D, H, W) tensor
+    -> (logits, features, heat maps), float32 CPU tensors. One compiled model
+    per chunk shape (the whole-volume pass uses one).
+
+    The tensors returned are OpenVINO's own output buffers (no 0.5 GB copy
+    per paper-configuration chunk): they hold until the next call with the
+    same shape, so a caller copies what it keeps, as the whole-volume pass
+    does into its whole-volume tensors."""
+
+    def __init__(self, snet: nn.Module, solnet: nn.Module, checksum: str, config: dict, precision: str,
+                 threads: Optional[int] = None, folder: Optional[Path] = None):
+        import openvino as ov
+
+        if precision not in PRECISION_HINTS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISION_HINTS)}, got {precision!r}")
+        self.model, self.source = load_or_convert(snet, solnet, checksum, config, folder)
+        self.core = ov.Core()
+        self.settings = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
+                         "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
+        self.precision = precision
+        self.compiled: Dict[tuple, object] = {}
+
+    def _request_for(self, shape: tuple):
+        if shape not in self.compiled:
+            model = self.model.clone()
+            model.reshape({model.inputs[0]: list(shape)})
+            self.compiled[shape] = self.core.compile_model(model, "CPU", self.settings).create_infer_request()
+        return self.compiled[shape]
+
+    def __call__(self, piece: torch.Tensor):
+        request = self._request_for(tuple(piece.shape))
+        array = np.ascontiguousarray(piece.detach().float().cpu().numpy())  # (1, 1, D, H, W)
+        out = request.infer({0: array}, share_outputs=True)
+        return tuple(torch.from_numpy(out[k]) for k in range(3))
