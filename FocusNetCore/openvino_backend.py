@@ -39,14 +39,18 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
+from .networks import S_NET_MULTIPLE
 
 BACKENDS = ("auto", "torch", "openvino")
 # Traced at this size (a multiple of S-Net's (2, 4, 4), so the trace holds no
 # padding; any chunk shape is set by reshape before compiling).
 TRACE_SHAPE = (1, 1, 8, 32, 32)
+# Raised whenever _Chunk's graph changes, so older cache entries are not read.
+GRAPH_VERSION = 2
 # The precision policy's names -> OpenVINO's inference precision hint. Set
 # explicitly: on CPUs with AMX or AVX512-BF16 OpenVINO's default is bf16.
 PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16"}
@@ -88,24 +92,73 @@ def cache_dir() -> Path:
     return Path(base) / "focusnet"
 
 
+class _OverConcatenation(nn.Module):
+    """An SEResBlock applied to torch.cat([a, b], dim=1), without the
+    concatenation: a convolution over concatenated channels is the sum of
+    convolutions over each part (its weight split along the input channels),
+    for the block's first 3x3x3 convolution and its 1x1x1 shortcut alike.
+    Exact up to float32 summation order; what it saves is the concatenated
+    tensor (368 channels at half resolution before S-Net's dec2 in the paper
+    configuration, 0.85 GB per chunk), which OpenVINO otherwise
+    materialises beside its parts: 0.5 GB less peak memory per chunk."""
+
+    def __init__(self, block: nn.Module, first: int):
+        super().__init__()
+        self.body_a, self.body_b = _split_conv(block.body[0], first)
+        self.body_rest = nn.Sequential(*list(block.body)[1:])
+        self.shortcut_a, self.shortcut_b = _split_conv(block.shortcut[0], first)
+        self.shortcut_rest = nn.Sequential(*list(block.shortcut)[1:])
+        self.act = block.act
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        body = self.body_rest(self.body_a(a) + self.body_b(b))
+        return self.act(body + self.shortcut_rest(self.shortcut_a(a) + self.shortcut_b(b)))
+
+
+def _split_conv(conv: nn.Conv3d, first: int) -> Tuple[nn.Conv3d, nn.Conv3d]:
+    """``conv`` over [first channels, the rest] as two convolutions (the bias on the first)."""
+    parts = []
+    for lo, hi, bias in ((0, first, conv.bias is not None), (first, conv.in_channels, False)):
+        part = nn.Conv3d(hi - lo, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                         dilation=conv.dilation, bias=bias)
+        part.weight.data = conv.weight.data[:, lo:hi].clone()
+        if bias:
+            part.bias.data = conv.bias.data.clone()
+        parts.append(part)
+    return parts[0], parts[1]
+
+
 class _Chunk(nn.Module):
     """What the whole-volume pass runs per chunk: (1, 1, D, H, W) ->
-    logits (1, K+1, D, H, W), features (1, c32, D, H, W), heat maps (1, S, D, H, W)."""
+    logits (1, K+1, D, H, W), features (1, c32, D, H, W), heat maps (1, S, D, H, W).
+    S-Net's forward (networks.SNet.forward) with its two decoder blocks taking
+    their skip concatenations as parts; at TRACE_SHAPE (a multiple of
+    S_NET_MULTIPLE) S-Net pads nothing. The tests compare the result with
+    PyTorch's S-Net and SOL-Net."""
 
     def __init__(self, snet: nn.Module, solnet: nn.Module):
         super().__init__()
         self.snet, self.solnet = snet, solnet
+        self.dec2 = _OverConcatenation(snet.dec2, snet.aspp.out_channels)
+        self.dec1 = _OverConcatenation(snet.dec1, snet.dec2.body[0].out_channels)
 
     def forward(self, ct: torch.Tensor):
-        logits, features = self.snet(ct)
-        return logits, features, self.solnet(features)
+        n = self.snet
+        s1 = n.enc1(n.stem(ct))                                      # (B, 32, D, H, W)
+        s2 = n.enc2(n.pool1(s1))                                     # (B, 48, D, H/2, W/2)
+        deep = n.aspp(n.dilated(n.enc3(n.pool2(s2))))                # (B, 320, D/2, H/4, W/4)
+        up = F.interpolate(deep, size=s2.shape[-3:], mode="trilinear", align_corners=False)
+        d2 = self.dec2(up, s2)                                       # (B, 48, D, H/2, W/2)
+        up = F.interpolate(d2, size=s1.shape[-3:], mode="trilinear", align_corners=False)
+        features = self.dec1(up, s1)                                 # (B, 32, D, H, W)
+        return n.head(features), features, self.solnet(features)
 
 
 def _key(checksum: str, config: dict) -> str:
     import openvino
 
     text = json.dumps({"checksum": checksum, "config": config, "openvino": openvino.__version__,
-                       "torch": torch.__version__, "focusnet": __version__, "trace": TRACE_SHAPE},
+                       "torch": torch.__version__, "focusnet": __version__, "trace": TRACE_SHAPE, "graph": GRAPH_VERSION},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -122,8 +175,7 @@ def _convert(snet: nn.Module, solnet: nn.Module):
     import warnings
 
     with warnings.catch_warnings(), torch.no_grad():
-        # the trace warns about S-Net's padding, which is never taken at TRACE_SHAPE
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # the tracer's notes on shapes read as numbers
         # Traced here without the trace's own re-run check (half the
         # conversion time); the outputs are compared with PyTorch's in the tests.
         traced = torch.jit.trace(module, (example,), check_trace=False)
@@ -182,6 +234,7 @@ class OpenVINOChunks:
                          "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
         self.precision = precision
         self.compiled: Dict[tuple, object] = {}
+        self.snet, self.solnet = snet, solnet  # for a chunk shape S-Net would pad (never in the whole-volume pass)
 
     def _request_for(self, shape: tuple):
         if shape not in self.compiled:
@@ -191,6 +244,10 @@ class OpenVINOChunks:
         return self.compiled[shape]
 
     def __call__(self, piece: torch.Tensor):
+        if any(n % m for n, m in zip(piece.shape[-3:], S_NET_MULTIPLE)):
+            with torch.inference_mode():
+                logits, features = self.snet(piece.float())
+                return logits, features, self.solnet(features)
         request = self._request_for(tuple(piece.shape))
         array = np.ascontiguousarray(piece.detach().float().cpu().numpy())  # (1, 1, D, H, W)
         out = request.infer({0: array}, share_outputs=True)

@@ -161,6 +161,53 @@ def test_roi_across_a_chunk_border_reads_the_stitched_volume():
     assert not ((result["labels"] == label) & (outside[:, 0] > 0)).any()
 
 
+class _Peaks(torch.nn.Module):
+    """Stand-in SOL-Net: equal heat-map peaks for the first small organ at
+    whole-volume positions, and the real SOL-Net's maps for the others."""
+
+    def __init__(self, solnet, where, chunk, first):
+        super().__init__()
+        self.solnet, self.where, self.chunk, self.first, self.calls = solnet, where, chunk, first, 0
+
+    def forward(self, features):
+        maps = self.solnet(features).clone()
+        maps[0, 0] = 0.0
+        for z, y, x in self.where:
+            z -= self.first + self.calls * self.chunk
+            if 0 <= z < features.shape[2]:
+                maps[0, 0, z, y, x] = 1.0
+        self.calls += 1
+        return maps
+
+
+@pytest.mark.parametrize("depth, where", [
+    (20, [(3, 5, 20)]), (20, [(4, 10, 10)]), (20, [(11, 2, 2)]), (20, [(12, 23, 23)]), (17, [(0, 0, 0)]),
+    (33, [(32, 12, 12)]), (9, [(8, 5, 5)]), (20, [(13, 4, 4), (3, 20, 20)]),  # a tie: the lower slice wins
+    (33, [(24, 1, 1), (25, 1, 1)])])
+def test_features_gathered_at_the_peaks_are_the_whole_volumes(depth, where):
+    """Without keep_features S-Net's features are gathered chunk by chunk at
+    the running heat-map peaks instead of kept whole: labels and SOS-Net's
+    masks are exactly those pooled from the whole volume's features, with
+    ROIs across chunk borders, at the volume's ends and on tied peaks."""
+    torch.manual_seed(1)
+    model = _tiny_model(heatmap_threshold=0.0)
+    chunk = model.config.preprocess.chunk_slices
+    model.solnet = _Peaks(model.solnet, where, chunk, first=-((-depth) % chunk))
+    volume = torch.randn(1, 1, depth, 24, 24)
+    with torch.no_grad():
+        gathered = model.segment(volume)
+        model.solnet.calls = 0
+        whole = model.segment(volume, keep_features=True)
+    assert "features" not in gathered and whole["features"].shape[2] == depth
+    assert torch.equal(gathered["labels"], whole["labels"])
+    assert torch.equal(gathered["present"], whole["present"])
+    for a, b in zip(gathered["small"], whole["small"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a[0] == b[0] and torch.equal(a[1], b[1])
+    assert whole["small"][0][0] == roi_start(min(where), model.config.roi_size)
+
+
 def test_absent_small_organ_gets_no_contour():
     model = _tiny_model(heatmap_threshold=1.01)  # no heat map can reach it
     result = model.segment(torch.randn(1, 1, 8, 24, 24))
