@@ -13,6 +13,10 @@ Every model runs as ``focusnet segment`` runs FocusNetv2
 convolutions where a model has it, channels-last-3d, and "auto" precision =
 bfloat16 weights on CUDA and on CPUs with native bfloat16 (AMX /
 AVX512-BF16), float32 elsewhere; the line of each model says which it got.
+FocusNetv2 runs S-Net and SOL-Net through OpenVINO on the CPU, as
+``focusnet segment --backend auto`` does (``--backend torch``: PyTorch);
+the peers run in PyTorch, as nnU-Net, TotalSegmentator and MONAI run them.
+The OpenVINO conversion (cached after the first run) is not timed.
 
 Input: a synthetic 512 x 512 x 120 CT at 0.98 x 0.98 x 3 mm. Random
 weights give speckled label maps, whose resampling back to the CT grid is
