@@ -26,6 +26,8 @@ from .preprocess import PreprocessConfig
 S_NET_MULTIPLE = (2, 4, 4)
 # Slices soft-maxed at once in the whole-volume pass (bounds its temporaries).
 SOFTMAX_SLICES = 8
+# The whole-volume pass keeps S-Net's class probabilities as uint8: p x 255.
+PROBABILITY_SCALE = 255.0
 SOS_INPUTS = ("features+ct", "ct")
 BELOW_THRESHOLD = ("absent", "snet")
 
@@ -241,7 +243,7 @@ class FocusNetV2(nn.Module):
     @torch.no_grad()
     def segment(self, volume: torch.Tensor, small_organ_branch: bool = True,
                 progress: Optional[Callable[[float], None]] = None,
-                keep_features: bool = False) -> Dict[str, torch.Tensor]:
+                keep_features: bool = False, keep_heatmaps: bool = True) -> Dict[str, torch.Tensor]:
         """Whole-volume inference on (1, 1, D, H, W): non-overlapping chunks
         through S-Net and SOL-Net, then each small organ's centre is the
         arg-max of its heat map over the *whole* volume, and its ROI is pooled
@@ -251,7 +253,12 @@ class FocusNetV2(nn.Module):
         ``small_organ_branch=False`` returns the S-Net's labels alone (the
         ablation's "S-Net" row). ``keep_features``: the result holds S-Net's
         whole-volume features too (``features``), for SOS-Net at other
-        points later (``focusnet worker``'s refine)."""
+        points later (``focusnet worker``'s refine). ``keep_heatmaps=False``
+        (inference, which reads only each heat map's peak): no whole-volume
+        heat maps in the result (``heatmaps`` is None) when the peaks were
+        gathered during the pass. ``probabilities``: S-Net's soft-max per
+        class as uint8, probability x PROBABILITY_SCALE rounded (for the
+        organs' confidence; a quarter of float32's memory)."""
         chunk = self.config.preprocess.chunk_slices
         depth = volume.shape[2]
         # Chunks are counted from the top slice down (the model grid is
@@ -259,7 +266,7 @@ class FocusNetV2(nn.Module):
         # below, so a scan that goes on further below has the same chunks.
         # Each chunk's results go straight into whole-volume tensors (no
         # list-then-concatenate copies); the class probabilities are kept
-        # in float16 (for the organs' confidence) and S-Net's logits not at all.
+        # in uint8 (for the organs' confidence) and S-Net's logits not at all.
         short = (-depth) % chunk
         features = heatmaps = probabilities = labels = None
         # SOS-Net reads S-Net's features only inside each small organ's ROI:
@@ -278,24 +285,26 @@ class FocusNetV2(nn.Module):
                 lg, ft = self.snet(piece)
                 hm = self.solnet(ft)
             drop, lo, hi = max(-start, 0), max(start, 0), start + chunk
-            if heatmaps is None:
+            if labels is None:
                 whole = (depth, *ft.shape[3:])
                 if keep_features:
                     features = ft.new_empty((1, ft.shape[1], *whole))
-                heatmaps = hm.new_empty((1, hm.shape[1], *whole))
-                probabilities = torch.empty((1, lg.shape[1], *whole), dtype=torch.float16, device=lg.device)
+                if keep_heatmaps or gathered is None:
+                    heatmaps = hm.new_empty((1, hm.shape[1], *whole))
+                probabilities = torch.empty((1, lg.shape[1], *whole), dtype=torch.uint8, device=lg.device)
                 labels = torch.empty((1, *whole), dtype=torch.long, device=lg.device)
             # soft-max a few slices at a time: no whole-chunk float32 copy of the logits
             for z in range(drop, lg.shape[2], SOFTMAX_SLICES):
                 part = torch.softmax(lg[:, :, z:z + SOFTMAX_SLICES].float(), dim=1)
                 at = lo + z - drop
                 labels[:, at:at + part.shape[2]] = part.argmax(dim=1)
-                probabilities[:, :, at:at + part.shape[2]] = part
+                probabilities[:, :, at:at + part.shape[2]] = (part * PROBABILITY_SCALE).round_()
             if features is not None:
                 features[:, :, lo:hi] = ft[:, :, drop:]
             if gathered is not None:
                 gathered.add(ft[:, :, drop:], hm[:, :, drop:], lo)
-            heatmaps[:, :, lo:hi] = hm[:, :, drop:]
+            if heatmaps is not None:
+                heatmaps[:, :, lo:hi] = hm[:, :, drop:]
             del lg, ft, hm
             if progress is not None:
                 progress(min(start + chunk, depth) / depth)
@@ -306,7 +315,10 @@ class FocusNetV2(nn.Module):
         small_labels = self.config.organs.small_labels
         present, small = [], []
         for k, (head, label) in enumerate(zip(self.sosnet.heads, small_labels)):
-            peak = float(heatmaps[0, k].max())
+            if gathered is not None:
+                peak = gathered.best[k][0] if gathered.best[k] is not None else float("-inf")  # no finite peak
+            else:
+                peak = float(heatmaps[0, k].max())
             if peak < self.config.heatmap_threshold:
                 if self.config.below_threshold == "snet" and bool((labels == label).any()):
                     present.append(True)  # SOL-Net missed it, S-Net did not: S-Net's contour stays
@@ -318,10 +330,16 @@ class FocusNetV2(nn.Module):
             # A small organ lies inside its ROI only: S-Net's votes for it
             # elsewhere are false positives.
             labels[labels == label] = 0
-            centre = argmax_3d(heatmaps[0, k])
+            if gathered is not None:
+                centre = gathered.best[k][1]
+                if heatmaps is not None and argmax_3d(heatmaps[0, k]) != centre:
+                    raise RuntimeError(f"small organ {k}: the heat map's peak is not the one gathered "
+                                       f"({gathered.best[k]}); the heat maps are not finite?")
+            else:
+                centre = argmax_3d(heatmaps[0, k])
             start = roi_start(centre, self.config.roi_size)
             prob = head(self.sos_roi(volume, features, start,
-                                     gathered.roi(k, centre) if gathered is not None else None))[:, 0]  # (1, 8, 64, 64)
+                                     gathered.rois[k] if gathered is not None else None))[:, 0]  # (1, 8, 64, 64)
             mask = prob > self.config.sos_threshold(k)
             small.append((start, prob))
             region = roi_pool(labels.unsqueeze(1).float(), start, self.config.roi_size)[:, 0].long()
@@ -370,12 +388,6 @@ class _FeaturesAtPeaks:
         tail = features[:, :, -depth:] if self.tail is None else torch.cat([self.tail, features[:, :, -depth:]], 2)
         self.tail = tail[:, :, -depth:].clone()  # a copy: the chunk's own buffer is reused
         self.tail_lo = lo + n - self.tail.shape[2]
-
-    def roi(self, k: int, centre: Tuple[int, int, int]) -> torch.Tensor:
-        if self.best[k] is None or tuple(self.best[k][1]) != tuple(centre):
-            raise RuntimeError(f"small organ {k}: the heat map's peak {centre} is not the one gathered "
-                               f"({self.best[k]}); the heat maps are not finite?")
-        return self.rois[k]
 
 
 def argmax_3d(volume: torch.Tensor) -> Tuple[int, int, int]:

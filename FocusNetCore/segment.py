@@ -27,7 +27,7 @@ from .bundle import load_bundle
 from .bundleinfo import embedded_model_path
 from .imageio import check_finite, read_image
 from .metrics import dice
-from .networks import ShapeAutoencoder, roi_pool
+from .networks import PROBABILITY_SCALE, ShapeAutoencoder, roi_pool
 from . import openvino_backend, postprocess
 from .organs import CATALOGUE
 from .precision import channels_last, dtype_of, for_inference, output_problem, resolve
@@ -213,7 +213,7 @@ class Segmenter:
     def _run(self, volume: torch.Tensor, progress: Progress, branch: bool = True, keep: bool = False) -> dict:
         volume = channels_last(volume.to(self.device, dtype_of(self.precision)))
         with torch.inference_mode():
-            return self.model.segment(volume, small_organ_branch=branch, keep_features=keep,
+            return self.model.segment(volume, small_organ_branch=branch, keep_features=keep, keep_heatmaps=False,
                                       progress=lambda f: progress("inference", 0.2 + 0.6 * f, f"segmenting {f:.0%}"))
 
     def _organ_results(self, labels: sitk.Image, model_labels: np.ndarray, out: dict) -> List[OrganResult]:
@@ -243,7 +243,7 @@ class Segmenter:
                 confidence = float(values.mean()) if values.numel() else None
                 shape = self._shape_score(region)
             elif inside.any():
-                confidence = float(probabilities[label].float().cpu()[inside].mean())
+                confidence = float(probabilities[label].float().cpu()[inside].mean()) / PROBABILITY_SCALE
             results.append(OrganResult(name, label, True, volume, centroid,
                                        None if confidence is None else round(confidence, 4),
                                        None if shape is None else round(shape, 4), typical))

@@ -206,6 +206,11 @@ def test_features_gathered_at_the_peaks_are_the_whole_volumes(depth, where):
         if a is not None:
             assert a[0] == b[0] and torch.equal(a[1], b[1])
     assert whole["small"][0][0] == roi_start(min(where), model.config.roi_size)
+    # inference keeps no whole-volume heat maps: the same answer from the gathered peaks
+    model.solnet.calls = 0
+    with torch.no_grad():
+        lean = model.segment(volume, keep_heatmaps=False)
+    assert lean["heatmaps"] is None and torch.equal(lean["labels"], whole["labels"])
 
 
 def test_absent_small_organ_gets_no_contour():

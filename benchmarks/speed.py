@@ -103,7 +103,7 @@ def run_one(name, slices, repeats, device, precision, backend="auto"):
 
     def forward(volume):
         if name == "focusnet":
-            return model.segment(volume)["labels"]
+            return model.segment(volume, keep_heatmaps=False)["labels"]  # as Segmenter runs it
         outs = []
         for start in range(0, volume.shape[2], config.chunk_slices):
             piece = volume[:, :, start:start + config.chunk_slices]
