@@ -92,7 +92,9 @@ def check_finite(path, image: sitk.Image) -> None:
     file): the network would turn them into contours that look like any other."""
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating):
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        # a few slices at a time: no whole-scan boolean copy of a long scan
+        bad = sum(int(part.size - np.count_nonzero(np.isfinite(part))) for part in np.array_split(
+            array, max(1, array.shape[0] // 16)))
         if bad:
             raise ImageReadError(path, f"{bad} of its {array.size} voxels are not finite numbers (NaN or "
                                  "infinity); the volume is damaged or was converted wrongly")

@@ -439,9 +439,11 @@ def write_case(case: PhantomCase, out, fmt: str, overwrite: bool = False) -> lis
 def with_body_below(image: sitk.Image, slices: int, neck_slices: int) -> sitk.Image:
     """The scan going on ``slices`` slices further down (LPS order, geometry
     kept): first ``neck_slices`` of neck (its lowest slice repeated), then
-    thorax (a wide body, two lungs, a vertebra). For tests and benchmarks of
-    scans longer than the head-and-neck band."""
+    thorax (a wide body, two lungs, a vertebra), in the scan's own pixel type
+    (int16 for the phantoms, as scanners write CT). For tests and benchmarks
+    of scans longer than the head-and-neck band."""
     image = sitk.DICOMOrient(image, "LPS")
+    pixel = sitk.GetArrayViewFromImage(image).dtype
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     _, h, w = array.shape
     y, x = np.indices((h, w))
@@ -452,7 +454,7 @@ def with_body_below(image: sitk.Image, slices: int, neck_slices: int) -> sitk.Im
     thorax[((x - w / 2) / (0.04 * w)) ** 2 + ((y - h / 2 - 0.22 * h) / (0.04 * h)) ** 2 <= 1] = 700.0
     neck = min(neck_slices, slices)
     below = np.concatenate([np.repeat(thorax[None], slices - neck, axis=0), np.repeat(array[:1], neck, axis=0)])
-    longer = sitk.GetImageFromArray(np.concatenate([below, array]))
+    longer = sitk.GetImageFromArray(np.concatenate([below, array]).astype(pixel))
     longer.SetSpacing(image.GetSpacing())
     longer.SetDirection(image.GetDirection())
     longer.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, -slices)))

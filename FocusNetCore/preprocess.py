@@ -183,7 +183,8 @@ def locate_head(image: sitk.Image) -> HeadLocation:
     # Work on the LPS-ordered copy (a flip/permutation of the array, no
     # resampling), so flipped acquisitions are shrunk from the same end and
     # give exactly the same centre.
-    image = sitk.DICOMOrient(image, "LPS")
+    if not np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.eye(3)):  # already LPS: no whole-scan copy
+        image = sitk.DICOMOrient(image, "LPS")
     spacing = image.GetSpacing()
     factors = [max(1, int(round(HEAD_FINDER_SPACING_MM / spacing[0]))),
                max(1, int(round(HEAD_FINDER_SPACING_MM / spacing[1]))), 1]

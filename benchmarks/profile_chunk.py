@@ -108,8 +108,7 @@ def openvino_profile(config, precision, volume, top):
     start = time.perf_counter()
     request.infer({0: array}, share_outputs=True)
     total = time.perf_counter() - start
-    print(f"
-OpenVINO {ov.__version__} (model {source}): S-Net + SOL-Net {total:.2f} s; "
+    print(f"\nOpenVINO {ov.__version__} (model {source}): S-Net + SOL-Net {total:.2f} s; "
           f"its buffers and outputs add {added:.2f} GB to the process")
     by_type, layers = collections.Counter(), []
     for info in request.profiling_info:
@@ -117,12 +116,10 @@ OpenVINO {ov.__version__} (model {source}): S-Net + SOL-Net {total:.2f} s; "
         by_type[f"{info.node_type} ({info.exec_type})"] += seconds
         layers.append((seconds, info.node_name, info.node_type))
     counted = sum(by_type.values())
-    print("
-By layer type:")
+    print("\nBy layer type:")
     for name, seconds in by_type.most_common(top):
         print(f"  {name:45s} {seconds:6.2f} s  {100 * seconds / counted:5.1f} %")
-    print(f"
-Layers (top {top}):")
+    print(f"\nLayers (top {top}):")
     for seconds, name, kind in sorted(layers, reverse=True)[:top]:
         print(f"  {name[:80]:80s} {kind:12s} {seconds:6.2f} s  {100 * seconds / counted:5.1f} %")
 
