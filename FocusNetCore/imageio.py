@@ -273,7 +273,20 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> sit
         image = reader.Execute()
     except RuntimeError as error:
         raise ImageReadError(folder, f"could not read the CT series: {str(error).strip().splitlines()[-1]}") from None
-    return image
+    return _narrowed(image)
+
+
+def _narrowed(image: sitk.Image) -> sitk.Image:
+    """GDCM returns a rescaled CT series as 32-bit integers; held in int16
+    when every value fits (Hounsfield units do), it takes half the memory
+    for the whole segmentation (a 480-slice 512 x 512 series: 0.25 GB)."""
+    wide = (sitk.sitkInt32, sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64, sitk.sitkUInt16)
+    if image.GetPixelID() not in wide:
+        return image
+    array = sitk.GetArrayViewFromImage(image)
+    if array.size and (int(array.min()) < -32768 or int(array.max()) > 32767):
+        return image
+    return sitk.Cast(image, sitk.sitkInt16)  # the geometry comes along
 
 
 # --------------------------------------------------------------------------

@@ -51,6 +51,13 @@ def test_dicom_series_round_trip_applies_rescale(tmp_path, direction):
     back = read_image(tmp_path / "series")
     assert_same_geometry(back, ct)
     assert np.allclose(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(ct))
+    # held as int16 (GDCM gives int32): half the memory, the same Hounsfield units
+    assert back.GetPixelID() == sitk.sitkInt16
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
+    wide = reader.Execute()
+    assert wide.GetPixelID() != sitk.sitkInt16
+    assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(wide))
 
 
 def test_dicom_folder_with_several_series_chooses_ct(tmp_path):
