@@ -283,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32")
     p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
-                   help="what runs S-Net and SOL-Net over the scan: auto = OpenVINO on the CPU (2-3x faster than "
-                        "PyTorch there, same results), PyTorch on a GPU")
+                   help="what runs S-Net and SOL-Net over the scan: auto = OpenVINO on the CPU (1.3-1.7x PyTorch's speed "
+                        "there, same results), PyTorch on a GPU")
     p.add_argument("--format", choices=("seg.nrrd", "nifti", "nrrd", "rtstruct", "dicomseg"), default="seg.nrrd",
                    help="rtstruct: a DICOM RT Structure Set for the planning system; dicomseg: a DICOM SEG "
                         "(both for DICOM input only)")

@@ -5,10 +5,11 @@ in S-Net and SOL-Net on 40-slice chunks, 77 % of it in 3-D convolutions
 (``benchmarks/profile_chunk.py``). OpenVINO's CPU plugin runs the same graph,
 exported from the very weights PyTorch holds, with fused convolution,
 activation, squeeze-excitation and residual kernels and its own memory
-planning: measured on this project's 2-core AMD CPU in float32, one
-40 x 240 x 240 paper-configuration chunk 42 s (PyTorch, BatchNorm folded,
-channels-last) -> 18 s, outputs equal within 2e-7 (``benchmarks/speed.py``
-prints the whole-CT figures).
+planning: measured on this project's 2-core AMD CPU in float32
+(``benchmarks/profile_chunk.py``), one 40 x 240 x 240 paper-configuration
+chunk 23.3 s (PyTorch, BatchNorm folded, channels-last) -> 16.8 s, outputs
+equal within 3e-7; a whole 120-slice CT's network 77.0 s -> 58.7 s
+(``benchmarks/speed.py``).
 
     torch module (float32, BatchNorm folded)
         --torch.jit.trace on a small input--> OpenVINO model (dynamic D, H, W)

@@ -26,7 +26,7 @@ REQUIREMENTS: Dict[str, str] = {
     # The review's surface Dice (Nikolov et al.'s reference implementation;
     # pure Python, brings absl-py).
     "surface_distance": "surface-distance>=0.1",
-    # S-Net and SOL-Net on the CPU, 2-3x PyTorch's speed there (the
+    # S-Net and SOL-Net on the CPU, 1.3-1.7x PyTorch's speed there (the
     # segmentation subprocess falls back to PyTorch without it); pip picks
     # the last release with wheels for Slicer's Python.
     "openvino": "openvino>=2024.0",
