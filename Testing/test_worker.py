@@ -65,14 +65,14 @@ def test_open_segments_once_and_writes_the_contours(opened):
     assert seg.GetSize() == case.image.GetSize() and seg.GetOrigin() == pytest.approx(case.image.GetOrigin())
 
 
-@pytest.mark.parametrize("organ, at_least", [("Lens_L", 0.6), ("Lens_R", 0.6), ("Pituitary", 0.75)])
+@pytest.mark.parametrize("organ, at_least", [("Lens_L", 0.7), ("Lens_R", 0.65), ("Pituitary", 0.75)])
 def test_refine_at_the_true_centre_gives_the_organ(opened, organ, at_least):
     """A click at a small organ's centre: SOS-Net's mask, on the CT's own grid
     over the ROI only, matches the phantom's organ - in well under a second
-    (measured in benchmarks/click_latency.py; here only bounded). The floors
-    are what the embedded model measures on this held-out phantom (Lens_L
-    0.62, Lens_R 0.67, Pituitary 0.83 with its SOS-Net thresholds); issue
-    22 asks 0.7 of the lenses, which this model does not reach (issue 19)."""
+    (measured in benchmarks/click_latency.py; here only bounded). Issue 22
+    asks Dice >= 0.7 for the lenses with the embedded model: on this phantom
+    it measures Lens_L 0.73, Lens_R 0.67, Pituitary 0.83 (over phantoms
+    1000-1004 the lenses average 0.65 and 0.72: issue 19)."""
     worker, _, case, folder = opened
     labels, point = true_centre_lps(case, organ)
     answer = worker.ask({"op": "refine", "organ": organ, "point": point, "out": str(folder / f"{organ}.nrrd")})
