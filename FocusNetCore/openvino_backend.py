@@ -237,6 +237,27 @@ class OpenVINOChunks:
         self.compiled: Dict[tuple, object] = {}
         self.snet, self.solnet = snet, solnet  # for a chunk shape S-Net would pad (never in the whole-volume pass)
 
+    def check_bfloat16(self) -> str:
+        """"" when OpenVINO's bfloat16 (the hint set for "bfloat16") gives
+        S-Net logits close to PyTorch's float32 on a fixed input, else why
+        not; then this object computes in float32 from here on. The same
+        measurement as the PyTorch path's (precision.output_problem): CPU
+        flags alone do not say whether bfloat16 is right."""
+        if self.precision != "bfloat16":
+            return ""
+        from .precision import output_problem
+
+        generator = torch.Generator().manual_seed(0)
+        volume = torch.randn(TRACE_SHAPE, generator=generator)
+        with torch.inference_mode():
+            expected = self.snet(volume)[0]
+        problem = output_problem(self(volume)[0], expected, "OpenVINO's S-Net output")
+        if problem:
+            self.precision = "float32"
+            self.settings["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS["float32"]
+            self.compiled.clear()
+        return problem
+
     def _request_for(self, shape: tuple):
         if shape not in self.compiled:
             model = self.model.clone()

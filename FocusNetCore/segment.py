@@ -102,9 +102,14 @@ class Segmenter:
         float32_model = for_inference(self.model, "float32") if self.backend == "openvino" else None
         self.model = for_inference(self.model.to(self.device), self.precision)
         if float32_model is not None:
-            self.model.chunk_forward = openvino_backend.OpenVINOChunks(
-                float32_model.snet, float32_model.solnet, self.meta["checksum"], self.config.to_dict(),
-                self.precision)
+            chunks = openvino_backend.OpenVINOChunks(float32_model.snet, float32_model.solnet, self.meta["checksum"],
+                                                     self.config.to_dict(), self.precision)
+            problem = chunks.check_bfloat16()
+            if problem:
+                self.precision_note = problem
+                print(f"focusnet: OpenVINO's bfloat16 measured wrong on this machine ({problem}); its S-Net and "
+                      "SOL-Net compute in float32", file=sys.stderr, flush=True)
+            self.model.chunk_forward = chunks
         self.autoencoder = None
         if "autoencoder_state" in self.meta:
             self.autoencoder = ShapeAutoencoder(self.config.roi_size, self.meta["autoencoder_width"])

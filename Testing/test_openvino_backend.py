@@ -104,3 +104,21 @@ def test_segment_command_reports_its_backend(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         report = json.loads(next((tmp_path / backend).glob("*.json")).read_text())
         assert report["model"]["backend"] == ("torch" if backend == "torch" else "openvino")
+
+
+def test_bfloat16_is_measured_before_it_is_used(tmp_path):
+    """As on the PyTorch path, bfloat16 is checked on a fixed input against
+    float32 before use, and off-tolerance answers fall back to float32 (here
+    a reference network with other weights stands in for a machine whose
+    bfloat16 is wrong)."""
+    torch.manual_seed(0)
+    model = for_inference(FocusNetV2(TINY), "float32")
+    chunks = openvino_backend.OpenVINOChunks(model.snet, model.solnet, "tiny-weights", TINY.to_dict(), "bfloat16",
+                                             folder=tmp_path)
+    assert chunks.check_bfloat16() == "" and chunks.precision == "bfloat16"
+    chunks.snet = for_inference(FocusNetV2(TINY), "float32").snet  # other weights: far from what OpenVINO computes
+    problem = chunks.check_bfloat16()
+    assert "differs from float32" in problem
+    assert chunks.precision == "float32" and chunks.settings["INFERENCE_PRECISION_HINT"] == "f32"
+    assert openvino_backend.OpenVINOChunks(model.snet, model.solnet, "tiny-weights", TINY.to_dict(), "float32",
+                                           folder=tmp_path).check_bfloat16() == ""
