@@ -19,7 +19,7 @@ equal within 3e-7; a whole 120-slice CT's network 77.0 s -> 58.7 s
 SOS-Net stays in PyTorch: its ROIs are small, and the worker's click-to-find
 calls it one organ at a time.
 
-Conversion (the trace and OpenVINO's PyTorch front end) costs ~8-12 s on 2
+Conversion (the trace and OpenVINO's PyTorch front end) costs 3-4 s on 2
 cores, so the converted model is kept as OpenVINO IR in a cache folder
 (``FOCUSNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/focusnet``, else
 ``~/.cache/focusnet``), keyed by the weights' checksum, the network
