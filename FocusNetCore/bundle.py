@@ -151,6 +151,7 @@ def with_sos_heads(path, donors: Dict[str, str], out, overwrite: bool = False, n
     organs = base.config.organs
     state = base.state_dict()
     thresholds = [base.config.sos_threshold(k) for k in range(len(organs.small_names))]
+    shared = [name for name in state if not name.startswith("sosnet.")]
     taken = {}
     for organ, donor_path in donors.items():
         if organ not in organs.small_names:
@@ -159,7 +160,6 @@ def with_sos_heads(path, donors: Dict[str, str], out, overwrite: bool = False, n
         if donor.config.organs.names != organs.names or donor.config.roi_size != base.config.roi_size:
             raise BundleError(donor_path, f"its organs or ROI differ from {path}'s")
         donor_state = donor.state_dict()
-        shared = [name for name in state if not name.startswith("sosnet.")]
         if set(donor_state) != set(state) or any(not torch.equal(state[n], donor_state[n]) for n in shared):
             raise BundleError(donor_path, f"its S-Net or SOL-Net weights differ from {path}'s: an SOS-Net "
                               "head only fits the features it was trained on")
@@ -173,8 +173,7 @@ def with_sos_heads(path, donors: Dict[str, str], out, overwrite: bool = False, n
                         **({"note": note} if note else {})}
     base.load_state_dict(state)
     base.config = FocusNetConfig.from_dict({**base.config.to_dict(), "sos_thresholds": thresholds})
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    provenance = {k: v for k, v in payload["provenance"].items() if k not in ("code_version", "date")}
+    provenance = {k: v for k, v in base_meta["provenance"].items() if k not in ("code_version", "date")}
     provenance["sos_heads_from"] = {**provenance.get("sos_heads_from", {}), **taken}
     autoencoder = None
     if "autoencoder_state" in base_meta:
@@ -184,4 +183,4 @@ def with_sos_heads(path, donors: Dict[str, str], out, overwrite: bool = False, n
         autoencoder.load_state_dict(base_meta["autoencoder_state"])
     return save_bundle(base, out, provenance=provenance, overwrite=overwrite, autoencoder=autoencoder,
                        autoencoder_width=base_meta.get("autoencoder_width", 1.0),
-                       postprocess=payload.get("postprocess"))
+                       postprocess=base_meta.get("postprocess"))

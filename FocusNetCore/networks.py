@@ -254,9 +254,9 @@ class FocusNetV2(nn.Module):
         ablation's "S-Net" row). ``keep_features``: the result holds S-Net's
         whole-volume features too (``features``), for SOS-Net at other
         points later (``focusnet worker``'s refine). ``keep_heatmaps=False``
-        (inference, which reads only each heat map's peak): no whole-volume
-        heat maps in the result (``heatmaps`` is None) when the peaks were
-        gathered during the pass. ``probabilities``: S-Net's soft-max per
+        (inference, which reads only each heat map's peak, gathered during
+        the pass): no whole-volume heat maps in the result (``heatmaps`` is
+        None). ``probabilities``: S-Net's soft-max per
         class as uint8, probability x PROBABILITY_SCALE rounded (for the
         organs' confidence; a quarter of float32's memory)."""
         chunk = self.config.preprocess.chunk_slices
@@ -270,11 +270,10 @@ class FocusNetV2(nn.Module):
         short = (-depth) % chunk
         features = heatmaps = probabilities = labels = None
         # SOS-Net reads S-Net's features only inside each small organ's ROI:
-        # without keep_features they are gathered at the running heat-map
-        # peaks chunk by chunk instead of kept whole (0.8 GB less at 107
-        # slices in the paper configuration; the same ROIs).
-        gathered = (_FeaturesAtPeaks(len(self.sosnet.heads), self.config.roi_size)
-                    if small_organ_branch and not keep_features else None)
+        # they are gathered at the running heat-map peaks chunk by chunk, and
+        # kept whole only for keep_features (0.8 GB less at 107 slices in the
+        # paper configuration; the same ROIs).
+        gathered = _FeaturesAtPeaks(len(self.sosnet.heads), self.config.roi_size) if small_organ_branch else None
         for start in range(-short, depth, chunk):
             piece = volume[:, :, max(start, 0):start + chunk]
             if start < 0:  # every chunk sees 40 slices
@@ -289,7 +288,7 @@ class FocusNetV2(nn.Module):
                 whole = (depth, *ft.shape[3:])
                 if keep_features:
                     features = ft.new_empty((1, ft.shape[1], *whole))
-                if keep_heatmaps or gathered is None:
+                if keep_heatmaps:
                     heatmaps = hm.new_empty((1, hm.shape[1], *whole))
                 probabilities = torch.empty((1, lg.shape[1], *whole), dtype=torch.uint8, device=lg.device)
                 labels = torch.empty((1, *whole), dtype=torch.long, device=lg.device)
@@ -315,11 +314,8 @@ class FocusNetV2(nn.Module):
         small_labels = self.config.organs.small_labels
         present, small = [], []
         for k, (head, label) in enumerate(zip(self.sosnet.heads, small_labels)):
-            if gathered is not None:
-                peak = gathered.best[k][0] if gathered.best[k] is not None else float("-inf")  # no finite peak
-            else:
-                peak = float(heatmaps[0, k].max())
-            if peak < self.config.heatmap_threshold:
+            best = gathered.best[k]
+            if best is None or best[0] < self.config.heatmap_threshold:  # None: no finite peak
                 if self.config.below_threshold == "snet" and bool((labels == label).any()):
                     present.append(True)  # SOL-Net missed it, S-Net did not: S-Net's contour stays
                 else:
@@ -330,16 +326,8 @@ class FocusNetV2(nn.Module):
             # A small organ lies inside its ROI only: S-Net's votes for it
             # elsewhere are false positives.
             labels[labels == label] = 0
-            if gathered is not None:
-                centre = gathered.best[k][1]
-                if heatmaps is not None and argmax_3d(heatmaps[0, k]) != centre:
-                    raise RuntimeError(f"small organ {k}: the heat map's peak is not the one gathered "
-                                       f"({gathered.best[k]}); the heat maps are not finite?")
-            else:
-                centre = argmax_3d(heatmaps[0, k])
-            start = roi_start(centre, self.config.roi_size)
-            prob = head(self.sos_roi(volume, features, start,
-                                     gathered.rois[k] if gathered is not None else None))[:, 0]  # (1, 8, 64, 64)
+            start = roi_start(best[1], self.config.roi_size)
+            prob = head(self.sos_roi(volume, None, start, gathered.rois[k]))[:, 0]               # (1, 8, 64, 64)
             mask = prob > self.config.sos_threshold(k)
             small.append((start, prob))
             region = roi_pool(labels.unsqueeze(1).float(), start, self.config.roi_size)[:, 0].long()

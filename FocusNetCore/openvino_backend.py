@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -173,8 +174,6 @@ def _convert(snet: nn.Module, solnet: nn.Module):
         raise BackendError("the chunk forward is converted from float32 weights (the precision is set when "
                            "compiling)")
     example = torch.zeros(TRACE_SHAPE)
-    import warnings
-
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's notes on shapes read as numbers
         # Traced here without the trace's own re-run check (half the
@@ -274,3 +273,14 @@ class OpenVINOChunks:
         array = np.ascontiguousarray(piece.detach().float().cpu().numpy())  # (1, 1, D, H, W)
         out = request.infer({0: array}, share_outputs=True)
         return tuple(torch.from_numpy(out[k]) for k in range(3))
+
+
+def for_model(model: nn.Module, checksum: str, precision: str) -> Tuple["OpenVINOChunks", str]:
+    """OpenVINO's chunk forward for ``model`` (float32 weights, as loaded),
+    computing in ``precision`` and checked in bfloat16 (see
+    :meth:`OpenVINOChunks.check_bfloat16`): (chunks, the problem found or "")."""
+    from .precision import for_inference
+
+    reference = for_inference(model, "float32")  # BatchNorm folded, as inference runs it
+    chunks = OpenVINOChunks(reference.snet, reference.solnet, checksum, model.config.to_dict(), precision)
+    return chunks, chunks.check_bfloat16()

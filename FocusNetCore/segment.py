@@ -99,12 +99,10 @@ class Segmenter:
                 print(f"focusnet: bfloat16 measured wrong on this machine ({self.precision_note}); "
                       "computing in float32", file=sys.stderr, flush=True)
         self.backend = openvino_backend.resolve(backend, self.device)
-        float32_model = for_inference(self.model, "float32") if self.backend == "openvino" else None
-        self.model = for_inference(self.model.to(self.device), self.precision)
-        if float32_model is not None:
-            chunks = openvino_backend.OpenVINOChunks(float32_model.snet, float32_model.solnet, self.meta["checksum"],
-                                                     self.config.to_dict(), self.precision)
-            problem = chunks.check_bfloat16()
+        loaded = self.model.to(self.device)
+        self.model = for_inference(loaded, self.precision)
+        if self.backend == "openvino":
+            chunks, problem = openvino_backend.for_model(loaded, self.meta["checksum"], self.precision)
             if problem:
                 self.precision_note = problem
                 print(f"focusnet: OpenVINO's bfloat16 measured wrong on this machine ({problem}); its S-Net and "

@@ -82,7 +82,7 @@ def run_one(name, slices, repeats, device, precision, backend="auto"):
     precision = policy.resolve(precision, device)
     model = build(name).to(device).eval()
     params = sum(p.numel() for p in model.parameters())
-    float32_model = policy.for_inference(model, "float32")
+    loaded = model
     model = policy.for_inference(model, precision)  # what focusnet segment runs: BN folded, channels-last, dtype
     dtype = policy.dtype_of(precision)
     convert_s, source = None, None
@@ -92,13 +92,11 @@ def run_one(name, slices, repeats, device, precision, backend="auto"):
         backend = openvino_backend.resolve(backend, device)
         if backend == "openvino":  # as Segmenter sets it up; converted once, then read from the cache
             t = time.perf_counter()
-            model.chunk_forward = openvino_backend.OpenVINOChunks(
-                float32_model.snet, float32_model.solnet, "speed-benchmark-random-seed-0", model.config.to_dict(),
-                precision)
+            model.chunk_forward, _ = openvino_backend.for_model(loaded, "speed-benchmark-random-seed-0", precision)
             convert_s, source = time.perf_counter() - t, model.chunk_forward.source
     else:
         backend = "torch"
-    del float32_model
+    del loaded
     config = PreprocessConfig()
 
     def forward(volume):
