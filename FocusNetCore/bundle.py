@@ -45,15 +45,19 @@ def non_finite_tensors(state_dict: Dict[str, torch.Tensor], prefix: str = "") ->
 
 def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, overwrite: bool = False,
                 autoencoder: Optional[nn.Module] = None, autoencoder_width: float = 1.0,
-                postprocess: Optional[dict] = None) -> Path:
+                postprocess: Optional[dict] = None, click_heads: Optional[dict] = None) -> Path:
     """Write the bundle; ``autoencoder`` (the trained shape autoencoder) lets
     inference score how plausible each small organ's shape is;
-    ``postprocess`` is the plan of FocusNetCore.postprocess. Refuses
+    ``postprocess`` is the plan of FocusNetCore.postprocess; ``click_heads``
+    the SOS-Net heads click-to-find uses (see with_click_heads), as
+    load_bundle returns them. Refuses
     weights or a presence threshold that are not finite: such a model would
     draw nothing or anything, on every scan."""
     bad = non_finite_tensors(model.state_dict())
     if autoencoder is not None:
         bad += non_finite_tensors(autoencoder.state_dict(), "autoencoder.")
+    for organ, head in (click_heads or {}).items():
+        bad += non_finite_tensors(head["state_dict"], f"click_heads.{organ}.")
     if not math.isfinite(float(model.config.heatmap_threshold)):
         bad.append(f"heatmap_threshold = {model.config.heatmap_threshold}")
     if bad:
@@ -77,6 +81,8 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
         aae_state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
         payload["autoencoder"] = {"width": float(autoencoder_width), "state_dict": aae_state,
                                   "checksum": weights_checksum(aae_state)}
+    if click_heads:
+        payload["click_heads"] = {organ: _click_head_entry(head) for organ, head in click_heads.items()}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_output(Path(path), overwrite) as tmp:
@@ -109,6 +115,18 @@ def load_bundle(path, map_location="cpu") -> Tuple[FocusNetV2, dict]:
     model = FocusNetV2(config)
     model.load_state_dict(state)
     model.eval()
+    click_heads = payload.get("click_heads") or {}
+    for organ, head in click_heads.items():
+        if organ not in config.organs.small_names:
+            raise BundleError(path, f"a click-to-find head for {organ!r}, which is not one of its small organs")
+        if weights_checksum(head["state_dict"]) != head.get("checksum"):
+            raise BundleError(path, f"click-to-find head {organ}: weights checksum mismatch: the file was altered "
+                              "or damaged")
+        try:
+            click_head(config, organ, head["state_dict"])
+        except RuntimeError as error:
+            raise BundleError(path, f"click-to-find head {organ} does not fit its network: "
+                              f"{str(error).splitlines()[0][:200]}") from None
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "autoencoder")}
     meta["checksum"] = payload["checksum"]
     if aae is not None:
@@ -135,6 +153,54 @@ def with_postprocess(path, plan: dict, out, overwrite: bool = False,
     return Path(out)
 
 
+def donor_heads(path, base: FocusNetV2, organs_to_donors: Dict[str, str]):
+    """Per organ of ``organs_to_donors`` (small organ name -> bundle path):
+    (index k, the donor's SOS-Net head k state, its threshold, provenance
+    entry). A donor must share ``base``'s S-Net and SOL-Net weights exactly:
+    a head only fits the features it was trained on."""
+    organs = base.config.organs
+    state = base.state_dict()
+    shared = [name for name in state if not name.startswith("sosnet.")]
+    out, loaded = {}, {}
+    for organ, donor_path in organs_to_donors.items():
+        if organ not in organs.small_names:
+            raise BundleError(path, f"{organ!r} is not one of the small organs ({', '.join(organs.small_names)})")
+        key = str(donor_path)
+        if key not in loaded:
+            donor, donor_meta = load_bundle(donor_path)
+            if donor.config.organs.names != organs.names or donor.config.roi_size != base.config.roi_size:
+                raise BundleError(donor_path, f"its organs or ROI differ from {path}'s")
+            donor_state = donor.state_dict()
+            if set(donor_state) != set(state) or any(not torch.equal(state[n], donor_state[n]) for n in shared):
+                raise BundleError(donor_path, f"its S-Net or SOL-Net weights differ from {path}'s: an SOS-Net "
+                                  "head only fits the features it was trained on")
+            loaded[key] = donor, donor_meta
+        donor, donor_meta = loaded[key]
+        k = organs.small_names.index(organ)
+        prefix = f"sosnet.heads.{k}."
+        head = {name[len(prefix):]: t for name, t in donor.state_dict().items() if name.startswith(prefix)}
+        out[organ] = (k, head, donor.config.sos_threshold(k),
+                      {"bundle": Path(donor_path).name, "checksum": donor_meta["checksum"]})
+    return out
+
+
+def _resave(base: FocusNetV2, base_meta: dict, out, overwrite: bool, provenance: dict,
+            click_heads: Optional[dict]) -> Path:
+    autoencoder = None
+    if "autoencoder_state" in base_meta:
+        from .networks import ShapeAutoencoder
+
+        autoencoder = ShapeAutoencoder(base.config.roi_size, width=base_meta["autoencoder_width"])
+        autoencoder.load_state_dict(base_meta["autoencoder_state"])
+    return save_bundle(base, out, provenance=provenance, overwrite=overwrite, autoencoder=autoencoder,
+                       autoencoder_width=base_meta.get("autoencoder_width", 1.0),
+                       postprocess=base_meta.get("postprocess"), click_heads=click_heads)
+
+
+def _kept_provenance(meta: dict) -> dict:
+    return {k: v for k, v in meta["provenance"].items() if k not in ("code_version", "date")}
+
+
 def with_sos_heads(path, donors: Dict[str, str], out, overwrite: bool = False, note: str = "") -> Path:
     """A copy of the bundle at ``path`` whose SOS-Net head for each organ in
     ``donors`` (small organ name -> bundle path), with that head's
@@ -144,43 +210,64 @@ def with_sos_heads(path, donors: Dict[str, str], out, overwrite: bool = False, n
     the CT, so a head can move between bundles only where S-Net and SOL-Net
     are the very same weights (a bundle trained further from this one at its
     ``sos`` stage, ``focusnet train --from-model --from-stage sos``): anything
-    else is refused. Post-processing plan and autoencoder are ``path``'s own;
-    the provenance records where each head came from (``note``: how the donor
-    was made, how the heads were chosen)."""
+    else is refused. Post-processing plan, autoencoder and click-to-find
+    heads are ``path``'s own; the provenance records where each head came
+    from (``note``: how the donor was made, how the heads were chosen)."""
     base, base_meta = load_bundle(path)
-    organs = base.config.organs
     state = base.state_dict()
-    thresholds = [base.config.sos_threshold(k) for k in range(len(organs.small_names))]
-    shared = [name for name in state if not name.startswith("sosnet.")]
+    thresholds = [base.config.sos_threshold(k) for k in range(len(base.config.organs.small_names))]
     taken = {}
-    for organ, donor_path in donors.items():
-        if organ not in organs.small_names:
-            raise BundleError(path, f"{organ!r} is not one of the small organs ({', '.join(organs.small_names)})")
-        donor, donor_meta = load_bundle(donor_path)
-        if donor.config.organs.names != organs.names or donor.config.roi_size != base.config.roi_size:
-            raise BundleError(donor_path, f"its organs or ROI differ from {path}'s")
-        donor_state = donor.state_dict()
-        if set(donor_state) != set(state) or any(not torch.equal(state[n], donor_state[n]) for n in shared):
-            raise BundleError(donor_path, f"its S-Net or SOL-Net weights differ from {path}'s: an SOS-Net "
-                              "head only fits the features it was trained on")
-        k = organs.small_names.index(organ)
-        prefix = f"sosnet.heads.{k}."
-        for name in state:
-            if name.startswith(prefix):
-                state[name] = donor_state[name]
-        thresholds[k] = donor.config.sos_threshold(k)
-        taken[organ] = {"bundle": Path(donor_path).name, "checksum": donor_meta["checksum"],
-                        **({"note": note} if note else {})}
+    for organ, (k, head, threshold, source) in donor_heads(path, base, donors).items():
+        for name, tensor in head.items():
+            state[f"sosnet.heads.{k}.{name}"] = tensor
+        thresholds[k] = threshold
+        taken[organ] = {**source, **({"note": note} if note else {})}
     base.load_state_dict(state)
     base.config = FocusNetConfig.from_dict({**base.config.to_dict(), "sos_thresholds": thresholds})
-    provenance = {k: v for k, v in base_meta["provenance"].items() if k not in ("code_version", "date")}
+    provenance = _kept_provenance(base_meta)
     provenance["sos_heads_from"] = {**provenance.get("sos_heads_from", {}), **taken}
-    autoencoder = None
-    if "autoencoder_state" in base_meta:
-        from .networks import ShapeAutoencoder
+    return _resave(base, base_meta, out, overwrite, provenance, base_meta.get("click_heads"))
 
-        autoencoder = ShapeAutoencoder(base.config.roi_size, width=base_meta["autoencoder_width"])
-        autoencoder.load_state_dict(base_meta["autoencoder_state"])
-    return save_bundle(base, out, provenance=provenance, overwrite=overwrite, autoencoder=autoencoder,
-                       autoencoder_width=base_meta.get("autoencoder_width", 1.0),
-                       postprocess=base_meta.get("postprocess"))
+
+def with_click_heads(path, heads: Dict[str, Tuple[str, float]], out, overwrite: bool = False,
+                     note: str = "", scores: Optional[Dict[str, dict]] = None) -> Path:
+    """A copy of the bundle at ``path`` that answers click-to-find (``focusnet
+    worker``'s ``refine``) for each organ of ``heads`` (small organ name ->
+    (donor bundle path, probability threshold)) with the donor's SOS-Net
+    head for that organ; written atomically.
+
+    The pipeline's own heads are trained and chosen for ROIs centred where
+    SOL-Net points, with its error; a click lands near the organ's true
+    centre, where a head trained with less ROI-centre noise can do better
+    (issue 22). The segmentation itself is unchanged: only ``refine`` uses
+    these. Donors must share ``path``'s S-Net and SOL-Net (as for
+    with_sos_heads). ``scores``: per organ, how the head was chosen (stored
+    in its entry and shown by the worker's log)."""
+    base, base_meta = load_bundle(path)
+    donors = {organ: donor for organ, (donor, _) in heads.items()}
+    click = dict(base_meta.get("click_heads") or {})
+    for organ, (k, head, _, source) in donor_heads(path, base, donors).items():
+        threshold = float(heads[organ][1])
+        if not 0.0 < threshold < 1.0:
+            raise BundleError(path, f"click-to-find threshold for {organ} must lie in (0, 1), got {threshold}")
+        click[organ] = {"state_dict": head, "threshold": threshold,
+                        "from": {**source, **({"note": note} if note else {}),
+                                 **({"chosen_on": scores[organ]} if scores and organ in scores else {})}}
+    return _resave(base, base_meta, out, overwrite, _kept_provenance(base_meta), click)
+
+
+def click_head(config: FocusNetConfig, organ: str, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
+    """SOS-Net's head for ``organ`` under ``config``, holding ``state_dict``
+    (a click-to-find head), in eval mode; raises RuntimeError if the weights
+    do not fit."""
+    from .networks import SOSNet
+
+    head = SOSNet(config).heads[config.organs.small_names.index(organ)]
+    head.load_state_dict(state_dict, strict=True)
+    return head.eval()
+
+
+def _click_head_entry(head: dict) -> dict:
+    state = {k: v.detach().cpu().contiguous() for k, v in head["state_dict"].items()}
+    return {"state_dict": state, "checksum": weights_checksum(state), "threshold": float(head["threshold"]),
+            "from": dict(head.get("from") or {})}

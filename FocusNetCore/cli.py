@@ -392,6 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
     p.set_defaults(func=_cmd_postprocess)
 
+    p = sub.add_parser("click-heads", help="choose click-to-find's SOS-Net head per small organ (the bundle's own or a "
+                                           "donor's) at the organs' true centres on cases with ground truth, and write "
+                                           "the bundle with them")
+    p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
+    p.add_argument("--donor", dest="donors", action="append", default=[], metavar="BUNDLE",
+                   help="a bundle trained from --model at its sos stage (`focusnet train --from-model --from-stage "
+                        "sos`), whose heads are candidates; repeat for several")
+    p.add_argument("--data", required=True,
+                   help="cases with ground truth, as `focusnet train` reads them, used for nothing else (all are used)")
+    p.add_argument("--note", default="", help="how the donors were made (kept in the bundle)")
+    p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
+    p.set_defaults(func=_cmd_click_heads)
+
     p = sub.add_parser("demo", help="the main job on its embedded default: a phantom case end to end")
     p.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     p.add_argument("--seed", type=int, default=2026, help="phantom seed (default 2026, never used in training)")
@@ -483,6 +496,44 @@ def _cmd_postprocess(args) -> int:
     print(f"validation mean Dice {mean_dice(pairs, organs):.4f} without, {mean_dice(pairs, organs, plan):.4f} with")
     with_postprocess(segmenter.bundle_path, plan, args.out, sos_thresholds=thresholds)
     print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def _cmd_click_heads(args) -> int:
+    import tempfile
+
+    from .bundle import donor_heads, load_bundle, with_click_heads
+    from .data import load_training_cases
+    from .postprocess import choose_click_heads
+    from .segment import EMBEDDED_MODEL
+    from .train import sos_samples_of_heads
+
+    base = Path(args.model) if args.model else EMBEDDED_MODEL
+    model, _ = load_bundle(base)  # float32, as trained (BatchNorm not folded: heads compare as stored)
+    organs = model.config.organs
+    sources = [str(base)] + list(args.donors)
+    donor_models = [load_bundle(path)[0] for path in args.donors]
+    for donor in args.donors:  # only heads over the very same S-Net compare (and fit): refused before any work
+        donor_heads(base, model, {organs.small_names[0]: donor})
+    with tempfile.TemporaryDirectory() as cache:
+        cases, _ = load_training_cases(args.data, cache, model.config.preprocess, organs, print)
+    if not cases:
+        raise ValueError(f"{args.data}: no usable cases with ground truth")
+    candidates = sos_samples_of_heads(model, [model.sosnet.heads] + [m.sosnet.heads for m in donor_models], cases)
+    pipeline = [model.config.sos_threshold(k) for k in range(len(organs.small_names))]
+    chosen, report = choose_click_heads(candidates, pipeline, organs.small_names)
+    for name, row in report.items():
+        scores = ", ".join(f"{'its own' if c == 0 else sources[c]} {r['dice']:.3f} at {r['threshold']}"
+                           for c, r in enumerate(row["candidates"]))
+        verdict = (f"click head from {sources[chosen[name][0]]} at {chosen[name][1]}" if name in chosen
+                   else "the pipeline's head")
+        print(f"{name}: Dice at the true centre over {row['cases']} case(s): pipeline {row['pipeline']:.3f}; {scores} "
+              f"-> {verdict}")
+    heads = {name: (sources[c], t) for name, (c, t) in chosen.items()}
+    scores = {name: {"data": str(args.data), "cases": report[name]["cases"], "pipeline_dice": report[name]["pipeline"],
+                     "dice": report[name]["candidates"][chosen[name][0]]["dice"]} for name in chosen}
+    with_click_heads(base, heads, args.out, note=args.note, scores=scores)
+    print(f"wrote {args.out} (click-to-find heads: {', '.join(chosen) or 'none'})")
     return EXIT_OK
 
 

@@ -134,3 +134,33 @@ def choose_sos_thresholds(samples: Dict[str, List[Tuple[np.ndarray, np.ndarray]]
         report[name] = {"threshold": best, "dice_at_0.5": round(scores[0.5], 4), "dice": round(scores[best], 4),
                         "cases": len(pairs)}
     return tuple(chosen), report
+
+
+def choose_click_heads(candidates: Sequence[Dict[str, List[Tuple[np.ndarray, np.ndarray]]]],
+                       pipeline_thresholds: Sequence[float], small_names: Sequence[str],
+                       margin: float = 0.01) -> Tuple[Dict[str, Tuple[int, float]], Dict[str, dict]]:
+    """Click-to-find's head per small organ. ``candidates[c][name]``: (SOS-Net
+    probability ROI at the organ's true centre, true mask) pairs of candidate
+    head set ``c`` (``candidates[0]``: the bundle's own heads, which the
+    pipeline uses at ``pipeline_thresholds``). For each candidate the
+    threshold is chosen as choose_sos_thresholds does; an organ gets a click
+    head (candidate index, threshold) only where one beats the pipeline's
+    head at its own threshold by more than ``margin`` mean Dice. Returns the
+    choice and, per organ, the Dice of each candidate and of the pipeline."""
+    chosen, report = {}, {}
+    for k, name in enumerate(small_names):
+        pairs = candidates[0].get(name) or []
+        if not pairs:
+            continue
+        pipeline = float(np.mean([dice(prob > pipeline_thresholds[k], truth) for prob, truth in pairs]))
+        scored = []
+        for samples in candidates:
+            (threshold,), rows = choose_sos_thresholds({name: samples.get(name) or []}, (name,))
+            scored.append((rows[name]["dice"] if name in rows else 0.0, threshold))
+        best = max(range(len(scored)), key=lambda c: (scored[c][0], -c))
+        report[name] = {"pipeline": round(pipeline, 4), "cases": len(pairs),
+                        "candidates": [{"dice": round(d, 4), "threshold": t} for d, t in scored]}
+        if scored[best][0] > pipeline + margin:
+            chosen[name] = (best, scored[best][1])
+            report[name]["chosen"] = best
+    return chosen, report

@@ -24,10 +24,12 @@ may carry an ``id``, which its answer repeats.
         volume file: .nrrd, .nii.gz, .mha).
         -> {"id": 2, "ok": true, "organ": "Lens_L", "mask": "work/lens.nrrd",
             "region": [i0, j0, k0, i1, j1, k1], "voxels": 140, "volume_cc": 0.21,
-            "probability": 0.83, "seconds": 0.05}
+            "head": "click", "probability": 0.83, "seconds": 0.05}
         ``region``: the mask's voxel box on the CT's grid (start inclusive,
         stop exclusive, (i, j, k) order): the contour is to be replaced inside
-        it only.
+        it only. ``head``: "click" where the bundle has a click-to-find head
+        for the organ (bundle.with_click_heads: chosen for ROIs centred on
+        the organ itself), else "pipeline" (the head the segmentation used).
     {"id": 3, "op": "close"}      forget the case (its features)
     {"id": 4, "op": "quit"}       end the process (so does the end of stdin)
 
@@ -65,9 +67,20 @@ class WorkerError(ValueError):
 
 class Worker:
     def __init__(self, segmenter: Segmenter):
+        from .bundle import click_head
+        from .precision import for_inference
+
         self.segmenter = segmenter
         self.state: Optional[dict] = None
         self.case: Optional[str] = None
+        # The bundle's click-to-find heads (bundle.with_click_heads), where it
+        # has them: SOS-Net heads chosen for ROIs at the organ itself rather
+        # than where SOL-Net points. Other organs use the pipeline's head.
+        # Prepared as the segmenter prepared the model (BatchNorm folded, its precision, its device).
+        self.click_heads = {
+            organ: (for_inference(click_head(segmenter.config, organ, entry["state_dict"]), segmenter.precision)
+                    .to(segmenter.device), float(entry["threshold"]))
+            for organ, entry in (segmenter.meta.get("click_heads") or {}).items()}
 
     # -- requests ----------------------------------------------------------------
     def open(self, ct: str, out: Optional[str] = None) -> dict:
@@ -93,6 +106,7 @@ class Worker:
         write_image(mask, out, overwrite=True)
         voxels = int(sitk.GetArrayViewFromImage(mask).sum())
         return {"organ": organ, "mask": str(out), "region": region, "voxels": voxels,
+                "head": "click" if organ in self.click_heads else "pipeline",
                 "volume_cc": round(voxels * float(np.prod(mask.GetSpacing())) / 1000.0, 4),
                 "probability": probability, "seconds": round(time.perf_counter() - start, 3)}
 
@@ -135,10 +149,11 @@ class Worker:
         roi = config.roi_size
         roi_corner = roi_start(centre, roi)
         model = self.segmenter.model
+        head, threshold = self.click_heads.get(organ) or (model.sosnet.heads[k], config.sos_threshold(k))
         with torch.inference_mode():
-            prob = model.sosnet.heads[k](model.sos_roi(self.state["volume"], self.state["features"], roi_corner))
+            prob = head(model.sos_roi(self.state["volume"], self.state["features"], roi_corner))
         prob = prob[0, 0].float().cpu().numpy()
-        mask = _component_at(prob > config.sos_threshold(k), tuple(c - s for c, s in zip(centre, roi_corner)))
+        mask = _component_at(prob > threshold, tuple(c - s for c, s in zip(centre, roi_corner)))
         probability = round(float(prob[mask].mean()), 4) if mask.any() else None
         # The ROI on the model grid -> the CT's grid, over the ROI's extent only.
         roi_grid = pre.grid.sub_grid(roi_corner[::-1], roi[::-1])
@@ -220,6 +235,8 @@ def _answer(stdout: IO[str], request_id, payload: dict) -> None:
 
 def main(model: Optional[str] = None, device: str = "auto") -> int:
     segmenter = Segmenter(model, device=device)
-    print(f"focusnet worker: ready ({segmenter.model_info['name']}, {segmenter.device}, {segmenter.precision})",
+    worker = Worker(segmenter)
+    print(f"focusnet worker: ready ({segmenter.model_info['name']}, {segmenter.device}, {segmenter.precision}; "
+          f"click-to-find heads: {', '.join(worker.click_heads) or 'none, the pipeline heads answer'})",
           file=sys.stderr, flush=True)
-    return serve(Worker(segmenter), sys.stdin, sys.stdout, sys.stderr)
+    return serve(worker, sys.stdin, sys.stdout, sys.stderr)

@@ -1,0 +1,150 @@
+"""Click-to-find's own SOS-Net heads (issue 22): chosen per small organ at the
+organs' true centres, stored in the bundle beside the pipeline's heads, and
+used by ``focusnet worker``'s ``refine`` only."""
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FocusNetCore.bundle import BundleError, load_bundle, save_bundle, with_click_heads, with_sos_heads
+from FocusNetCore.networks import FocusNetConfig, FocusNetV2
+from FocusNetCore.phantom import generate_case, write_case
+from FocusNetCore.postprocess import choose_click_heads
+from FocusNetCore.segment import EMBEDDED_MODEL, Segmenter
+from FocusNetCore.worker import Worker
+
+SMALL = ("Lens_L", "Lens_R", "OpticNrv_L", "OpticNrv_R", "OpticChiasm", "Pituitary")
+
+
+def test_a_click_head_is_chosen_only_where_it_beats_the_pipeline():
+    """Per organ: the pipeline's head at its own threshold is the bar; a
+    candidate (the bundle's own head at a better threshold, or a donor's)
+    must clear it by the margin; an organ no case holds gets nothing."""
+    truth = np.zeros((4, 10, 10), bool)
+    truth[1:3, 3:6, 3:6] = True
+    spilling = np.where(truth, 0.97, 0.0)
+    spilling[0:4, 2:7, 2:7] = np.maximum(spilling[0:4, 2:7, 2:7], 0.7)  # right above 0.7, too large at 0.5
+    sharp = np.where(truth, 0.8, 0.1)
+    half = np.where(truth, 0.8, 0.1)
+    half[1] = 0.1  # finds half the organ
+    own = {"Lens_L": [(spilling, truth)], "Lens_R": [(half, truth)], "Pituitary": [(sharp, truth)]}
+    donor = {"Lens_L": [(spilling, truth)], "Lens_R": [(sharp, truth)], "Pituitary": [(sharp, truth)]}
+    chosen, report = choose_click_heads([own, donor], (0.5,) * 6, SMALL)
+    assert chosen == {"Lens_L": (0, 0.7), "Lens_R": (1, 0.5)}  # a tie goes to the bundle's own head
+    assert report["Lens_L"]["pipeline"] < 0.5 and report["Lens_L"]["candidates"][0]["dice"] == 1.0
+    assert report["Pituitary"]["pipeline"] == 1.0 and "chosen" not in report["Pituitary"]
+    assert "OpticChiasm" not in report
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """A tiny base bundle and a donor trained "further" from it: the same
+    S-Net and SOL-Net, other SOS-Net heads, Lens_L's threshold 0.6."""
+    folder = tmp_path_factory.mktemp("click-heads")
+    config = FocusNetConfig(width=0.125, roi_size=(8, 16, 16), sos_thresholds=(0.5,) * 6)
+    torch.manual_seed(0)
+    base = FocusNetV2(config)
+    save_bundle(base, folder / "base.pt", {"name": "base"})
+    donor = FocusNetV2(dataclasses.replace(config, sos_thresholds=(0.6, 0.5, 0.5, 0.5, 0.5, 0.5)))
+    donor.load_state_dict(base.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    for head in donor.sosnet.heads:
+        for p in head.parameters():
+            p.data.add_(0.3 * torch.randn(p.shape, generator=generator))
+    donor.sosnet.heads[0].head.bias.data.fill_(0.4)  # probabilities about the threshold 0.6: a mask to compare
+    save_bundle(donor, folder / "donor.pt", {"name": "donor"})
+    out = with_click_heads(folder / "base.pt", {"Lens_L": (folder / "donor.pt", 0.6)}, folder / "click.pt",
+                           note="test", scores={"Lens_L": {"dice": 0.9}})
+    case = generate_case(1700, "small")
+    write_case(case, folder, "nrrd")
+    return folder, out, case
+
+
+def test_click_heads_travel_in_the_bundle_and_leave_the_pipeline_as_it_was(bundles):
+    folder, out, _ = bundles
+    model, meta = load_bundle(out)
+    base, base_meta = load_bundle(folder / "base.pt")
+    donor, donor_meta = load_bundle(folder / "donor.pt")
+    assert meta["checksum"] == base_meta["checksum"]  # the segmentation's weights are the base's, unchanged
+    entry = meta["click_heads"]["Lens_L"]
+    assert set(meta["click_heads"]) == {"Lens_L"} and entry["threshold"] == 0.6
+    for name, tensor in donor.sosnet.heads[0].state_dict().items():
+        assert torch.equal(entry["state_dict"][name], tensor), name
+    assert entry["from"]["checksum"] == donor_meta["checksum"] and entry["from"]["chosen_on"] == {"dice": 0.9}
+    # further bundle edits keep them
+    again = with_sos_heads(out, {"Pituitary": folder / "donor.pt"}, folder / "click+sos.pt")
+    assert set(load_bundle(again)[1]["click_heads"]) == {"Lens_L"}
+    # a changed click head is refused by name, as changed weights are
+    payload = torch.load(out, weights_only=True)
+    payload["click_heads"]["Lens_L"]["state_dict"]["head.bias"] += 1.0
+    torch.save(payload, folder / "tampered.pt")
+    with pytest.raises(BundleError, match="click-to-find head Lens_L: weights checksum mismatch"):
+        load_bundle(folder / "tampered.pt")
+    # a donor over another S-Net, a threshold outside (0, 1): refused, nothing written
+    save_bundle(FocusNetV2(base.config), folder / "stranger.pt")
+    with pytest.raises(BundleError, match="S-Net or SOL-Net weights differ"):
+        with_click_heads(folder / "base.pt", {"Lens_L": (folder / "stranger.pt", 0.5)}, folder / "bad.pt")
+    with pytest.raises(BundleError, match="threshold for Lens_L must lie in"):
+        with_click_heads(folder / "base.pt", {"Lens_L": (folder / "donor.pt", 1.0)}, folder / "bad.pt")
+    assert not (folder / "bad.pt").exists()
+
+
+def test_refine_answers_with_the_click_head_as_its_donor_would(bundles):
+    """The worker on the bundle with a click head for Lens_L places Lens_L
+    exactly as the donor's own pipeline head would (same features, same
+    head, same threshold) and every other organ as the base would."""
+    folder, out, case = bundles
+    ct = str(folder / f"{case.name}_ct.nrrd")
+    workers = {}
+    for name, path in (("click", out), ("base", folder / "base.pt"), ("donor", folder / "donor.pt")):
+        workers[name] = Worker(Segmenter(path, device="cpu", precision="float32", backend="torch"))
+        workers[name].open(ct)
+    point = case.image.TransformContinuousIndexToPhysicalPoint([v / 2 for v in case.image.GetSize()])
+    point = [point[0] + 30.0, point[1] - 60.0, point[2] + 20.0]  # somewhere in the head; the heads differ anywhere
+
+    def mask(name, organ):
+        image, region, _ = workers[name].place(organ, point)
+        return sitk.GetArrayFromImage(image), region
+
+    click, region = mask("click", "Lens_L")
+    donor, donor_region = mask("donor", "Lens_L")
+    base, _ = mask("base", "Lens_L")
+    assert region == donor_region and np.array_equal(click, donor)
+    assert click.any() and not np.array_equal(click, base)  # the click head, not the pipeline's, answered
+    assert np.array_equal(mask("click", "Lens_R")[0], mask("base", "Lens_R")[0])
+    answer = workers["click"].refine("Lens_L", point, str(folder / "lens.nrrd"))
+    assert answer["head"] == "click"
+    assert workers["click"].refine("Lens_R", point, str(folder / "lens_r.nrrd"))["head"] == "pipeline"
+
+
+def test_click_heads_command_writes_the_chosen_heads(tmp_path):
+    """`focusnet click-heads` on the embedded model with a donor over its
+    S-Net: every small organ scored and reported, the bundle written with
+    the segmentation's weights unchanged; a donor over another S-Net is
+    refused by name, before any work and with nothing written."""
+    base, _ = load_bundle(EMBEDDED_MODEL)
+    donor = FocusNetV2(base.config)
+    donor.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        donor.sosnet.heads[1].head.bias.add_(-2.0)  # a worse right lens
+    save_bundle(donor, tmp_path / "donor.pt")
+    write_case(generate_case(1701, "small"), tmp_path / "cases", "nrrd")
+    command = [sys.executable, "-m", "FocusNetCore", "click-heads", "--donor", str(tmp_path / "donor.pt"),
+               "--data", str(tmp_path / "cases")]
+    run = subprocess.run(command + ["--out", str(tmp_path / "click.pt")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name in SMALL[:2]:
+        assert f"{name}: Dice at the true centre over 1 case(s)" in run.stdout
+    model, meta = load_bundle(tmp_path / "click.pt")
+    assert meta["checksum"] == load_bundle(EMBEDDED_MODEL)[1]["checksum"]
+    assert all(entry["from"]["bundle"] != "donor.pt" for organ, entry in (meta.get("click_heads") or {}).items()
+               if organ == "Lens_R")  # the worse head is never chosen
+    save_bundle(FocusNetV2(base.config), tmp_path / "stranger.pt")
+    bad = subprocess.run(command[:4] + [str(tmp_path / "stranger.pt")] + command[5:] + ["--out", str(tmp_path / "x.pt")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "stranger.pt: its S-Net or SOL-Net weights differ" in bad.stderr
+    assert not (tmp_path / "x.pt").exists()
