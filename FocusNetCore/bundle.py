@@ -241,11 +241,12 @@ def with_click_heads(path, heads: Dict[str, Tuple[str, float]], out, overwrite: 
     centre, where a head trained with less ROI-centre noise can do better
     (issue 22). The segmentation itself is unchanged: only ``refine`` uses
     these. Donors must share ``path``'s S-Net and SOL-Net (as for
-    with_sos_heads). ``scores``: per organ, how the head was chosen (stored
-    in its entry and shown by the worker's log)."""
+    with_sos_heads). The copy's click-to-find heads are exactly these (any
+    ``path`` had are dropped). ``scores``: per organ, how the head was
+    chosen (stored in its entry)."""
     base, base_meta = load_bundle(path)
     donors = {organ: donor for organ, (donor, _) in heads.items()}
-    click = dict(base_meta.get("click_heads") or {})
+    click = {}  # exactly these: any the bundle had are replaced
     for organ, (k, head, _, source) in donor_heads(path, base, donors).items():
         threshold = float(heads[organ][1])
         if not 0.0 < threshold < 1.0:

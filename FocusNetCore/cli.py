@@ -500,39 +500,57 @@ def _cmd_postprocess(args) -> int:
 
 
 def _cmd_click_heads(args) -> int:
-    import tempfile
-
-    from .bundle import donor_heads, load_bundle, with_click_heads
-    from .data import load_training_cases
-    from .postprocess import choose_click_heads
-    from .segment import EMBEDDED_MODEL
-    from .train import sos_samples_of_heads
+    from .bundle import click_head, donor_heads, load_bundle, with_click_heads
+    from .data import discover_cases, load_case
+    from .postprocess import SOS_THRESHOLDS, choose_click_heads
+    from .precision import for_inference
+    from .segment import EMBEDDED_MODEL, Segmenter
+    from .worker import Worker
 
     base = Path(args.model) if args.model else EMBEDDED_MODEL
-    model, _ = load_bundle(base)  # float32, as trained (BatchNorm not folded: heads compare as stored)
+    model, _ = load_bundle(base)  # as stored (BatchNorm not folded): donors' heads are compared with it
     organs = model.config.organs
     sources = [str(base)] + list(args.donors)
-    donor_models = [load_bundle(path)[0] for path in args.donors]
-    for donor in args.donors:  # only heads over the very same S-Net compare (and fit): refused before any work
-        donor_heads(base, model, {organs.small_names[0]: donor})
-    with tempfile.TemporaryDirectory() as cache:
-        cases, _ = load_training_cases(args.data, cache, model.config.preprocess, organs, print)
+    donors = [donor_heads(base, model, {name: donor for name in organs.small_names}) for donor in args.donors]
+    cases, problems = discover_cases(args.data)
+    for problem in problems:
+        print(f"skipped: {problem}")
     if not cases:
-        raise ValueError(f"{args.data}: no usable cases with ground truth")
-    candidates = sos_samples_of_heads(model, [model.sosnet.heads] + [m.sosnet.heads for m in donor_models], cases)
+        raise ValueError(f"{args.data}: no cases with ground truth")
+    segmenter = Segmenter(base, device="cpu", precision="float32")
+    worker = Worker(segmenter)
+    worker.click_heads = {}  # the candidates are scored, not the bundle's current choice
+    thresholds = sorted(set(SOS_THRESHOLDS) | {model.config.sos_threshold(k) for k in range(len(organs.small_names))})
+    heads = {name: [segmenter.model.sosnet.heads[k]] +
+             [for_inference(click_head(model.config, name, donor[name][1]), segmenter.precision) for donor in donors]
+             for k, name in enumerate(organs.small_names)}
+    rows = {name: [] for name in organs.small_names}
+    for source in cases:
+        image, labels, _ = load_case(source, organs)
+        worker.open(str(source.image))
+        for name in organs.small_names:
+            truth = labels == organs.label_of(name)
+            if not truth.any():
+                continue
+            centre = np.argwhere(truth).mean(axis=0)[::-1]  # (i, j, k)
+            point = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in centre])
+            rows[name].append(worker.dice_of_heads(name, point, heads[name], thresholds, truth))
+        print(f"{source.name}: scored", flush=True)
+    scores = [{name: np.array([r[c] for r in found]) for name, found in rows.items() if found}
+              for c in range(len(sources))]
     pipeline = [model.config.sos_threshold(k) for k in range(len(organs.small_names))]
-    chosen, report = choose_click_heads(candidates, pipeline, organs.small_names)
+    chosen, report = choose_click_heads(scores, thresholds, pipeline, organs.small_names)
     for name, row in report.items():
-        scores = ", ".join(f"{'its own' if c == 0 else sources[c]} {r['dice']:.3f} at {r['threshold']}"
+        listed = ", ".join(f"{'its own' if c == 0 else sources[c]} {r['dice']:.3f} at {r['threshold']}"
                            for c, r in enumerate(row["candidates"]))
         verdict = (f"click head from {sources[chosen[name][0]]} at {chosen[name][1]}" if name in chosen
                    else "the pipeline's head")
-        print(f"{name}: Dice at the true centre over {row['cases']} case(s): pipeline {row['pipeline']:.3f}; {scores} "
-              f"-> {verdict}")
-    heads = {name: (sources[c], t) for name, (c, t) in chosen.items()}
-    scores = {name: {"data": str(args.data), "cases": report[name]["cases"], "pipeline_dice": report[name]["pipeline"],
-                     "dice": report[name]["candidates"][chosen[name][0]]["dice"]} for name in chosen}
-    with_click_heads(base, heads, args.out, note=args.note, scores=scores)
+        print(f"{name}: Dice at the true centre (CT grid) over {row['cases']} case(s): pipeline {row['pipeline']:.3f} (gain s.e. {row['gain_standard_error']:.3f}); "
+              f"{listed} -> {verdict}")
+    picked = {name: (sources[c], t) for name, (c, t) in chosen.items()}
+    chosen_on = {name: {"data": str(args.data), "cases": report[name]["cases"], "pipeline_dice": report[name]["pipeline"],
+                        "dice": report[name]["candidates"][chosen[name][0]]["dice"]} for name in chosen}
+    with_click_heads(base, picked, args.out, note=args.note, scores=chosen_on)
     print(f"wrote {args.out} (click-to-find heads: {', '.join(chosen) or 'none'})")
     return EXIT_OK
 

@@ -954,20 +954,14 @@ class _progress:
             self.bar.close()
 
 
+@torch.no_grad()
 def sos_samples(model: FocusNetV2, cases, device: str = "cpu") -> Dict[str, List[Tuple[np.ndarray, np.ndarray]]]:
     """Per small organ, SOS-Net's probability ROI at the organ's true centre
     and the true mask there, on each case (on the model grid) that holds it."""
-    return sos_samples_of_heads(model, [model.sosnet.heads], cases, device)[0]
+    from .networks import roi_start
 
-
-@torch.no_grad()
-def sos_samples_of_heads(model: FocusNetV2, head_sets, cases,
-                         device: str = "cpu") -> List[Dict[str, List[Tuple[np.ndarray, np.ndarray]]]]:
-    """sos_samples for each of ``head_sets`` (sequences of SOS-Net heads, one
-    per small organ, all reading ``model``'s S-Net features), with S-Net run
-    once per case."""
     organs, roi = model.config.organs, model.config.roi_size
-    out: List[Dict[str, List[Tuple[np.ndarray, np.ndarray]]]] = [{} for _ in head_sets]
+    out: Dict[str, List[Tuple[np.ndarray, np.ndarray]]] = {}
     for case in cases:
         volume = torch.as_tensor(case.image, device=device)[None, None]
         features = model.segment(volume, small_organ_branch=False, keep_features=True)["features"]
@@ -977,11 +971,9 @@ def sos_samples_of_heads(model: FocusNetV2, head_sets, cases,
             if not len(where):
                 continue
             start = roi_start(tuple(int(round(v)) for v in where.mean(axis=0)), roi)
-            pooled = model.sos_roi(volume, features, start)
+            prob = model.sosnet.heads[k](model.sos_roi(volume, features, start))[0, 0].float().cpu().numpy()
             truth = roi_pool((labels == label).float(), start, roi)[0, 0].numpy() > 0.5
-            for samples, heads in zip(out, head_sets):
-                prob = heads[k](pooled)[0, 0].float().cpu().numpy()
-                samples.setdefault(name, []).append((prob, truth))
+            out.setdefault(name, []).append((prob, truth))
     return out
 
 

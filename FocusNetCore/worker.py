@@ -119,6 +119,38 @@ class Worker:
         """SOS-Net's mask of ``organ`` with its ROI centred at ``point`` (LPS
         mm): (mask image on the CT's grid over the ROI's extent, its region
         (i0, j0, k0, i1, j1, k1), the mean probability inside the mask)."""
+        k, at, roi_corner = self._roi_at(organ, point)
+        config, model = self.segmenter.config, self.segmenter.model
+        head, threshold = self.click_heads.get(organ) or (model.sosnet.heads[k], config.sos_threshold(k))
+        prob = self._probability(head, roi_corner)
+        mask = _component_at(prob > threshold, at)
+        probability = round(float(prob[mask].mean()), 4) if mask.any() else None
+        out, lo, hi = self._on_ct_grid(mask, roi_corner)
+        return out, [int(v) for v in lo] + [int(v) for v in hi], probability
+
+    def dice_of_heads(self, organ: str, point, heads, thresholds, truth: np.ndarray) -> np.ndarray:
+        """What ``place`` would score against ``truth`` (the organ's mask on the
+        CT's grid, (z, y, x)) with each of ``heads`` (SOS-Net heads for
+        ``organ``, prepared as the segmenter's model) at each of
+        ``thresholds``: Dice, shape (len(heads), len(thresholds)). Click-to-
+        find's heads are chosen by it (``focusnet click-heads``): the answer
+        the reviewer sees, on the CT's own slices."""
+        _, at, roi_corner = self._roi_at(organ, point)
+        total = float(truth.sum())
+        out = np.zeros((len(heads), len(thresholds)))
+        for h, head in enumerate(heads):
+            prob = self._probability(head, roi_corner)
+            for t, threshold in enumerate(thresholds):
+                image, lo, hi = self._on_ct_grid(_component_at(prob > threshold, at), roi_corner)
+                mask = sitk.GetArrayViewFromImage(image) > 0
+                inside = truth[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
+                denominator = float(mask.sum()) + total
+                out[h, t] = 2.0 * float((mask & inside).sum()) / denominator if denominator else 1.0
+        return out
+
+    def _roi_at(self, organ: str, point):
+        """(small-organ index, the point inside the ROI (z, y, x), the ROI's
+        corner on the model grid), after checking the request."""
         if self.state is None:
             raise WorkerError("no case is open: send an 'open' request first")
         config = self.segmenter.config
@@ -134,8 +166,7 @@ class Worker:
             raise WorkerError(f"point must be three numbers (LPS mm), got {point!r}") from None
         if point.shape != (3,) or not np.all(np.isfinite(point)):
             raise WorkerError(f"point must be three finite numbers (LPS mm), got {point.tolist()!r}")
-        image: sitk.Image = self.state["image"]
-        ct_grid = Grid.of(image)
+        ct_grid = Grid.of(self.state["image"])
         ct_index = ct_grid.physical_to_index(point)
         if np.any(ct_index < -0.5) or np.any(ct_index > np.asarray(ct_grid.size) - 0.5):
             raise WorkerError(f"point {point.tolist()} (LPS mm) lies outside the CT")
@@ -145,18 +176,20 @@ class Worker:
         if any(c < 0 or c >= n for c, n in zip(centre, pre.grid.shape)):
             raise WorkerError(f"point {point.tolist()} (LPS mm) lies outside the part of the scan the model "
                               "sees (the head and neck)")
-        k = organs.small_names.index(organ)
-        roi = config.roi_size
-        roi_corner = roi_start(centre, roi)
+        roi_corner = roi_start(centre, config.roi_size)
+        return organs.small_names.index(organ), tuple(c - s for c, s in zip(centre, roi_corner)), roi_corner
+
+    def _probability(self, head, roi_corner) -> np.ndarray:
         model = self.segmenter.model
-        head, threshold = self.click_heads.get(organ) or (model.sosnet.heads[k], config.sos_threshold(k))
         with torch.inference_mode():
             prob = head(model.sos_roi(self.state["volume"], self.state["features"], roi_corner))
-        prob = prob[0, 0].float().cpu().numpy()
-        mask = _component_at(prob > threshold, tuple(c - s for c, s in zip(centre, roi_corner)))
-        probability = round(float(prob[mask].mean()), 4) if mask.any() else None
-        # The ROI on the model grid -> the CT's grid, over the ROI's extent only.
-        roi_grid = pre.grid.sub_grid(roi_corner[::-1], roi[::-1])
+        return prob[0, 0].float().cpu().numpy()
+
+    def _on_ct_grid(self, mask: np.ndarray, roi_corner):
+        """The ROI's mask (model grid) -> the CT's grid over the ROI's extent
+        only: (image, lo, hi), its voxel box (i, j, k), stop exclusive."""
+        pre, ct_grid = self.state["preprocessed"], Grid.of(self.state["image"])
+        roi_grid = pre.grid.sub_grid(roi_corner[::-1], self.segmenter.config.roi_size[::-1])
         roi_image = sitk.GetImageFromArray(mask.astype(np.uint8))
         roi_grid.apply_to(roi_image)
         reach = ct_grid.physical_to_index(roi_grid.corners())
@@ -165,7 +198,7 @@ class Worker:
         region_grid = ct_grid.sub_grid(lo, hi - lo)
         out = sitk.GetImageFromArray(resample_labels(roi_image, region_grid).astype(np.uint8))
         region_grid.apply_to(out)
-        return out, [int(v) for v in lo] + [int(v) for v in hi], probability
+        return out, lo, hi
 
 
 def _component_at(mask: np.ndarray, at) -> np.ndarray:
