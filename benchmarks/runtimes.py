@@ -8,10 +8,11 @@ candidate in the same run, each against PyTorch eager measured here too:
 - ONNX Runtime (CPU execution provider, the graph exported by torch.onnx);
 - OpenVINO (FocusNetCore/openvino_backend.py), what `--backend auto` runs.
 
-Per runtime: the one-off cost (compile / export / conversion), the median of
---repeats timed chunks after a warm-up, the ratio to eager, the memory the
-process gained over the runtime's first run, and the largest difference of its
-outputs from eager's (relative to eager's largest magnitude). Runtimes not
+Each runtime runs in a process of its own. Per runtime: the one-off cost
+(compile / export / conversion), the median of --repeats timed chunks after
+a warm-up, the ratio to eager, the process's peak resident memory, and the
+largest difference of its outputs from eager's (relative to eager's largest
+magnitude). Runtimes not
 installed are reported as such (ONNX Runtime comes with the bench extra:
 pip install -e '.[bench]').
 
@@ -36,10 +37,6 @@ from FocusNetCore.networks import FocusNetConfig, FocusNetV2  # noqa: E402
 from FocusNetCore.openvino_backend import _Chunk  # noqa: E402
 
 RUNTIMES = ("eager", "compile", "onnxruntime", "openvino")
-
-
-def resident_gb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2 ** 30
 
 
 def as_arrays(outputs):
@@ -92,13 +89,11 @@ def prepare(name, chunk, volume, folder):
     return run, time.perf_counter() - start
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default=",".join(RUNTIMES))
-    parser.add_argument("--slices", type=int, default=None, help="chunk depth (default: the paper's 40)")
-    parser.add_argument("--size", type=int, default=None, help="in-plane size (default: the paper's 240)")
-    args = parser.parse_args()
+def measure(name, args, folder):
+    """In this process: one runtime, its outputs saved to ``folder``; prints one JSON line."""
+    import json
+    import resource
+
     torch.manual_seed(0)
     config = FocusNetConfig()
     model = prec.for_inference(FocusNetV2(config), "float32")
@@ -106,35 +101,66 @@ def main():
     depth = args.slices or config.preprocess.chunk_slices
     size = args.size or config.preprocess.crop_size[0]
     volume = np.random.default_rng(0).standard_normal((1, 1, depth, size, size)).astype(np.float32)
-    print(f"one {depth} x {size} x {size} chunk, FocusNetv2 paper configuration, float32, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    reference, eager_seconds = None, None
+    result = {"name": name, "shape": [depth, size, size]}
+    try:
+        run, result["setup_s"] = prepare(name, chunk, volume, folder)
+        outputs = as_arrays(run(volume))  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            run(volume)
+            times.append(time.perf_counter() - start)
+        result["chunk_s"] = statistics.median(times)
+        result["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        np.savez(Path(folder) / f"{name}.npz", *outputs)
+    except ImportError as error:
+        result["error"] = f"not installed ({error})"
+    except Exception as error:  # a runtime that cannot take the network is a result too
+        result["error"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    print(json.dumps(result), flush=True)
+
+
+def main():
+    import json
+    import subprocess
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default=",".join(RUNTIMES))
+    parser.add_argument("--slices", type=int, default=None, help="chunk depth (default: the paper's 40)")
+    parser.add_argument("--size", type=int, default=None, help="in-plane size (default: the paper's 240)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # NAME:FOLDER
+    args = parser.parse_args()
+    if args.child:
+        name, folder = args.child.split(":", 1)
+        measure(name, args, folder)
+        return
+    print(f"FocusNetv2 paper configuration, one chunk, float32, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; each runtime in its own process")
+    reference = None
     with tempfile.TemporaryDirectory() as folder:
         for name in [n for n in args.only.split(",") if n]:
-            try:
-                before = resident_gb()
-                run, setup = prepare(name, chunk, volume, folder)
-                outputs = as_arrays(run(volume))  # warm-up
-                gained = resident_gb() - before
-                times = []
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    run(volume)
-                    times.append(time.perf_counter() - start)
-            except ImportError as error:
-                print(f"{name:12s} not installed ({error})")
+            command = [sys.executable, __file__, "--repeats", str(args.repeats), "--child", f"{name}:{folder}"]
+            command += ["--slices", str(args.slices)] if args.slices else []
+            command += ["--size", str(args.size)] if args.size else []
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if not lines:
+                print(f"{name:12s} crashed (exit {done.returncode}): {done.stderr.strip()[-300:]}")
                 continue
-            except Exception as error:  # a runtime that cannot take the network is a result too
-                print(f"{name:12s} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+            result = json.loads(lines[-1])
+            if "error" in result:
+                print(f"{name:12s} {result['error']}")
                 continue
-            seconds = statistics.median(times)
+            outputs = list(np.load(Path(folder) / f"{name}.npz").values())
             if reference is None:
-                reference, eager_seconds = outputs, seconds
+                reference = result["chunk_s"], outputs
+                print(f"chunk {' x '.join(map(str, result['shape']))} voxels")
             difference = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-                             for a, b in zip(outputs, reference))
-            print(f"{name:12s} setup {setup:6.1f} s   chunk {seconds:6.2f} s (median of {args.repeats}; "
-                  f"{seconds / eager_seconds:4.2f} x the first)   +{gained:5.2f} GB   "
-                  f"largest difference {difference:.1e} of the first's largest value")
+                             for a, b in zip(outputs, reference[1]))
+            print(f"{name:12s} setup {result['setup_s']:6.1f} s   chunk {result['chunk_s']:6.2f} s (median of "
+                  f"{args.repeats}; {result['chunk_s'] / reference[0]:4.2f} x the first)   peak RSS "
+                  f"{result['peak_gb']:5.2f} GB   largest difference {difference:.1e} of the first's largest value")
 
 
 if __name__ == "__main__":
