@@ -1,6 +1,8 @@
-"""Click-to-find's own SOS-Net heads (issue 22): chosen per small organ at the
-organs' true centres, stored in the bundle beside the pipeline's heads, and
-used by ``focusnet worker``'s ``refine`` only."""
+"""SOS-Net heads moved between bundles: click-to-find's own heads (issue 22),
+chosen per small organ at the organs' true centres, stored in the bundle
+beside the pipeline's heads and used by ``focusnet worker``'s ``refine``
+only; and the pipeline's heads taken from a bundle trained further
+(with_sos_heads)."""
 import dataclasses
 import subprocess
 import sys
@@ -42,23 +44,37 @@ def test_a_click_head_is_chosen_only_where_it_beats_the_pipeline():
     assert "chosen" not in report["Pituitary"] and "OpticChiasm" not in report
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    """A tiny base bundle and a donor trained "further" from it: the same
-    S-Net and SOL-Net, other SOS-Net heads, Lens_L's threshold 0.6."""
-    folder = tmp_path_factory.mktemp("click-heads")
+def base_and_donor(folder, donor_thresholds, change):
+    """A tiny base bundle (folder/base.pt) and a donor "trained further" from
+    it (folder/donor.pt): the same S-Net and SOL-Net, each SOS-Net head
+    changed by ``change(head, k)``, the donor's thresholds as given."""
     config = FocusNetConfig(width=0.125, roi_size=(8, 16, 16), sos_thresholds=(0.5,) * 6)
     torch.manual_seed(0)
     base = FocusNetV2(config)
     save_bundle(base, folder / "base.pt", {"name": "base"})
-    donor = FocusNetV2(dataclasses.replace(config, sos_thresholds=(0.6, 0.5, 0.5, 0.5, 0.5, 0.5)))
+    donor = FocusNetV2(dataclasses.replace(config, sos_thresholds=tuple(donor_thresholds)))
     donor.load_state_dict(base.state_dict())
-    generator = torch.Generator().manual_seed(1)
-    for head in donor.sosnet.heads:
-        for p in head.parameters():
-            p.data.add_(0.3 * torch.randn(p.shape, generator=generator))
-    donor.sosnet.heads[0].head.bias.data.fill_(0.4)  # probabilities about the threshold 0.6: a mask to compare
+    with torch.no_grad():
+        for k, head in enumerate(donor.sosnet.heads):
+            change(head, k)
     save_bundle(donor, folder / "donor.pt", {"name": "donor"})
+    return base, donor
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """Base and donor (Lens_L's threshold 0.6) and the base with the donor's
+    Lens_L head as its click-to-find head."""
+    folder = tmp_path_factory.mktemp("click-heads")
+    generator = torch.Generator().manual_seed(1)
+
+    def noisy(head, k):
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator))
+        if k == 0:
+            head.head.bias.fill_(0.4)  # probabilities about the threshold 0.6: a mask to compare
+
+    base_and_donor(folder, (0.6, 0.5, 0.5, 0.5, 0.5, 0.5), noisy)
     out = with_click_heads(folder / "base.pt", {"Lens_L": (folder / "donor.pt", 0.6)}, folder / "click.pt",
                            note="test", scores={"Lens_L": {"dice": 0.9}})
     case = generate_case(1700, "small")
@@ -149,3 +165,35 @@ def test_click_heads_command_writes_the_chosen_heads(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "stranger.pt: its S-Net or SOL-Net weights differ" in bad.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_an_sos_head_moves_between_bundles_only_over_the_same_s_net(tmp_path):
+    """with_sos_heads: the donor's head for the named organ and its threshold
+    come over exactly; every other weight stays the base's; a donor whose
+    S-Net differs is refused (its head would read other features)."""
+    def shifted(head, _):
+        for p in head.parameters():
+            p.data.add_(1.0)
+
+    base, donor = base_and_donor(tmp_path, (0.5, 0.5, 0.5, 0.5, 0.8, 0.5), shifted)
+    config = base.config
+    out = with_sos_heads(tmp_path / "base.pt", {"OpticChiasm": tmp_path / "donor.pt"}, tmp_path / "mixed.pt",
+                         note="test")
+    mixed, meta = load_bundle(out)
+    k = config.organs.small_names.index("OpticChiasm")
+    assert mixed.config.sos_thresholds == (0.5, 0.5, 0.5, 0.5, 0.8, 0.5)
+    got, was, given = mixed.state_dict(), base.state_dict(), donor.state_dict()
+    for name in got:
+        expected = given if name.startswith(f"sosnet.heads.{k}.") else was
+        assert torch.equal(got[name], expected[name]), name
+    assert meta["provenance"]["name"] == "base"
+    assert meta["provenance"]["sos_heads_from"]["OpticChiasm"]["checksum"] == load_bundle(tmp_path / "donor.pt")[1]["checksum"]
+    stranger = FocusNetV2(config)  # other S-Net weights
+    save_bundle(stranger, tmp_path / "stranger.pt")
+    with pytest.raises(BundleError, match="S-Net or SOL-Net weights differ"):
+        with_sos_heads(tmp_path / "base.pt", {"Lens_L": tmp_path / "stranger.pt"}, tmp_path / "bad.pt")
+    with pytest.raises(BundleError, match="not one of the small organs"):
+        with_sos_heads(tmp_path / "base.pt", {"Brainstem": tmp_path / "donor.pt"}, tmp_path / "bad.pt")
+    with pytest.raises(FileExistsError):
+        with_sos_heads(tmp_path / "base.pt", {"OpticChiasm": tmp_path / "donor.pt"}, out)
+    assert not (tmp_path / "bad.pt").exists()
