@@ -66,7 +66,7 @@ def test_open_segments_once_and_writes_the_contours(opened):
 
 
 @pytest.mark.parametrize("organ, head, at_least", [("Lens_L", "pipeline", 0.7), ("Lens_R", "pipeline", 0.65),
-                                                   ("OpticNrv_L", "click", 0.7), ("OpticNrv_R", "click", 0.7),
+                                                   ("OpticNrv_L", "click", 0.65), ("OpticNrv_R", "click", 0.65),
                                                    ("Pituitary", "pipeline", 0.75)])
 def test_refine_at_the_true_centre_gives_the_organ(opened, organ, head, at_least):
     """A click at a small organ's centre: SOS-Net's mask, on the CT's own grid
@@ -77,7 +77,8 @@ def test_refine_at_the_true_centre_gives_the_organ(opened, organ, head, at_least
     for the lenses with the embedded model: on this phantom it measures
     Lens_L 0.73, Lens_R 0.67, OpticNrv_L 0.70, OpticNrv_R 0.72, Pituitary
     0.83 (over phantoms 1000-1009 the lenses average 0.68 and 0.75, the
-    optic nerves 0.74 and 0.71: README, "Click to find")."""
+    optic nerves 0.74 and 0.71: README, "Click to find"). The optic nerves'
+    floors leave room for bfloat16 on CPUs that compute it natively."""
     worker, _, case, folder = opened
     labels, point = true_centre_lps(case, organ)
     answer = worker.ask({"op": "refine", "organ": organ, "point": point, "out": str(folder / f"{organ}.nrrd")})
