@@ -500,10 +500,9 @@ def _cmd_postprocess(args) -> int:
 
 
 def _cmd_click_heads(args) -> int:
-    from .bundle import click_head, donor_heads, load_bundle, with_click_heads
+    from .bundle import donor_heads, load_bundle, with_click_heads
     from .data import discover_cases, load_case
     from .postprocess import SOS_THRESHOLDS, choose_click_heads
-    from .precision import for_inference
     from .segment import EMBEDDED_MODEL, Segmenter
     from .worker import Worker
 
@@ -520,9 +519,9 @@ def _cmd_click_heads(args) -> int:
     segmenter = Segmenter(base, device="cpu", precision="float32")
     worker = Worker(segmenter)
     worker.click_heads = {}  # the candidates are scored, not the bundle's current choice
-    thresholds = sorted(set(SOS_THRESHOLDS) | {model.config.sos_threshold(k) for k in range(len(organs.small_names))})
-    heads = {name: [segmenter.model.sosnet.heads[k]] +
-             [for_inference(click_head(model.config, name, donor[name][1]), segmenter.precision) for donor in donors]
+    pipeline = [model.config.sos_threshold(k) for k in range(len(organs.small_names))]
+    thresholds = sorted(set(SOS_THRESHOLDS) | set(pipeline))
+    heads = {name: [segmenter.model.sosnet.heads[k]] + [worker.prepared_head(name, donor[name][1]) for donor in donors]
              for k, name in enumerate(organs.small_names)}
     rows = {name: [] for name in organs.small_names}
     for source in cases:
@@ -538,7 +537,6 @@ def _cmd_click_heads(args) -> int:
         print(f"{source.name}: scored", flush=True)
     scores = [{name: np.array([r[c] for r in found]) for name, found in rows.items() if found}
               for c in range(len(sources))]
-    pipeline = [model.config.sos_threshold(k) for k in range(len(organs.small_names))]
     chosen, report = choose_click_heads(scores, thresholds, pipeline, organs.small_names)
     for name, row in report.items():
         listed = ", ".join(f"{'its own' if c == 0 else sources[c]} {r['dice']:.3f} at {r['threshold']}"

@@ -67,20 +67,23 @@ class WorkerError(ValueError):
 
 class Worker:
     def __init__(self, segmenter: Segmenter):
-        from .bundle import click_head
-        from .precision import for_inference
-
         self.segmenter = segmenter
         self.state: Optional[dict] = None
         self.case: Optional[str] = None
         # The bundle's click-to-find heads (bundle.with_click_heads), where it
         # has them: SOS-Net heads chosen for ROIs at the organ itself rather
         # than where SOL-Net points. Other organs use the pipeline's head.
-        # Prepared as the segmenter prepared the model (BatchNorm folded, its precision, its device).
-        self.click_heads = {
-            organ: (for_inference(click_head(segmenter.config, organ, entry["state_dict"]), segmenter.precision)
-                    .to(segmenter.device), float(entry["threshold"]))
-            for organ, entry in (segmenter.meta.get("click_heads") or {}).items()}
+        self.click_heads = {organ: (self.prepared_head(organ, entry["state_dict"]), float(entry["threshold"]))
+                            for organ, entry in (segmenter.meta.get("click_heads") or {}).items()}
+
+    def prepared_head(self, organ: str, state_dict) -> torch.nn.Module:
+        """An SOS-Net head for ``organ`` holding ``state_dict``, prepared as the
+        segmenter prepared its model (BatchNorm folded, its precision, its device)."""
+        from .bundle import click_head
+        from .precision import for_inference
+
+        head = click_head(self.segmenter.config, organ, state_dict)
+        return for_inference(head, self.segmenter.precision).to(self.segmenter.device)
 
     # -- requests ----------------------------------------------------------------
     def open(self, ct: str, out: Optional[str] = None) -> dict:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from FocusNetCore import precision as prec  # noqa: E402
 from FocusNetCore.networks import FocusNetConfig, FocusNetV2  # noqa: E402
-from FocusNetCore.openvino_backend import _Chunk  # noqa: E402
+from FocusNetCore.openvino_backend import OpenVINOChunks, _Chunk  # noqa: E402
 
 RUNTIMES = ("eager", "compile", "onnxruntime", "openvino")
 
@@ -44,20 +44,16 @@ def as_arrays(outputs):
             for o in outputs]
 
 
-def prepare(name, chunk, volume, folder):
+def prepare(name, model, volume, folder):
     """(callable taking the input array and returning the three outputs, setup seconds)."""
     start = time.perf_counter()
-    if name == "eager":
-        def run(array):
-            with torch.inference_mode():
-                return chunk(torch.from_numpy(array).contiguous(memory_format=torch.channels_last_3d))
-    elif name == "compile":
-        compiled = torch.compile(chunk)
+    chunk = _Chunk(model.snet, model.solnet).eval()
+    if name in ("eager", "compile"):
+        forward = chunk if name == "eager" else torch.compile(chunk)
 
         def run(array):
             with torch.inference_mode():
-                return compiled(torch.from_numpy(array).contiguous(memory_format=torch.channels_last_3d))
-        run(volume)  # compilation happens on the first call
+                return forward(torch.from_numpy(array).contiguous(memory_format=torch.channels_last_3d))
     elif name == "onnxruntime":
         import onnxruntime as ort
 
@@ -72,20 +68,16 @@ def prepare(name, chunk, volume, folder):
 
         def run(array):
             return session.run(None, {"ct": array})
-    elif name == "openvino":
-        import openvino as ov
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(chunk, (torch.from_numpy(volume),), check_trace=False)
-            network = ov.convert_model(traced, input=[ov.PartialShape(list(volume.shape))])
-        request = ov.Core().compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                           "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+    elif name == "openvino":  # what focusnet segment runs, converted afresh (an empty cache folder)
+        chunks = OpenVINOChunks(model.snet, model.solnet, "runtimes-benchmark-random-seed-0", model.config.to_dict(),
+                                "float32", folder=Path(folder) / "openvino")
 
         def run(array):
-            return [t.data for t in request.infer({0: array}, share_outputs=True).values()]
+            return chunks(torch.from_numpy(array))
     else:
         raise ValueError(name)
+    if name != "eager":
+        run(volume)  # compilation (torch.compile, OpenVINO) happens on the first call
     return run, time.perf_counter() - start
 
 
@@ -97,13 +89,12 @@ def measure(name, args, folder):
     torch.manual_seed(0)
     config = FocusNetConfig()
     model = prec.for_inference(FocusNetV2(config), "float32")
-    chunk = _Chunk(model.snet, model.solnet).eval()
     depth = args.slices or config.preprocess.chunk_slices
     size = args.size or config.preprocess.crop_size[0]
     volume = np.random.default_rng(0).standard_normal((1, 1, depth, size, size)).astype(np.float32)
     result = {"name": name, "shape": [depth, size, size]}
     try:
-        run, result["setup_s"] = prepare(name, chunk, volume, folder)
+        run, result["setup_s"] = prepare(name, model, volume, folder)
         outputs = as_arrays(run(volume))  # warm-up
         times = []
         for _ in range(args.repeats):
