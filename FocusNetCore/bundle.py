@@ -136,16 +136,18 @@ def load_bundle(path, map_location="cpu") -> Tuple[FocusNetV2, dict]:
 
 
 def with_postprocess(path, plan: dict, out, overwrite: bool = False,
-                     sos_thresholds: Optional[Tuple[float, ...]] = None) -> Path:
+                     sos_thresholds: Optional[Tuple[float, ...]] = None,
+                     snet_small: Optional[Tuple[str, ...]] = None) -> Path:
     """A copy of the bundle at ``path`` with the post-processing ``plan`` and,
-    if given, SOS-Net's thresholds (weights, checksums and provenance
-    unchanged), written atomically."""
+    if given, SOS-Net's thresholds and the small organs S-Net draws
+    (weights, checksums and provenance unchanged), written atomically."""
     load_bundle(path)  # refuses a damaged or altered bundle
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     payload["postprocess"] = plan
-    if sos_thresholds is not None:
-        config = FocusNetConfig.from_dict({**payload["config"], "sos_thresholds": list(sos_thresholds)})
-        payload["config"] = config.to_dict()
+    calibrated = {"sos_thresholds": sos_thresholds, "snet_small": snet_small}
+    calibrated = {k: list(v) for k, v in calibrated.items() if v is not None}
+    if calibrated:
+        payload["config"] = FocusNetConfig.from_dict({**payload["config"], **calibrated}).to_dict()
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_output(Path(out), overwrite) as tmp:

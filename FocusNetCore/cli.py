@@ -383,8 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 600)")
     p.set_defaults(func=_cmd_node)
 
-    p = sub.add_parser("postprocess", help="choose a bundle's post-processing (SOS-Net thresholds, largest component, hole filling) "
-                                           "per organ on validation cases, and write the bundle with it")
+    p = sub.add_parser("postprocess", help="choose a bundle's post-processing (SOS-Net thresholds, the small organs "
+                                           "S-Net draws alone, largest component, hole filling) per organ on "
+                                           "validation cases, and write the bundle with it")
     p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
     p.add_argument("--data", required=True, help="cases with ground truth, as `focusnet train` reads them")
     p.add_argument("--validation-cases", type=int, default=2,
@@ -469,9 +470,9 @@ def _cmd_postprocess(args) -> int:
 
     from .bundle import with_postprocess
     from .data import load_training_cases
-    from .postprocess import choose, choose_sos_thresholds, mean_dice
+    from .postprocess import choose, choose_snet_small, choose_sos_thresholds, mean_dice
     from .segment import Segmenter
-    from .train import sos_samples
+    from .train import branch_and_snet_labels, sos_samples
 
     segmenter = Segmenter(args.model, device="cpu", precision="float32")
     organs = segmenter.config.organs
@@ -485,7 +486,15 @@ def _cmd_postprocess(args) -> int:
     for name, row in report.items():
         print(f"SOS-Net threshold {name}: {row['threshold']} (Dice at the true centre {row['dice_at_0.5']:.3f} at "
               f"0.5, {row['dice']:.3f} with it)")
-    segmenter.model.config = dataclasses.replace(segmenter.model.config, sos_thresholds=thresholds)
+    segmenter.model.config = dataclasses.replace(segmenter.model.config, sos_thresholds=thresholds, snet_small=())
+    # Then which small organs S-Net draws better alone, with those thresholds.
+    branch, snet = branch_and_snet_labels(segmenter.model, validation)
+    snet_small, report = choose_snet_small(branch, snet, organs)
+    for name, row in report.items():
+        print(f"{name}: validation Dice {row['branch']:.3f} with the small-organ branch, {row['snet']:.3f} S-Net alone"
+              f" ({row['cases']} cases, s.e. of the difference {row['gain_standard_error']:.3f})"
+              f"{': S-Net draws it' if row['snet_chosen'] else ''}")
+    segmenter.model.config = dataclasses.replace(segmenter.model.config, snet_small=snet_small)
     pairs = []
     for case in validation:
         pairs.append((segmenter.model_grid_labels(case.image), case.labels))
@@ -494,7 +503,7 @@ def _cmd_postprocess(args) -> int:
     for step in ("largest_component", "fill_holes"):
         print(f"{step}: {', '.join(plan[step]) or 'none'}")
     print(f"validation mean Dice {mean_dice(pairs, organs):.4f} without, {mean_dice(pairs, organs, plan):.4f} with")
-    with_postprocess(segmenter.bundle_path, plan, args.out, sos_thresholds=thresholds)
+    with_postprocess(segmenter.bundle_path, plan, args.out, sos_thresholds=thresholds, snet_small=snet_small)
     print(f"wrote {args.out}")
     return EXIT_OK
 

@@ -47,6 +47,11 @@ class FocusNetConfig:
     # order), chosen on the validation cases at the end of training
     # (postprocess.choose_sos_thresholds); empty: 0.5 for each.
     sos_thresholds: Tuple[float, ...] = ()
+    # Small organs whose contour is S-Net's own, not the small-organ
+    # branch's: those for which S-Net alone scored higher on the validation
+    # cases (postprocess.choose_snet_small, at the end of training and by
+    # `focusnet postprocess`). Empty: the branch draws every small organ.
+    snet_small: Tuple[str, ...] = ()
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self):
@@ -61,6 +66,10 @@ class FocusNetConfig:
                                     or not all(0.0 < t < 1.0 for t in self.sos_thresholds)):
             raise ValueError(f"sos_thresholds must be one probability in (0, 1) per small organ "
                              f"({len(self.organs.small_names)}), got {self.sos_thresholds}")
+        unknown = [name for name in self.snet_small if name not in self.organs.small_names]
+        if unknown:
+            raise ValueError(f"snet_small must name small organs ({', '.join(self.organs.small_names)}), "
+                             f"got {', '.join(map(repr, unknown))}")
         if any(s % 8 for s in self.roi_size[1:]) or self.roi_size[0] % 8:
             raise ValueError(f"roi_size must be multiples of 8 (autoencoder strides), got {self.roi_size}")
 
@@ -84,7 +93,7 @@ class FocusNetConfig:
     def from_dict(cls, data: dict) -> "FocusNetConfig":
         from .configdict import from_dict
 
-        return from_dict(cls, data, "network configuration", tuples=("roi_size", "aspp_rates", "sos_thresholds"),
+        return from_dict(cls, data, "network configuration", tuples=("roi_size", "aspp_rates", "sos_thresholds", "snet_small"),
                          nested={"preprocess": PreprocessConfig.from_dict})
 
 
@@ -249,7 +258,8 @@ class FocusNetV2(nn.Module):
         arg-max of its heat map over the *whole* volume, and its ROI is pooled
         from the whole volume's features, so an ROI across a chunk border is
         the same as on one big chunk. A heat-map maximum below the threshold
-        means the organ is not in the scan; it gets no contour.
+        means the organ is not in the scan; it gets no contour. The small
+        organs of ``config.snet_small`` keep S-Net's own contour instead.
         ``small_organ_branch=False`` returns the S-Net's labels alone (the
         ablation's "S-Net" row). ``keep_features``: the result holds S-Net's
         whole-volume features too (``features``), for SOS-Net at other
@@ -313,7 +323,11 @@ class FocusNetV2(nn.Module):
                     "present": torch.ones(len(self.sosnet.heads), dtype=torch.bool), "small": [], **kept}
         small_labels = self.config.organs.small_labels
         present, small = [], []
-        for k, (head, label) in enumerate(zip(self.sosnet.heads, small_labels)):
+        for k, (head, label, name) in enumerate(zip(self.sosnet.heads, small_labels, self.config.organs.small_names)):
+            if name in self.config.snet_small:  # S-Net's own contour (it did better on validation)
+                present.append(bool((labels == label).any()))
+                small.append(None)
+                continue
             best = gathered.best[k]
             if best is None or best[0] < self.config.heatmap_threshold:  # None: no finite peak
                 if self.config.below_threshold == "snet" and bool((labels == label).any()):

@@ -593,6 +593,7 @@ class Trainer:
         bar.close()
         self.calibrate_heatmap_threshold()
         self.calibrate_sos_thresholds()
+        self.calibrate_snet_small()
         self.postprocess_plan = self.plan_postprocessing()
         final = self.validate(total, "final")
         self.training_seconds = time.perf_counter() - start_time
@@ -734,6 +735,28 @@ class Trainer:
         if self.stage is not None:
             self._set_trainable(self.stage)
         return thresholds
+
+    @torch.no_grad()
+    def calibrate_snet_small(self) -> Tuple[str, ...]:
+        """Which small organs keep S-Net's own contour (S-Net alone beat the
+        small-organ branch on the validation cases by more than chance,
+        postprocess.choose_snet_small), stored in the bundle's network
+        configuration."""
+        import dataclasses
+
+        if self.rank != 0 or not self._sos_trained():
+            return self.model.config.snet_small
+        self.model.eval()
+        self.model.config = dataclasses.replace(self.model.config, snet_small=())
+        with self._autocast():
+            branch, snet = branch_and_snet_labels(self.model, self.val_cases, self.device)
+        chosen, report = postprocess.choose_snet_small(branch, snet, self.organs)
+        self.model.config = dataclasses.replace(self.model.config, snet_small=chosen)
+        self.log("small organs drawn by S-Net alone: " + (", ".join(chosen) or "none") + " (validation Dice, branch / "
+                 "S-Net: " + ", ".join(f"{n} {r['branch']:.3f} / {r['snet']:.3f}" for n, r in report.items()) + ")")
+        if self.stage is not None:
+            self._set_trainable(self.stage)
+        return chosen
 
     @torch.no_grad()
     def plan_postprocessing(self) -> Optional[dict]:
@@ -883,7 +906,7 @@ class Trainer:
         if stage not in names:
             raise ValueError(f"--from-stage {stage!r} is not a stage of this configuration ({', '.join(names)})")
         model, meta = load_bundle(bundle)
-        calibrated = ("heatmap_threshold", "below_threshold", "sos_thresholds")
+        calibrated = ("heatmap_threshold", "below_threshold", "sos_thresholds", "snet_small")
         theirs = {k: v for k, v in model.config.to_dict().items() if k not in calibrated}
         ours = {k: v for k, v in self.config.network.to_dict().items() if k not in calibrated}
         different = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -975,6 +998,18 @@ def sos_samples(model: FocusNetV2, cases, device: str = "cpu") -> Dict[str, List
             truth = roi_pool((labels == label).float(), start, roi)[0, 0].numpy() > 0.5
             out.setdefault(name, []).append((prob, truth))
     return out
+
+
+def branch_and_snet_labels(model: FocusNetV2, cases, device: str = "cpu"):
+    """Per case, (labels, true labels) on the model grid from the whole
+    FocusNetv2 and from S-Net alone (postprocess.choose_snet_small's input)."""
+    branch, snet = [], []
+    for case in cases:
+        volume = torch.as_tensor(case.image, device=device)[None, None]
+        for out, alone in ((branch, False), (snet, True)):
+            labels = model.segment(volume, small_organ_branch=not alone)["labels"]
+            out.append((labels[0].cpu().numpy().astype(np.uint8), case.labels))
+    return branch, snet
 
 
 def localisation_metrics(heatmaps: torch.Tensor, labels: np.ndarray, small_labels, spacing,

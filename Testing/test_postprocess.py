@@ -100,6 +100,9 @@ def test_postprocess_command_writes_a_new_bundle(tmp_path):
     # SOS-Net's thresholds, chosen on the same cases, go into the network configuration
     assert len(model.config.sos_thresholds) == len(model.config.organs.small_names)
     assert "SOS-Net threshold Lens_L" in out.stdout
+    # and which small organs S-Net draws alone (none without clear evidence on two cases)
+    assert "Lens_L: validation Dice" in out.stdout and "S-Net alone" in out.stdout
+    assert set(model.config.snet_small) <= set(model.config.organs.small_names)
 
 
 def test_sos_thresholds_are_chosen_where_they_raise_validation_dice():
@@ -118,3 +121,55 @@ def test_sos_thresholds_are_chosen_where_they_raise_validation_dice():
     assert thresholds == (0.7, 0.5, 0.5)  # the threshold nearest 0.5 that drops the rim (> 0.7 is kept)
     assert report["Lens_L"]["dice"] == 1.0 and report["Lens_L"]["dice_at_0.5"] < 0.5 and report["Lens_L"]["cases"] == 2
     assert "Pituitary" not in report
+
+
+def test_snet_small_is_chosen_only_where_s_net_alone_is_clearly_better():
+    """Per small organ, S-Net's own contour replaces the branch's only where
+    S-Net beat it by more than chance: a lens the branch draws off centre on
+    every case goes to S-Net; a nerve where each wins on half the cases
+    (S-Net slightly ahead on the mean) stays with the branch; an organ no
+    case holds is not judged."""
+    from FocusNetCore.postprocess import choose_snet_small
+
+    lens, nerve = ORGANS.label_of("Lens_L"), ORGANS.label_of("OpticNrv_L")
+    branch, snet = [], []
+    for case in range(4):
+        truth = np.zeros((12, 40, 40), np.uint8)
+        truth[ball(truth.shape, (6, 10, 10), 3)] = lens
+        truth[ball(truth.shape, (6, 28, 28), 3)] = nerve
+        b, s = np.zeros_like(truth), np.zeros_like(truth)
+        b[ball(truth.shape, (6, 14, 10), 3)] = lens  # the branch's lens 4 voxels off
+        s[truth == lens] = lens
+        b_off, s_off = (0, 3) if case % 2 == 0 else (4, 0)  # the nerve: each misses on half the cases
+        b[ball(truth.shape, (6, 28 + b_off, 28), 3)] = nerve
+        s[ball(truth.shape, (6, 28 + s_off, 28), 3)] = nerve
+        branch.append((b, truth))
+        snet.append((s, truth))
+    chosen, report = choose_snet_small(branch, snet, ORGANS)
+    assert chosen == ("Lens_L",)
+    assert report["Lens_L"]["snet"] == 1.0 and report["Lens_L"]["branch"] < 0.8 and report["Lens_L"]["cases"] == 4
+    assert report["OpticNrv_L"]["snet"] > report["OpticNrv_L"]["branch"]  # ahead on the mean, yet within noise
+    assert report["OpticNrv_L"]["snet_chosen"] is False and "Pituitary" not in report
+
+
+def test_snet_small_organs_keep_s_nets_contour(tmp_path):
+    """A bundle whose configuration names a small organ in snet_small draws
+    that organ exactly as S-Net alone does; the other small organs still
+    come from the branch (S-Net's own votes for them are cleared)."""
+    from FocusNetCore.preprocess import preprocess
+    import torch
+
+    _, shipped = load_bundle(EMBEDDED_MODEL)
+    bundle = with_postprocess(EMBEDDED_MODEL, shipped["postprocess"], tmp_path / "model.pt", snet_small=("Lens_R",))
+    model, meta = load_bundle(bundle)
+    assert model.config.snet_small == ("Lens_R",) and meta["checksum"] == shipped["checksum"]
+    volume = torch.as_tensor(preprocess(generate_case(1000, "small").image, model.config.preprocess).image)[None, None]
+    with torch.inference_mode():
+        whole = model.segment(volume)["labels"][0].numpy()
+        alone = model.segment(volume, small_organ_branch=False)["labels"][0].numpy()
+    lens_r, lens_l = ORGANS.label_of("Lens_R"), ORGANS.label_of("Lens_L")
+    assert (alone == lens_r).sum() > 10 and np.array_equal(whole == lens_r, alone == lens_r)
+    assert (whole == lens_l).any() and not np.array_equal(whole == lens_l, alone == lens_l)
+    with pytest.raises(ValueError, match="snet_small must name small organs"):
+        with_postprocess(EMBEDDED_MODEL, shipped["postprocess"], tmp_path / "bad.pt", snet_small=("Brainstem",))
+    assert not (tmp_path / "bad.pt").exists()
