@@ -27,8 +27,10 @@ def test_the_embedded_model_draws_the_same_organs_through_openvino():
     openvino_run = Segmenter(device="cpu", precision="float32", backend="openvino")
     assert torch_run.model_info["backend"] == "torch" and openvino_run.model_info["backend"] == "openvino"
     expected = sitk.GetArrayFromImage(torch_run.segment(case.image).labels)
-    got = openvino_run.segment(case.image)
-    assert np.array_equal(sitk.GetArrayFromImage(got.labels), expected)
+    got = sitk.GetArrayFromImage(openvino_run.segment(case.image).labels)
+    # float32 sums in another order: a voxel where two organs tie may fall the
+    # other way (2 voxels of 1.36 million measured), nothing more
+    assert int((got != expected).sum()) <= 20
     # and what the small-organ branch and click to find read: features and heat maps
     pre = preprocess(case.image, torch_run.config.preprocess)
     volume = torch.as_tensor(pre.image)[None, None]
@@ -39,7 +41,12 @@ def test_the_embedded_model_draws_the_same_organs_through_openvino():
         assert a[name].shape == b[name].shape
         # float32 sums in another order: equal to a few units in the fifth digit
         assert float((a[name] - b[name]).abs().max()) <= 1e-4 * float(a[name].abs().max()), name
-    assert torch.equal(a["labels"], b["labels"])
+    changed = (a["labels"] != b["labels"])[0].nonzero().tolist()
+    assert len(changed) <= 5, len(changed)
+    for z, y, x in changed:  # each a near-tie of S-Net's soft-max in PyTorch's own run
+        mine, theirs = int(a["labels"][0, z, y, x]), int(b["labels"][0, z, y, x])
+        p = a["probabilities"][0, :, z, y, x].int()
+        assert abs(int(p[mine]) - int(p[theirs])) <= 3, (z, y, x, mine, theirs, p.tolist())
 
 
 def test_the_converted_model_is_cached_and_a_damaged_entry_converted_again(tmp_path, capfd):

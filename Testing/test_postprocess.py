@@ -155,7 +155,8 @@ def test_snet_small_is_chosen_only_where_s_net_alone_is_clearly_better():
 def test_snet_small_organs_keep_s_nets_contour(tmp_path):
     """A bundle whose configuration names a small organ in snet_small draws
     that organ exactly as S-Net alone does; the other small organs still
-    come from the branch (S-Net's own votes for them are cleared)."""
+    come from the branch (S-Net's own votes for them are cleared): the left
+    optic nerve, which the embedded model's branch draws."""
     from FocusNetCore.preprocess import preprocess
     import torch
 
@@ -167,9 +168,9 @@ def test_snet_small_organs_keep_s_nets_contour(tmp_path):
     with torch.inference_mode():
         whole = model.segment(volume)["labels"][0].numpy()
         alone = model.segment(volume, small_organ_branch=False)["labels"][0].numpy()
-    lens_r, lens_l = ORGANS.label_of("Lens_R"), ORGANS.label_of("Lens_L")
+    lens_r, nerve = ORGANS.label_of("Lens_R"), ORGANS.label_of("OpticNrv_L")
     assert (alone == lens_r).sum() > 10 and np.array_equal(whole == lens_r, alone == lens_r)
-    assert (whole == lens_l).any() and not np.array_equal(whole == lens_l, alone == lens_l)
+    assert (whole == nerve).any() and not np.array_equal(whole == nerve, alone == nerve)
     with pytest.raises(ValueError, match="snet_small must name small organs"):
         with_postprocess(EMBEDDED_MODEL, shipped["postprocess"], tmp_path / "bad.pt", snet_small=("Brainstem",))
     assert not (tmp_path / "bad.pt").exists()
