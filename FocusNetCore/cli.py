@@ -486,7 +486,7 @@ def _cmd_postprocess(args) -> int:
     for name, row in report.items():
         print(f"SOS-Net threshold {name}: {row['threshold']} (Dice at the true centre {row['dice_at_0.5']:.3f} at "
               f"0.5, {row['dice']:.3f} with it)")
-    segmenter.model.config = dataclasses.replace(segmenter.model.config, sos_thresholds=thresholds, snet_small=())
+    segmenter.model.config = dataclasses.replace(segmenter.model.config, sos_thresholds=thresholds)
     # Then which small organs S-Net draws better alone, with those thresholds.
     branch, snet = branch_and_snet_labels(segmenter.model, validation)
     snet_small, report = choose_snet_small(branch, snet, organs)

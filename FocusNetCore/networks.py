@@ -11,6 +11,8 @@ the CT crop alone); the paper is implemented, the CT-only crop is the
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -220,6 +222,18 @@ class FocusNetV2(nn.Module):
         # runtime computes it (FocusNetCore/openvino_backend.py): a callable
         # (1, 1, D, H, W) -> (logits, features, heat maps). None: PyTorch.
         self.chunk_forward = None
+
+    @contextlib.contextmanager
+    def branch_for_every_small_organ(self):
+        """Within the block the small-organ branch draws every small organ
+        (``config.snet_small`` empty), as in the paper; the configuration is
+        restored afterwards."""
+        kept = self.config
+        self.config = dataclasses.replace(kept, snet_small=())
+        try:
+            yield self
+        finally:
+            self.config = kept
 
     def sos_input(self, ct: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return ct if self.config.sos_input == "ct" else torch.cat([features, ct], dim=1)

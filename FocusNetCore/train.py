@@ -747,7 +747,6 @@ class Trainer:
         if self.rank != 0 or not self._sos_trained():
             return self.model.config.snet_small
         self.model.eval()
-        self.model.config = dataclasses.replace(self.model.config, snet_small=())
         with self._autocast():
             branch, snet = branch_and_snet_labels(self.model, self.val_cases, self.device)
         chosen, report = postprocess.choose_snet_small(branch, snet, self.organs)
@@ -1002,13 +1001,16 @@ def sos_samples(model: FocusNetV2, cases, device: str = "cpu") -> Dict[str, List
 
 def branch_and_snet_labels(model: FocusNetV2, cases, device: str = "cpu"):
     """Per case, (labels, true labels) on the model grid from the whole
-    FocusNetv2 and from S-Net alone (postprocess.choose_snet_small's input)."""
+    FocusNetv2, its branch drawing every small organ whatever
+    ``snet_small`` says, and from S-Net alone (postprocess.choose_snet_small's
+    input)."""
     branch, snet = [], []
-    for case in cases:
-        volume = torch.as_tensor(case.image, device=device)[None, None]
-        for out, alone in ((branch, False), (snet, True)):
-            labels = model.segment(volume, small_organ_branch=not alone)["labels"]
-            out.append((labels[0].cpu().numpy().astype(np.uint8), case.labels))
+    with model.branch_for_every_small_organ():
+        for case in cases:
+            volume = torch.as_tensor(case.image, device=device)[None, None]
+            for out, alone in ((branch, False), (snet, True)):
+                labels = model.segment(volume, small_organ_branch=not alone)["labels"]
+                out.append((labels[0].cpu().numpy().astype(np.uint8), case.labels))
     return branch, snet
 
 

@@ -54,12 +54,8 @@ def main():
             result = v1.segment(case.image)
             write_seg_nrrd(result.labels, organs, work / "focusnetv1" / f"{case.name}.seg.nrrd")
         if snet_small:  # the paper's FocusNetv2 as well: the branch draws every small organ
-            shipped = segmenter.model.config
-            segmenter.model.config = dataclasses.replace(shipped, snet_small=())
-            try:
+            with segmenter.model.branch_for_every_small_organ():
                 result = segmenter.segment(case.image)
-            finally:
-                segmenter.model.config = shipped
             write_seg_nrrd(result.labels, organs, work / "branch" / f"{case.name}.seg.nrrd")
         print(f"{case.name}: {seconds[-1]:.1f} s", flush=True)
     rows, _ = evaluate(work / "focusnetv2", work / "gt", organs.key, work / "focusnetv2")
