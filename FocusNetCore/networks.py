@@ -153,8 +153,12 @@ class SOLNet(nn.Module):
         self.block = SEResBlock(c(32), c(32))
         self.head = nn.Conv3d(c(32), len(config.organs.small_names), 1)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The heat maps before the sigmoid (for the cross-entropy heat-map loss)."""
+        return self.head(self.block(features))
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.head(self.block(features)))
+        return torch.sigmoid(self.logits(features))
 
 
 class SOSHead(nn.Module):

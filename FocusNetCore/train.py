@@ -43,6 +43,7 @@ from .networks import FocusNetConfig, FocusNetV2, ShapeAutoencoder, roi_pool, ro
 
 STAGES = ("snet", "solnet", "aae_pretrain", "sos", "finetune")
 LR_SCHEDULES = ("constant", "cosine")
+HEATMAP_LOSSES = ("l2", "cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class TrainConfig:
     # SOL-Net's heat-map L2 with each voxel weighed by 1 + w * target (0 =
     # the paper's plain L2; see losses.heatmap_loss).
     heatmap_foreground_weight: float = 0.0
+    # SOL-Net's heat-map loss: "l2" (the paper) or "cross_entropy" (binary
+    # cross-entropy against the same Gaussians, which keeps a gradient where
+    # a head's sigmoid has fallen to 0; see losses.heatmap_cross_entropy).
+    heatmap_loss: str = "l2"
     dice_weight: float = 1.0
     alpha_power: float = 1.0  # 1 = the paper: alpha inversely proportional to organ size
     shape_weight: float = 5.0
@@ -107,6 +112,11 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not (self.heatmap_foreground_weight >= 0 and math.isfinite(self.heatmap_foreground_weight)):
             raise ValueError(f"heatmap_foreground_weight must be 0 or more, got {self.heatmap_foreground_weight}")
+        if self.heatmap_loss not in HEATMAP_LOSSES:
+            raise ValueError(f"heatmap_loss must be one of {HEATMAP_LOSSES}, got {self.heatmap_loss!r}")
+        if self.heatmap_loss == "cross_entropy" and self.heatmap_foreground_weight:
+            raise ValueError("heatmap_foreground_weight weighs the L2 heat-map loss; "
+                             "it cannot be used with heatmap_loss: cross_entropy")
         seen = set()
         for stage, rate, schedule in self.stage_lr:
             if stage not in STAGES:
@@ -250,15 +260,23 @@ class SNetStep(nn.Module):
                                         self.config.dice_weight, present)
 
 
+def solnet_loss(model: FocusNetV2, features, target_maps, config: TrainConfig) -> torch.Tensor:
+    """SOL-Net's heat-map loss on S-Net's features, in the configured form."""
+    logits = model.solnet.logits(features)
+    if config.heatmap_loss == "cross_entropy":
+        return losses.heatmap_cross_entropy(logits, target_maps)
+    return losses.heatmap_loss(torch.sigmoid(logits), target_maps, config.heatmap_foreground_weight)
+
+
 class SOLNetStep(nn.Module):
-    def __init__(self, model: FocusNetV2, foreground_weight: float = 0.0):
+    def __init__(self, model: FocusNetV2, config: TrainConfig):
         super().__init__()
-        self.model, self.foreground_weight = model, foreground_weight
+        self.model, self.config = model, config
 
     def forward(self, ct, target_maps):
         with torch.no_grad():
             _, features = self.model.snet(ct)
-        return losses.heatmap_loss(self.model.solnet(features), target_maps, self.foreground_weight)
+        return solnet_loss(self.model, features, target_maps, self.config)
 
 
 def _roi_targets(labels: torch.Tensor, starts, small_labels, roi):
@@ -299,8 +317,7 @@ class GeneratorStep(nn.Module):
             logits, features = self.model.snet(ct)
             loss = losses.segmentation_loss(logits, labels, self.alpha, self.config.focal_gamma,
                                             self.config.dice_weight, present)
-            loss = loss + losses.heatmap_loss(self.model.solnet(features), target_maps,
-                                              self.config.heatmap_foreground_weight)
+            loss = loss + solnet_loss(self.model, features, target_maps, self.config)
         else:
             with torch.no_grad():
                 _, features = self.model.snet(ct)
@@ -616,7 +633,7 @@ class Trainer:
             return self._apply(opt, loss, stage, step)
         if stage == "solnet":
             opt = self._optimizer("solnet", model.solnet.parameters())
-            runner = self._runner("solnet", lambda: SOLNetStep(model, self.config.heatmap_foreground_weight))
+            runner = self._runner("solnet", lambda: SOLNetStep(model, self.config))
             with self._autocast():
                 loss = runner(ct, maps)
             return self._apply(opt, loss, stage, step)

@@ -101,3 +101,54 @@ def test_foreground_weighted_heatmap_loss_sees_a_missed_peak():
     # (1 * (1 + 10) + 0.25 * (1 + 5)) / 4
     assert float(heatmap_loss(zeros, target, foreground_weight=10)) == pytest.approx((11 + 1.5) / 4)
     assert float(heatmap_loss(target, target, foreground_weight=10)) == 0.0
+
+
+def test_solnet_loss_follows_the_training_setting():
+    """SOL-Net's stage scores its heat maps with the configured loss: the
+    paper's L2 on the sigmoid by default, the cross-entropy on the logits
+    with ``heatmap_loss: cross_entropy``; the setting survives a checkpoint's
+    configuration round trip."""
+    from FocusNetCore.data import heatmaps
+    from FocusNetCore.losses import heatmap_cross_entropy
+    from FocusNetCore.networks import FocusNetConfig, SOLNet
+    from FocusNetCore.train import TrainConfig, solnet_loss
+
+    torch.manual_seed(0)
+    config = FocusNetConfig(width=0.125)
+    model = type("M", (), {"solnet": SOLNet(config).eval()})()
+    labels = torch.zeros(8, 16, 16, dtype=torch.long)
+    labels[3:6, 7:10, 7:10] = config.organs.small_labels[0]
+    target = torch.as_tensor(heatmaps(labels.numpy(), config.organs.small_labels)[0])[None]
+    features = torch.randn(1, config.channels(32), 8, 16, 16)
+    with torch.no_grad():
+        logits = model.solnet.logits(features)
+        l2 = solnet_loss(model, features, target, TrainConfig())
+        ce = solnet_loss(model, features, target, TrainConfig(heatmap_loss="cross_entropy"))
+    assert torch.allclose(torch.sigmoid(logits), model.solnet(features))
+    assert float(l2) == pytest.approx(float(heatmap_loss(torch.sigmoid(logits), target)))
+    assert float(ce) == pytest.approx(float(heatmap_cross_entropy(logits, target)))
+    assert float(ce) != pytest.approx(float(l2))
+    stored = TrainConfig(heatmap_loss="cross_entropy").to_dict()
+    assert TrainConfig.from_dict(stored).heatmap_loss == "cross_entropy"
+
+
+def test_cross_entropy_heatmap_loss_is_least_at_the_target():
+    from FocusNetCore.losses import heatmap_cross_entropy
+
+    target = torch.tensor([0.9, 0.5, 0.1, 0.0]).view(1, 1, 1, 1, 4)
+    logits = torch.logit(target.clamp(1e-6, 1 - 1e-6)).requires_grad_()
+    heatmap_cross_entropy(logits, target).backward()
+    assert float(logits.grad.abs().max()) < 1e-6
+    # at the collapsed state the gradient on the organ's logits is -y / N
+    collapsed = torch.full_like(target, -30.0).requires_grad_()
+    heatmap_cross_entropy(collapsed, target).backward()
+    assert torch.allclose(collapsed.grad, -target / 4, atol=1e-6)
+
+
+def test_heatmap_loss_setting_is_checked():
+    from FocusNetCore.train import TrainConfig
+
+    with pytest.raises(ValueError, match="heatmap_loss"):
+        TrainConfig(heatmap_loss="focal")
+    with pytest.raises(ValueError, match="foreground_weight"):
+        TrainConfig(heatmap_loss="cross_entropy", heatmap_foreground_weight=10.0)
