@@ -102,11 +102,7 @@ def heatmap_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.T
     same as L2's, the heat map equal to the target, but its gradient on a
     logit is (p - target), where L2's is 2 (p - target) p (1 - p): L2 leaves
     a head whose sigmoid has fallen to 0 at its organ with almost no gradient
-    to climb back by. Measured on the phantom-cpu model's S-Net (its SOL-Net
-    answered 0.000 at the left lens' centre, its peak at another organ):
-    2500 further iterations at 2e-3 (cosine) left the left lens' peak 240 mm
-    off with L2 and brought all six small organs within 2-11 mm with the
-    cross-entropy (configs/phantom-cpu.yaml)."""
+    to climb back by (measured against L2 in configs/phantom-cpu-solnet.yaml)."""
     return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
 

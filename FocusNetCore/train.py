@@ -260,9 +260,9 @@ class SNetStep(nn.Module):
                                         self.config.dice_weight, present)
 
 
-def solnet_loss(model: FocusNetV2, features, target_maps, config: TrainConfig) -> torch.Tensor:
+def solnet_loss(solnet: nn.Module, features, target_maps, config: TrainConfig) -> torch.Tensor:
     """SOL-Net's heat-map loss on S-Net's features, in the configured form."""
-    logits = model.solnet.logits(features)
+    logits = solnet.logits(features)
     if config.heatmap_loss == "cross_entropy":
         return losses.heatmap_cross_entropy(logits, target_maps)
     return losses.heatmap_loss(torch.sigmoid(logits), target_maps, config.heatmap_foreground_weight)
@@ -276,7 +276,7 @@ class SOLNetStep(nn.Module):
     def forward(self, ct, target_maps):
         with torch.no_grad():
             _, features = self.model.snet(ct)
-        return solnet_loss(self.model, features, target_maps, self.config)
+        return solnet_loss(self.model.solnet, features, target_maps, self.config)
 
 
 def _roi_targets(labels: torch.Tensor, starts, small_labels, roi):
@@ -317,7 +317,7 @@ class GeneratorStep(nn.Module):
             logits, features = self.model.snet(ct)
             loss = losses.segmentation_loss(logits, labels, self.alpha, self.config.focal_gamma,
                                             self.config.dice_weight, present)
-            loss = loss + solnet_loss(self.model, features, target_maps, self.config)
+            loss = loss + solnet_loss(self.model.solnet, features, target_maps, self.config)
         else:
             with torch.no_grad():
                 _, features = self.model.snet(ct)

@@ -115,16 +115,16 @@ def test_solnet_loss_follows_the_training_setting():
 
     torch.manual_seed(0)
     config = FocusNetConfig(width=0.125)
-    model = type("M", (), {"solnet": SOLNet(config).eval()})()
+    solnet = SOLNet(config).eval()
     labels = torch.zeros(8, 16, 16, dtype=torch.long)
     labels[3:6, 7:10, 7:10] = config.organs.small_labels[0]
     target = torch.as_tensor(heatmaps(labels.numpy(), config.organs.small_labels)[0])[None]
     features = torch.randn(1, config.channels(32), 8, 16, 16)
     with torch.no_grad():
-        logits = model.solnet.logits(features)
-        l2 = solnet_loss(model, features, target, TrainConfig())
-        ce = solnet_loss(model, features, target, TrainConfig(heatmap_loss="cross_entropy"))
-    assert torch.allclose(torch.sigmoid(logits), model.solnet(features))
+        logits = solnet.logits(features)
+        l2 = solnet_loss(solnet, features, target, TrainConfig())
+        ce = solnet_loss(solnet, features, target, TrainConfig(heatmap_loss="cross_entropy"))
+    assert torch.allclose(torch.sigmoid(logits), solnet(features))
     assert float(l2) == pytest.approx(float(heatmap_loss(torch.sigmoid(logits), target)))
     assert float(ce) == pytest.approx(float(heatmap_cross_entropy(logits, target)))
     assert float(ce) != pytest.approx(float(l2))
