@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import os
@@ -442,3 +443,59 @@ def test_localisation_metrics_measure_the_peak_distance_in_mm():
     assert list(out) == [7]
     assert out[7]["peak_error_mm"] == pytest.approx(6.0) and out[7]["detected"] == 1.0
     assert localisation_metrics(heat, labels, (7, 9), (3.0, 2.0, 1.5), threshold=0.9)[7]["detected"] == 0.0
+
+
+def _snet_norms(model):
+    return {k: v.clone() for k, v in model.snet.state_dict().items() if "running_" in k}
+
+
+def test_snet_fixed_bn_recomputes_snet_statistics_then_holds_them(phantom_data, tmp_path, monkeypatch):
+    """The snet_fixed_bn stage replaces S-Net's BatchNorm running statistics
+    (an average of the last few dozen crops) by the plain average over
+    ``precise_bn_crops`` training crops, then holds them while S-Net's
+    weights train on, through the joint fine-tune too; a run interrupted in
+    or just before the stage resumes to the same weights."""
+    import FocusNetCore.train as train_module
+
+    torch.set_num_threads(1)
+    config = _tiny(stages={"snet": 3, "snet_fixed_bn": 2, "solnet": 1, "aae_pretrain": 0, "sos": 0, "finetune": 2},
+                   precise_bn_crops=5, precision="float32")
+    crops = []
+    original = train_module.sample_chunk
+
+    def recording(case, depth, rng, augment_config, *args, **kwargs):
+        image, labels, present = original(case, depth, rng, augment_config, *args, **kwargs)
+        crops.append(image)
+        return image, labels, present
+
+    trainer = Trainer(config, phantom_data, tmp_path / "run", "cpu", log=lambda *a: None)
+    trainer.run(progress=False, stop_after=3)
+    after_snet = _snet_norms(trainer.model)
+    stem = copy.deepcopy(trainer.model.snet.stem[0])  # the convolution before the first BatchNorm
+    monkeypatch.setattr(train_module, "sample_chunk", recording)
+    trainer.run(resume=True, progress=False, stop_after=4)  # the recompute, then one iteration
+    monkeypatch.setattr(train_module, "sample_chunk", original)
+    fixed = _snet_norms(trainer.model)
+    assert any(not torch.equal(fixed[k], after_snet[k]) for k in fixed)
+    # the stem's statistics are the average over the 5 recomputing crops (the 6th crop trained)
+    assert len(crops) == 6
+    with torch.no_grad():
+        means = [stem(torch.as_tensor(c)[None, None]).mean(dim=(0, 2, 3, 4)) for c in crops[:5]]
+    assert torch.allclose(fixed["stem.1.running_mean"], torch.stack(means).mean(0), rtol=1e-4, atol=1e-5)
+    weights = {k: v.clone() for k, v in trainer.model.snet.state_dict().items() if "running_" not in k}
+    trainer.run(resume=True, progress=False)  # to the end, the joint fine-tune included
+    assert all(torch.equal(v, fixed[k]) for k, v in _snet_norms(trainer.model).items())
+    now = trainer.model.snet.state_dict()
+    assert any(not torch.equal(now[k], weights[k]) for k in weights if k.endswith("weight"))
+    whole = _run(config, phantom_data, tmp_path / "whole")
+    for (name, a), b in zip(whole.model.state_dict().items(), trainer.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_snet_fixed_bn_must_follow_snet_and_precede_its_readers():
+    with pytest.raises(ValueError, match="list it after snet"):
+        _tiny(stages={"snet_fixed_bn": 2, "snet": 3})
+    with pytest.raises(ValueError, match="changes the S-Net features that solnet learn from"):
+        _tiny(stages={"snet": 3, "solnet": 2, "snet_fixed_bn": 2})
+    with pytest.raises(ValueError, match="precise_bn_crops must be 1 or more"):
+        _tiny(stages={"snet": 3, "snet_fixed_bn": 2}, precise_bn_crops=0)
