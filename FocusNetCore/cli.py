@@ -223,7 +223,7 @@ def _cmd_train(args) -> int:
 
     bundle = train(args.config, args.data, args.out, resume=args.resume, device=args.device,
                    progress=not args.no_progress, branch_from=args.branch_from, from_model=args.from_model,
-                   from_stage=args.from_stage)
+                   from_stage=args.from_stage, fresh_sos=args.fresh_sos)
     print(f"model bundle: {bundle}")
     return EXIT_OK
 
@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch-from", default=None, metavar="CHECKPOINT",
                    help="start from another run's checkpoint taken after its snet and solnet stages "
                         "(ablations, e.g. FocusNetv1 = adversarial: false, share those stages)")
+    p.add_argument("--fresh-sos", action="store_true",
+                   help="with --branch-from: SOS-Net starts from new weights, not the checkpoint's (an ablation "
+                        "branched from a run whose SOS-Net had trained)")
     p.add_argument("--from-model", default=None, metavar="BUNDLE",
                    help="start from a model bundle's weights (same network settings) at --from-stage")
     p.add_argument("--from-stage", default=None, choices=("snet", "snet_fixed_bn", "solnet", "aae_pretrain", "sos", "finetune"),

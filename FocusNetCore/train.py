@@ -943,14 +943,18 @@ class Trainer:
     BRANCH_FREE = ("adversarial", "shape_weight", "adversarial_weight", "shape_loss_normalized", "autoencoder_width",
                    "sos_jitter", "model_name", "intended_use", "validate_every", "checkpoint_every")
 
-    def branch_from(self, checkpoint) -> None:
+    def branch_from(self, checkpoint, fresh_sos: bool = False) -> None:
         """Start from another run's checkpoint taken after its S-Net and SOL-Net
         stages: its network weights, position and validation history; the
         rest of the schedule follows this run's configuration (e.g.
         ``adversarial: false`` for FocusNetv1, or a longer solnet stage, which
         then continues training SOL-Net from where the other run stopped).
         Refuses a checkpoint whose network, data settings or S-Net stage
-        differ from this run's, or that was taken before its SOL-Net was done."""
+        differ from this run's, or that was taken before its SOL-Net was done.
+        ``fresh_sos``: SOS-Net starts from new weights (seeded as a run from
+        scratch), not the checkpoint's; for ablations branched from a run
+        whose SOS-Net had already trained (the autoencoder is never taken
+        from the checkpoint)."""
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no checkpoint to branch from")
@@ -979,6 +983,11 @@ class Trainer:
             if theirs.get(key) != ours.get(key):
                 raise ValueError(f"{path}: made with a different {key!r} ({theirs.get(key)!r} vs {ours.get(key)!r})")
         self.model.load_state_dict(state["model"])
+        if fresh_sos:
+            torch.manual_seed(self.config.seed)
+            for module in self.model.sosnet.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()  # PyTorch's default initialisation, as FocusNetV2 is built
         extra = stages[sol][1] - their_stages[sol][1]
         self.position = (sol, their_stages[sol][1]) if extra else (aae_index, 0)
         self.history = [row for row in state["history"] if row["stage"] in names[:aae_index]]
@@ -1156,12 +1165,16 @@ def _plot_history(history: List[dict], path: Path, small_names):
 
 
 def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "auto", progress: bool = True,
-          log=print, branch_from=None, from_model=None, from_stage: Optional[str] = None) -> Path:
+          log=print, branch_from=None, from_model=None, from_stage: Optional[str] = None,
+          fresh_sos: bool = False) -> Path:
     """``focusnet train``: returns the path of the model bundle it wrote.
     ``branch_from``: another run's checkpoint after its S-Net and SOL-Net
     stages to continue from (see Trainer.branch_from). ``from_model`` and
     ``from_stage``: start at that stage from a model bundle's weights
-    (Trainer.start_from_model)."""
+    (Trainer.start_from_model). ``fresh_sos``: with ``branch_from``, SOS-Net
+    starts from new weights."""
+    if fresh_sos and branch_from is None:
+        raise ValueError("--fresh-sos goes with --branch-from")
     if (from_model is None) != (from_stage is None):
         raise ValueError("--from-model and --from-stage go together")
     if from_model is not None and branch_from is not None:
@@ -1177,7 +1190,7 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
                               "or choose another --out")
     trainer = Trainer(config, data_dir, run_dir, device, log)
     if branch_from is not None and not resume:
-        trainer.branch_from(branch_from)
+        trainer.branch_from(branch_from, fresh_sos)
         resume = True
     if from_model is not None and not resume:
         trainer.start_from_model(from_model, from_stage)

@@ -254,6 +254,24 @@ def test_branch_an_ablation_after_the_shared_stages(phantom_data, tmp_path):
     trained = trainer.model.state_dict()
     assert any(not torch.equal(trained[n], shared[n]) for n in shared if n.startswith("sosnet."))  # SOS-Net trained
 
+    # --fresh-sos: an ablation branched from a run whose SOS-Net had trained
+    # starts SOS-Net afresh (the same new weights each time), the rest shared.
+    state = torch.load(branch_point, weights_only=True)
+    state["model"] = {k: v + 1.0 if k.startswith("sosnet.") and v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "trained-sos.pt")
+    fresh = []
+    for run in ("fresh1", "fresh2"):
+        trainer = Trainer(v1, phantom_data, tmp_path / run, "cpu", log=lambda *a: None)
+        trainer.branch_from(tmp_path / "trained-sos.pt", fresh_sos=True)
+        fresh.append(trainer.model.state_dict())
+    for name, value in fresh[0].items():
+        assert torch.equal(value, fresh[1][name]), name
+        if name.startswith("sosnet.") and "num_batches" not in name:
+            assert not torch.equal(value, state["model"][name]), name
+        elif not name.startswith("sosnet."):
+            assert torch.equal(value, shared[name]), name
+
     _run(v2, phantom_data, tmp_path / "early", stop_after=4)  # inside solnet
     with pytest.raises(ValueError, match="after the snet and solnet stages"):
         Trainer(v1, phantom_data, tmp_path / "v1b", "cpu", log=lambda *a: None).branch_from(
