@@ -50,8 +50,9 @@ def main():
             write_seg_nrrd(result.labels, organs, work / folder / f"{case.name}.seg.nrrd")
             if branch:
                 seconds.append(result.timings["total"])
-        if v1 is not None:
-            result = v1.segment(case.image)
+        if v1 is not None:  # as the paper's FocusNetv1: its branch draws every small organ
+            with v1.model.branch_for_every_small_organ():
+                result = v1.segment(case.image)
             write_seg_nrrd(result.labels, organs, work / "focusnetv1" / f"{case.name}.seg.nrrd")
         if snet_small:  # the paper's FocusNetv2 as well: the branch draws every small organ
             with segmenter.model.branch_for_every_small_organ():
