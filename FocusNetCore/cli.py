@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "branched from a run whose SOS-Net had trained)")
     p.add_argument("--from-model", default=None, metavar="BUNDLE",
                    help="start from a model bundle's weights (same network settings) at --from-stage")
-    p.add_argument("--from-stage", default=None, choices=("snet", "snet_fixed_bn", "solnet", "aae_pretrain", "sos", "finetune"),
+    p.add_argument("--from-stage", default=None,
+                   choices=("snet", "snet_fixed_bn", "solnet", "aae_pretrain", "sos", "finetune"),  # train.STAGES
                    help="with --from-model: the first stage to train; the earlier ones are the bundle's")
     p.set_defaults(func=_cmd_train)
 

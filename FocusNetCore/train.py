@@ -116,7 +116,7 @@ class TrainConfig:
             fixed = names.index("snet_fixed_bn")
             if "snet" not in names or names.index("snet") > fixed:
                 raise ValueError("stage snet_fixed_bn trains on from the snet stage: list it after snet")
-            readers = [name for name in names[:fixed] if name in ("solnet", "aae_pretrain", "sos", "finetune")]
+            readers = [name for name in names[:fixed] if STAGES.index(name) > STAGES.index("snet_fixed_bn")]
             if readers:
                 raise ValueError(f"stage snet_fixed_bn changes the S-Net features that {', '.join(readers)} "
                                  "learn from: list it before them")
@@ -223,7 +223,13 @@ def _read_config(path: Path, seen: tuple) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
-    return _merge(_read_config(path.parent / str(base), seen + (path.resolve(),)), data)
+    merged = _merge(_read_config(path.parent / str(base), seen + (path.resolve(),)), data)
+    stages = merged.get("stages")
+    if isinstance(stages, dict) and isinstance(data.get("stages"), dict):
+        # A stage the override adds goes to its place in the schedule, not after the base's last stage.
+        order = {name: k for k, name in enumerate(STAGES)}
+        merged["stages"] = dict(sorted(stages.items(), key=lambda item: order.get(item[0], len(STAGES))))
+    return merged
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -251,6 +257,10 @@ def distributed_setup(device: str):
     return rank, world, device
 
 
+def _batchnorms(module: nn.Module) -> List[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _wrap(module: nn.Module, world: int, device: str) -> nn.Module:
     if world <= 1:
         return module
@@ -262,12 +272,6 @@ def _wrap(module: nn.Module, world: int, device: str) -> nn.Module:
 
 # --------------------------------------------------------------------------
 # Stage steps: each an nn.Module returning the loss, so DDP can wrap it
-def _batchnorm_eval(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
 # --------------------------------------------------------------------------
 
 class SNetStep(nn.Module):
@@ -483,8 +487,9 @@ class Trainer:
         model = self.model
         for p in model.parameters():
             p.requires_grad_(False)
-        parts = {"snet": [model.snet], "snet_fixed_bn": [model.snet], "solnet": [model.solnet], "aae_pretrain": [],
-                 "sos": [model.sosnet], "finetune": [model.snet, model.solnet, model.sosnet]}[stage]
+        parts = {"snet": [model.snet], "snet_fixed_bn": [model.snet], "solnet": [model.solnet],
+                 "aae_pretrain": [], "sos": [model.sosnet],
+                 "finetune": [model.snet, model.solnet, model.sosnet]}[stage]
         for part in parts:
             for p in part.parameters():
                 p.requires_grad_(True)
@@ -493,7 +498,8 @@ class Trainer:
             if module not in parts:
                 module.eval()  # frozen BatchNorm statistics too
         if self._snet_batchnorm_fixed(stage):
-            _batchnorm_eval(model.snet)  # S-Net's weights may train; its statistics stay as fixed
+            for norm in _batchnorms(model.snet):
+                norm.eval()  # S-Net's weights may train; its statistics stay as fixed
         for p in self.aae.parameters():
             p.requires_grad_(stage in ("aae_pretrain", "sos", "finetune") and self.config.adversarial)
         self.aae.train()
@@ -513,16 +519,13 @@ class Trainer:
         normalised by that crop's statistics, which differ between a crop of
         the cranium and one of the neck; the running averages it kept
         followed the last few dozen crops (the joint fine-tune's, all around
-        the small organs). Measured on the model shipped until 2026-12-01:
-        the spinal cord's lowest 50-60 mm, drawn with the crop's own
-        statistics (Dice 0.94 on a crop there), were not drawn at all with
-        the kept ones (0.05). The crops are the same on every process, so
-        DDP ranks agree."""
+        the small organs; what that cost is measured in
+        configs/phantom-cpu-fixed-bn.yaml). The crops are the same on every
+        process, so DDP ranks agree."""
         snet = self.model.snet
-        norms = [m for m in snet.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = _batchnorms(snet)
         saved = [(m, m.momentum) for m in norms]
         was_training = snet.training
-        snet.eval()
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # cumulative average
@@ -555,8 +558,8 @@ class Trainer:
         return self.runners[key]
 
     # Which stage each optimiser belongs to (its rate and schedule).
-    OPTIMIZER_STAGE = {"snet": "snet", "snet_fixed_bn": "snet_fixed_bn", "solnet": "solnet", "aae": "aae_pretrain", "sos_g": "sos", "sos_d": "sos",
-                       "finetune_g": "finetune", "finetune_d": "finetune"}
+    OPTIMIZER_STAGE = {"snet": "snet", "snet_fixed_bn": "snet_fixed_bn", "solnet": "solnet", "aae": "aae_pretrain",
+                       "sos_g": "sos", "sos_d": "sos", "finetune_g": "finetune", "finetune_d": "finetune"}
 
     def _optimizer(self, key: str, params) -> torch.optim.Optimizer:
         """The stage's Adam (created at its first use), at the rate the
@@ -930,7 +933,8 @@ class Trainer:
         if stage is not None:
             self._set_trainable(stage)
             model = self.model
-            params = {"snet": model.snet.parameters, "snet_fixed_bn": model.snet.parameters, "solnet": model.solnet.parameters, "aae": self.aae.parameters,
+            params = {"snet": model.snet.parameters, "snet_fixed_bn": model.snet.parameters,
+                      "solnet": model.solnet.parameters, "aae": self.aae.parameters,
                       f"{stage}_g": lambda: [p for part in ([model.sosnet] + ([model.snet, model.solnet]
                                                                               if stage == "finetune" else []))
                                              for p in part.parameters()],

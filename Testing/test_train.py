@@ -42,6 +42,14 @@ def test_config_base_and_overrides(tmp_path):
         load_config(tmp_path / "a.yaml")
 
 
+def test_a_stage_a_child_config_adds_takes_its_place_in_the_schedule():
+    """``base:`` merges the stages mapping; a stage the child adds runs where
+    the schedule puts it (snet_fixed_bn between snet and solnet), not last."""
+    config = load_config(ROOT / "configs" / "phantom-cpu-fixed-bn.yaml")
+    assert [name for name, _ in config.stages] == ["snet", "snet_fixed_bn", "solnet", "aae_pretrain", "sos"]
+    assert dict(config.stages)["snet"] == dict(load_config(ROOT / "configs" / "phantom-cpu-solnet.yaml").stages)["snet"]
+
+
 def test_configs_load_and_reject_unknown_keys(tmp_path):
     paper = load_config(ROOT / "configs" / "paper.yaml")
     assert paper.network.width == 1.0 and paper.lr == 5e-4 and paper.shape_weight == 5.0
