@@ -137,15 +137,19 @@ def load_bundle(path, map_location="cpu") -> Tuple[FocusNetV2, dict]:
 
 def with_postprocess(path, plan: dict, out, overwrite: bool = False,
                      sos_thresholds: Optional[Tuple[float, ...]] = None,
-                     snet_small: Optional[Tuple[str, ...]] = None) -> Path:
+                     snet_small: Optional[Tuple[str, ...]] = None,
+                     chunk_slices: Optional[int] = None) -> Path:
     """A copy of the bundle at ``path`` with the post-processing ``plan`` and,
-    if given, SOS-Net's thresholds and the small organs S-Net draws
-    (weights, checksums and provenance unchanged), written atomically."""
+    if given, SOS-Net's thresholds, the small organs S-Net draws and the
+    slices per inference chunk (weights, checksums and provenance
+    unchanged), written atomically."""
     load_bundle(path)  # refuses a damaged or altered bundle
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     payload["postprocess"] = plan
     calibrated = {"sos_thresholds": sos_thresholds, "snet_small": snet_small}
     calibrated = {k: list(v) for k, v in calibrated.items() if v is not None}
+    if chunk_slices is not None:
+        calibrated["preprocess"] = {**payload["config"]["preprocess"], "chunk_slices": int(chunk_slices)}
     if calibrated:
         payload["config"] = FocusNetConfig.from_dict({**payload["config"], **calibrated}).to_dict()
     buffer = io.BytesIO()

@@ -394,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="cases with ground truth, as `focusnet train` reads them")
     p.add_argument("--validation-cases", type=int, default=2,
                    help="the last N cases of --data, sorted as training sorts them (default 2: training's split)")
+    p.add_argument("--chunk-slices", type=int, default=None, metavar="N",
+                   help="slices per inference chunk, stored in the new bundle and used to choose the rest (default: "
+                        "the bundle's own). More slices give S-Net and SOL-Net context across fewer chunk borders "
+                        "and cost memory")
     p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
     p.set_defaults(func=_cmd_postprocess)
 
@@ -480,6 +484,10 @@ def _cmd_postprocess(args) -> int:
 
     segmenter = Segmenter(args.model, device="cpu", precision="float32")
     organs = segmenter.config.organs
+    if args.chunk_slices is not None:
+        config = segmenter.model.config
+        segmenter.model.config = dataclasses.replace(
+            config, preprocess=dataclasses.replace(config.preprocess, chunk_slices=args.chunk_slices))
     with tempfile.TemporaryDirectory() as cache:
         cases, problems = load_training_cases(args.data, cache, segmenter.config.preprocess, organs, print)
     if args.validation_cases < 1 or len(cases) < args.validation_cases:
@@ -507,7 +515,8 @@ def _cmd_postprocess(args) -> int:
     for step in ("largest_component", "fill_holes"):
         print(f"{step}: {', '.join(plan[step]) or 'none'}")
     print(f"validation mean Dice {mean_dice(pairs, organs):.4f} without, {mean_dice(pairs, organs, plan):.4f} with")
-    with_postprocess(segmenter.bundle_path, plan, args.out, sos_thresholds=thresholds, snet_small=snet_small)
+    with_postprocess(segmenter.bundle_path, plan, args.out, sos_thresholds=thresholds, snet_small=snet_small,
+                     chunk_slices=args.chunk_slices)
     print(f"wrote {args.out}")
     return EXIT_OK
 

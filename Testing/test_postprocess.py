@@ -77,6 +77,7 @@ def test_the_bundles_plan_is_applied_by_inference(tmp_path):
     assert meta["postprocess"] == everything and meta["checksum"] == plain.meta["checksum"]
     planned = Segmenter(bundle, device="cpu", precision="float32")
     assert planned.model_info["postprocess"]["largest_component"] == list(ORGANS.names)
+    assert planned.config.preprocess == plain.config.preprocess  # no chunk depth given: the bundle's own
     labels = sitk.GetArrayFromImage(planned.segment(case.image).labels)
     for name in ORGANS.names:
         mask = labels == ORGANS.label_of(name)
@@ -92,11 +93,17 @@ def test_postprocess_command_writes_a_new_bundle(tmp_path):
     for seed in (1600, 1601):
         write_case(generate_case(seed, "small"), tmp_path / "val", "nrrd")
     out = subprocess.run([sys.executable, "-m", "FocusNetCore", "postprocess", "--data", str(tmp_path / "val"),
-                          "--out", str(tmp_path / "pp.pt")], capture_output=True, text=True, timeout=600)
+                          "--chunk-slices", "24", "--out", str(tmp_path / "pp.pt")],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "validation mean Dice" in out.stdout
     model, meta = load_bundle(tmp_path / "pp.pt")
     assert meta["postprocess"]["cases"] == 2
+    # the chunk depth it was chosen with is the new bundle's; the weights are the same
+    embedded, embedded_meta = load_bundle(EMBEDDED_MODEL)
+    assert model.config.preprocess.chunk_slices == 24 != embedded.config.preprocess.chunk_slices
+    assert model.config.preprocess.spacing == embedded.config.preprocess.spacing
+    assert meta["checksum"] == embedded_meta["checksum"]
     # SOS-Net's thresholds, chosen on the same cases, go into the network configuration
     assert len(model.config.sos_thresholds) == len(model.config.organs.small_names)
     assert "SOS-Net threshold Lens_L" in out.stdout
