@@ -39,8 +39,12 @@ def test_the_embedded_model_draws_the_same_organs_through_openvino():
         b = openvino_run.model.segment(volume, keep_features=True)
     for name in ("features", "heatmaps"):
         assert a[name].shape == b[name].shape
-        # float32 sums in another order: equal to a few units in the fifth digit
-        assert float((a[name] - b[name]).abs().max()) <= 1e-4 * float(a[name].abs().max()), name
+        # float32 sums in another order: equal to the fourth digit (measured: 1.6e-4 of the largest heat-map
+        # value with the 80-slice chunks of the current bundle, a few units in the fifth digit before)
+        assert float((a[name] - b[name]).abs().max()) <= 1e-3 * float(a[name].abs().max()), name
+    # what the branch and click to find take from the heat maps: each small organ's peak, the same voxel
+    for k in range(a["heatmaps"].shape[1]):
+        assert int(a["heatmaps"][0, k].argmax()) == int(b["heatmaps"][0, k].argmax()), k
     changed = (a["labels"] != b["labels"])[0].nonzero().tolist()
     assert len(changed) <= 5, len(changed)
     for z, y, x in changed:  # each a near-tie of S-Net's soft-max in PyTorch's own run
