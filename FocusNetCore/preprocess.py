@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -55,6 +55,10 @@ MIN_BODY_AREA_MM2 = 400.0
 # Voxels of margin around each label's box when resampling labels: room for
 # the distance map to turn positive outside the organ.
 LABEL_BOX_MARGIN = 3
+# labels_to_original with probabilities: the least margin (probability) a
+# model voxel's own decision keeps, so a voxel post-processing added or
+# took away stays on its side of the boundary.
+MARGIN_FLOOR = 0.02
 IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
@@ -297,29 +301,47 @@ def resample_labels(labels: sitk.Image, target: Grid) -> np.ndarray:
     through a coarser grid. Works for any pair of orientations.
     """
     source = Grid.of(labels)
-    out = np.zeros(target.shape, dtype=np.uint8 if _max_label(labels) < 256 else np.uint16)
-    # The distances are kept only where the source grid reaches: a long scan
-    # around a short model grid does not pay for its length (memory).
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(labels, sitk.sitkUInt16))
+    array = sitk.GetArrayViewFromImage(labels)
+
+    def fields():
+        for label in stats.GetLabels():
+            if label == 0:
+                continue
+            box = stats.GetBoundingBox(label)  # (x, y, z start, x, y, z size)
+            start = np.maximum(np.asarray(box[:3]) - LABEL_BOX_MARGIN, 0)
+            stop = np.minimum(np.asarray(box[:3]) + np.asarray(box[3:]) + LABEL_BOX_MARGIN, source.size)
+            crop = array[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]] == label
+            yield label, start, signed_distance(crop, source.spacing)
+
+    far = float(max(source.spacing)) * LABEL_BOX_MARGIN
+    dtype = np.uint8 if _max_label(labels) < 256 else np.uint16
+    return resample_level_sets(fields(), source, target, far, dtype)
+
+
+def resample_level_sets(fields: Iterable[Tuple[int, Sequence[int], np.ndarray]], source: Grid, target: Grid,
+                        far: float, dtype=np.uint8) -> np.ndarray:
+    """Labels on ``target`` (a (z, y, x) array) from one level-set field per
+    label on ``source``: (label, the field's first voxel (x, y, z) on
+    ``source``, the field (z, y, x), negative inside the label). Each field
+    is linearly interpolated onto the target voxels its box reaches (``far``,
+    outside, beyond it); a label claims the voxels where its field is
+    negative and lower than every other label's there."""
+    out = np.zeros(target.shape, dtype=dtype)
+    # Only where the source grid reaches: a long scan around a short model
+    # grid does not pay for its length (memory).
     reach = target.physical_to_index(source.corners())
     base = np.clip(np.floor(reach.min(axis=0)).astype(int) - 1, 0, target.size)
     top = np.clip(np.ceil(reach.max(axis=0)).astype(int) + 2, 0, target.size)
     if np.any(top <= base):
         return out
     out_window = out[base[2]:top[2], base[1]:top[1], base[0]:top[0]]
-    best = np.zeros(out_window.shape, dtype=np.float32)  # distance of the winning label (< 0)
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(sitk.Cast(labels, sitk.sitkUInt16))
-    array = sitk.GetArrayViewFromImage(labels)
-    for label in stats.GetLabels():
-        if label == 0:
-            continue
-        box = stats.GetBoundingBox(label)  # (x, y, z start, x, y, z size)
-        start = np.maximum(np.asarray(box[:3]) - LABEL_BOX_MARGIN, 0)
-        stop = np.minimum(np.asarray(box[:3]) + np.asarray(box[3:]) + LABEL_BOX_MARGIN, source.size)
-        crop = array[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]] == label
-        box_grid = source.sub_grid(start, stop - start)
-        distance = sitk.GetImageFromArray(signed_distance(crop, box_grid.spacing))
-        box_grid.apply_to(distance)
+    best = np.zeros(out_window.shape, dtype=np.float32)  # field of the winning label (< 0)
+    for label, start, values in fields:
+        box_grid = source.sub_grid(start, tuple(reversed(values.shape)))
+        field_image = sitk.GetImageFromArray(values.astype(np.float32, copy=False))
+        box_grid.apply_to(field_image)
         # Target voxels that the source box can reach.
         corners = target.physical_to_index(box_grid.corners())
         lo = np.clip(np.floor(corners.min(axis=0)).astype(int), base, top)
@@ -327,12 +349,11 @@ def resample_labels(labels: sitk.Image, target: Grid) -> np.ndarray:
         if np.any(hi <= lo):
             continue
         region = target.sub_grid(lo, hi - lo)
-        far = float(max(source.spacing)) * LABEL_BOX_MARGIN
-        dist = sitk.GetArrayFromImage(_resample(distance, region, sitk.sitkLinear, far, sitk.sitkFloat32))
+        resampled = sitk.GetArrayFromImage(_resample(field_image, region, sitk.sitkLinear, far, sitk.sitkFloat32))
         a, b = lo - base, hi - base
         window = (slice(a[2], b[2]), slice(a[1], b[1]), slice(a[0], b[0]))
-        wins = dist < best[window]
-        best[window][wins] = dist[wins]
+        wins = resampled < best[window]
+        best[window][wins] = resampled[wins]
         out_window[window][wins] = label
     return out
 
@@ -355,16 +376,65 @@ def labels_to_model_grid(labels: sitk.Image, grid: Grid) -> np.ndarray:
     return resample_labels(labels, grid)
 
 
-def labels_to_original(labels: np.ndarray, grid: Grid, reference: sitk.Image) -> sitk.Image:
+def labels_to_original(labels: np.ndarray, grid: Grid, reference: sitk.Image,
+                       probabilities: Optional[np.ndarray] = None, hard: Sequence[int] = ()) -> sitk.Image:
     """Labels (z, y, x) on the model grid -> label image on ``reference``'s grid,
-    with ``reference``'s origin, spacing and direction exactly."""
+    with ``reference``'s origin, spacing and direction exactly.
+
+    Without ``probabilities`` each label's boundary is half-way between its
+    voxels and the others (signed distances, resample_labels). With them,
+    (classes, z, y, x) in any scale (S-Net's soft-max: class c's probability
+    at each voxel), a label's boundary lies where its probability equals the
+    highest other class's, linearly interpolated between the model voxels,
+    as the network drew it: finer than the model grid (nnU-Net, too,
+    resamples probabilities, not labels). ``labels`` still decides which
+    model voxels are the label's (post-processing may have changed a few):
+    each keeps at least MARGIN_FLOOR on its side. The labels in ``hard``
+    (drawn by something the probabilities are not of: SOS-Net's small
+    organs) are resampled by distance and drawn over the rest, as they are
+    on the model grid."""
     if labels.shape != grid.shape:
         raise ValueError(f"label array shape {labels.shape} does not match the model grid {grid.shape}")
-    image = sitk.GetImageFromArray(labels)
-    grid.apply_to(image)
-    out = sitk.GetImageFromArray(resample_labels(image, Grid.of(reference)))
+    target = Grid.of(reference)
+    if probabilities is None:
+        image = sitk.GetImageFromArray(labels)
+        grid.apply_to(image)
+        array = resample_labels(image, target)
+    else:
+        if probabilities.shape[1:] != labels.shape or probabilities.shape[0] <= int(labels.max(initial=0)):
+            raise ValueError(f"probabilities of shape {probabilities.shape} do not fit labels of shape {labels.shape}")
+        hard = [int(label) for label in hard]
+        scale = float(np.iinfo(probabilities.dtype).max) if probabilities.dtype.kind in "ui" else 1.0
+        fields = _margin_fields(labels, probabilities, scale, skip=set(hard))
+        array = resample_level_sets(fields, grid, target, far=1.0, dtype=labels.dtype)
+        drawn_over = np.isin(labels, hard)
+        if drawn_over.any():
+            image = sitk.GetImageFromArray(np.where(drawn_over, labels, 0).astype(labels.dtype))
+            grid.apply_to(image)
+            over = resample_labels(image, target)
+            array[over > 0] = over[over > 0]
+    out = sitk.GetImageFromArray(array)
     out.CopyInformation(reference)
     return out
+
+
+def _margin_fields(labels: np.ndarray, probabilities: np.ndarray, scale: float, skip=frozenset()):
+    """Per label of ``labels`` (not in ``skip``), the level set for
+    resample_level_sets: minus (its probability - the highest other class's)
+    over its box and LABEL_BOX_MARGIN voxels around, with the sign of
+    ``labels``' own decision and at least MARGIN_FLOOR from zero."""
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None or label in skip:
+            continue
+        box = tuple(slice(max(s.start - LABEL_BOX_MARGIN, 0), min(s.stop + LABEL_BOX_MARGIN, n))
+                    for s, n in zip(box, labels.shape))
+        p = probabilities[(slice(None),) + box].copy()  # in its own type: a quarter of float32's copy for uint8
+        own = p[label].astype(np.float32)
+        p[label] = 0 if p.dtype.kind in "ui" else -np.inf
+        margin = (own - p.max(axis=0).astype(np.float32)) / scale
+        inside = labels[box] == label
+        field = np.where(inside, -np.maximum(margin, MARGIN_FLOOR), np.maximum(-margin, MARGIN_FLOOR))
+        yield label, (box[2].start, box[1].start, box[0].start), field
 
 
 def chunk_bounds(num_slices: int, chunk_slices: int) -> List[Tuple[int, int]]:

@@ -182,7 +182,11 @@ class Segmenter:
         model_labels = out["labels"][0].cpu().numpy().astype(np.uint8)
         if small_organ_branch:  # the bundle's post-processing (not in the ablation's "S-Net alone")
             model_labels = postprocess.apply(model_labels, self.meta.get("postprocess"), self.config.organs)
-        labels = labels_to_original(model_labels, pre.grid, image)
+        # Sub-voxel boundaries from S-Net's probabilities; SOS-Net's organs by distance.
+        drawn_by_sos = [label for label, drawn in zip(self.config.organs.small_labels, out.get("small") or [])
+                        if drawn is not None]
+        labels = labels_to_original(model_labels, pre.grid, image, probabilities=out["probabilities"][0].cpu().numpy(),
+                                    hard=drawn_by_sos)
         organs = self._organ_results(labels, model_labels, out)
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start

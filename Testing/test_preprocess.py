@@ -129,3 +129,77 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="unknown preprocessing keys"):
         PreprocessConfig.from_dict({"spacingg": [1, 1, 3]})
     assert PreprocessConfig.from_dict(PreprocessConfig().to_dict()) == PreprocessConfig()
+
+
+def _slab_model(margins_x):
+    """A 2 mm model grid, 6 x 6 x n voxels along x; organ 1 where the margin
+    (its probability minus the background's, per x index) is positive."""
+    n = len(margins_x)
+    grid = Grid((n, 6, 6), (0.0, 0.0, 0.0), (2.0, 2.0, 2.0))
+    margin = np.broadcast_to(np.asarray(margins_x, dtype=np.float32), (6, 6, n))
+    probabilities = np.stack([(1.0 - margin) / 2.0, (1.0 + margin) / 2.0])  # background, organ 1
+    labels = (margin > 0).astype(np.uint8)
+    return grid, labels, probabilities
+
+
+def _fine_reference(direction):
+    """A 0.5 mm grid over the same 0..10 mm in x (either way along x), 2 x 2 x 21 voxels."""
+    image = sitk.Image(21, 2, 2, sitk.sitkInt16)
+    image.SetSpacing((0.5, 0.5, 0.5))
+    image.SetDirection(direction)
+    image.SetOrigin((0.0 if direction[0] > 0 else 10.0, 4.0, 4.0))
+    return image
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, 1, 0, 0, 0, -1)],
+                         ids=["identity", "x and z flipped"])
+def test_probabilities_put_the_boundary_where_the_network_drew_it(direction):
+    # The organ's margin falls from +0.1 at x = 8 mm to -0.9 at x = 10 mm: it
+    # crosses zero at 8.2 mm, not half-way (9 mm) as the labels alone say.
+    grid, labels, probabilities = _slab_model([0.9, 0.9, 0.9, 0.9, 0.1, -0.9])
+    reference = _fine_reference(tuple(float(v) for v in direction))
+    soft = labels_to_original(labels, grid, reference, probabilities=probabilities)
+    hard = labels_to_original(labels, grid, reference)
+    for image in (soft, hard):
+        assert image.GetOrigin() == reference.GetOrigin() and image.GetDirection() == reference.GetDirection()
+
+    def last_inside_mm(image):
+        array = sitk.GetArrayViewFromImage(image)
+        xs = [image.TransformIndexToPhysicalPoint((i, 0, 0))[0] for i in range(21) if array[0, 0, i] == 1]
+        return max(xs)
+
+    assert last_inside_mm(soft) == 8.0
+    assert last_inside_mm(hard) == 8.5
+
+
+def test_probabilities_do_not_undo_a_decision_on_the_model_grid():
+    # Post-processing filled a hole: organ 1 at x index 2 although the
+    # network's probability there favours the background. The voxel stays
+    # the organ's, and the probabilities shape its boundary elsewhere.
+    grid, labels, probabilities = _slab_model([0.9, 0.9, -0.4, 0.9, 0.9, -0.9])
+    labels[:, :, 2] = 1
+    reference = _fine_reference((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    soft = sitk.GetArrayFromImage(labels_to_original(labels, grid, reference, probabilities=probabilities))
+    assert soft[0, 0, 8] == 1  # x = 4 mm, the filled voxel's centre
+    assert soft[0, 0, :18].all()
+
+
+def test_labels_drawn_elsewhere_are_resampled_by_distance_and_drawn_over():
+    # Label 2 (an SOS-Net organ) at x index 3-4; S-Net's probabilities know
+    # nothing of it. It is placed half-way between voxels, as without them.
+    grid, labels, probabilities = _slab_model([0.9, 0.9, 0.9, 0.9, 0.9, -0.9])
+    labels[:, :, 3:5] = 2
+    probabilities = np.concatenate([probabilities, np.zeros_like(probabilities[:1])])
+    reference = _fine_reference((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    got = sitk.GetArrayFromImage(labels_to_original(labels, grid, reference, probabilities=probabilities,
+                                                        hard=[2]))[0, 0]
+    expected = sitk.GetArrayFromImage(labels_to_original(labels, grid, reference))[0, 0]
+    assert (got == 2).any()
+    np.testing.assert_array_equal(got == 2, expected == 2)
+
+
+def test_probabilities_that_do_not_fit_the_labels_are_refused():
+    grid, labels, probabilities = _slab_model([0.9, -0.9])
+    reference = _fine_reference((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="do not fit"):
+        labels_to_original(labels, grid, reference, probabilities=probabilities[:, :, :, :1])
