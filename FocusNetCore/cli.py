@@ -401,6 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
     p.set_defaults(func=_cmd_postprocess)
 
+    p = sub.add_parser("sos-heads", help="take the SOS-Net head of named small organs, with its threshold, from "
+                                         "bundles over the same S-Net and SOL-Net (trained on from this one at "
+                                         "its SOS-Net stage), and write the bundle with them")
+    p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model)")
+    p.add_argument("--head", dest="heads", action="append", required=True, metavar="ORGAN=BUNDLE",
+                   help="the small organ whose head comes from BUNDLE; repeat for several")
+    p.add_argument("--note", default="", help="how the donors were made and the heads chosen (kept in the bundle)")
+    p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
+    p.set_defaults(func=_cmd_sos_heads)
+
     p = sub.add_parser("click-heads", help="choose click-to-find's SOS-Net head per small organ (the bundle's own or a "
                                            "donor's) at the organs' true centres on cases with ground truth, and write "
                                            "the bundle with them")
@@ -518,6 +528,25 @@ def _cmd_postprocess(args) -> int:
     with_postprocess(segmenter.bundle_path, plan, args.out, sos_thresholds=thresholds, snet_small=snet_small,
                      chunk_slices=args.chunk_slices)
     print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def _cmd_sos_heads(args) -> int:
+    from .bundle import with_sos_heads
+    from .segment import EMBEDDED_MODEL
+
+    donors = {}
+    for entry in args.heads:
+        organ, sep, bundle = entry.partition("=")
+        if not sep or not organ or not bundle:
+            raise ValueError(f"--head {entry!r}: expected ORGAN=BUNDLE, e.g. OpticNrv_L=runs/x/model.pt")
+        if organ in donors:
+            raise ValueError(f"--head {entry!r}: {organ} is given twice")
+        donors[organ] = bundle
+    base = Path(args.model) if args.model else EMBEDDED_MODEL
+    with_sos_heads(base, donors, args.out, note=args.note)
+    print(f"wrote {args.out} (SOS-Net heads taken: {', '.join(f'{o} from {b}' for o, b in donors.items())}; "
+          "choose the thresholds and post-processing again with focusnet postprocess)")
     return EXIT_OK
 
 

@@ -197,3 +197,36 @@ def test_an_sos_head_moves_between_bundles_only_over_the_same_s_net(tmp_path):
     with pytest.raises(FileExistsError):
         with_sos_heads(tmp_path / "base.pt", {"OpticChiasm": tmp_path / "donor.pt"}, out)
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_sos_heads_command_takes_the_named_heads(tmp_path):
+    """`focusnet sos-heads`: the named organ's head and threshold from the
+    donor, the rest the base's, written to --out; a malformed --head, a
+    donor over another S-Net and an existing --out are refused by name,
+    with nothing written."""
+    def shifted(head, _):
+        for p in head.parameters():
+            p.data.add_(1.0)
+
+    base, donor = base_and_donor(tmp_path, (0.5, 0.5, 0.7, 0.5, 0.5, 0.5), shifted)
+    command = [sys.executable, "-m", "FocusNetCore", "sos-heads", "--model", str(tmp_path / "base.pt")]
+    run = subprocess.run(command + ["--head", f"OpticNrv_L={tmp_path / 'donor.pt'}", "--note", "trained on",
+                                    "--out", str(tmp_path / "mixed.pt")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    mixed, meta = load_bundle(tmp_path / "mixed.pt")
+    k = base.config.organs.small_names.index("OpticNrv_L")
+    assert mixed.config.sos_thresholds == (0.5, 0.5, 0.7, 0.5, 0.5, 0.5)
+    got, was, given = mixed.state_dict(), base.state_dict(), donor.state_dict()
+    for name in got:
+        assert torch.equal(got[name], (given if name.startswith(f"sosnet.heads.{k}.") else was)[name]), name
+    assert meta["provenance"]["sos_heads_from"]["OpticNrv_L"]["note"] == "trained on"
+
+    save_bundle(FocusNetV2(base.config), tmp_path / "stranger.pt")
+    for head, out, message in ((f"OpticNrv_L{tmp_path / 'donor.pt'}", "a.pt", "expected ORGAN=BUNDLE"),
+                               (f"Lens_L={tmp_path / 'stranger.pt'}", "b.pt", "stranger.pt: its S-Net or SOL-Net"),
+                               (f"Lens_L={tmp_path / 'donor.pt'}", "mixed.pt", "mixed.pt")):
+        bad = subprocess.run(command + ["--head", head, "--out", str(tmp_path / out)], capture_output=True, text=True,
+                             timeout=600)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()
+    assert load_bundle(tmp_path / "mixed.pt")[1]["checksum"] == meta["checksum"]  # not overwritten
