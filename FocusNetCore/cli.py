@@ -487,10 +487,11 @@ def _cmd_postprocess(args) -> int:
     import dataclasses
 
     from .bundle import with_postprocess
-    from .data import load_training_cases
-    from .postprocess import choose, choose_snet_small, choose_sos_thresholds, mean_dice
+    from .data import discover_cases, load_training_cases
+    from .postprocess import SOS_THRESHOLDS, choose, choose_snet_small, choose_sos_thresholds_from_scores, mean_dice
     from .segment import Segmenter
-    from .train import branch_and_snet_labels, sos_samples
+    from .train import branch_and_snet_labels
+    from .worker import Worker
 
     segmenter = Segmenter(args.model, device="cpu", precision="float32")
     organs = segmenter.config.organs
@@ -503,11 +504,21 @@ def _cmd_postprocess(args) -> int:
     if args.validation_cases < 1 or len(cases) < args.validation_cases:
         raise ValueError(f"{args.data}: {len(cases)} usable case(s), --validation-cases {args.validation_cases}")
     validation = cases[len(cases) - args.validation_cases:]
-    # SOS-Net's thresholds first: the labels the plan is chosen on are drawn with them.
-    thresholds, report = choose_sos_thresholds(sos_samples(segmenter.model, validation), organs.small_names)
+    # SOS-Net's thresholds first: the labels the plan is chosen on are drawn
+    # with them. They are scored on the CT's own grid, as the user gets the
+    # contours: a threshold chosen on the 2 mm model grid was up to 0.05
+    # Dice worse there (optic nerves).
+    names = {case.name for case in validation}
+    sources = [source for source in discover_cases(args.data)[0] if source.name in names]
+    worker = Worker(segmenter)
+    worker.click_heads = {}  # the pipeline's own heads are scored
+    heads = {name: [segmenter.model.sosnet.heads[k]] for k, name in enumerate(organs.small_names)}
+    scores = _true_centre_dice(worker, sources, organs, heads, SOS_THRESHOLDS)
+    thresholds, report = choose_sos_thresholds_from_scores({name: rows[0] for name, rows in scores.items()},
+                                                           organs.small_names)
     for name, row in report.items():
-        print(f"SOS-Net threshold {name}: {row['threshold']} (Dice at the true centre {row['dice_at_0.5']:.3f} at "
-              f"0.5, {row['dice']:.3f} with it)")
+        print(f"SOS-Net threshold {name}: {row['threshold']} (Dice at the true centre on the CT's grid "
+              f"{row['dice_at_0.5']:.3f} at 0.5, {row['dice']:.3f} with it; {row['cases']} case(s))")
     segmenter.model.config = dataclasses.replace(segmenter.model.config, sos_thresholds=thresholds)
     # Then which small organs S-Net draws better alone, with those thresholds.
     branch, snet = branch_and_snet_labels(segmenter.model, validation)
@@ -552,7 +563,7 @@ def _cmd_sos_heads(args) -> int:
 
 def _cmd_click_heads(args) -> int:
     from .bundle import donor_heads, load_bundle, with_click_heads
-    from .data import discover_cases, load_case
+    from .data import discover_cases
     from .postprocess import SOS_THRESHOLDS, choose_click_heads
     from .segment import EMBEDDED_MODEL, Segmenter
     from .worker import Worker
@@ -574,20 +585,8 @@ def _cmd_click_heads(args) -> int:
     thresholds = sorted(set(SOS_THRESHOLDS) | set(pipeline))
     heads = {name: [segmenter.model.sosnet.heads[k]] + [worker.prepared_head(name, donor[name][1]) for donor in donors]
              for k, name in enumerate(organs.small_names)}
-    rows = {name: [] for name in organs.small_names}
-    for source in cases:
-        image, labels, _ = load_case(source, organs)
-        worker.open(str(source.image))
-        for name in organs.small_names:
-            truth = labels == organs.label_of(name)
-            if not truth.any():
-                continue
-            centre = np.argwhere(truth).mean(axis=0)[::-1]  # (i, j, k)
-            point = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in centre])
-            rows[name].append(worker.dice_of_heads(name, point, heads[name], thresholds, truth))
-        print(f"{source.name}: scored", flush=True)
-    scores = [{name: np.array([r[c] for r in found]) for name, found in rows.items() if found}
-              for c in range(len(sources))]
+    by_organ = _true_centre_dice(worker, cases, organs, heads, thresholds)
+    scores = [{name: rows[c] for name, rows in by_organ.items()} for c in range(len(sources))]
     chosen, report = choose_click_heads(scores, thresholds, pipeline, organs.small_names)
     for name, row in report.items():
         listed = ", ".join(f"{'its own' if c == 0 else sources[c]} {r['dice']:.3f} at {r['threshold']}"
@@ -602,6 +601,28 @@ def _cmd_click_heads(args) -> int:
     with_click_heads(base, picked, args.out, note=args.note, scores=chosen_on)
     print(f"wrote {args.out} (click-to-find heads: {', '.join(chosen) or 'none'})")
     return EXIT_OK
+
+
+def _true_centre_dice(worker, sources, organs, heads, thresholds) -> dict:
+    """Per small organ that the cases hold: Dice on the CT's grid of each of
+    ``heads[name]`` at each of ``thresholds`` with SOS-Net's ROI at the
+    organ's true centre (Worker.dice_of_heads, what a click there gives),
+    as an array (heads x cases x thresholds)."""
+    from .data import load_case
+
+    rows = {name: [] for name in organs.small_names}
+    for source in sources:
+        image, labels, _ = load_case(source, organs)
+        worker.open(str(source.image))
+        for name in organs.small_names:
+            truth = labels == organs.label_of(name)
+            if not truth.any():
+                continue
+            centre = np.argwhere(truth).mean(axis=0)[::-1]  # (i, j, k)
+            point = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in centre])
+            rows[name].append(worker.dice_of_heads(name, point, heads[name], thresholds, truth))
+        print(f"{source.name}: scored", flush=True)
+    return {name: np.stack(found, axis=1) for name, found in rows.items() if found}
 
 
 def _cmd_review(args) -> int:

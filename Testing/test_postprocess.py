@@ -106,7 +106,9 @@ def test_postprocess_command_writes_a_new_bundle(tmp_path):
     assert meta["checksum"] == embedded_meta["checksum"]
     # SOS-Net's thresholds, chosen on the same cases, go into the network configuration
     assert len(model.config.sos_thresholds) == len(model.config.organs.small_names)
-    assert "SOS-Net threshold Lens_L" in out.stdout
+    # scored where the user sees the contours: on the CT's own grid, over both cases
+    assert "SOS-Net threshold Lens_L" in out.stdout and "on the CT's grid" in out.stdout
+    assert out.stdout.count("scored") == 2
     # and which small organs S-Net draws alone (none without clear evidence on two cases)
     assert "Lens_L: validation Dice" in out.stdout and "S-Net alone" in out.stdout
     assert set(model.config.snet_small) <= set(model.config.organs.small_names)
