@@ -510,8 +510,7 @@ def _cmd_postprocess(args) -> int:
     # Dice worse there (optic nerves).
     names = {case.name for case in validation}
     sources = [source for source in discover_cases(args.data)[0] if source.name in names]
-    worker = Worker(segmenter)
-    worker.click_heads = {}  # the pipeline's own heads are scored
+    worker = Worker(segmenter)  # dice_of_heads scores the heads it is given
     heads = {name: [segmenter.model.sosnet.heads[k]] for k, name in enumerate(organs.small_names)}
     scores = _true_centre_dice(worker, sources, organs, heads, SOS_THRESHOLDS)
     thresholds, report = choose_sos_thresholds_from_scores({name: rows[0] for name, rows in scores.items()},
@@ -579,8 +578,7 @@ def _cmd_click_heads(args) -> int:
     if not cases:
         raise ValueError(f"{args.data}: no cases with ground truth")
     segmenter = Segmenter(base, device="cpu", precision="float32")
-    worker = Worker(segmenter)
-    worker.click_heads = {}  # the candidates are scored, not the bundle's current choice
+    worker = Worker(segmenter)  # dice_of_heads scores the heads it is given
     pipeline = [model.config.sos_threshold(k) for k in range(len(organs.small_names))]
     thresholds = sorted(set(SOS_THRESHOLDS) | set(pipeline))
     heads = {name: [segmenter.model.sosnet.heads[k]] + [worker.prepared_head(name, donor[name][1]) for donor in donors]

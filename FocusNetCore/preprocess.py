@@ -430,7 +430,7 @@ def _margin_fields(labels: np.ndarray, probabilities: np.ndarray, scale: float, 
                     for s, n in zip(box, labels.shape))
         p = probabilities[(slice(None),) + box].copy()  # in its own type: a quarter of float32's copy for uint8
         own = p[label].astype(np.float32)
-        p[label] = 0 if p.dtype.kind in "ui" else -np.inf
+        p[label] = 0  # probabilities are never below 0: the highest other class is the maximum
         margin = (own - p.max(axis=0).astype(np.float32)) / scale
         inside = labels[box] == label
         field = np.where(inside, -np.maximum(margin, MARGIN_FLOOR), np.maximum(-margin, MARGIN_FLOOR))
