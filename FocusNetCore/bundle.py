@@ -45,12 +45,15 @@ def non_finite_tensors(state_dict: Dict[str, torch.Tensor], prefix: str = "") ->
 
 def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, overwrite: bool = False,
                 autoencoder: Optional[nn.Module] = None, autoencoder_width: float = 1.0,
-                postprocess: Optional[dict] = None, click_heads: Optional[dict] = None) -> Path:
+                postprocess: Optional[dict] = None, click_heads: Optional[dict] = None,
+                fine_heads: Optional[dict] = None) -> Path:
     """Write the bundle; ``autoencoder`` (the trained shape autoencoder) lets
     inference score how plausible each small organ's shape is;
     ``postprocess`` is the plan of FocusNetCore.postprocess; ``click_heads``
     the SOS-Net heads click-to-find uses (see with_click_heads), as
-    load_bundle returns them. Refuses
+    load_bundle returns them; ``fine_heads`` the small organs' fine heads
+    (FocusNetCore.finesos, see with_fine_heads), as load_bundle returns
+    them. Refuses
     weights or a presence threshold that are not finite: such a model would
     draw nothing or anything, on every scan."""
     bad = non_finite_tensors(model.state_dict())
@@ -58,6 +61,8 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
         bad += non_finite_tensors(autoencoder.state_dict(), "autoencoder.")
     for organ, head in (click_heads or {}).items():
         bad += non_finite_tensors(head["state_dict"], f"click_heads.{organ}.")
+    for organ, head in ((fine_heads or {}).get("organs") or {}).items():
+        bad += non_finite_tensors(head["state_dict"], f"fine_heads.{organ}.")
     if not math.isfinite(float(model.config.heatmap_threshold)):
         bad.append(f"heatmap_threshold = {model.config.heatmap_threshold}")
     if bad:
@@ -83,6 +88,10 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
                                   "checksum": weights_checksum(aae_state)}
     if click_heads:
         payload["click_heads"] = {organ: _click_head_entry(head) for organ, head in click_heads.items()}
+    if fine_heads and fine_heads.get("organs"):
+        payload["fine_heads"] = {**{k: v for k, v in fine_heads.items() if k != "organs"},
+                                 "organs": {organ: _click_head_entry(head)
+                                            for organ, head in fine_heads["organs"].items()}}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_output(Path(path), overwrite) as tmp:
@@ -126,6 +135,17 @@ def load_bundle(path, map_location="cpu") -> Tuple[FocusNetV2, dict]:
             click_head(config, organ, head["state_dict"])
         except RuntimeError as error:
             raise BundleError(path, f"click-to-find head {organ} does not fit its network: "
+                              f"{str(error).splitlines()[0][:200]}") from None
+    fine = payload.get("fine_heads") or {}
+    for organ, head in (fine.get("organs") or {}).items():
+        if organ not in config.organs.small_names:
+            raise BundleError(path, f"a fine head for {organ!r}, which is not one of its small organs")
+        if weights_checksum(head["state_dict"]) != head.get("checksum"):
+            raise BundleError(path, f"fine head {organ}: weights checksum mismatch: the file was altered or damaged")
+        try:
+            fine_head(config, fine, head["state_dict"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as error:
+            raise BundleError(path, f"fine head {organ} does not fit its network: "
                               f"{str(error).splitlines()[0][:200]}") from None
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "autoencoder")}
     meta["checksum"] = payload["checksum"]
@@ -190,8 +210,11 @@ def donor_heads(path, base: FocusNetV2, organs_to_donors: Dict[str, str]):
     return out
 
 
+_KEEP = object()
+
+
 def _resave(base: FocusNetV2, base_meta: dict, out, overwrite: bool, provenance: dict,
-            click_heads: Optional[dict]) -> Path:
+            click_heads: Optional[dict], fine_heads=_KEEP) -> Path:
     autoencoder = None
     if "autoencoder_state" in base_meta:
         from .networks import ShapeAutoencoder
@@ -200,7 +223,8 @@ def _resave(base: FocusNetV2, base_meta: dict, out, overwrite: bool, provenance:
         autoencoder.load_state_dict(base_meta["autoencoder_state"])
     return save_bundle(base, out, provenance=provenance, overwrite=overwrite, autoencoder=autoencoder,
                        autoencoder_width=base_meta.get("autoencoder_width", 1.0),
-                       postprocess=base_meta.get("postprocess"), click_heads=click_heads)
+                       postprocess=base_meta.get("postprocess"), click_heads=click_heads,
+                       fine_heads=base_meta.get("fine_heads") if fine_heads is _KEEP else fine_heads)
 
 
 def _kept_provenance(meta: dict) -> dict:
@@ -278,3 +302,37 @@ def _click_head_entry(head: dict) -> dict:
     state = {k: v.detach().cpu().contiguous() for k, v in head["state_dict"].items()}
     return {"state_dict": state, "checksum": weights_checksum(state), "threshold": float(head["threshold"]),
             "from": dict(head.get("from") or {})}
+
+
+def fine_head(config: FocusNetConfig, fine: dict, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
+    """A fine head (FocusNetCore.finesos.FineHead) of a bundle's ``fine_heads``
+    entry ``fine`` under ``config``, holding ``state_dict``, in eval mode;
+    raises RuntimeError if the weights do not fit."""
+    from .finesos import FineHead
+
+    head = FineHead(config.channels(32), int(fine["width"]), tuple(fine["zoom"]), int(fine.get("blocks", 2)))
+    head.load_state_dict(state_dict, strict=True)
+    return head.eval()
+
+
+def with_fine_heads(path, heads: Dict[str, Tuple[Dict[str, torch.Tensor], float, dict]], settings: dict, out,
+                    overwrite: bool = False, note: str = "") -> Path:
+    """A copy of the bundle at ``path`` whose small organs in ``heads``
+    (name -> (FineHead state, probability threshold, how it was chosen)) are
+    drawn by their fine heads (FocusNetCore.finesos); ``settings``: the
+    heads' zoom, ROI, width and blocks. Any fine heads ``path`` had are
+    replaced; an empty ``heads`` removes them. Written atomically."""
+    base, base_meta = load_bundle(path)
+    organs = {}
+    for organ, (state, threshold, chosen) in heads.items():
+        if organ not in base.config.organs.small_names:
+            raise BundleError(path, f"{organ!r} is not one of the small organs "
+                              f"({', '.join(base.config.organs.small_names)})")
+        if not 0.0 < float(threshold) < 1.0:
+            raise BundleError(path, f"fine head threshold for {organ} must lie in (0, 1), got {threshold}")
+        organs[organ] = {"state_dict": state, "threshold": float(threshold),
+                         "from": {**({"note": note} if note else {}), "chosen_on": chosen}}
+    fine = {**settings, "organs": organs} if organs else None
+    for organ, entry in organs.items():
+        fine_head(base.config, fine, entry["state_dict"])
+    return _resave(base, base_meta, out, overwrite, _kept_provenance(base_meta), base_meta.get("click_heads"), fine)

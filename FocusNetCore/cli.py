@@ -411,6 +411,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
     p.set_defaults(func=_cmd_sos_heads)
 
+    p = sub.add_parser("fine-sos", help="train each small organ's fine head (S-Net's features and the CT at 2 x 1 x 1 "
+                                        "mm voxels around it) on a bundle's S-Net, keep those that beat the bundle "
+                                        "on --select, and write the bundle with them")
+    p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model); run "
+                   "`focusnet postprocess` on it first: the fine heads are chosen against what it draws")
+    p.add_argument("--data", required=True, action="append", help="training cases with ground truth, as "
+                   "`focusnet train` reads them; repeat for several folders")
+    p.add_argument("--select", required=True, help="cases with ground truth held aside to choose on (never the "
+                   "cases you report results on)")
+    p.add_argument("--iterations", type=int, default=1500)
+    p.add_argument("--width", type=int, default=16, help="channels of the heads' blocks")
+    p.add_argument("--batch", type=int, default=4, help="ROIs per organ per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's rate (cosine schedule)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--note", default="", help="how the heads were made (kept in the bundle)")
+    p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
+    p.set_defaults(func=_cmd_fine_sos)
+
     p = sub.add_parser("click-heads", help="choose click-to-find's SOS-Net head per small organ (the bundle's own or a "
                                            "donor's) at the organs' true centres on cases with ground truth, and write "
                                            "the bundle with them")
@@ -557,6 +576,41 @@ def _cmd_sos_heads(args) -> int:
     with_sos_heads(base, donors, args.out, note=args.note)
     print(f"wrote {args.out} (SOS-Net heads taken: {', '.join(f'{o} from {b}' for o, b in donors.items())}; "
           "choose the thresholds and post-processing again with focusnet postprocess)")
+    return EXIT_OK
+
+
+def _cmd_fine_sos(args) -> int:
+    from . import finesos
+    from .bundle import with_fine_heads
+    from .segment import EMBEDDED_MODEL, Segmenter
+
+    if args.iterations < 1 or args.width < 1 or args.batch < 1:
+        raise ValueError(f"--iterations, --width and --batch must be >= 1 (got {args.iterations}, {args.width}, "
+                         f"{args.batch})")
+    base = Path(args.model) if args.model else EMBEDDED_MODEL
+    segmenter = Segmenter(base, device=args.device)
+    samples = finesos.build_samples(segmenter, args.data)
+    if not samples:
+        raise ValueError(f"{', '.join(map(str, args.data))}: no case holds a small organ")
+    print("samples: " + ", ".join(f"{name} {len(rows)}" for name, rows in samples.items()), flush=True)
+    precision = segmenter.precision if segmenter.device == "cpu" else "float32"
+    heads = finesos.train_heads(samples, args.width, args.iterations, batch=args.batch, lr=args.lr, seed=args.seed,
+                                precision=precision)
+    report = finesos.choose(finesos.scores_on(segmenter, heads, args.select))
+    chosen = {}
+    for name, row in report.items():
+        print(f"{name}: Dice on the CT's grid over {row['cases']} case(s): pipeline {row['pipeline']:.3f}, fine head "
+              f"{row['dice']:.3f} at {row['threshold']} (gain s.e. {row['gain_standard_error']:.3f})"
+              f"{': the fine head draws it' if row['fine'] else ''}")
+        if row["fine"]:
+            chosen[name] = ({k: v.detach().cpu() for k, v in heads[name].state_dict().items()}, row["threshold"],
+                            {"data": str(args.select), **{k: row[k] for k in ("cases", "pipeline", "dice")}})
+    settings = {"zoom": list(finesos.ZOOM), "roi": list(finesos.FINE_ROI), "width": int(args.width), "blocks": 2,
+                "trained": {"data": [str(d) for d in args.data], "iterations": int(args.iterations),
+                            "batch": int(args.batch), "lr": float(args.lr), "seed": int(args.seed),
+                            "precision": precision}}
+    with_fine_heads(base, chosen, settings, args.out, note=args.note)
+    print(f"wrote {args.out} (fine heads: {', '.join(chosen) or 'none'})")
     return EXIT_OK
 
 

@@ -23,12 +23,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .bundle import load_bundle
+from .bundle import fine_head, load_bundle
 from .bundleinfo import embedded_model_path
 from .imageio import check_finite, read_image
 from .metrics import dice
-from .networks import PROBABILITY_SCALE, ShapeAutoencoder, roi_pool
-from . import openvino_backend, postprocess
+from .networks import PROBABILITY_SCALE, ShapeAutoencoder, roi_paste, roi_pool, roi_start
+from . import finesos, openvino_backend, postprocess
 from .organs import CATALOGUE
 from .precision import channels_last, dtype_of, for_inference, output_problem, resolve
 from .preprocess import labels_to_original, preprocess
@@ -108,6 +108,12 @@ class Segmenter:
                 print(f"focusnet: OpenVINO's bfloat16 measured wrong on this machine ({problem}); its S-Net and "
                       "SOL-Net compute in float32", file=sys.stderr, flush=True)
             self.model.chunk_forward = chunks
+        # Small organs drawn by their fine heads (FocusNetCore.finesos): name -> (head, threshold)
+        fine = self.meta.get("fine_heads") or {}
+        self.fine_heads = {organ: (fine_head(self.config, fine, entry["state_dict"]).to(self.device),
+                                   float(entry["threshold"]))
+                           for organ, entry in (fine.get("organs") or {}).items()}
+        self.fine_roi = tuple(fine.get("roi") or finesos.FINE_ROI)
         self.autoencoder = None
         if "autoencoder_state" in self.meta:
             self.autoencoder = ShapeAutoencoder(self.config.roi_size, self.meta["autoencoder_width"])
@@ -174,7 +180,9 @@ class Segmenter:
 
         t = time.perf_counter()
         progress("inference", 0.2, f"FocusNetv2 on {self.device} ({self.precision}, {self.backend})")
-        out = self._infer(pre.image, progress, small_organ_branch, keep_state)
+        fine = small_organ_branch and bool(self.fine_heads)
+        out = self._infer(pre.image, progress, small_organ_branch, keep_state or fine)
+        drawn_fine = self._draw_fine(image, pre, out) if fine else []
         timings["inference"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -185,15 +193,31 @@ class Segmenter:
         # Sub-voxel boundaries from S-Net's probabilities; SOS-Net's organs by distance.
         drawn_by_sos = [label for label, drawn in zip(self.config.organs.small_labels, out.get("small") or [])
                         if drawn is not None]
-        labels = labels_to_original(model_labels, pre.grid, image, probabilities=out["probabilities"][0].cpu().numpy(),
+        resampled = model_labels
+        if drawn_fine:  # the fine heads' organs go to the CT's grid from their own grid, drawn over the rest
+            resampled = np.where(np.isin(model_labels, [r.label for r in drawn_fine]), 0, model_labels)
+        labels = labels_to_original(resampled, pre.grid, image, probabilities=out["probabilities"][0].cpu().numpy(),
                                     hard=drawn_by_sos)
-        organs = self._organ_results(labels, model_labels, out)
+        if drawn_fine:
+            array = sitk.GetArrayFromImage(labels)
+            for result in drawn_fine:
+                array[finesos.to_reference(result, image)] = result.label
+                model_labels = np.where(model_labels == result.label, 0, model_labels)
+                corner, coarse = finesos.to_model_grid(result, pre.grid)
+                region = roi_pool(torch.as_tensor(model_labels)[None, None], corner, coarse.shape)[0, 0].numpy()
+                region[coarse] = result.label
+                roi_paste(torch.as_tensor(model_labels)[None, None], torch.as_tensor(region)[None, None], corner)
+            fixed = sitk.GetImageFromArray(array)
+            fixed.CopyInformation(labels)
+            labels = fixed
+        organs = self._organ_results(labels, model_labels, out, {r.label: r for r in drawn_fine})
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         progress("done", 1.0, f"{sum(o.present for o in organs)} organs in {timings['total']:.1f} s")
         state = None
         if keep_state:
             state = {"image": image, "preprocessed": pre, "features": out["features"],
+                     "snet_labels": out["probabilities"][0].argmax(0).cpu().numpy().astype(np.uint8),
                      "volume": channels_last(torch.as_tensor(pre.image)[None, None].to(self.device,
                                                                                        dtype_of(self.precision)))}
         return SegmentationResult(labels, organs, {k: round(v, 3) for k, v in timings.items()}, self.device,
@@ -223,7 +247,32 @@ class Segmenter:
             return self.model.segment(volume, small_organ_branch=branch, keep_features=keep, keep_heatmaps=False,
                                       progress=lambda f: progress("inference", 0.2 + 0.6 * f, f"segmenting {f:.0%}"))
 
-    def _organ_results(self, labels: sitk.Image, model_labels: np.ndarray, out: dict) -> List[OrganResult]:
+    def _draw_fine(self, image: sitk.Image, pre, out: dict) -> List["finesos.FineResult"]:
+        """The small organs of the bundle's fine heads, each in an ROI centred
+        on S-Net's own contour of it, else where the branch pooled its ROI
+        (an organ neither found keeps the pipeline's answer: none); an empty
+        fine mask keeps the pipeline's contour too."""
+        organs = self.config.organs
+        snet_labels = out["probabilities"][0].argmax(0).cpu().numpy()
+        branch = dict(zip(organs.small_labels, out.get("small") or []))
+        features = out["features"]
+        drawn = []
+        for organ, (head, threshold) in self.fine_heads.items():
+            label = organs.label_of(organ)
+            centre = finesos.snet_centre(snet_labels, label)
+            if centre is None and branch.get(label) is not None:
+                start = branch[label][0]
+                centre = tuple(s + r // 2 for s, r in zip(start, self.config.roi_size))
+            if centre is None:
+                continue
+            result = finesos.draw(head, threshold, image, features, pre.grid, centre, self.config.preprocess,
+                                  label, self.fine_roi)
+            if result.mask.any():
+                drawn.append(result)
+        return drawn
+
+    def _organ_results(self, labels: sitk.Image, model_labels: np.ndarray, out: dict,
+                       fine: Optional[dict] = None) -> List[OrganResult]:
         organs = self.config.organs
         voxel_cc = float(np.prod(labels.GetSpacing())) / 1000.0
         stats = sitk.LabelShapeStatisticsImageFilter()
@@ -242,7 +291,13 @@ class Segmenter:
             volume = round(float(stats.GetNumberOfPixels(label)) * voxel_cc, 3)
             inside = torch.as_tensor(model_labels == label)
             confidence, shape = None, None
-            if label in small and small[label] is not None:
+            if fine and label in fine:
+                result = fine[label]
+                confidence = float(result.probability[result.mask].mean())
+                region = roi_pool(inside[None, None].float(), roi_start(finesos.snet_centre(
+                    model_labels, label) or (0, 0, 0), self.config.roi_size), self.config.roi_size)[0, 0] > 0.5
+                shape = self._shape_score(region)
+            elif label in small and small[label] is not None:
                 start, prob = small[label]
                 region = roi_pool(torch.as_tensor(model_labels == label)[None, None].float(), start,
                                   self.config.roi_size)[0, 0] > 0.5

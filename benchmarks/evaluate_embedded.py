@@ -102,6 +102,10 @@ def main():
         lines += [f"The bundle draws {', '.join(snet_small)} with S-Net's own contour (`snet_small`: S-Net alone "
                   "beat the small-organ branch on the cases it was chosen on); the FocusNetv2 column is the same "
                   "bundle with the branch drawing every small organ, as in the paper.", ""]
+    if segmenter.fine_heads:
+        lines += [f"SOS-Net's fine heads (`focusnet fine-sos`: S-Net's features and the CT at 2 x 1 x 1 mm around the "
+                  f"organ) draw {', '.join(segmenter.fine_heads)} in the FocusNetv2 and shipped columns; S-Net alone "
+                  "has none.", ""]
     lines += ["## All organs (" + ("as shipped" if snet_small else "FocusNetv2") + ")", "", table.split("\n", 2)[2]]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))

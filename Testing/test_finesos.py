@@ -1,0 +1,187 @@
+"""The small organs' fine heads (FocusNetCore.finesos): S-Net's features and
+the CT at 2 x 1 x 1 mm around each small organ. Geometry first: the fine
+voxels must subdivide the model voxels exactly as the features are
+upsampled, and a fine mask must land on the scan where it was drawn."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from FocusNetCore import finesos
+from FocusNetCore.bundle import BundleError, load_bundle, with_fine_heads
+from FocusNetCore.phantom import generate_case, write_case
+from FocusNetCore.preprocess import Grid
+from FocusNetCore.segment import EMBEDDED_MODEL, Segmenter
+
+FLIPPED = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+
+
+def test_fine_voxels_are_where_the_upsampled_features_are():
+    """A feature that is the physical x (and z) of each model voxel,
+    upsampled as a fine head upsamples it, equals the physical x (z) of the
+    fine grid's voxels, on a grid flipped in x and z."""
+    grid = Grid((40, 40, 30), (10.0, -20.0, 5.0), (2.0, 2.0, 2.0), FLIPPED)
+    start, size = (5, 7, 9), (8, 24, 24)
+    z, y, x = np.meshgrid(*[np.arange(s, s + n) for s, n in zip(start, size)], indexing="ij")
+    physical = grid.index_to_physical(np.stack([x, y, z], axis=-1))          # (d, h, w, 3)
+    features = torch.as_tensor(physical.transpose(3, 0, 1, 2)[None], dtype=torch.float64)
+    up = F.interpolate(features, scale_factor=finesos.ZOOM, mode="trilinear", align_corners=False)[0].numpy()
+    fine = finesos.fine_grid(grid, start, size)
+    assert fine.size == (48, 48, 8) and fine.spacing == (1.0, 1.0, 2.0) and fine.direction == FLIPPED
+    fz, fy, fx = np.meshgrid(*[np.arange(n) for n in fine.shape], indexing="ij")
+    expected = fine.index_to_physical(np.stack([fx, fy, fz], axis=-1)).transpose(3, 0, 1, 2)
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # trilinear edges clamp
+    np.testing.assert_allclose(up[inner], expected[inner], atol=1e-9)
+
+
+def _sphere(grid: Grid, centre, radius):
+    z, y, x = np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij")
+    points = grid.index_to_physical(np.stack([x, y, z], axis=-1))
+    return np.linalg.norm(points - np.asarray(centre), axis=-1) <= radius
+
+
+def test_a_fine_mask_lands_on_the_scan_and_the_model_grid_where_it_was_drawn():
+    """A 5 mm sphere drawn on the fine grid comes back on a scan grid flipped
+    in x and z (another spacing) and on the model grid with its centre
+    kept: nothing moves, left stays left."""
+    grid = Grid((60, 60, 40), (-60.0, -60.0, -40.0), (2.0, 2.0, 2.0))
+    fine = finesos.fine_grid(grid, (10, 20, 30), finesos.FINE_ROI)
+    centre = fine.index_to_physical(np.array([30.3, 20.6, 3.2]))
+    mask = _sphere(fine, centre, 5.0)
+    result = finesos.FineResult(3, fine, mask.astype(np.float32), mask)
+    scan = sitk.Image([150, 140, 33], sitk.sitkInt16)
+    scan.SetSpacing((0.8, 0.8, 2.5))
+    scan.SetDirection(FLIPPED)
+    scan.SetOrigin((60.0, -60.0, 40.0))
+    on_scan = finesos.to_reference(result, scan)
+    where = np.argwhere(on_scan)[:, ::-1].mean(axis=0)
+    np.testing.assert_allclose(Grid.of(scan).index_to_physical(where), centre, atol=0.3)
+    assert abs(on_scan.sum() * 0.8 * 0.8 * 2.5 - 4 / 3 * np.pi * 125) < 0.15 * 4 / 3 * np.pi * 125
+    start, coarse = finesos.to_model_grid(result, grid)
+    assert start == (10, 20, 30) and coarse.shape == finesos.FINE_ROI
+    where = np.argwhere(coarse)[:, ::-1].mean(axis=0) + np.array(start[::-1])
+    np.testing.assert_allclose(grid.index_to_physical(where), centre, atol=1.0)
+
+
+def test_a_fine_head_learns_an_organ_from_the_fine_ct():
+    """Trained on samples whose organ is a bright blob of the fine CT (the
+    features carry nothing), the head draws the blob at Dice > 0.8: the
+    loop trains, with ROI-centre jitter, and the CT reaches the head."""
+    rng = np.random.default_rng(0)
+    size = tuple(s + 2 * j for s, j in zip(finesos.FINE_ROI, finesos.JITTER))
+    fine_shape = tuple(s * z for s, z in zip(size, finesos.ZOOM))
+    samples = []
+    for _ in range(6):
+        z, y, x = np.meshgrid(*[np.arange(n) for n in fine_shape], indexing="ij")
+        c = [n / 2 + rng.uniform(-2, 2) for n in fine_shape]
+        mask = ((z - c[0]) / 2.0) ** 2 + ((y - c[1]) / 4.0) ** 2 + ((x - c[2]) / 4.0) ** 2 <= 1.0
+        ct = (rng.normal(0.0, 0.05, fine_shape) + 0.6 * mask).astype(np.float32)
+        samples.append(finesos.Sample(rng.normal(0, 1, (4,) + size).astype(np.float32), ct, mask))
+    heads = finesos.train_heads({"Lens_L": samples}, width=4, iterations=60, batch=2, lr=1e-2, log=lambda *a: None)
+    sample = samples[0]
+    features, ct, mask = finesos._crop(sample, finesos.JITTER, finesos.ZOOM)
+    with torch.no_grad():
+        prob = heads["Lens_L"](torch.as_tensor(features)[None], torch.as_tensor(ct)[None, None])[0, 0].numpy()
+    assert finesos._dice(prob > 0.5, mask) > 0.8
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fine")
+    case = generate_case(1702, "small")
+    write_case(case, folder / "cases", "nrrd")
+    return folder, case
+
+
+def _constant_heads(bias: float):
+    """A fine head for Lens_L whose probability is sigmoid(bias) everywhere."""
+    head = finesos.FineHead(8, 4)
+    with torch.no_grad():
+        head.head.weight.zero_()
+        head.head.bias.fill_(bias)
+    settings = {"zoom": list(finesos.ZOOM), "roi": list(finesos.FINE_ROI), "width": 4, "blocks": 2}
+    return {"Lens_L": (head.state_dict(), 0.5, {"test": True})}, settings
+
+
+def test_segment_draws_a_small_organ_with_its_fine_head(phantom):
+    """The embedded model with a fine head for Lens_L that says "organ"
+    everywhere: Lens_L on the CT's grid is the fine ROI's box (16 x 48 x 48
+    mm, on S-Net's own left lens), every organ outside the box as without
+    the head, and the report's confidence is the head's. A head that says
+    "no organ" anywhere leaves the pipeline's Lens_L exactly."""
+    folder, case = phantom
+    heads, settings = _constant_heads(8.0)
+    with_fine_heads(EMBEDDED_MODEL, heads, settings, folder / "box.pt", note="test")
+    base = Segmenter(None, device="cpu", precision="float32", backend="torch")
+    boxed = Segmenter(folder / "box.pt", device="cpu", precision="float32", backend="torch")
+    assert set(boxed.fine_heads) == {"Lens_L"}
+    before = sitk.GetArrayFromImage(base.segment(case.image).labels)
+    result = boxed.segment(case.image)
+    after = sitk.GetArrayFromImage(result.labels)
+    label = boxed.config.organs.label_of("Lens_L")
+    lens = np.argwhere(after == label)
+    spacing = np.array(case.image.GetSpacing())[::-1]
+    extent = (lens.max(axis=0) - lens.min(axis=0) + 1) * spacing
+    np.testing.assert_allclose(extent, (16.0, 48.0, 48.0), atol=spacing.max() + 0.01)
+    old = np.argwhere(before == label).mean(axis=0)
+    assert np.all(np.abs(lens.mean(axis=0) - old) * spacing < 4.0)  # on the lens S-Net found, not elsewhere
+    box = tuple(slice(lo, hi + 1) for lo, hi in zip(lens.min(axis=0), lens.max(axis=0)))
+    outside = np.ones(after.shape, dtype=bool)
+    outside[box] = False
+    assert np.array_equal(after[outside], np.where(before[outside] == label, 0, before[outside]))
+    organ = {o.name: o for o in result.organs}["Lens_L"]
+    assert organ.present and organ.confidence > 0.99
+    heads, settings = _constant_heads(-8.0)
+    with_fine_heads(EMBEDDED_MODEL, heads, settings, folder / "none.pt")
+    kept = Segmenter(folder / "none.pt", device="cpu", precision="float32", backend="torch").segment(case.image)
+    assert np.array_equal(sitk.GetArrayFromImage(kept.labels), before)
+
+
+def test_fine_heads_travel_in_the_bundle_checked(phantom, tmp_path):
+    """The heads keep their weights and threshold through the bundle; a
+    changed weight, a threshold outside (0, 1) or a large organ are refused
+    by name, nothing written."""
+    folder, _ = phantom
+    heads, settings = _constant_heads(1.0)
+    out = with_fine_heads(EMBEDDED_MODEL, heads, settings, tmp_path / "fine.pt")
+    model, meta = load_bundle(out)
+    assert meta["checksum"] == load_bundle(EMBEDDED_MODEL)[1]["checksum"]
+    entry = meta["fine_heads"]["organs"]["Lens_L"]
+    assert entry["threshold"] == 0.5 and entry["from"]["chosen_on"] == {"test": True}
+    assert torch.equal(entry["state_dict"]["head.bias"], heads["Lens_L"][0]["head.bias"])
+    payload = torch.load(out, weights_only=True)
+    payload["fine_heads"]["organs"]["Lens_L"]["state_dict"]["head.bias"] += 1.0
+    torch.save(payload, tmp_path / "tampered.pt")
+    with pytest.raises(BundleError, match="fine head Lens_L: weights checksum mismatch"):
+        load_bundle(tmp_path / "tampered.pt")
+    state, _, chosen = heads["Lens_L"]
+    with pytest.raises(BundleError, match="threshold for Lens_L must lie in"):
+        with_fine_heads(EMBEDDED_MODEL, {"Lens_L": (state, 1.0, chosen)}, settings, tmp_path / "bad.pt")
+    with pytest.raises(BundleError, match="'Brainstem' is not one of the small organs"):
+        with_fine_heads(EMBEDDED_MODEL, {"Brainstem": (state, 0.5, chosen)}, settings, tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path):
+    """`focusnet fine-sos` end to end on one small phantom (trained and
+    chosen on it, a few steps): every small organ scored against the
+    pipeline on the CT's grid, the bundle written and loadable with the
+    segmentation's weights unchanged; bad settings refused before any work."""
+    folder, _ = phantom
+    command = [sys.executable, "-m", "FocusNetCore", "fine-sos", "--data", str(folder / "cases"),
+               "--select", str(folder / "cases"), "--iterations", "3", "--width", "4", "--device", "cpu"]
+    run = subprocess.run(command + ["--out", str(tmp_path / "fine.pt")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name in ("Lens_L", "Lens_R", "OpticNrv_L", "OpticNrv_R", "OpticChiasm", "Pituitary"):
+        assert f"{name}: Dice on the CT's grid over 1 case(s): pipeline" in run.stdout
+    model, meta = load_bundle(tmp_path / "fine.pt")
+    assert meta["checksum"] == load_bundle(EMBEDDED_MODEL)[1]["checksum"]
+    Segmenter(tmp_path / "fine.pt", device="cpu")  # loads whatever was chosen
+    bad = subprocess.run(command[:-6] + ["--iterations", "0", "--out", str(tmp_path / "x.pt")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--iterations" in bad.stderr
+    assert not (tmp_path / "x.pt").exists()
