@@ -51,7 +51,7 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
     inference score how plausible each small organ's shape is;
     ``postprocess`` is the plan of FocusNetCore.postprocess; ``click_heads``
     the SOS-Net heads click-to-find uses (see with_click_heads), as
-    load_bundle returns them; ``fine_heads`` the small organs' fine heads
+    load_bundle returns them; ``fine_heads`` the organs' fine heads
     (FocusNetCore.finesos, see with_fine_heads), as load_bundle returns
     them. Refuses
     weights or a presence threshold that are not finite: such a model would
@@ -61,7 +61,7 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
         bad += non_finite_tensors(autoencoder.state_dict(), "autoencoder.")
     for organ, head in (click_heads or {}).items():
         bad += non_finite_tensors(head["state_dict"], f"click_heads.{organ}.")
-    for organ, head in ((fine_heads or {}).get("organs") or {}).items():
+    for organ, head in (fine_heads or {}).items():
         bad += non_finite_tensors(head["state_dict"], f"fine_heads.{organ}.")
     if not math.isfinite(float(model.config.heatmap_threshold)):
         bad.append(f"heatmap_threshold = {model.config.heatmap_threshold}")
@@ -88,10 +88,9 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
                                   "checksum": weights_checksum(aae_state)}
     if click_heads:
         payload["click_heads"] = {organ: _click_head_entry(head) for organ, head in click_heads.items()}
-    if fine_heads and fine_heads.get("organs"):
-        payload["fine_heads"] = {**{k: v for k, v in fine_heads.items() if k != "organs"},
-                                 "organs": {organ: _click_head_entry(head)
-                                            for organ, head in fine_heads["organs"].items()}}
+    if fine_heads:
+        payload["fine_heads"] = {organ: {**_click_head_entry(head), **{k: head[k] for k in FINE_SETTINGS}}
+                                 for organ, head in fine_heads.items()}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_output(Path(path), overwrite) as tmp:
@@ -136,14 +135,13 @@ def load_bundle(path, map_location="cpu") -> Tuple[FocusNetV2, dict]:
         except RuntimeError as error:
             raise BundleError(path, f"click-to-find head {organ} does not fit its network: "
                               f"{str(error).splitlines()[0][:200]}") from None
-    fine = payload.get("fine_heads") or {}
-    for organ, head in (fine.get("organs") or {}).items():
-        if organ not in config.organs.small_names:
-            raise BundleError(path, f"a fine head for {organ!r}, which is not one of its small organs")
+    for organ, head in (payload.get("fine_heads") or {}).items():
+        if organ not in config.organs.names:
+            raise BundleError(path, f"a fine head for {organ!r}, which is not one of its organs")
         if weights_checksum(head["state_dict"]) != head.get("checksum"):
             raise BundleError(path, f"fine head {organ}: weights checksum mismatch: the file was altered or damaged")
         try:
-            fine_head(config, fine, head["state_dict"])
+            fine_head(config, head)
         except (RuntimeError, KeyError, TypeError, ValueError) as error:
             raise BundleError(path, f"fine head {organ} does not fit its network: "
                               f"{str(error).splitlines()[0][:200]}") from None
@@ -304,35 +302,48 @@ def _click_head_entry(head: dict) -> dict:
             "from": dict(head.get("from") or {})}
 
 
-def fine_head(config: FocusNetConfig, fine: dict, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
-    """A fine head (FocusNetCore.finesos.FineHead) of a bundle's ``fine_heads``
-    entry ``fine`` under ``config``, holding ``state_dict``, in eval mode;
-    raises RuntimeError if the weights do not fit."""
+FINE_SETTINGS = ("zoom", "roi", "width", "blocks")
+
+
+def fine_head(config: FocusNetConfig, entry: dict) -> nn.Module:
+    """The fine head (FocusNetCore.finesos.FineHead) of a bundle's
+    ``fine_heads`` entry under ``config``, holding its weights, in eval
+    mode; raises RuntimeError if they do not fit."""
     from .finesos import FineHead
 
-    head = FineHead(config.channels(32), int(fine["width"]), tuple(fine["zoom"]), int(fine.get("blocks", 2)))
-    head.load_state_dict(state_dict, strict=True)
+    head = FineHead(config.channels(32), int(entry["width"]), tuple(entry["zoom"]), int(entry["blocks"]))
+    head.load_state_dict(entry["state_dict"], strict=True)
     return head.eval()
 
 
-def with_fine_heads(path, heads: Dict[str, Tuple[Dict[str, torch.Tensor], float, dict]], settings: dict, out,
-                    overwrite: bool = False, note: str = "") -> Path:
-    """A copy of the bundle at ``path`` whose small organs in ``heads``
-    (name -> (FineHead state, probability threshold, how it was chosen)) are
-    drawn by their fine heads (FocusNetCore.finesos); ``settings``: the
-    heads' zoom, ROI, width and blocks. Any fine heads ``path`` had are
-    replaced; an empty ``heads`` removes them. Written atomically."""
+def with_fine_heads(path, heads: Dict[str, dict], out, overwrite: bool = False, note: str = "",
+                    replace: bool = False) -> Path:
+    """A copy of the bundle at ``path`` whose organs in ``heads`` are drawn by
+    their fine heads (FocusNetCore.finesos); each entry holds the head's
+    ``state_dict``, ``threshold``, ``zoom``, ``roi``, ``width``, ``blocks``
+    and ``chosen_on`` (how it was chosen). The fine heads ``path`` had for
+    other organs stay, unless ``replace``. Written atomically."""
     base, base_meta = load_bundle(path)
-    organs = {}
-    for organ, (state, threshold, chosen) in heads.items():
-        if organ not in base.config.organs.small_names:
-            raise BundleError(path, f"{organ!r} is not one of the small organs "
-                              f"({', '.join(base.config.organs.small_names)})")
-        if not 0.0 < float(threshold) < 1.0:
-            raise BundleError(path, f"fine head threshold for {organ} must lie in (0, 1), got {threshold}")
-        organs[organ] = {"state_dict": state, "threshold": float(threshold),
-                         "from": {**({"note": note} if note else {}), "chosen_on": chosen}}
-    fine = {**settings, "organs": organs} if organs else None
-    for organ, entry in organs.items():
-        fine_head(base.config, fine, entry["state_dict"])
-    return _resave(base, base_meta, out, overwrite, _kept_provenance(base_meta), base_meta.get("click_heads"), fine)
+    fine = {} if replace else dict(base_meta.get("fine_heads") or {})
+    for organ, head in heads.items():
+        if organ not in base.config.organs.names:
+            raise BundleError(path, f"{organ!r} is not one of its organs")
+        if not 0.0 < float(head["threshold"]) < 1.0:
+            raise BundleError(path, f"fine head threshold for {organ} must lie in (0, 1), got {head['threshold']}")
+        if tuple(head["roi"]) != tuple(fine_roi(fine, tuple(head["roi"]))):
+            raise BundleError(path, f"fine head {organ}: ROI {tuple(head['roi'])} differs from the bundle's other "
+                              f"fine heads' {fine_roi(fine)}")
+        entry = {"state_dict": head["state_dict"], "threshold": float(head["threshold"]),
+                 "from": {**({"note": note} if note else {}), "chosen_on": head.get("chosen_on")},
+                 **{k: head[k] for k in FINE_SETTINGS}}
+        fine_head(base.config, entry)
+        fine[organ] = entry
+    return _resave(base, base_meta, out, overwrite, _kept_provenance(base_meta), base_meta.get("click_heads"),
+                   fine or None)
+
+
+def fine_roi(fine: Optional[dict], default=None):
+    """The ROI (model voxels, z, y, x) a bundle's fine heads share."""
+    for entry in (fine or {}).values():
+        return tuple(int(v) for v in entry["roi"])
+    return default

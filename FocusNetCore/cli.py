@@ -411,15 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
     p.set_defaults(func=_cmd_sos_heads)
 
-    p = sub.add_parser("fine-sos", help="train each small organ's fine head (S-Net's features and the CT at 2 x 1 x 1 "
-                                        "mm voxels around it) on a bundle's S-Net, keep those that beat the bundle "
-                                        "on --select, and write the bundle with them")
+    p = sub.add_parser("fine-sos", help="train a fine head per small organ (or --organ: S-Net's features and the CT "
+                                        "at 2 x 1 x 1 mm voxels around it) on a bundle's S-Net, keep those that "
+                                        "beat the bundle on --select, and write the bundle with them")
     p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model); run "
                    "`focusnet postprocess` on it first: the fine heads are chosen against what it draws")
     p.add_argument("--data", required=True, action="append", help="training cases with ground truth, as "
                    "`focusnet train` reads them; repeat for several folders")
     p.add_argument("--select", required=True, help="cases with ground truth held aside to choose on (never the "
                    "cases you report results on)")
+    p.add_argument("--organ", dest="organs", action="append", default=None, metavar="NAME",
+                   help="an organ to give a fine head; repeat for several (default: the small organs). Fine heads "
+                        "the bundle has for other organs stay")
     p.add_argument("--iterations", type=int, default=1500)
     p.add_argument("--width", type=int, default=16, help="channels of the heads' blocks")
     p.add_argument("--batch", type=int, default=4, help="ROIs per organ per step")
@@ -589,7 +592,12 @@ def _cmd_fine_sos(args) -> int:
                          f"{args.batch})")
     base = Path(args.model) if args.model else EMBEDDED_MODEL
     segmenter = Segmenter(base, device=args.device)
-    samples = finesos.build_samples(segmenter, args.data)
+    names = args.organs or list(segmenter.config.organs.small_names)
+    unknown = [name for name in names if name not in segmenter.config.organs.names]
+    if unknown:
+        raise ValueError(f"--organ {', '.join(unknown)}: not among the bundle's organs "
+                         f"({', '.join(segmenter.config.organs.names)})")
+    samples = finesos.build_samples(segmenter, args.data, names)
     if not samples:
         raise ValueError(f"{', '.join(map(str, args.data))}: no case holds a small organ")
     print("samples: " + ", ".join(f"{name} {len(rows)}" for name, rows in samples.items()), flush=True)
@@ -603,13 +611,16 @@ def _cmd_fine_sos(args) -> int:
               f"{row['dice']:.3f} at {row['threshold']} (gain s.e. {row['gain_standard_error']:.3f})"
               f"{': the fine head draws it' if row['fine'] else ''}")
         if row["fine"]:
-            chosen[name] = ({k: v.detach().cpu() for k, v in heads[name].state_dict().items()}, row["threshold"],
-                            {"data": str(args.select), **{k: row[k] for k in ("cases", "pipeline", "dice")}})
-    settings = {"zoom": list(finesos.ZOOM), "roi": list(finesos.FINE_ROI), "width": int(args.width), "blocks": 2,
-                "trained": {"data": [str(d) for d in args.data], "iterations": int(args.iterations),
-                            "batch": int(args.batch), "lr": float(args.lr), "seed": int(args.seed),
-                            "precision": precision}}
-    with_fine_heads(base, chosen, settings, args.out, note=args.note)
+            chosen[name] = {"state_dict": {k: v.detach().cpu() for k, v in heads[name].state_dict().items()},
+                            "threshold": row["threshold"], "zoom": list(finesos.ZOOM), "roi": list(finesos.FINE_ROI),
+                            "width": int(args.width), "blocks": 2,
+                            "chosen_on": {"data": str(args.select), **{k: row[k] for k in ("cases", "pipeline", "dice")}},
+                            }
+    trained = {"data": [str(d) for d in args.data], "iterations": int(args.iterations), "batch": int(args.batch),
+               "lr": float(args.lr), "seed": int(args.seed), "precision": precision}
+    for entry in chosen.values():
+        entry["chosen_on"]["trained"] = trained
+    with_fine_heads(base, chosen, args.out, note=args.note)
     print(f"wrote {args.out} (fine heads: {', '.join(chosen) or 'none'})")
     return EXIT_OK
 

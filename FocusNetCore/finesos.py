@@ -214,7 +214,7 @@ def true_centre(labels: np.ndarray, reference: sitk.Image, label: int, grid: Gri
 def samples_of_case(image: sitk.Image, labels: np.ndarray, features: torch.Tensor, grid: Grid,
                     config: PreprocessConfig, small: Sequence[Tuple[str, int]],
                     zoom: Sequence[int] = ZOOM) -> Dict[str, Sample]:
-    """Per small organ (name, label) the case holds, its training sample
+    """Per organ (name, label) of ``small`` the case holds, its training sample
     around the organ's true centre. ``features``: S-Net's over the whole
     model grid, (1, C, D, H, W); ``labels``: the truth on ``image``'s grid."""
     size = tuple(s + 2 * j for s, j in zip(FINE_ROI, JITTER))
@@ -299,14 +299,14 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def build_samples(segmenter, folders: Sequence, log=print) -> Dict[str, List[Sample]]:
-    """Training samples from every case of ``folders`` (as `focusnet train`
-    reads them), with S-Net's features as ``segmenter`` computes them at
-    inference (its own fine heads, if any, are not used)."""
+def build_samples(segmenter, folders: Sequence, organs: Sequence[str], log=print) -> Dict[str, List[Sample]]:
+    """Training samples of ``organs`` from every case of ``folders`` (as
+    `focusnet train` reads them), with S-Net's features as ``segmenter``
+    computes them at inference (its own fine heads, if any, are not used)."""
     from .data import discover_cases, load_case
 
     config = segmenter.config
-    small = list(zip(config.organs.small_names, config.organs.small_labels))
+    small = [(name, config.organs.label_of(name)) for name in organs]
     kept, segmenter.fine_heads = segmenter.fine_heads, {}
     out: Dict[str, List[Sample]] = {}
     try:
@@ -320,7 +320,7 @@ def build_samples(segmenter, folders: Sequence, log=print) -> Dict[str, List[Sam
                 for name, sample in samples_of_case(image, labels, state["features"], state["preprocessed"].grid,
                                                     config.preprocess, small).items():
                     out.setdefault(name, []).append(sample)
-                log(f"{source.name}: {len(out)} small organ(s) sampled")
+                log(f"{source.name}: {len(out)} organ(s) sampled")
     finally:
         segmenter.fine_heads = kept
     return out

@@ -23,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .bundle import fine_head, load_bundle
+from .bundle import fine_head, fine_roi, load_bundle
 from .bundleinfo import embedded_model_path
 from .imageio import check_finite, read_image
 from .metrics import dice
@@ -108,12 +108,11 @@ class Segmenter:
                 print(f"focusnet: OpenVINO's bfloat16 measured wrong on this machine ({problem}); its S-Net and "
                       "SOL-Net compute in float32", file=sys.stderr, flush=True)
             self.model.chunk_forward = chunks
-        # Small organs drawn by their fine heads (FocusNetCore.finesos): name -> (head, threshold)
+        # Organs drawn by their fine heads (FocusNetCore.finesos): name -> (head, threshold)
         fine = self.meta.get("fine_heads") or {}
-        self.fine_heads = {organ: (fine_head(self.config, fine, entry["state_dict"]).to(self.device),
-                                   float(entry["threshold"]))
-                           for organ, entry in (fine.get("organs") or {}).items()}
-        self.fine_roi = tuple(fine.get("roi") or finesos.FINE_ROI)
+        self.fine_heads = {organ: (fine_head(self.config, entry).to(self.device), float(entry["threshold"]))
+                           for organ, entry in fine.items()}
+        self.fine_roi = fine_roi(fine, finesos.FINE_ROI)
         self.autoencoder = None
         if "autoencoder_state" in self.meta:
             self.autoencoder = ShapeAutoencoder(self.config.roi_size, self.meta["autoencoder_width"])
@@ -248,10 +247,10 @@ class Segmenter:
                                       progress=lambda f: progress("inference", 0.2 + 0.6 * f, f"segmenting {f:.0%}"))
 
     def _draw_fine(self, image: sitk.Image, pre, out: dict) -> List["finesos.FineResult"]:
-        """The small organs of the bundle's fine heads, each in an ROI centred
-        on S-Net's own contour of it, else where the branch pooled its ROI
-        (an organ neither found keeps the pipeline's answer: none); an empty
-        fine mask keeps the pipeline's contour too."""
+        """The organs of the bundle's fine heads, each in an ROI centred on
+        S-Net's own contour of it, else (a small organ) where the branch
+        pooled its ROI; an organ neither found keeps the pipeline's answer
+        (none), and so does one whose fine mask is empty."""
         organs = self.config.organs
         snet_labels = out["probabilities"][0].argmax(0).cpu().numpy()
         branch = dict(zip(organs.small_labels, out.get("small") or []))

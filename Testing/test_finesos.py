@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from FocusNetCore import finesos
-from FocusNetCore.bundle import BundleError, load_bundle, with_fine_heads
+from FocusNetCore.bundle import BundleError, load_bundle, with_fine_heads, with_sos_heads
 from FocusNetCore.phantom import generate_case, write_case
 from FocusNetCore.preprocess import Grid
 from FocusNetCore.segment import EMBEDDED_MODEL, Segmenter
@@ -97,14 +97,14 @@ def phantom(tmp_path_factory):
     return folder, case
 
 
-def _constant_heads(bias: float):
-    """A fine head for Lens_L whose probability is sigmoid(bias) everywhere."""
+def _constant_head(bias: float, threshold: float = 0.5, organ: str = "Lens_L"):
+    """A fine head whose probability is sigmoid(bias) everywhere."""
     head = finesos.FineHead(8, 4)
     with torch.no_grad():
         head.head.weight.zero_()
         head.head.bias.fill_(bias)
-    settings = {"zoom": list(finesos.ZOOM), "roi": list(finesos.FINE_ROI), "width": 4, "blocks": 2}
-    return {"Lens_L": (head.state_dict(), 0.5, {"test": True})}, settings
+    return {organ: {"state_dict": head.state_dict(), "threshold": threshold, "zoom": list(finesos.ZOOM),
+                    "roi": list(finesos.FINE_ROI), "width": 4, "blocks": 2, "chosen_on": {"test": True}}}
 
 
 def test_segment_draws_a_small_organ_with_its_fine_head(phantom):
@@ -114,8 +114,7 @@ def test_segment_draws_a_small_organ_with_its_fine_head(phantom):
     the head, and the report's confidence is the head's. A head that says
     "no organ" anywhere leaves the pipeline's Lens_L exactly."""
     folder, case = phantom
-    heads, settings = _constant_heads(8.0)
-    with_fine_heads(EMBEDDED_MODEL, heads, settings, folder / "box.pt", note="test")
+    with_fine_heads(EMBEDDED_MODEL, _constant_head(8.0), folder / "box.pt", note="test")
     base = Segmenter(None, device="cpu", precision="float32", backend="torch")
     boxed = Segmenter(folder / "box.pt", device="cpu", precision="float32", backend="torch")
     assert set(boxed.fine_heads) == {"Lens_L"}
@@ -135,34 +134,41 @@ def test_segment_draws_a_small_organ_with_its_fine_head(phantom):
     assert np.array_equal(after[outside], np.where(before[outside] == label, 0, before[outside]))
     organ = {o.name: o for o in result.organs}["Lens_L"]
     assert organ.present and organ.confidence > 0.99
-    heads, settings = _constant_heads(-8.0)
-    with_fine_heads(EMBEDDED_MODEL, heads, settings, folder / "none.pt")
+    with_fine_heads(EMBEDDED_MODEL, _constant_head(-8.0), folder / "none.pt")
     kept = Segmenter(folder / "none.pt", device="cpu", precision="float32", backend="torch").segment(case.image)
     assert np.array_equal(sitk.GetArrayFromImage(kept.labels), before)
 
 
-def test_fine_heads_travel_in_the_bundle_checked(phantom, tmp_path):
-    """The heads keep their weights and threshold through the bundle; a
-    changed weight, a threshold outside (0, 1) or a large organ are refused
-    by name, nothing written."""
-    folder, _ = phantom
-    heads, settings = _constant_heads(1.0)
-    out = with_fine_heads(EMBEDDED_MODEL, heads, settings, tmp_path / "fine.pt")
+def test_fine_heads_travel_in_the_bundle_checked(tmp_path):
+    """The heads keep their weights and threshold through the bundle and
+    through further bundle edits; a second call adds organs and keeps the
+    first's; a changed weight, a threshold outside (0, 1), an unknown organ
+    or another ROI are refused by name, nothing written."""
+    heads = _constant_head(1.0)
+    out = with_fine_heads(EMBEDDED_MODEL, heads, tmp_path / "fine.pt")
     model, meta = load_bundle(out)
     assert meta["checksum"] == load_bundle(EMBEDDED_MODEL)[1]["checksum"]
-    entry = meta["fine_heads"]["organs"]["Lens_L"]
+    entry = meta["fine_heads"]["Lens_L"]
     assert entry["threshold"] == 0.5 and entry["from"]["chosen_on"] == {"test": True}
-    assert torch.equal(entry["state_dict"]["head.bias"], heads["Lens_L"][0]["head.bias"])
+    assert torch.equal(entry["state_dict"]["head.bias"], heads["Lens_L"]["state_dict"]["head.bias"])
+    both = with_fine_heads(out, _constant_head(2.0, 0.3, "Ear_Internal_L"), tmp_path / "both.pt")
+    assert {k: v["threshold"] for k, v in load_bundle(both)[1]["fine_heads"].items()} == {"Lens_L": 0.5,
+                                                                                          "Ear_Internal_L": 0.3}
+    again = with_sos_heads(both, {}, tmp_path / "again.pt")
+    assert set(load_bundle(again)[1]["fine_heads"]) == {"Lens_L", "Ear_Internal_L"}
     payload = torch.load(out, weights_only=True)
-    payload["fine_heads"]["organs"]["Lens_L"]["state_dict"]["head.bias"] += 1.0
+    payload["fine_heads"]["Lens_L"]["state_dict"]["head.bias"] += 1.0
     torch.save(payload, tmp_path / "tampered.pt")
     with pytest.raises(BundleError, match="fine head Lens_L: weights checksum mismatch"):
         load_bundle(tmp_path / "tampered.pt")
-    state, _, chosen = heads["Lens_L"]
     with pytest.raises(BundleError, match="threshold for Lens_L must lie in"):
-        with_fine_heads(EMBEDDED_MODEL, {"Lens_L": (state, 1.0, chosen)}, settings, tmp_path / "bad.pt")
-    with pytest.raises(BundleError, match="'Brainstem' is not one of the small organs"):
-        with_fine_heads(EMBEDDED_MODEL, {"Brainstem": (state, 0.5, chosen)}, settings, tmp_path / "bad.pt")
+        with_fine_heads(EMBEDDED_MODEL, _constant_head(1.0, 1.0), tmp_path / "bad.pt")
+    with pytest.raises(BundleError, match="'Brain' is not one of its organs"):
+        with_fine_heads(EMBEDDED_MODEL, _constant_head(1.0, 0.5, "Brain"), tmp_path / "bad.pt")
+    other = _constant_head(1.0, 0.5, "Lens_R")
+    other["Lens_R"]["roi"] = [8, 16, 16]
+    with pytest.raises(BundleError, match="ROI"):
+        with_fine_heads(out, other, tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
 
 
@@ -184,4 +190,7 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path)
     bad = subprocess.run(command[:-6] + ["--iterations", "0", "--out", str(tmp_path / "x.pt")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--iterations" in bad.stderr
+    bad = subprocess.run(command + ["--organ", "Brain", "--out", str(tmp_path / "x.pt")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--organ Brain: not among the bundle's organs" in bad.stderr
     assert not (tmp_path / "x.pt").exists()
