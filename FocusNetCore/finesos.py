@@ -106,7 +106,28 @@ def snet_centre(snet_labels: np.ndarray, label: int) -> Optional[Tuple[int, int,
     if count > 1:
         sizes = np.bincount(components.ravel())[1:]
         mask = components == 1 + int(np.argmax(sizes))
-    return tuple(int(round(v)) for v in np.argwhere(mask).mean(axis=0))
+    return _nearest_voxel(np.argwhere(mask).mean(axis=0))
+
+
+def component_at(mask: np.ndarray, at) -> np.ndarray:
+    """The connected component of ``mask`` nearest ``at`` (an index, z, y, x:
+    a click); a head may answer with a second blob at the ROI's edge (a
+    neighbour's organ)."""
+    if not mask.any():
+        return mask
+    components, count = ndimage.label(mask)
+    if count == 1:
+        return mask
+    where = np.argwhere(mask)
+    nearest = where[np.argmin(((where - np.asarray(at)) ** 2).sum(axis=1))]
+    return components == components[tuple(nearest)]
+
+
+def _nearest_voxel(index) -> Tuple[int, int, int]:
+    """Round half up, not to even: Python's round() sends 53.5 to 54 and
+    128.5 to 128, so the same organ 75 slices further down a longer scan got
+    an ROI one slice off (and a different mask)."""
+    return tuple(int(math.floor(float(v) + 0.5)) for v in index)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -165,7 +186,7 @@ def to_model_grid(result: FineResult, grid: Grid) -> Tuple[Tuple[int, int, int],
     return tuple(int(round(v)) for v in reversed(start)), coarse
 
 
-def to_reference(result: FineResult, reference: sitk.Image) -> np.ndarray:
+def to_reference(result: FineResult, reference: sitk.Image, at=None) -> np.ndarray:
     """The organ on ``reference``'s grid, (z, y, x) bool: the fine
     probability linearly interpolated onto the scan's voxels the ROI
     reaches, above the head's threshold there (largest component). Measured
@@ -173,7 +194,8 @@ def to_reference(result: FineResult, reference: sitk.Image) -> np.ndarray:
     0.827 this way against 0.820 for the fine mask resampled by signed
     distance, whose zero level shrinks the thin organs between the scan's
     2.5-3.5 mm slices (best thresholds 0.02-0.1 there, 0.2-0.3 here). A
-    mask that vanishes this way goes by signed distance."""
+    mask that vanishes this way goes by signed distance. ``at`` (a physical
+    point, LPS mm: a click): the component nearest it instead of the largest."""
     target = Grid.of(reference)
     out = np.zeros(target.shape, dtype=bool)
     corners = target.physical_to_index(result.grid.corners())
@@ -184,7 +206,9 @@ def to_reference(result: FineResult, reference: sitk.Image) -> np.ndarray:
         result.grid.apply_to(image)
         region = target.sub_grid(lo, hi - lo)
         probability = sitk.GetArrayViewFromImage(_resample(image, region, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-        out[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = largest_component(probability > result.threshold)
+        above = probability > result.threshold
+        out[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = (largest_component(above) if at is None else
+                                                       component_at(above, region.physical_to_index(at)[::-1]))
     if out.any() or not result.mask.any():
         return out
     image = sitk.GetImageFromArray(result.mask.astype(np.uint8))
@@ -208,7 +232,7 @@ def true_centre(labels: np.ndarray, reference: sitk.Image, label: int, grid: Gri
     if not len(where):
         return None
     point = Grid.of(reference).index_to_physical(where.mean(axis=0)[::-1])
-    return tuple(int(round(v)) for v in grid.physical_to_index(point)[::-1])
+    return _nearest_voxel(grid.physical_to_index(point)[::-1])
 
 
 def samples_of_case(image: sitk.Image, labels: np.ndarray, features: torch.Tensor, grid: Grid,
@@ -244,8 +268,10 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     """One FineHead per organ of ``samples``, trained with SOS-Net's loss
     (binary focal + Dice) on ROIs at the true centre moved by up to JITTER
     (uniform), Adam at ``lr`` with a cosine schedule; float32 weights, the
-    forward pass in bfloat16 autocast for ``precision="bfloat16"`` (CPU).
-    A non-finite loss stops training (FloatingPointError)."""
+    forward pass in bfloat16 autocast for ``precision="bfloat16"`` (CPU)
+    until a loss or gradient comes out non-finite, then (that step again)
+    in float32; a non-finite one in float32 stops training
+    (FloatingPointError). ``log`` hears which."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     channels = next(iter(samples.values()))[0].features.shape[0]
@@ -255,11 +281,14 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     for head in heads.values():
         head.train()
     running = {name: [] for name in heads}
-    for step in range(iterations):
+    step = 0
+    while step < iterations:
         for group in optimiser.param_groups:
             group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / iterations))
         optimiser.zero_grad(set_to_none=True)
-        total = 0.0
+        state = rng.bit_generator.state
+        buffers = [{k: v.clone() for k, v in head.named_buffers()} for head in heads.values()]
+        bad, values = [], {}
         for name, head in heads.items():
             picks = rng.integers(0, len(samples[name]), size=batch)
             crops = [_crop(samples[name][int(i)], [int(rng.integers(0, 2 * j + 1)) for j in JITTER], zoom)
@@ -272,13 +301,30 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
             loss = _binary_loss(prob, target)
             loss.backward()
             value = float(loss.detach())
-            total += value
-            running[name].append(value)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"fine heads: non-finite loss at step {step}")
+            if not (math.isfinite(value) and all(bool(torch.isfinite(p.grad).all())
+                                                 for p in head.parameters() if p.grad is not None)):
+                bad.append(name)
+            values[name] = value
+        if bad:
+            if precision != "bfloat16":
+                raise FloatingPointError(f"fine heads: non-finite loss or gradient at step {step} ({', '.join(bad)})")
+            # bfloat16 autocast gave NaN here (seen on an AMD CPU with AVX512-BF16): the
+            # weights are untouched (no step taken); this step again and the rest in float32.
+            log(f"fine heads: bfloat16 gave a non-finite loss or gradient at step {step} ({', '.join(bad)}); "
+                "training on in float32")
+            precision = "float32"
+            rng.bit_generator.state = state
+            with torch.no_grad():  # BatchNorm's running statistics saw the bad forward pass
+                for head, kept in zip(heads.values(), buffers):
+                    for k, v in head.named_buffers():
+                        v.copy_(kept[k])
+            continue
         optimiser.step()
-        if (step + 1) % max(iterations // 10, 1) == 0:
-            log(f"fine heads step {step + 1}/{iterations}: " +
+        for name, value in values.items():
+            running[name].append(value)
+        step += 1
+        if step % max(iterations // 10, 1) == 0:
+            log(f"fine heads step {step}/{iterations}: " +
                 ", ".join(f"{n} {np.mean(v[-50:]):.3f}" for n, v in running.items()))
     for head in heads.values():
         head.eval()

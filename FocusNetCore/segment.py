@@ -154,7 +154,10 @@ class Segmenter:
                 "backend": self.backend,
                 # what the bundle's post-processing does (organ names per step; none for older bundles)
                 "postprocess": {k: v for k, v in (self.meta.get("postprocess") or {}).items()
-                                if k in ("largest_component", "fill_holes")}}
+                                if k in ("largest_component", "fill_holes")},
+                # the organs drawn by fine heads (finesos), each with its weights' checksum and threshold
+                "fine_heads": {organ: {"checksum": entry.get("checksum", ""), "threshold": entry["threshold"]}
+                               for organ, entry in (self.meta.get("fine_heads") or {}).items()}}
 
     def segment(self, image_or_path, progress: Optional[Progress] = None,
                 small_organ_branch: bool = True, keep_state: bool = False) -> SegmentationResult:
@@ -293,9 +296,10 @@ class Segmenter:
             if fine and label in fine:
                 result = fine[label]
                 confidence = float(result.probability[result.mask].mean())
-                region = roi_pool(inside[None, None].float(), roi_start(finesos.snet_centre(
-                    model_labels, label) or (0, 0, 0), self.config.roi_size), self.config.roi_size)[0, 0] > 0.5
-                shape = self._shape_score(region)
+                if label in small:  # the shape autoencoder knows the small organs only
+                    region = roi_pool(inside[None, None].float(), roi_start(finesos.snet_centre(
+                        model_labels, label) or (0, 0, 0), self.config.roi_size), self.config.roi_size)[0, 0] > 0.5
+                    shape = self._shape_score(region)
             elif label in small and small[label] is not None:
                 start, prob = small[label]
                 region = roi_pool(torch.as_tensor(model_labels == label)[None, None].float(), start,

@@ -27,9 +27,12 @@ may carry an ``id``, which its answer repeats.
             "head": "click", "probability": 0.83, "seconds": 0.05}
         ``region``: the mask's voxel box on the CT's grid (start inclusive,
         stop exclusive, (i, j, k) order): the contour is to be replaced inside
-        it only. ``head``: "click" where the bundle has a click-to-find head
-        for the organ (bundle.with_click_heads: chosen for ROIs centred on
-        the organ itself), else "pipeline" (the head the segmentation used).
+        it only. ``head``: "fine" where the bundle draws the organ with a
+        fine head (FocusNetCore.finesos; it answers the click too, its ROI
+        centred on the click, the mask the component nearest it), else
+        "click" where it has a click-to-find head for the organ
+        (bundle.with_click_heads: chosen for ROIs centred on the organ
+        itself), else "pipeline" (the coarse head the segmentation used).
     {"id": 3, "op": "close"}      forget the case (its features)
     {"id": 4, "op": "quit"}       end the process (so does the end of stdin)
 
@@ -53,11 +56,12 @@ from typing import IO, Optional
 import numpy as np
 import SimpleITK as sitk
 import torch
-from scipy import ndimage
 
 from .imageio import ImageReadError, write_image
 from .networks import roi_start
 from .preprocess import Grid, resample_labels
+from . import finesos
+from .finesos import component_at
 from .segment import Segmenter
 
 
@@ -108,8 +112,9 @@ class Worker:
         mask, region, probability = self.place(organ, point)
         write_image(mask, out, overwrite=True)
         voxels = int(sitk.GetArrayViewFromImage(mask).sum())
-        return {"organ": organ, "mask": str(out), "region": region, "voxels": voxels,
-                "head": "click" if organ in self.click_heads else "pipeline",
+        head = ("fine" if organ in self.segmenter.fine_heads else "click" if organ in self.click_heads
+                else "pipeline")
+        return {"organ": organ, "mask": str(out), "region": region, "voxels": voxels, "head": head,
                 "volume_cc": round(voxels * float(np.prod(mask.GetSpacing())) / 1000.0, 4),
                 "probability": probability, "seconds": round(time.perf_counter() - start, 3)}
 
@@ -123,12 +128,36 @@ class Worker:
         mm): (mask image on the CT's grid over the ROI's extent, its region
         (i0, j0, k0, i1, j1, k1), the mean probability inside the mask)."""
         k, at, roi_corner = self._roi_at(organ, point)
+        if organ in self.segmenter.fine_heads:
+            return self._place_fine(organ, point, tuple(a + c for a, c in zip(at, roi_corner)))
         config, model = self.segmenter.config, self.segmenter.model
         head, threshold = self.click_heads.get(organ) or (model.sosnet.heads[k], config.sos_threshold(k))
         prob = self._probability(head, roi_corner)
-        mask = _component_at(prob > threshold, at)
+        mask = component_at(prob > threshold, at)
         probability = round(float(prob[mask].mean()), 4) if mask.any() else None
         out, lo, hi = self._on_ct_grid(mask, roi_corner)
+        return out, [int(v) for v in lo] + [int(v) for v in hi], probability
+
+    def _place_fine(self, organ: str, point, centre):
+        """``place`` with the bundle's fine head for ``organ`` (the one the
+        segmentation drew it with), its ROI centred on the click's model
+        voxel ``centre``: the mask on the CT's grid over the fine ROI's
+        extent, the component nearest the click."""
+        image, pre = self.state["image"], self.state["preprocessed"]
+        head, threshold = self.segmenter.fine_heads[organ]
+        label = self.segmenter.config.organs.label_of(organ)
+        result = finesos.draw(head, threshold, image, self.state["features"], pre.grid, centre,
+                              self.segmenter.config.preprocess, label, self.segmenter.fine_roi)
+        at = result.grid.physical_to_index(np.asarray(point, dtype=float))[::-1]
+        result.mask = finesos.component_at(result.probability > threshold, at)
+        on_ct = finesos.to_reference(result, image, at=np.asarray(point, dtype=float))
+        ct_grid = Grid.of(image)
+        reach = ct_grid.physical_to_index(result.grid.corners())
+        lo = np.clip(np.floor(reach.min(axis=0)).astype(int), 0, ct_grid.size)
+        hi = np.clip(np.ceil(reach.max(axis=0)).astype(int) + 1, 0, ct_grid.size)
+        out = sitk.GetImageFromArray(on_ct[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]].astype(np.uint8))
+        ct_grid.sub_grid(lo, hi - lo).apply_to(out)
+        probability = round(float(result.probability[result.mask].mean()), 4) if result.mask.any() else None
         return out, [int(v) for v in lo] + [int(v) for v in hi], probability
 
     def dice_of_heads(self, organ: str, point, heads, thresholds, truth: np.ndarray) -> np.ndarray:
@@ -144,7 +173,7 @@ class Worker:
         for h, head in enumerate(heads):
             prob = self._probability(head, roi_corner)
             for t, threshold in enumerate(thresholds):
-                image, lo, hi = self._on_ct_grid(_component_at(prob > threshold, at), roi_corner)
+                image, lo, hi = self._on_ct_grid(component_at(prob > threshold, at), roi_corner)
                 mask = sitk.GetArrayViewFromImage(image) > 0
                 inside = truth[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
                 denominator = float(mask.sum()) + total
@@ -202,19 +231,6 @@ class Worker:
         out = sitk.GetImageFromArray(resample_labels(roi_image, region_grid).astype(np.uint8))
         region_grid.apply_to(out)
         return out, lo, hi
-
-
-def _component_at(mask: np.ndarray, at) -> np.ndarray:
-    """The connected component of ``mask`` nearest ``at`` (the click): SOS-Net
-    may answer with a second blob at the ROI's edge (a neighbour's organ)."""
-    if not mask.any():
-        return mask
-    components, count = ndimage.label(mask)
-    if count == 1:
-        return mask
-    where = np.argwhere(mask)
-    nearest = where[np.argmin(((where - np.asarray(at)) ** 2).sum(axis=1))]
-    return components == components[tuple(nearest)]
 
 
 # -- the process -------------------------------------------------------------------

@@ -108,14 +108,15 @@ def _constant_head(bias: float, threshold: float = 0.5, organ: str = "Lens_L"):
 
 
 def test_segment_draws_a_small_organ_with_its_fine_head(phantom):
-    """The embedded model with a fine head for Lens_L that says "organ"
-    everywhere: Lens_L on the CT's grid is the fine ROI's box (16 x 48 x 48
-    mm, on S-Net's own left lens), every organ outside the box as without
-    the head, and the report's confidence is the head's. A head that says
-    "no organ" anywhere leaves the pipeline's Lens_L exactly."""
+    """The embedded model's S-Net with one fine head, for Lens_L, that says
+    "organ" everywhere: Lens_L on the CT's grid is the fine ROI's box (16 x
+    48 x 48 mm, on S-Net's own left lens), every organ outside the box as
+    without fine heads, and the report's confidence is the head's. A head
+    that says "no organ" anywhere leaves the pipeline's Lens_L exactly."""
     folder, case = phantom
-    with_fine_heads(EMBEDDED_MODEL, _constant_head(8.0), folder / "box.pt", note="test")
-    base = Segmenter(None, device="cpu", precision="float32", backend="torch")
+    with_fine_heads(EMBEDDED_MODEL, _constant_head(8.0), folder / "box.pt", note="test", replace=True)
+    with_fine_heads(EMBEDDED_MODEL, {}, folder / "coarse.pt", replace=True)
+    base = Segmenter(folder / "coarse.pt", device="cpu", precision="float32", backend="torch")
     boxed = Segmenter(folder / "box.pt", device="cpu", precision="float32", backend="torch")
     assert set(boxed.fine_heads) == {"Lens_L"}
     before = sitk.GetArrayFromImage(base.segment(case.image).labels)
@@ -134,7 +135,7 @@ def test_segment_draws_a_small_organ_with_its_fine_head(phantom):
     assert np.array_equal(after[outside], np.where(before[outside] == label, 0, before[outside]))
     organ = {o.name: o for o in result.organs}["Lens_L"]
     assert organ.present and organ.confidence > 0.99
-    with_fine_heads(EMBEDDED_MODEL, _constant_head(-8.0), folder / "none.pt")
+    with_fine_heads(EMBEDDED_MODEL, _constant_head(-8.0), folder / "none.pt", replace=True)
     kept = Segmenter(folder / "none.pt", device="cpu", precision="float32", backend="torch").segment(case.image)
     assert np.array_equal(sitk.GetArrayFromImage(kept.labels), before)
 
@@ -145,7 +146,7 @@ def test_fine_heads_travel_in_the_bundle_checked(tmp_path):
     first's; a changed weight, a threshold outside (0, 1), an unknown organ
     or another ROI are refused by name, nothing written."""
     heads = _constant_head(1.0)
-    out = with_fine_heads(EMBEDDED_MODEL, heads, tmp_path / "fine.pt")
+    out = with_fine_heads(EMBEDDED_MODEL, heads, tmp_path / "fine.pt", replace=True)
     model, meta = load_bundle(out)
     assert meta["checksum"] == load_bundle(EMBEDDED_MODEL)[1]["checksum"]
     entry = meta["fine_heads"]["Lens_L"]
@@ -194,3 +195,37 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path)
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--organ Brain: not among the bundle's organs" in bad.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def _blob_samples(n=3):
+    rng = np.random.default_rng(1)
+    size = tuple(s + 2 * j for s, j in zip(finesos.FINE_ROI, finesos.JITTER))
+    fine_shape = tuple(s * z for s, z in zip(size, finesos.ZOOM))
+    mask = np.zeros(fine_shape, dtype=bool)
+    mask[4:7, 20:30, 20:30] = True
+    return [finesos.Sample(rng.normal(0, 1, (4,) + size).astype(np.float32),
+                           (rng.normal(0, 0.05, fine_shape) + 0.6 * mask).astype(np.float32), mask) for _ in range(n)]
+
+
+def test_a_non_finite_bfloat16_step_goes_on_in_float32_and_nothing_non_finite_is_kept(monkeypatch):
+    """As bfloat16 autocast did on an AMD CPU with AVX512-BF16: a forward
+    pass that is NaN under autocast. The step is taken again in float32 (no
+    weight, no BatchNorm statistic keeps the NaN) and training finishes,
+    saying so; NaN in float32 stops training."""
+    forward = finesos.FineHead.forward
+
+    def nan_under_autocast(self, features, ct):
+        prob = forward(self, features, ct)
+        return prob * float("nan") if torch.is_autocast_enabled("cpu") else prob
+
+    monkeypatch.setattr(finesos.FineHead, "forward", nan_under_autocast)
+    said = []
+    heads = finesos.train_heads({"Lens_L": _blob_samples()}, width=4, iterations=5, batch=2, precision="bfloat16",
+                                log=said.append)
+    assert any("bfloat16 gave a non-finite loss or gradient at step 0 (Lens_L); training on in float32" in s
+               for s in said)
+    state = heads["Lens_L"].state_dict()
+    assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+    monkeypatch.setattr(finesos.FineHead, "forward", lambda self, f, c: forward(self, f, c) * float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 0"):
+        finesos.train_heads({"Lens_L": _blob_samples()}, width=4, iterations=2, batch=2, log=said.append)

@@ -76,8 +76,9 @@ def main():
              + (f"; FocusNetv1: `{Path(args.v1).name}`, `--v1 {args.v1}`" if v1 else "") + ").", "",
              "## Small organs: table 6 in miniature (mean Dice)", ""]
     columns = [("S-Net alone", snet)] + ([("FocusNetv1", v1_summary)] if v1 else [])
-    columns += [("FocusNetv2", branch), ("shipped (S-Net alone for " + ", ".join(snet_small) + ")", full)] \
-        if snet_small else [("FocusNetv2", full)]
+    uncovered = [name for name in snet_small if name not in segmenter.fine_heads]
+    columns += [("FocusNetv2", branch), ("shipped (S-Net alone for " + ", ".join(uncovered) + ")"
+                 if uncovered else "shipped", full)] if snet_small else [("FocusNetv2", full)]
     lines += ["| organ | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name in organs.small_names:
         values = [s_["organs"].get(name, {}).get("dice", float("nan")) for _, s_ in columns]
@@ -99,13 +100,15 @@ def main():
         lines += ["FocusNetv1 (SOS-Net without the shape autoencoder) needs its own training run "
                   "(`adversarial: false`, see `--v1`); it was not run for this table.", ""]
     if snet_small:
-        lines += [f"The bundle draws {', '.join(snet_small)} with S-Net's own contour (`snet_small`: S-Net alone "
-                  "beat the small-organ branch on the cases it was chosen on); the FocusNetv2 column is the same "
-                  "bundle with the branch drawing every small organ, as in the paper.", ""]
+        lines += [f"The bundle's `snet_small` ({', '.join(snet_small)}: S-Net alone beat the coarse small-organ "
+                  "branch on the cases it was chosen on) leaves those organs to S-Net's own contour where no fine "
+                  "head draws them; the FocusNetv2 column is the same bundle with the branch drawing every small "
+                  "organ, as in the paper.", ""]
     if segmenter.fine_heads:
         lines += [f"SOS-Net's fine heads (`focusnet fine-sos`: S-Net's features and the CT at 2 x 1 x 1 mm around the "
-                  f"organ) draw {', '.join(segmenter.fine_heads)} in the FocusNetv2 and shipped columns; S-Net alone "
-                  "has none.", ""]
+                  f"organ, thresholds and checksums in the report's `model.fine_heads`) draw "
+                  f"{', '.join(segmenter.fine_heads)} in the FocusNetv2 and shipped columns; S-Net alone has none. "
+                  "The table above is the coarse SOS-Net's (model grid).", ""]
     lines += ["## All organs (" + ("as shipped" if snet_small else "FocusNetv2") + ")", "", table.split("\n", 2)[2]]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
