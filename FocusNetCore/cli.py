@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4, help="ROIs per organ per step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's rate (cosine schedule)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape-weight", type=float, default=0.0, metavar="W",
+                   help="FocusNetv2's shape term with the bundle's (frozen) shape autoencoder, weighted W; 0 "
+                        "(default): the segmentation loss alone, as FocusNetv1")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--note", default="", help="how the heads were made (kept in the bundle)")
     p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
@@ -590,6 +593,8 @@ def _cmd_fine_sos(args) -> int:
     if args.iterations < 1 or args.width < 1 or args.batch < 1:
         raise ValueError(f"--iterations, --width and --batch must be >= 1 (got {args.iterations}, {args.width}, "
                          f"{args.batch})")
+    if not args.shape_weight >= 0:
+        raise ValueError(f"--shape-weight must be >= 0, got {args.shape_weight}")
     base = Path(args.model) if args.model else EMBEDDED_MODEL
     segmenter = Segmenter(base, device=args.device)
     names = args.organs or list(segmenter.config.organs.small_names)
@@ -602,8 +607,15 @@ def _cmd_fine_sos(args) -> int:
         raise ValueError(f"{', '.join(map(str, args.data))}: no case holds a small organ")
     print("samples: " + ", ".join(f"{name} {len(rows)}" for name, rows in samples.items()), flush=True)
     precision = segmenter.precision if segmenter.device == "cpu" else "float32"
+    autoencoder = None
+    if args.shape_weight > 0:
+        autoencoder = segmenter.autoencoder
+        if autoencoder is None:
+            raise ValueError(f"{base}: --shape-weight needs the bundle's shape autoencoder, and it has none")
+        for p in autoencoder.parameters():
+            p.requires_grad_(False)
     heads = finesos.train_heads(samples, args.width, args.iterations, batch=args.batch, lr=args.lr, seed=args.seed,
-                                precision=precision)
+                                precision=precision, autoencoder=autoencoder, shape_weight=args.shape_weight)
     report = finesos.choose(finesos.scores_on(segmenter, heads, args.select))
     chosen = {}
     for name, row in report.items():
@@ -617,7 +629,8 @@ def _cmd_fine_sos(args) -> int:
                             "chosen_on": {"data": str(args.select), **{k: row[k] for k in ("cases", "pipeline", "dice")}},
                             }
     trained = {"data": [str(d) for d in args.data], "iterations": int(args.iterations), "batch": int(args.batch),
-               "lr": float(args.lr), "seed": int(args.seed), "precision": precision}
+               "lr": float(args.lr), "seed": int(args.seed), "precision": precision,
+               "shape_weight": float(args.shape_weight)}
     for entry in chosen.values():
         entry["chosen_on"]["trained"] = trained
     with_fine_heads(base, chosen, args.out, note=args.note)

@@ -264,6 +264,7 @@ def _crop(sample: Sample, offset: Sequence[int], zoom: Sequence[int]):
 
 def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, batch: int = 4,
                 lr: float = 1e-3, seed: int = 0, zoom: Sequence[int] = ZOOM, precision: str = "float32",
+                autoencoder: Optional[nn.Module] = None, shape_weight: float = 0.0,
                 log=print) -> Dict[str, FineHead]:
     """One FineHead per organ of ``samples``, trained with SOS-Net's loss
     (binary focal + Dice) on ROIs at the true centre moved by up to JITTER
@@ -271,7 +272,16 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     forward pass in bfloat16 autocast for ``precision="bfloat16"`` (CPU)
     until a loss or gradient comes out non-finite, then (that step again)
     in float32; a non-finite one in float32 stops training
-    (FloatingPointError). ``log`` hears which."""
+    (FloatingPointError). ``log`` hears which.
+
+    With ``autoencoder`` (the bundle's shape autoencoder, frozen, in eval
+    mode) and ``shape_weight`` > 0, FocusNetv2's shape term is added: the
+    bounded distance (losses.shape_loss, normalized) between the
+    autoencoder's codes of the predicted and the true mask, both averaged
+    down to the model grid and centred in the autoencoder's ROI. The
+    autoencoder is not trained on (the paper's adversarial updates are the
+    training stages' business): it is the shape prior the coarse SOS-Net
+    was trained against."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     channels = next(iter(samples.values()))[0].features.shape[0]
@@ -299,6 +309,8 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                 prob = head(features, ct)
             loss = _binary_loss(prob, target)
+            if autoencoder is not None and shape_weight > 0:
+                loss = loss + shape_weight * _shape_term(autoencoder, prob, target, zoom)
             loss.backward()
             value = float(loss.detach())
             if not (math.isfinite(value) and all(bool(torch.isfinite(p.grad).all())
@@ -329,6 +341,30 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     for head in heads.values():
         head.eval()
     return heads
+
+
+def _shape_term(autoencoder: nn.Module, prob: torch.Tensor, target: torch.Tensor, zoom) -> torch.Tensor:
+    from .losses import shape_loss
+
+    size = autoencoder_roi(autoencoder)
+
+    def coarse(mask):
+        pooled = F.avg_pool3d(mask.float(), kernel_size=tuple(zoom))
+        pad = []
+        for have, want in zip(reversed(pooled.shape[2:]), reversed(size)):
+            extra = max(want - have, 0)
+            pad += [extra // 2, extra - extra // 2]
+        return F.pad(pooled, pad)[..., :size[0], :size[1], :size[2]]
+
+    with torch.autocast("cpu", enabled=False):
+        _, z_t, f_t = autoencoder(coarse(target))
+        _, z_p, f_p = autoencoder(coarse(prob))
+    return shape_loss([z_t.detach()] + [f.detach() for f in f_t], [z_p] + list(f_p), normalized=True)
+
+
+def autoencoder_roi(autoencoder: nn.Module) -> Tuple[int, int, int]:
+    """The ROI (z, y, x) a ShapeAutoencoder was built for."""
+    return tuple(int(b) * 8 for b in autoencoder.bottom)
 
 
 def _binary_loss(prob, target):

@@ -229,3 +229,28 @@ def test_a_non_finite_bfloat16_step_goes_on_in_float32_and_nothing_non_finite_is
     monkeypatch.setattr(finesos.FineHead, "forward", lambda self, f, c: forward(self, f, c) * float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 0"):
         finesos.train_heads({"Lens_L": _blob_samples()}, width=4, iterations=2, batch=2, log=said.append)
+
+
+def test_the_shape_term_compares_shapes_on_the_model_grid_through_the_autoencoder():
+    """FocusNetv2's shape term for the fine heads: zero for the true mask
+    itself, positive for another shape, with a gradient that reaches the
+    head's probability (not the frozen autoencoder); training with it runs."""
+    from FocusNetCore.networks import ShapeAutoencoder
+
+    torch.manual_seed(0)
+    autoencoder = ShapeAutoencoder((16, 32, 32), width=0.05).eval()
+    for p in autoencoder.parameters():
+        p.requires_grad_(False)
+    assert finesos.autoencoder_roi(autoencoder) == (16, 32, 32)
+    target = torch.zeros(2, 1, 8, 48, 48)
+    target[:, :, 3:6, 18:30, 18:30] = 1.0
+    assert float(finesos._shape_term(autoencoder, target, target, finesos.ZOOM)) == pytest.approx(0.0, abs=1e-6)
+    other = torch.zeros_like(target)
+    other[:, :, 2:7, 10:40, 22:26] = 1.0
+    other.requires_grad_(True)
+    term = finesos._shape_term(autoencoder, other, target, finesos.ZOOM)
+    term.backward()
+    assert term.item() > 1e-4 and float(other.grad.abs().sum()) > 0  # an untrained autoencoder: small, not 0
+    heads = finesos.train_heads({"Lens_L": _blob_samples()}, width=4, iterations=3, batch=2,
+                                autoencoder=autoencoder, shape_weight=0.5, log=lambda *a: None)
+    assert all(bool(torch.isfinite(v).all()) for v in heads["Lens_L"].state_dict().values() if v.is_floating_point())
