@@ -208,11 +208,8 @@ def donor_heads(path, base: FocusNetV2, organs_to_donors: Dict[str, str]):
     return out
 
 
-_KEEP = object()
-
-
 def _resave(base: FocusNetV2, base_meta: dict, out, overwrite: bool, provenance: dict,
-            click_heads: Optional[dict], fine_heads=_KEEP) -> Path:
+            click_heads: Optional[dict]) -> Path:
     autoencoder = None
     if "autoencoder_state" in base_meta:
         from .networks import ShapeAutoencoder
@@ -222,7 +219,7 @@ def _resave(base: FocusNetV2, base_meta: dict, out, overwrite: bool, provenance:
     return save_bundle(base, out, provenance=provenance, overwrite=overwrite, autoencoder=autoencoder,
                        autoencoder_width=base_meta.get("autoencoder_width", 1.0),
                        postprocess=base_meta.get("postprocess"), click_heads=click_heads,
-                       fine_heads=base_meta.get("fine_heads") if fine_heads is _KEEP else fine_heads)
+                       fine_heads=base_meta.get("fine_heads"))
 
 
 def _kept_provenance(meta: dict) -> dict:
@@ -338,8 +335,8 @@ def with_fine_heads(path, heads: Dict[str, dict], out, overwrite: bool = False, 
                  **{k: head[k] for k in FINE_SETTINGS}}
         fine_head(base.config, entry)
         fine[organ] = entry
-    return _resave(base, base_meta, out, overwrite, _kept_provenance(base_meta), base_meta.get("click_heads"),
-                   fine or None)
+    return _resave(base, {**base_meta, "fine_heads": fine}, out, overwrite, _kept_provenance(base_meta),
+                   base_meta.get("click_heads"))
 
 
 def fine_roi(fine: Optional[dict], default=None):

@@ -39,6 +39,10 @@ from scipy import ndimage
 from torch import nn
 
 from .blocks import se_stack
+from .losses import binary_segmentation_loss, shape_loss
+from .metrics import dice
+from .networks import roi_pool
+from .postprocess import clearly_better
 from .preprocess import AIR_HU, Grid, PreprocessConfig, _resample, normalise, resample_labels
 
 ZOOM = (1, 2, 2)        # model voxels -> fine voxels per axis (z, y, x): 2 x 1 x 1 mm on the 2 mm grid
@@ -102,11 +106,7 @@ def snet_centre(snet_labels: np.ndarray, label: int) -> Optional[Tuple[int, int,
     mask = snet_labels == label
     if not mask.any():
         return None
-    components, count = ndimage.label(mask)
-    if count > 1:
-        sizes = np.bincount(components.ravel())[1:]
-        mask = components == 1 + int(np.argmax(sizes))
-    return _nearest_voxel(np.argwhere(mask).mean(axis=0))
+    return _nearest_voxel(np.argwhere(largest_component(mask)).mean(axis=0))
 
 
 def component_at(mask: np.ndarray, at) -> np.ndarray:
@@ -138,13 +138,6 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return components == 1 + int(np.argmax(sizes))
 
 
-def pool_features(features: torch.Tensor, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
-    """(1, C, D, H, W) -> (1, C, *size) at ``start`` (0 outside)."""
-    from .networks import roi_pool
-
-    return roi_pool(features, tuple(start), tuple(size))
-
-
 @dataclass
 class FineResult:
     """One organ drawn by its fine head: the fine grid, the probability on
@@ -170,7 +163,7 @@ def draw(head: FineHead, threshold: float, image: sitk.Image, features: torch.Te
     fine = fine_grid(grid, start, roi_size, head.zoom)
     device = next(head.parameters()).device
     ct = torch.as_tensor(fine_ct(image, fine, config), device=device)[None, None]
-    roi = pool_features(features, start, roi_size).to(device, torch.float32)
+    roi = roi_pool(features, tuple(start), tuple(roi_size)).to(device, torch.float32)
     with torch.inference_mode():
         prob = head(roi, ct)[0, 0].float().cpu().numpy()
     return result_at(label, fine, prob, threshold)
@@ -198,9 +191,7 @@ def to_reference(result: FineResult, reference: sitk.Image, at=None) -> np.ndarr
     point, LPS mm: a click): the component nearest it instead of the largest."""
     target = Grid.of(reference)
     out = np.zeros(target.shape, dtype=bool)
-    corners = target.physical_to_index(result.grid.corners())
-    lo = np.clip(np.floor(corners.min(axis=0)).astype(int) - 1, 0, target.size)
-    hi = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 2, 0, target.size)
+    lo, hi = target.box_reached_by(result.grid, margin=1)
     if np.all(hi > lo):
         image = sitk.GetImageFromArray(result.probability.astype(np.float32, copy=False))
         result.grid.apply_to(image)
@@ -249,7 +240,7 @@ def samples_of_case(image: sitk.Image, labels: np.ndarray, features: torch.Tenso
             continue
         start = tuple(s - j for s, j in zip(start_around(centre), JITTER))
         fine = fine_grid(grid, start, size, zoom)
-        out[name] = Sample(pool_features(features, start, size)[0].float().cpu().numpy(),
+        out[name] = Sample(roi_pool(features, start, size)[0].float().cpu().numpy(),
                            fine_ct(image, fine, config), mask_on(labels, image, label, fine))
     return out
 
@@ -308,7 +299,7 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
             target = torch.as_tensor(np.stack([c[2] for c in crops]))[:, None]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                 prob = head(features, ct)
-            loss = _binary_loss(prob, target)
+            loss = binary_segmentation_loss(prob, target)
             if autoencoder is not None and shape_weight > 0:
                 loss = loss + shape_weight * _shape_term(autoencoder, prob, target, zoom)
             loss.backward()
@@ -344,8 +335,6 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
 
 
 def _shape_term(autoencoder: nn.Module, prob: torch.Tensor, target: torch.Tensor, zoom) -> torch.Tensor:
-    from .losses import shape_loss
-
     size = autoencoder_roi(autoencoder)
 
     def coarse(mask):
@@ -367,18 +356,7 @@ def autoencoder_roi(autoencoder: nn.Module) -> Tuple[int, int, int]:
     return tuple(int(b) * 8 for b in autoencoder.bottom)
 
 
-def _binary_loss(prob, target):
-    from .losses import binary_segmentation_loss
-
-    return binary_segmentation_loss(prob, target)
-
-
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def build_samples(segmenter, folders: Sequence, organs: Sequence[str], log=print) -> Dict[str, List[Sample]]:
@@ -434,7 +412,7 @@ def scores_on(segmenter, heads: Dict[str, FineHead], folder, thresholds: Sequenc
             for name, head in heads.items():
                 label = config.organs.label_of(name)
                 truth = labels == label
-                pipeline = _dice(drawn == label, truth)
+                pipeline = dice(drawn == label, truth)
                 scores[name]["pipeline"].append(pipeline)
                 centre = snet_centre(snet_labels, label)
                 if centre is None:
@@ -448,7 +426,7 @@ def scores_on(segmenter, heads: Dict[str, FineHead], folder, thresholds: Sequenc
                     if not fine.mask.any():  # inference keeps the pipeline's contour then
                         scores[name]["fine"][t].append(pipeline)
                         continue
-                    scores[name]["fine"][t].append(_dice(to_reference(fine, image), truth))
+                    scores[name]["fine"][t].append(dice(to_reference(fine, image), truth))
             log(f"{source.name}: scored")
     finally:
         segmenter.fine_heads = kept
@@ -464,8 +442,7 @@ def choose(scores: Dict[str, dict]) -> Dict[str, dict]:
         pipeline = np.asarray(row["pipeline"], dtype=float)
         means = {t: float(np.mean(v)) for t, v in row["fine"].items()}
         best = max(means, key=lambda t: (means[t], -abs(t - 0.5)))
-        gain = np.asarray(row["fine"][best], dtype=float) - pipeline
-        se = float(gain.std(ddof=1) / math.sqrt(len(gain))) if len(gain) > 1 else float("inf")
+        _, se = clearly_better(row["fine"][best], pipeline, 0.0)
         report[name] = {"threshold": float(best), "dice": means[best], "pipeline": float(pipeline.mean()),
                         "gain_standard_error": se, "cases": int(len(pipeline)), "fine": means[best] > pipeline.mean()}
     return report

@@ -132,6 +132,15 @@ class Grid:
         idx = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * last
         return self.index_to_physical(idx)
 
+    def box_reached_by(self, other: "Grid", margin: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+        """The voxel box (lo, hi: (x, y, z), stop exclusive) of this grid
+        that ``other``'s voxel centres reach, grown by ``margin`` voxels and
+        clipped to this grid."""
+        reach = self.physical_to_index(other.corners())
+        lo = np.clip(np.floor(reach.min(axis=0)).astype(int) - margin, 0, self.size)
+        hi = np.clip(np.ceil(reach.max(axis=0)).astype(int) + 1 + margin, 0, self.size)
+        return lo, hi
+
     def sub_grid(self, start: Sequence[int], size: Sequence[int]) -> "Grid":
         origin = self.index_to_physical(np.asarray(start, dtype=float))
         return Grid(tuple(int(s) for s in size), tuple(float(v) for v in origin), self.spacing, self.direction)
@@ -331,9 +340,7 @@ def resample_level_sets(fields: Iterable[Tuple[int, Sequence[int], np.ndarray]],
     out = np.zeros(target.shape, dtype=dtype)
     # Only where the source grid reaches: a long scan around a short model
     # grid does not pay for its length (memory).
-    reach = target.physical_to_index(source.corners())
-    base = np.clip(np.floor(reach.min(axis=0)).astype(int) - 1, 0, target.size)
-    top = np.clip(np.ceil(reach.max(axis=0)).astype(int) + 2, 0, target.size)
+    base, top = target.box_reached_by(source, margin=1)
     if np.any(top <= base):
         return out
     out_window = out[base[2]:top[2], base[1]:top[1], base[0]:top[0]]

@@ -184,7 +184,9 @@ class Segmenter:
         progress("inference", 0.2, f"FocusNetv2 on {self.device} ({self.precision}, {self.backend})")
         fine = small_organ_branch and bool(self.fine_heads)
         out = self._infer(pre.image, progress, small_organ_branch, keep_state or fine)
-        drawn_fine = self._draw_fine(image, pre, out) if fine else []
+        # S-Net's own labels (before the branch): where the fine heads centre their ROIs
+        snet_labels = out["probabilities"][0].argmax(0).cpu().numpy().astype(np.uint8) if fine or keep_state else None
+        drawn_fine = self._draw_fine(image, pre, out, snet_labels) if fine else []
         timings["inference"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -219,7 +221,7 @@ class Segmenter:
         state = None
         if keep_state:
             state = {"image": image, "preprocessed": pre, "features": out["features"],
-                     "snet_labels": out["probabilities"][0].argmax(0).cpu().numpy().astype(np.uint8),
+                     "snet_labels": snet_labels,
                      "volume": channels_last(torch.as_tensor(pre.image)[None, None].to(self.device,
                                                                                        dtype_of(self.precision)))}
         return SegmentationResult(labels, organs, {k: round(v, 3) for k, v in timings.items()}, self.device,
@@ -249,13 +251,12 @@ class Segmenter:
             return self.model.segment(volume, small_organ_branch=branch, keep_features=keep, keep_heatmaps=False,
                                       progress=lambda f: progress("inference", 0.2 + 0.6 * f, f"segmenting {f:.0%}"))
 
-    def _draw_fine(self, image: sitk.Image, pre, out: dict) -> List["finesos.FineResult"]:
+    def _draw_fine(self, image: sitk.Image, pre, out: dict, snet_labels: np.ndarray) -> List["finesos.FineResult"]:
         """The organs of the bundle's fine heads, each in an ROI centred on
         S-Net's own contour of it, else (a small organ) where the branch
         pooled its ROI; an organ neither found keeps the pipeline's answer
         (none), and so does one whose fine mask is empty."""
         organs = self.config.organs
-        snet_labels = out["probabilities"][0].argmax(0).cpu().numpy()
         branch = dict(zip(organs.small_labels, out.get("small") or []))
         features = out["features"]
         drawn = []

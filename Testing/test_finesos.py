@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from FocusNetCore import finesos
+from FocusNetCore.metrics import dice
 from FocusNetCore.bundle import BundleError, load_bundle, with_fine_heads, with_sos_heads
 from FocusNetCore.phantom import generate_case, write_case
 from FocusNetCore.preprocess import Grid
@@ -86,7 +87,7 @@ def test_a_fine_head_learns_an_organ_from_the_fine_ct():
     features, ct, mask = finesos._crop(sample, finesos.JITTER, finesos.ZOOM)
     with torch.no_grad():
         prob = heads["Lens_L"](torch.as_tensor(features)[None], torch.as_tensor(ct)[None, None])[0, 0].numpy()
-    assert finesos._dice(prob > 0.5, mask) > 0.8
+    assert dice(prob > 0.5, mask) > 0.8
 
 
 @pytest.fixture(scope="module")
