@@ -619,8 +619,9 @@ def _cmd_fine_sos(args) -> int:
     report = finesos.choose(finesos.scores_on(segmenter, heads, args.select))
     chosen = {}
     for name, row in report.items():
-        print(f"{name}: Dice on the CT's grid over {row['cases']} case(s): pipeline {row['pipeline']:.3f}, fine head "
-              f"{row['dice']:.3f} at {row['threshold']} (gain s.e. {row['gain_standard_error']:.3f})"
+        current = "" if row["current"] is None else f", the bundle's fine head {row['current']:.3f}"
+        print(f"{name}: Dice on the CT's grid over {row['cases']} case(s): pipeline {row['pipeline']:.3f}{current}, "
+              f"new fine head {row['dice']:.3f} at {row['threshold']} (gain s.e. {row['gain_standard_error']:.3f})"
               f"{': the fine head draws it' if row['fine'] else ''}")
         if row["fine"]:
             chosen[name] = {"state_dict": {k: v.detach().cpu() for k, v in heads[name].state_dict().items()},

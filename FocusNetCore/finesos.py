@@ -79,8 +79,8 @@ def fine_grid(grid: Grid, start: Sequence[int], size: Sequence[int], zoom: Seque
 
 def fine_ct(image: sitk.Image, grid: Grid, config: PreprocessConfig) -> np.ndarray:
     """The scan resampled onto ``grid`` (linear; air outside it), normalised as the model grid is."""
-    return normalise(sitk.GetArrayViewFromImage(_resample(image, grid, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)),
-                     config)
+    resampled = _resample(image, grid, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)  # alive while its view is read
+    return normalise(sitk.GetArrayViewFromImage(resampled), config)
 
 
 def mask_on(labels: np.ndarray, reference: sitk.Image, label: int, grid: Grid) -> np.ndarray:
@@ -196,7 +196,7 @@ def to_reference(result: FineResult, reference: sitk.Image, at=None) -> np.ndarr
         image = sitk.GetImageFromArray(result.probability.astype(np.float32, copy=False))
         result.grid.apply_to(image)
         region = target.sub_grid(lo, hi - lo)
-        probability = sitk.GetArrayViewFromImage(_resample(image, region, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+        probability = sitk.GetArrayFromImage(_resample(image, region, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
         above = probability > result.threshold
         out[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = (largest_component(above) if at is None else
                                                        component_at(above, region.physical_to_index(at)[::-1]))
@@ -306,7 +306,7 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
             value = float(loss.detach())
             if not (math.isfinite(value) and all(bool(torch.isfinite(p.grad).all())
                                                  for p in head.parameters() if p.grad is not None)):
-                bad.append(name)
+                bad.append(f"{name}: {_what_is_non_finite(head, picks, features, ct, prob, value)}")
             values[name] = value
         if bad:
             if precision != "bfloat16":
@@ -332,6 +332,24 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     for head in heads.values():
         head.eval()
     return heads
+
+
+def _what_is_non_finite(head: nn.Module, picks, features: torch.Tensor, ct: torch.Tensor, prob: torch.Tensor,
+                        loss: float) -> str:
+    """Where a bad step's non-finite values are: in the samples (by index),
+    the probabilities, the loss or the gradients (by parameter)."""
+    said = []
+    for k, i in enumerate(picks):
+        if not (bool(torch.isfinite(features[k]).all()) and bool(torch.isfinite(ct[k]).all())):
+            said.append(f"sample {int(i)}'s {'features' if not torch.isfinite(features[k]).all() else 'CT'}")
+    if not bool(torch.isfinite(prob).all()):
+        said.append("probabilities")
+    if not math.isfinite(loss):
+        said.append(f"loss ({loss})")
+    grads = [n for n, p in head.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    if grads:
+        said.append(f"gradients of {', '.join(grads[:4])}{' ...' if len(grads) > 4 else ''}")
+    return "non-finite: " + ("; ".join(said) if said else "values")
 
 
 def _shape_term(autoencoder: nn.Module, prob: torch.Tensor, target: torch.Tensor, zoom) -> torch.Tensor:
@@ -389,10 +407,12 @@ def build_samples(segmenter, folders: Sequence, organs: Sequence[str], log=print
 def scores_on(segmenter, heads: Dict[str, FineHead], folder, thresholds: Sequence[float] = THRESHOLDS,
               log=print) -> Dict[str, dict]:
     """Per organ of ``heads``: the Dice on the CT's grid, case by case, of
-    what ``segmenter`` draws without fine heads (``pipeline``) and of the
-    fine head at each threshold (``fine``: threshold -> list), its ROI
-    centred as inference centres it. An organ the pipeline cannot centre an
-    ROI on scores the pipeline's Dice for the fine head too."""
+    what ``segmenter`` draws without fine heads (``pipeline``), of the fine
+    head the bundle already has for it, if any, at its threshold
+    (``current``), and of the new fine head at each threshold (``fine``:
+    threshold -> list), its ROI centred as inference centres it. An organ
+    the pipeline cannot centre an ROI on scores the pipeline's Dice for the
+    fine heads too."""
     from .data import discover_cases, load_case
 
     config = segmenter.config
@@ -401,6 +421,9 @@ def scores_on(segmenter, heads: Dict[str, FineHead], folder, thresholds: Sequenc
         raise ValueError(f"{folder}: no usable case ({'; '.join(problems[:3]) or 'empty'})")
     kept = segmenter.fine_heads
     scores = {name: {"pipeline": [], "fine": {t: [] for t in thresholds}} for name in heads}
+    for name in heads:
+        if name in kept:
+            scores[name]["current"] = []
     try:
         for source in sources:
             image, labels, _ = load_case(source, config.organs)
@@ -418,9 +441,17 @@ def scores_on(segmenter, heads: Dict[str, FineHead], folder, thresholds: Sequenc
                 if centre is None:
                     for t in thresholds:
                         scores[name]["fine"][t].append(pipeline)
+                    if name in kept:
+                        scores[name]["current"].append(pipeline)
                     continue
-                probe = draw(head, 0.5, image, state["features"], state["preprocessed"].grid, centre,
-                             config.preprocess, label)
+                grid = state["preprocessed"].grid
+                if name in kept:
+                    old_head, old_threshold = kept[name]
+                    current = draw(old_head, old_threshold, image, state["features"], grid, centre,
+                                   config.preprocess, label, segmenter.fine_roi)
+                    scores[name]["current"].append(dice(to_reference(current, image), truth) if current.mask.any()
+                                                   else pipeline)
+                probe = draw(head, 0.5, image, state["features"], grid, centre, config.preprocess, label)
                 for t in thresholds:
                     fine = result_at(label, probe.grid, probe.probability, t)
                     if not fine.mask.any():  # inference keeps the pipeline's contour then
@@ -435,14 +466,19 @@ def scores_on(segmenter, heads: Dict[str, FineHead], folder, thresholds: Sequenc
 
 def choose(scores: Dict[str, dict]) -> Dict[str, dict]:
     """Per organ: the best threshold, its mean Dice, the pipeline's, the
-    standard error of the paired gain, and ``fine`` (True where the fine
-    head's mean Dice is higher than the pipeline's)."""
+    bundle's current fine head's (``current``, None where it has none), the
+    standard error of the paired gain over the better of those two, and
+    ``fine`` (True where the new head's mean Dice is higher than both: a
+    second run never replaces a better head with a worse one)."""
     report = {}
     for name, row in scores.items():
         pipeline = np.asarray(row["pipeline"], dtype=float)
+        current = np.asarray(row["current"], dtype=float) if "current" in row else None
+        rival = pipeline if current is None or current.mean() <= pipeline.mean() else current
         means = {t: float(np.mean(v)) for t, v in row["fine"].items()}
         best = max(means, key=lambda t: (means[t], -abs(t - 0.5)))
-        _, se = clearly_better(row["fine"][best], pipeline, 0.0)
+        _, se = clearly_better(row["fine"][best], rival, 0.0)
         report[name] = {"threshold": float(best), "dice": means[best], "pipeline": float(pipeline.mean()),
-                        "gain_standard_error": se, "cases": int(len(pipeline)), "fine": means[best] > pipeline.mean()}
+                        "current": None if current is None else float(current.mean()),
+                        "gain_standard_error": se, "cases": int(len(pipeline)), "fine": means[best] > rival.mean()}
     return report

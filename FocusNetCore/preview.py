@@ -37,7 +37,7 @@ def save_overlay(image: sitk.Image, labels: Optional[sitk.Image], organ_set: Org
 
     image = _canonical(image, sitk.sitkLinear)
     ct = sitk.GetArrayViewFromImage(image)
-    lab = None if labels is None else sitk.GetArrayViewFromImage(_canonical(labels, sitk.sitkNearestNeighbor))
+    lab = None if labels is None else sitk.GetArrayFromImage(_canonical(labels, sitk.sitkNearestNeighbor))
     if point is None:
         small = np.isin(lab, organ_set.small_labels) if lab is not None else None
         if small is not None and small.any():

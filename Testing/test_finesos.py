@@ -185,7 +185,10 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path)
     run = subprocess.run(command + ["--out", str(tmp_path / "fine.pt")], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     for name in ("Lens_L", "Lens_R", "OpticNrv_L", "OpticNrv_R", "OpticChiasm", "Pituitary"):
+        # the embedded model has fine heads for these: the new ones are scored against them too
         assert f"{name}: Dice on the CT's grid over 1 case(s): pipeline" in run.stdout
+        assert next(line for line in run.stdout.splitlines()
+                    if line.startswith(f"{name}: ")).count("the bundle's fine head 0.") == 1
     model, meta = load_bundle(tmp_path / "fine.pt")
     assert meta["checksum"] == load_bundle(EMBEDDED_MODEL)[1]["checksum"]
     Segmenter(tmp_path / "fine.pt", device="cpu")  # loads whatever was chosen
@@ -196,6 +199,23 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path)
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--organ Brain: not among the bundle's organs" in bad.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_new_fine_head_is_kept_only_where_it_beats_the_pipeline_and_the_bundles_current_head():
+    """A second `fine-sos` over a bundle with fine heads: a new head better
+    than the pipeline but worse than the head the bundle has is not taken."""
+    scores = {
+        "Lens_L": {"pipeline": [0.70, 0.72], "current": [0.86, 0.88], "fine": {0.3: [0.80, 0.82], 0.4: [0.79, 0.8]}},
+        "Lens_R": {"pipeline": [0.70, 0.72], "current": [0.80, 0.82], "fine": {0.3: [0.85, 0.86], 0.4: [0.84, 0.8]}},
+        "Pituitary": {"pipeline": [0.80, 0.84], "fine": {0.3: [0.83, 0.85], 0.4: [0.86, 0.88]}},
+        "OpticChiasm": {"pipeline": [0.60, 0.62], "current": [0.40, 0.45], "fine": {0.3: [0.58, 0.6]}},
+    }
+    report = finesos.choose(scores)
+    assert not report["Lens_L"]["fine"] and report["Lens_L"]["current"] == pytest.approx(0.87)
+    assert report["Lens_R"]["fine"] and report["Lens_R"]["threshold"] == 0.3
+    assert report["Pituitary"]["fine"] and report["Pituitary"]["current"] is None
+    assert report["Pituitary"]["threshold"] == 0.4
+    assert not report["OpticChiasm"]["fine"]  # worse than the pipeline, whatever the current head
 
 
 def _blob_samples(n=3):
@@ -223,13 +243,19 @@ def test_a_non_finite_bfloat16_step_goes_on_in_float32_and_nothing_non_finite_is
     said = []
     heads = finesos.train_heads({"Lens_L": _blob_samples()}, width=4, iterations=5, batch=2, precision="bfloat16",
                                 log=said.append)
-    assert any("bfloat16 gave a non-finite loss or gradient at step 0 (Lens_L); training on in float32" in s
-               for s in said)
+    assert any("bfloat16 gave a non-finite loss or gradient at step 0 (Lens_L: non-finite: probabilities; loss "
+               "(nan); gradients of " in s and s.endswith("training on in float32") for s in said)
     state = heads["Lens_L"].state_dict()
     assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
     monkeypatch.setattr(finesos.FineHead, "forward", lambda self, f, c: forward(self, f, c) * float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 0"):
         finesos.train_heads({"Lens_L": _blob_samples()}, width=4, iterations=2, batch=2, log=said.append)
+    # a damaged sample is named (index into the organ's samples)
+    monkeypatch.setattr(finesos.FineHead, "forward", forward)
+    samples = _blob_samples(1)
+    samples[0].features[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"\(Lens_L: non-finite: sample 0's features; probabilities"):
+        finesos.train_heads({"Lens_L": samples}, width=4, iterations=2, batch=1, log=said.append)
 
 
 def test_the_shape_term_compares_shapes_on_the_model_grid_through_the_autoencoder():

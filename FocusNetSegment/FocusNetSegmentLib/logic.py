@@ -397,7 +397,7 @@ class SegmentOARsLogic:
         """The organs that have a contour now (DICOM SEG leaves the others out)."""
         import numpy as np
 
-        present = set(np.unique(sitk.GetArrayViewFromImage(self.case.final_labels())).tolist())
+        present = set(np.unique(sitk.GetArrayFromImage(self.case.final_labels())).tolist())
         return [n for n in self.case.organs.names if self.case.organs.label_of(n) in present]
 
     def _require_session(self) -> ReviewSession:
