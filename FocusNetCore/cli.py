@@ -425,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the bundle has for other organs stay")
     p.add_argument("--iterations", type=int, default=1500)
     p.add_argument("--width", type=int, default=16, help="channels of the heads' blocks")
+    p.add_argument("--zoom", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="fine voxels per model voxel along z, y, x (default 1 2 2: 2 x 1 x 1 mm on the 2 mm grid)")
     p.add_argument("--batch", type=int, default=4, help="ROIs per organ per step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's rate (cosine schedule)")
     p.add_argument("--seed", type=int, default=0)
@@ -593,6 +595,10 @@ def _cmd_fine_sos(args) -> int:
     if args.iterations < 1 or args.width < 1 or args.batch < 1:
         raise ValueError(f"--iterations, --width and --batch must be >= 1 (got {args.iterations}, {args.width}, "
                          f"{args.batch})")
+    zoom = tuple(args.zoom or finesos.ZOOM)
+    if not all(1 <= z <= 4 for z in zoom):
+        raise ValueError(f"--zoom must be 1 to 4 fine voxels per model voxel on each axis, got "
+                         f"{' '.join(map(str, zoom))}")
     if not args.shape_weight >= 0:
         raise ValueError(f"--shape-weight must be >= 0, got {args.shape_weight}")
     base = Path(args.model) if args.model else EMBEDDED_MODEL
@@ -602,7 +608,7 @@ def _cmd_fine_sos(args) -> int:
     if unknown:
         raise ValueError(f"--organ {', '.join(unknown)}: not among the bundle's organs "
                          f"({', '.join(segmenter.config.organs.names)})")
-    samples = finesos.build_samples(segmenter, args.data, names)
+    samples = finesos.build_samples(segmenter, args.data, names, zoom=zoom)
     if not samples:
         raise ValueError(f"{', '.join(map(str, args.data))}: no case holds a small organ")
     print("samples: " + ", ".join(f"{name} {len(rows)}" for name, rows in samples.items()), flush=True)
@@ -615,7 +621,8 @@ def _cmd_fine_sos(args) -> int:
         for p in autoencoder.parameters():
             p.requires_grad_(False)
     heads = finesos.train_heads(samples, args.width, args.iterations, batch=args.batch, lr=args.lr, seed=args.seed,
-                                precision=precision, autoencoder=autoencoder, shape_weight=args.shape_weight)
+                                precision=precision, autoencoder=autoencoder, shape_weight=args.shape_weight,
+                                zoom=zoom)
     report = finesos.choose(finesos.scores_on(segmenter, heads, args.select))
     chosen = {}
     for name, row in report.items():
@@ -625,7 +632,7 @@ def _cmd_fine_sos(args) -> int:
               f"{': the fine head draws it' if row['fine'] else ''}")
         if row["fine"]:
             chosen[name] = {"state_dict": {k: v.detach().cpu() for k, v in heads[name].state_dict().items()},
-                            "threshold": row["threshold"], "zoom": list(finesos.ZOOM), "roi": list(finesos.FINE_ROI),
+                            "threshold": row["threshold"], "zoom": list(zoom), "roi": list(finesos.FINE_ROI),
                             "width": int(args.width), "blocks": 2,
                             "chosen_on": {"data": str(args.select), **{k: row[k] for k in ("cases", "pipeline", "dice")}},
                             }

@@ -15,8 +15,9 @@ where it matters, at the cost of a few small ROIs:
   itself onto those voxels (not from the model grid);
 - two SEResBlocks and a 1x1x1 convolution, as SOS-Net's heads
   (``networks.SOSHead``), draw the organ's probability at 2 x 1 x 1 mm; the
-  organ is where it exceeds the head's threshold (largest component), and
-  goes back to the scan's grid by signed distance from there.
+  organ is where it exceeds the head's threshold (largest component); on the
+  scan's grid, where the probability linearly interpolated there exceeds
+  it (``to_reference``).
 
 The heads are trained on S-Net's features of phantoms with S-Net frozen
 (``train_heads``; ``focusnet fine-sos``), and a bundle keeps the fine head
@@ -42,6 +43,7 @@ from .blocks import se_stack
 from .losses import binary_segmentation_loss, shape_loss
 from .metrics import dice
 from .networks import roi_pool
+from . import postprocess
 from .postprocess import clearly_better
 from .preprocess import AIR_HU, Grid, PreprocessConfig, _resample, normalise, resample_labels
 
@@ -131,11 +133,9 @@ def _nearest_voxel(index) -> Tuple[int, int, int]:
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    components, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(components.ravel())[1:]
-    return components == 1 + int(np.argmax(sizes))
+    """6-connected (postprocess's organs are 26-connected): the shipped
+    heads' thresholds were chosen this way; changing it needs them chosen again."""
+    return postprocess.largest_component(mask, faces_only=True)
 
 
 @dataclass
@@ -377,7 +377,8 @@ def autoencoder_roi(autoencoder: nn.Module) -> Tuple[int, int, int]:
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
 
 
-def build_samples(segmenter, folders: Sequence, organs: Sequence[str], log=print) -> Dict[str, List[Sample]]:
+def build_samples(segmenter, folders: Sequence, organs: Sequence[str], log=print,
+                  zoom: Sequence[int] = ZOOM) -> Dict[str, List[Sample]]:
     """Training samples of ``organs`` from every case of ``folders`` (as
     `focusnet train` reads them), with S-Net's features as ``segmenter``
     computes them at inference (its own fine heads, if any, are not used)."""
@@ -396,7 +397,7 @@ def build_samples(segmenter, folders: Sequence, organs: Sequence[str], log=print
                 image, labels, _ = load_case(source, config.organs)
                 state = segmenter.segment(image, keep_state=True).state
                 for name, sample in samples_of_case(image, labels, state["features"], state["preprocessed"].grid,
-                                                    config.preprocess, small).items():
+                                                    config.preprocess, small, zoom).items():
                     out.setdefault(name, []).append(sample)
                 log(f"{source.name}: {len(out)} organ(s) sampled")
     finally:

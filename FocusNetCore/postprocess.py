@@ -23,8 +23,11 @@ _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26-connected: a diago
 TOLERANCE = 1e-3  # a step that costs less mean Dice than this still goes in (it removes islands Dice barely sees)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    components, count = ndimage.label(mask, structure=_CONNECTIVITY)
+def largest_component(mask: np.ndarray, faces_only: bool = False) -> np.ndarray:
+    """The largest connected component of ``mask`` (bool): 26-connected, or
+    6-connected (voxels sharing a face) with ``faces_only``, as the fine
+    heads' thresholds were chosen with (finesos.largest_component)."""
+    components, count = ndimage.label(mask, structure=None if faces_only else _CONNECTIVITY)
     if count <= 1:
         return mask.astype(bool)
     sizes = np.bincount(components.ravel())

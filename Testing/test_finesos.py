@@ -21,21 +21,24 @@ from FocusNetCore.segment import EMBEDDED_MODEL, Segmenter
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
 
-def test_fine_voxels_are_where_the_upsampled_features_are():
+@pytest.mark.parametrize("zoom", [finesos.ZOOM, (2, 2, 2)])
+def test_fine_voxels_are_where_the_upsampled_features_are(zoom):
     """A feature that is the physical x (and z) of each model voxel,
     upsampled as a fine head upsamples it, equals the physical x (z) of the
-    fine grid's voxels, on a grid flipped in x and z."""
+    fine grid's voxels, on a grid flipped in x and z (the default zoom and
+    `fine-sos --zoom 2 2 2`)."""
     grid = Grid((40, 40, 30), (10.0, -20.0, 5.0), (2.0, 2.0, 2.0), FLIPPED)
     start, size = (5, 7, 9), (8, 24, 24)
     z, y, x = np.meshgrid(*[np.arange(s, s + n) for s, n in zip(start, size)], indexing="ij")
     physical = grid.index_to_physical(np.stack([x, y, z], axis=-1))          # (d, h, w, 3)
     features = torch.as_tensor(physical.transpose(3, 0, 1, 2)[None], dtype=torch.float64)
-    up = F.interpolate(features, scale_factor=finesos.ZOOM, mode="trilinear", align_corners=False)[0].numpy()
-    fine = finesos.fine_grid(grid, start, size)
-    assert fine.size == (48, 48, 8) and fine.spacing == (1.0, 1.0, 2.0) and fine.direction == FLIPPED
+    up = F.interpolate(features, scale_factor=zoom, mode="trilinear", align_corners=False)[0].numpy()
+    fine = finesos.fine_grid(grid, start, size, zoom)
+    assert fine.size == (48, 48, 8 * zoom[0]) and fine.spacing == (1.0, 1.0, 2.0 / zoom[0])
+    assert fine.direction == FLIPPED
     fz, fy, fx = np.meshgrid(*[np.arange(n) for n in fine.shape], indexing="ij")
     expected = fine.index_to_physical(np.stack([fx, fy, fz], axis=-1)).transpose(3, 0, 1, 2)
-    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # trilinear edges clamp
+    inner = (slice(None),) + tuple(slice(1, -1) if z > 1 else slice(None) for z in zoom)  # trilinear edges clamp
     np.testing.assert_allclose(up[inner], expected[inner], atol=1e-9)
 
 
@@ -198,6 +201,9 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path)
     bad = subprocess.run(command + ["--organ", "Brain", "--out", str(tmp_path / "x.pt")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--organ Brain: not among the bundle's organs" in bad.stderr
+    bad = subprocess.run(command + ["--zoom", "0", "2", "2", "--out", str(tmp_path / "x.pt")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--zoom must be 1 to 4" in bad.stderr
     assert not (tmp_path / "x.pt").exists()
 
 
