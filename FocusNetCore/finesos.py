@@ -14,7 +14,8 @@ where it matters, at the cost of a few small ROIs:
   (1, 2, 2) to 2 x 1 x 1 mm voxels, with the CT resampled from the scan
   itself onto those voxels (not from the model grid);
 - two SEResBlocks and a 1x1x1 convolution, as SOS-Net's heads
-  (``networks.SOSHead``), draw the organ's probability at 2 x 1 x 1 mm; the
+  (``networks.SOSHead``), draw the organ's probability at 2 x 1 x 1 mm
+  (``ZOOM``; `fine-sos --zoom` makes heads on other fine voxels); the
   organ is where it exceeds the head's threshold (largest component); on the
   scan's grid, where the probability linearly interpolated there exceeds
   it (``to_reference``).
@@ -43,8 +44,7 @@ from .blocks import se_stack
 from .losses import binary_segmentation_loss, shape_loss
 from .metrics import dice
 from .networks import roi_pool
-from . import postprocess
-from .postprocess import clearly_better
+from .postprocess import clearly_better, largest_component as _largest_component
 from .preprocess import AIR_HU, Grid, PreprocessConfig, _resample, normalise, resample_labels
 
 ZOOM = (1, 2, 2)        # model voxels -> fine voxels per axis (z, y, x): 2 x 1 x 1 mm on the 2 mm grid
@@ -135,7 +135,7 @@ def _nearest_voxel(index) -> Tuple[int, int, int]:
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """6-connected (postprocess's organs are 26-connected): the shipped
     heads' thresholds were chosen this way; changing it needs them chosen again."""
-    return postprocess.largest_component(mask, faces_only=True)
+    return _largest_component(mask, faces_only=True)
 
 
 @dataclass
@@ -340,8 +340,10 @@ def _what_is_non_finite(head: nn.Module, picks, features: torch.Tensor, ct: torc
     the probabilities, the loss or the gradients (by parameter)."""
     said = []
     for k, i in enumerate(picks):
-        if not (bool(torch.isfinite(features[k]).all()) and bool(torch.isfinite(ct[k]).all())):
-            said.append(f"sample {int(i)}'s {'features' if not torch.isfinite(features[k]).all() else 'CT'}")
+        for what, tensor in (("features", features[k]), ("CT", ct[k])):
+            if not bool(torch.isfinite(tensor).all()):
+                said.append(f"sample {int(i)}'s {what}")
+                break
     if not bool(torch.isfinite(prob).all()):
         said.append("probabilities")
     if not math.isfinite(loss):
@@ -421,10 +423,8 @@ def scores_on(segmenter, heads: Dict[str, FineHead], folder, thresholds: Sequenc
     if not sources:
         raise ValueError(f"{folder}: no usable case ({'; '.join(problems[:3]) or 'empty'})")
     kept = segmenter.fine_heads
-    scores = {name: {"pipeline": [], "fine": {t: [] for t in thresholds}} for name in heads}
-    for name in heads:
-        if name in kept:
-            scores[name]["current"] = []
+    scores = {name: {"pipeline": [], "fine": {t: [] for t in thresholds}, **({"current": []} if name in kept else {})}
+              for name in heads}
     try:
         for source in sources:
             image, labels, _ = load_case(source, config.organs)
@@ -439,11 +439,9 @@ def scores_on(segmenter, heads: Dict[str, FineHead], folder, thresholds: Sequenc
                 pipeline = dice(drawn == label, truth)
                 scores[name]["pipeline"].append(pipeline)
                 centre = snet_centre(snet_labels, label)
-                if centre is None:
-                    for t in thresholds:
-                        scores[name]["fine"][t].append(pipeline)
-                    if name in kept:
-                        scores[name]["current"].append(pipeline)
+                if centre is None:  # no fine ROI: every head scores the pipeline's contour
+                    for rows in list(scores[name]["fine"].values()) + [scores[name].get("current", [])]:
+                        rows.append(pipeline)
                     continue
                 grid = state["preprocessed"].grid
                 if name in kept:

@@ -61,7 +61,6 @@ from .imageio import ImageReadError, write_image
 from .networks import roi_start
 from .preprocess import Grid, resample_labels
 from . import finesos
-from .finesos import component_at
 from .segment import Segmenter
 
 
@@ -133,7 +132,7 @@ class Worker:
         config, model = self.segmenter.config, self.segmenter.model
         head, threshold = self.click_heads.get(organ) or (model.sosnet.heads[k], config.sos_threshold(k))
         prob = self._probability(head, roi_corner)
-        mask = component_at(prob > threshold, at)
+        mask = finesos.component_at(prob > threshold, at)
         probability = round(float(prob[mask].mean()), 4) if mask.any() else None
         out, lo, hi = self._on_ct_grid(mask, roi_corner)
         return out, [int(v) for v in lo] + [int(v) for v in hi], probability
@@ -171,7 +170,7 @@ class Worker:
         for h, head in enumerate(heads):
             prob = self._probability(head, roi_corner)
             for t, threshold in enumerate(thresholds):
-                image, lo, hi = self._on_ct_grid(component_at(prob > threshold, at), roi_corner)
+                image, lo, hi = self._on_ct_grid(finesos.component_at(prob > threshold, at), roi_corner)
                 mask = sitk.GetArrayViewFromImage(image) > 0
                 inside = truth[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
                 denominator = float(mask.sum()) + total

@@ -105,9 +105,15 @@ def main():
                   "head draws them; the FocusNetv2 column is the same bundle with the branch drawing every small "
                   "organ, as in the paper.", ""]
     if segmenter.fine_heads:
-        lines += [f"SOS-Net's fine heads (`focusnet fine-sos`: S-Net's features and the CT at 2 x 1 x 1 mm around the "
-                  f"organ, thresholds and checksums in the report's `model.fine_heads`) draw "
-                  f"{', '.join(segmenter.fine_heads)} in the FocusNetv2 and shipped columns; S-Net alone has none. "
+        voxels = {}  # each head's fine voxel (z x y x x mm): the model grid's spacing over its zoom
+        model_zyx = tuple(reversed(segmenter.config.preprocess.spacing))
+        for organ, (head, _) in segmenter.fine_heads.items():
+            size = " x ".join(f"{s / z:g}" for s, z in zip(model_zyx, head.zoom)) + " mm"
+            voxels.setdefault(size, []).append(organ)
+        lines += ["SOS-Net's fine heads (`focusnet fine-sos`: S-Net's features and the CT on finer voxels around the "
+                  "organ, thresholds and checksums in the report's `model.fine_heads`) draw "
+                  + "; ".join(f"{', '.join(organs_)} at {size}" for size, organs_ in voxels.items())
+                  + " in the FocusNetv2 and shipped columns; S-Net alone has none. "
                   "The table above is the coarse SOS-Net's (model grid).", ""]
     lines += ["## All organs (" + ("as shipped" if snet_small else "FocusNetv2") + ")", "", table.split("\n", 2)[2]]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
