@@ -256,9 +256,10 @@ def _crop(sample: Sample, offset: Sequence[int], zoom: Sequence[int]):
 def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, batch: int = 4,
                 lr: float = 1e-3, seed: int = 0, zoom: Sequence[int] = ZOOM, precision: str = "float32",
                 autoencoder: Optional[nn.Module] = None, shape_weight: float = 0.0,
-                log=print) -> Dict[str, FineHead]:
+                blocks: int = 2, log=print) -> Dict[str, FineHead]:
     """One FineHead per organ of ``samples``, trained with SOS-Net's loss
-    (binary focal + Dice) on ROIs at the true centre moved by up to JITTER
+    (binary focal + Dice; ``blocks`` SE residual blocks of ``width``
+    channels each) on ROIs at the true centre moved by up to JITTER
     (uniform), Adam at ``lr`` with a cosine schedule; float32 weights, the
     forward pass in bfloat16 autocast for ``precision="bfloat16"`` (CPU)
     until a loss or gradient comes out non-finite, then (that step again)
@@ -276,7 +277,7 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     channels = next(iter(samples.values()))[0].features.shape[0]
-    heads = {name: FineHead(channels, width, zoom) for name in samples}
+    heads = {name: FineHead(channels, width, zoom, blocks) for name in samples}
     params = [p for head in heads.values() for p in head.parameters()]
     optimiser = torch.optim.Adam(params, lr=lr)
     for head in heads.values():

@@ -101,14 +101,14 @@ def phantom(tmp_path_factory):
     return folder, case
 
 
-def _constant_head(bias: float, threshold: float = 0.5, organ: str = "Lens_L"):
+def _constant_head(bias: float, threshold: float = 0.5, organ: str = "Lens_L", blocks: int = 2):
     """A fine head whose probability is sigmoid(bias) everywhere."""
-    head = finesos.FineHead(8, 4)
+    head = finesos.FineHead(8, 4, blocks=blocks)
     with torch.no_grad():
         head.head.weight.zero_()
         head.head.bias.fill_(bias)
     return {organ: {"state_dict": head.state_dict(), "threshold": threshold, "zoom": list(finesos.ZOOM),
-                    "roi": list(finesos.FINE_ROI), "width": 4, "blocks": 2, "chosen_on": {"test": True}}}
+                    "roi": list(finesos.FINE_ROI), "width": 4, "blocks": blocks, "chosen_on": {"test": True}}}
 
 
 def test_segment_draws_a_small_organ_with_its_fine_head(phantom):
@@ -161,6 +161,9 @@ def test_fine_heads_travel_in_the_bundle_checked(tmp_path):
                                                                                           "Ear_Internal_L": 0.3}
     again = with_sos_heads(both, {}, tmp_path / "again.pt")
     assert set(load_bundle(again)[1]["fine_heads"]) == {"Lens_L", "Ear_Internal_L"}
+    deeper = with_fine_heads(out, _constant_head(1.0, 0.5, "OpticChiasm", blocks=4), tmp_path / "deeper.pt")
+    heads_of = Segmenter(deeper, device="cpu", precision="float32", backend="torch").fine_heads
+    assert [len(heads_of[name][0].blocks) for name in ("Lens_L", "OpticChiasm")] == [2, 4]  # `fine-sos --blocks`
     payload = torch.load(out, weights_only=True)
     payload["fine_heads"]["Lens_L"]["state_dict"]["head.bias"] += 1.0
     torch.save(payload, tmp_path / "tampered.pt")
@@ -198,6 +201,9 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path)
     bad = subprocess.run(command[:-6] + ["--iterations", "0", "--out", str(tmp_path / "x.pt")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--iterations" in bad.stderr
+    bad = subprocess.run(command + ["--blocks", "0", "--out", str(tmp_path / "x.pt")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--blocks must be >= 1 (got 3, 4, 4, 0)" in bad.stderr
     bad = subprocess.run(command + ["--organ", "Brain", "--out", str(tmp_path / "x.pt")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--organ Brain: not among the bundle's organs" in bad.stderr

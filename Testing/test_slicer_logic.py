@@ -549,8 +549,11 @@ def test_requirements_install_runs_in_the_background_and_reports(tmp_path):
     assert job.returncode == 0, job.error_text()
     assert "already satisfied" in " ".join(job.other_output).lower()
     assert logic.status_text([]) is not None
-    command = dependencies.pip_command(["scipy>=1.10"], python="PythonSlicer")
+    command = dependencies.pip_command(["scipy>=1.10"], tmp_path, python="PythonSlicer")
+    assert command[command.index("--constraint") + 1] == str(tmp_path / "pip-constraints.txt")
     constraints = Path(command[command.index("--constraint") + 1]).read_text().split()
+    dependencies.pip_command(["scipy>=1.10"], tmp_path)  # written again in place: no file left per install
+    assert sorted(p.name for p in tmp_path.iterdir() if "constraints" in p.name) == ["pip-constraints.txt"]
     assert command[:4] == ["PythonSlicer", "-m", "pip", "install"]
     assert {c.split("==")[0].lower() for c in constraints} >= {"numpy", "simpleitk", "vtk", "pydicom"}
     # Inference needs no training-only packages in Slicer.

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Dict, List
 
 # import name -> pip requirement: what inference and the review need besides
@@ -65,12 +67,16 @@ def protected_constraints() -> List[str]:
     return pins
 
 
-def pip_command(requirements: List[str], python: str = sys.executable) -> List[str]:
+def pip_command(requirements: List[str], folder: Path, python: str = sys.executable) -> List[str]:
     """``python -m pip install`` of ``requirements`` constrained so numpy,
     SimpleITK, vtk and pydicom stay exactly as they are (inside Slicer
-    ``python`` is PythonSlicer)."""
-    constraints = tempfile.NamedTemporaryFile("w", suffix="-focusnet-constraints.txt", delete=False)
-    constraints.write("\n".join(protected_constraints()) + "\n")
-    constraints.close()
-    return [python, "-m", "pip", "install", "--progress-bar", "off", "--constraint", constraints.name,
-            *requirements]
+    ``python`` is PythonSlicer). The constraints file is
+    ``folder``/pip-constraints.txt, written again (atomically) on every call:
+    one file, not one more in the temporary folder per install."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pip-constraints.txt"
+    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".pip-constraints-", delete=False) as part:
+        part.write("\n".join(protected_constraints()) + "\n")
+    os.replace(part.name, path)
+    return [python, "-m", "pip", "install", "--progress-bar", "off", "--constraint", str(path), *requirements]

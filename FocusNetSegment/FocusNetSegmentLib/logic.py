@@ -189,7 +189,7 @@ class SegmentOARsLogic:
         from .dependencies import pip_command
 
         self._ensure_idle()
-        self.job = process.SegmentationProcess(pip_command(requirements, python=self.python),
+        self.job = process.SegmentationProcess(pip_command(requirements, self.session_folder, python=self.python),
                                                env=dict(os.environ)).start()
         self.job.kind = "install"
         self.progress = 0
