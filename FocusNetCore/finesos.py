@@ -13,8 +13,8 @@ where it matters, at the cost of a few small ROIs:
 - its input is S-Net's features there, upsampled trilinearly by ``ZOOM``
   (1, 2, 2) to 2 x 1 x 1 mm voxels, with the CT resampled from the scan
   itself onto those voxels (not from the model grid);
-- two SEResBlocks and a 1x1x1 convolution, as SOS-Net's heads
-  (``networks.SOSHead``), draw the organ's probability at 2 x 1 x 1 mm
+- two SEResBlocks (`fine-sos --blocks` for more) and a 1x1x1 convolution,
+  as SOS-Net's heads (``networks.SOSHead``), draw the organ's probability at 2 x 1 x 1 mm
   (``ZOOM``; `fine-sos --zoom` makes heads on other fine voxels); the
   organ is where it exceeds the head's threshold (largest component); on the
   scan's grid, where the probability linearly interpolated there exceeds
@@ -29,8 +29,10 @@ voxel centres F.interpolate(align_corners=False) upsamples to.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -406,6 +408,56 @@ def build_samples(segmenter, folders: Sequence, organs: Sequence[str], log=print
     finally:
         segmenter.fine_heads = kept
     return out
+
+
+SAMPLES_FORMAT = 1
+
+
+def samples_key(segmenter, folders: Sequence, organs: Sequence[str], zoom: Sequence[int]) -> dict:
+    """What a set of samples depends on: the bundle's S-Net (checksum), the
+    cases (each file's path, size and modification time), organs, zoom and
+    the ROI's size and jitter."""
+    from .data import discover_cases
+
+    cases = hashlib.sha1()
+    for folder in folders:
+        for source in discover_cases(folder)[0]:
+            cases.update(source.fingerprint().encode())
+    return {"format": SAMPLES_FORMAT, "model": segmenter.meta["checksum"], "cases": cases.hexdigest()[:16],
+            "folders": [str(Path(f).resolve()) for f in folders], "organs": list(organs),
+            "zoom": [int(z) for z in zoom], "roi": list(FINE_ROI), "jitter": list(JITTER)}
+
+
+def cached_samples(path, segmenter, folders: Sequence, organs: Sequence[str], zoom: Sequence[int] = ZOOM,
+                   log=print) -> Dict[str, List[Sample]]:
+    """``build_samples``, kept in ``path``: read back when the file was made
+    with the same bundle, cases, organs and zoom (``samples_key``), else
+    built and written there (atomically). A file made otherwise is refused
+    by name and left as it is: the caller gives another path or deletes it."""
+    from .imageio import atomic_output
+
+    path = Path(path)
+    key = samples_key(segmenter, folders, organs, zoom)
+    if path.exists():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            have = stored["key"]
+        except Exception as error:
+            raise ValueError(f"{path}: not a fine-sos samples file ({error})") from error
+        differs = sorted(k for k in set(key) | set(have) if key.get(k) != have.get(k))
+        if differs:
+            raise ValueError(f"{path}: samples made with other {', '.join(differs)} than this run's; give another "
+                             "samples file or delete this one")
+        log(f"{path}: samples read back")
+        return {name: [Sample(f.numpy(), c.numpy(), m.numpy()) for f, c, m in rows]
+                for name, rows in stored["samples"].items()}
+    samples = build_samples(segmenter, folders, organs, log=log, zoom=zoom)
+    with atomic_output(path) as tmp:
+        torch.save({"key": key, "samples": {name: [(torch.from_numpy(r.features), torch.from_numpy(r.ct),
+                                                     torch.from_numpy(r.mask)) for r in rows]
+                                            for name, rows in samples.items()}}, tmp)
+    log(f"{path}: samples written")
+    return samples
 
 
 def scores_on(segmenter, heads: Dict[str, FineHead], folder, thresholds: Sequence[float] = THRESHOLDS,

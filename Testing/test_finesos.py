@@ -293,3 +293,37 @@ def test_the_shape_term_compares_shapes_on_the_model_grid_through_the_autoencode
     heads = finesos.train_heads({"Lens_L": _blob_samples()}, width=4, iterations=3, batch=2,
                                 autoencoder=autoencoder, shape_weight=0.5, log=lambda *a: None)
     assert all(bool(torch.isfinite(v).all()) for v in heads["Lens_L"].state_dict().values() if v.is_floating_point())
+
+
+def test_samples_cache_is_read_back_only_for_the_same_bundle_cases_organs_and_zoom(phantom, tmp_path, monkeypatch):
+    """`fine-sos --samples-cache`: the first run builds the samples and keeps
+    them; a second with the same settings reads the same arrays back without
+    segmenting a case; other organs, another zoom or a changed case are
+    refused by the file's name, the file left as it was."""
+    folder, _ = phantom
+    segmenter = Segmenter(EMBEDDED_MODEL, device="cpu", precision="float32", backend="torch")
+    cache = tmp_path / "samples.pt"
+    built = finesos.cached_samples(cache, segmenter, [folder / "cases"], ["Lens_L", "OpticChiasm"], log=lambda _: None)
+    assert set(built) == {"Lens_L", "OpticChiasm"} and cache.is_file()
+    stored = cache.read_bytes()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("segmented the cases again")
+
+    monkeypatch.setattr(finesos, "build_samples", no_build)
+    again = finesos.cached_samples(cache, segmenter, [folder / "cases"], ["Lens_L", "OpticChiasm"],
+                                   log=lambda _: None)
+    for name in built:
+        for a, b in zip(built[name], again[name]):
+            assert np.array_equal(a.features, b.features) and np.array_equal(a.ct, b.ct)
+            assert np.array_equal(a.mask, b.mask) and b.mask.dtype == bool
+    with pytest.raises(ValueError, match=r"samples\.pt: samples made with other organs than"):
+        finesos.cached_samples(cache, segmenter, [folder / "cases"], ["Lens_L"], log=lambda _: None)
+    with pytest.raises(ValueError, match="other zoom"):
+        finesos.cached_samples(cache, segmenter, [folder / "cases"], ["Lens_L", "OpticChiasm"], zoom=(2, 2, 2),
+                               log=lambda _: None)
+    ct = next((folder / "cases").glob("*_ct.nrrd"))
+    ct.touch()  # the case changed: its samples are stale
+    with pytest.raises(ValueError, match="other cases"):
+        finesos.cached_samples(cache, segmenter, [folder / "cases"], ["Lens_L", "OpticChiasm"], log=lambda _: None)
+    assert cache.read_bytes() == stored
