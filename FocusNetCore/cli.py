@@ -439,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape-weight", type=float, default=0.0, metavar="W",
                    help="FocusNetv2's shape term with the bundle's (frozen) shape autoencoder, weighted W; 0 "
                         "(default): the segmentation loss alone, as FocusNetv1")
+    p.add_argument("--adversarial", action="store_true",
+                   help="with --shape-weight: train a copy of the autoencoder against the heads (FocusNetv2's "
+                        "AAE, eq. 8: L_rec - 0.001 L_shape) instead of keeping it frozen; the bundle's own "
+                        "autoencoder is kept as it is")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--note", default="", help="how the heads were made (kept in the bundle)")
     p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
@@ -607,6 +611,8 @@ def _cmd_fine_sos(args) -> int:
                          f"{' '.join(map(str, zoom))}")
     if not args.shape_weight >= 0:
         raise ValueError(f"--shape-weight must be >= 0, got {args.shape_weight}")
+    if args.adversarial and not args.shape_weight > 0:
+        raise ValueError("--adversarial trains the shape autoencoder against the heads: it needs --shape-weight > 0")
     base = Path(args.model) if args.model else EMBEDDED_MODEL
     segmenter = Segmenter(base, device=args.device)
     names = args.organs or list(segmenter.config.organs.small_names)
@@ -629,7 +635,7 @@ def _cmd_fine_sos(args) -> int:
             p.requires_grad_(False)
     heads = finesos.train_heads(samples, args.width, args.iterations, batch=args.batch, lr=args.lr, seed=args.seed,
                                 precision=precision, autoencoder=autoencoder, shape_weight=args.shape_weight,
-                                zoom=zoom, blocks=args.blocks)
+                                zoom=zoom, blocks=args.blocks, adversarial=args.adversarial)
     report = finesos.choose(finesos.scores_on(segmenter, heads, args.select))
     chosen = {}
     for name, row in report.items():
@@ -645,7 +651,8 @@ def _cmd_fine_sos(args) -> int:
                             }
     trained = {"data": [str(d) for d in args.data], "iterations": int(args.iterations), "batch": int(args.batch),
                "lr": float(args.lr), "seed": int(args.seed), "precision": precision,
-               "shape_weight": float(args.shape_weight)}
+               "shape_weight": float(args.shape_weight), "adversarial": bool(args.adversarial),
+               "blocks": int(args.blocks)}
     for entry in chosen.values():
         entry["chosen_on"]["trained"] = trained
     with_fine_heads(base, chosen, args.out, note=args.note)

@@ -29,6 +29,7 @@ voxel centres F.interpolate(align_corners=False) upsamples to.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from scipy import ndimage
 from torch import nn
 
 from .blocks import se_stack
-from .losses import binary_segmentation_loss, shape_loss
+from .losses import autoencoder_loss, binary_segmentation_loss, reconstruction_loss, shape_loss
 from .metrics import dice
 from .networks import roi_pool
 from .postprocess import clearly_better, largest_component as _largest_component
@@ -258,7 +259,8 @@ def _crop(sample: Sample, offset: Sequence[int], zoom: Sequence[int]):
 def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, batch: int = 4,
                 lr: float = 1e-3, seed: int = 0, zoom: Sequence[int] = ZOOM, precision: str = "float32",
                 autoencoder: Optional[nn.Module] = None, shape_weight: float = 0.0,
-                blocks: int = 2, log=print) -> Dict[str, FineHead]:
+                blocks: int = 2, adversarial: bool = False, adversarial_weight: float = 0.001,
+                autoencoder_lr: float = 5e-4, log=print) -> Dict[str, FineHead]:
     """One FineHead per organ of ``samples``, trained with SOS-Net's loss
     (binary focal + Dice; ``blocks`` SE residual blocks of ``width``
     channels each) on ROIs at the true centre moved by up to JITTER
@@ -273,15 +275,27 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     bounded distance (losses.shape_loss, normalized) between the
     autoencoder's codes of the predicted and the true mask, both averaged
     down to the model grid and centred in the autoencoder's ROI. The
-    autoencoder is not trained on (the paper's adversarial updates are the
-    training stages' business): it is the shape prior the coarse SOS-Net
-    was trained against."""
+    autoencoder is frozen: the shape prior the coarse SOS-Net was trained
+    against. With ``adversarial`` a copy of it is trained against the heads
+    instead, as FocusNetv2's AAE (eqs. 7-8): after each step of the heads
+    (L_seg + shape_weight L_shape, the autoencoder fixed), one step of the
+    autoencoder (Adam at ``autoencoder_lr``) on L_rec - adversarial_weight
+    L_shape over the same ROIs, truths and the heads' (detached) predictions
+    together; its running statistics stay as the bundle's."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     channels = next(iter(samples.values()))[0].features.shape[0]
     heads = {name: FineHead(channels, width, zoom, blocks) for name in samples}
     params = [p for head in heads.values() for p in head.parameters()]
     optimiser = torch.optim.Adam(params, lr=lr)
+    shaped = autoencoder is not None and shape_weight > 0
+    critic = None
+    if shaped and adversarial:
+        critic = copy.deepcopy(autoencoder).float().eval()  # the bundle's own stays as it is
+        for p in critic.parameters():
+            p.requires_grad_(True)
+        critic_optimiser = torch.optim.Adam(critic.parameters(), lr=autoencoder_lr)
+        autoencoder = critic
     for head in heads.values():
         head.train()
     running = {name: [] for name in heads}
@@ -292,7 +306,7 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
         optimiser.zero_grad(set_to_none=True)
         state = rng.bit_generator.state
         buffers = [{k: v.clone() for k, v in head.named_buffers()} for head in heads.values()]
-        bad, values = [], {}
+        bad, values, pairs = [], {}, []
         for name, head in heads.items():
             picks = rng.integers(0, len(samples[name]), size=batch)
             crops = [_crop(samples[name][int(i)], [int(rng.integers(0, 2 * j + 1)) for j in JITTER], zoom)
@@ -303,8 +317,10 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                 prob = head(features, ct)
             loss = binary_segmentation_loss(prob, target)
-            if autoencoder is not None and shape_weight > 0:
+            if shaped:
                 loss = loss + shape_weight * _shape_term(autoencoder, prob, target, zoom)
+                if critic is not None:
+                    pairs.append((prob.detach().float(), target.float()))
             loss.backward()
             value = float(loss.detach())
             if not (math.isfinite(value) and all(bool(torch.isfinite(p.grad).all())
@@ -326,6 +342,11 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
                         v.copy_(kept[k])
             continue
         optimiser.step()
+        if critic is not None:
+            critic_loss = _critic_step(critic, critic_optimiser, pairs, zoom, adversarial_weight)
+            if not math.isfinite(critic_loss):
+                raise FloatingPointError(f"fine heads: the shape autoencoder's loss is non-finite at step {step}")
+            running.setdefault("autoencoder", []).append(critic_loss)
         for name, value in values.items():
             running[name].append(value)
         step += 1
@@ -357,21 +378,39 @@ def _what_is_non_finite(head: nn.Module, picks, features: torch.Tensor, ct: torc
     return "non-finite: " + ("; ".join(said) if said else "values")
 
 
+def _coarse(mask: torch.Tensor, zoom, size) -> torch.Tensor:
+    """A fine mask averaged down to the model grid and centred in the autoencoder's ROI ``size``."""
+    pooled = F.avg_pool3d(mask.float(), kernel_size=tuple(zoom))
+    pad = []
+    for have, want in zip(reversed(pooled.shape[2:]), reversed(size)):
+        extra = max(want - have, 0)
+        pad += [extra // 2, extra - extra // 2]
+    return F.pad(pooled, pad)[..., :size[0], :size[1], :size[2]]
+
+
 def _shape_term(autoencoder: nn.Module, prob: torch.Tensor, target: torch.Tensor, zoom) -> torch.Tensor:
     size = autoencoder_roi(autoencoder)
-
-    def coarse(mask):
-        pooled = F.avg_pool3d(mask.float(), kernel_size=tuple(zoom))
-        pad = []
-        for have, want in zip(reversed(pooled.shape[2:]), reversed(size)):
-            extra = max(want - have, 0)
-            pad += [extra // 2, extra - extra // 2]
-        return F.pad(pooled, pad)[..., :size[0], :size[1], :size[2]]
-
     with torch.autocast("cpu", enabled=False):
-        _, z_t, f_t = autoencoder(coarse(target))
-        _, z_p, f_p = autoencoder(coarse(prob))
+        _, z_t, f_t = autoencoder(_coarse(target, zoom, size))
+        _, z_p, f_p = autoencoder(_coarse(prob, zoom, size))
     return shape_loss([z_t.detach()] + [f.detach() for f in f_t], [z_p] + list(f_p), normalized=True)
+
+
+def _critic_step(autoencoder: nn.Module, optimiser, pairs, zoom, weight: float) -> float:
+    """One step of the adversarial autoencoder (eq. 8 as a minimisation) on
+    (prediction, truth) pairs of fine ROIs; returns its loss."""
+    size = autoencoder_roi(autoencoder)
+    preds = torch.cat([_coarse(p, zoom, size) for p, _ in pairs])
+    truths = torch.cat([_coarse(t, zoom, size) for _, t in pairs])
+    optimiser.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", enabled=False):
+        rec_t, z_t, f_t = autoencoder(truths)
+        rec_p, z_p, f_p = autoencoder(preds)
+        loss = autoencoder_loss(reconstruction_loss(rec_t, truths, rec_p, preds),
+                                shape_loss([z_t] + list(f_t), [z_p] + list(f_p), normalized=True), weight)
+    loss.backward()
+    optimiser.step()
+    return float(loss.detach())
 
 
 def autoencoder_roi(autoencoder: nn.Module) -> Tuple[int, int, int]:

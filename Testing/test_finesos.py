@@ -204,6 +204,9 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path)
     bad = subprocess.run(command + ["--blocks", "0", "--out", str(tmp_path / "x.pt")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--blocks must be >= 1 (got 3, 4, 4, 0)" in bad.stderr
+    bad = subprocess.run(command + ["--adversarial", "--out", str(tmp_path / "x.pt")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--adversarial" in bad.stderr and "--shape-weight > 0" in bad.stderr
     bad = subprocess.run(command + ["--organ", "Brain", "--out", str(tmp_path / "x.pt")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--organ Brain: not among the bundle's organs" in bad.stderr
@@ -293,6 +296,33 @@ def test_the_shape_term_compares_shapes_on_the_model_grid_through_the_autoencode
     heads = finesos.train_heads({"Lens_L": _blob_samples()}, width=4, iterations=3, batch=2,
                                 autoencoder=autoencoder, shape_weight=0.5, log=lambda *a: None)
     assert all(bool(torch.isfinite(v).all()) for v in heads["Lens_L"].state_dict().values() if v.is_floating_point())
+
+
+def test_the_adversarial_autoencoder_learns_against_the_heads_and_the_bundles_stays_as_it_is():
+    """`fine-sos --adversarial`: eq. 8's step lowers L_rec - 0.001 L_shape on
+    the same pairs; training with it steps a copy of the autoencoder (logged),
+    never the bundle's own, and keeps every weight finite."""
+    from FocusNetCore.networks import ShapeAutoencoder
+
+    torch.manual_seed(0)
+    bundles = ShapeAutoencoder((16, 32, 32), width=0.05).eval()
+    for p in bundles.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in bundles.state_dict().items()}
+    critic = ShapeAutoencoder((16, 32, 32), width=0.05).eval()
+    target = torch.zeros(2, 1, 8, 48, 48)
+    target[:, :, 3:6, 18:30, 18:30] = 1.0
+    pred = torch.zeros_like(target)
+    pred[:, :, 2:7, 16:28, 20:32] = 0.8
+    optimiser = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    losses = [finesos._critic_step(critic, optimiser, [(pred, target)], finesos.ZOOM, 0.001) for _ in range(30)]
+    assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    said = []
+    heads = finesos.train_heads({"Lens_L": _blob_samples()}, width=4, iterations=10, batch=2, autoencoder=bundles,
+                                shape_weight=0.5, adversarial=True, log=said.append)
+    assert all(bool(torch.isfinite(v).all()) for v in heads["Lens_L"].state_dict().values() if v.is_floating_point())
+    assert any("autoencoder" in line for line in said)
+    assert all(torch.equal(before[k], v) for k, v in bundles.state_dict().items())
 
 
 def test_samples_cache_is_read_back_only_for_the_same_bundle_cases_organs_and_zoom(phantom, tmp_path, monkeypatch):
