@@ -443,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --shape-weight: train a copy of the autoencoder against the heads (FocusNetv2's "
                         "AAE, eq. 8: L_rec - 0.001 L_shape) instead of keeping it frozen; the bundle's own "
                         "autoencoder is kept as it is")
+    p.add_argument("--ct-noise", type=float, default=0.0, metavar="HU",
+                   help="augmentation: white Gaussian noise added to each training ROI's fine CT, its standard "
+                        "deviation drawn from 0 to HU (default 0: none)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--note", default="", help="how the heads were made (kept in the bundle)")
     p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
@@ -611,6 +614,8 @@ def _cmd_fine_sos(args) -> int:
                          f"{' '.join(map(str, zoom))}")
     if not args.shape_weight >= 0:
         raise ValueError(f"--shape-weight must be >= 0, got {args.shape_weight}")
+    if not 0 <= args.ct_noise < 1000:
+        raise ValueError(f"--ct-noise must be 0 to 1000 HU, got {args.ct_noise}")
     if args.adversarial and not args.shape_weight > 0:
         raise ValueError("--adversarial trains the shape autoencoder against the heads: it needs --shape-weight > 0")
     base = Path(args.model) if args.model else EMBEDDED_MODEL
@@ -635,7 +640,8 @@ def _cmd_fine_sos(args) -> int:
             p.requires_grad_(False)
     heads = finesos.train_heads(samples, args.width, args.iterations, batch=args.batch, lr=args.lr, seed=args.seed,
                                 precision=precision, autoencoder=autoencoder, shape_weight=args.shape_weight,
-                                zoom=zoom, blocks=args.blocks, adversarial=args.adversarial)
+                                zoom=zoom, blocks=args.blocks, adversarial=args.adversarial,
+                                ct_noise=args.ct_noise / segmenter.config.preprocess.hu_scale)
     report = finesos.choose(finesos.scores_on(segmenter, heads, args.select))
     chosen = {}
     for name, row in report.items():
@@ -652,7 +658,7 @@ def _cmd_fine_sos(args) -> int:
     trained = {"data": [str(d) for d in args.data], "iterations": int(args.iterations), "batch": int(args.batch),
                "lr": float(args.lr), "seed": int(args.seed), "precision": precision,
                "shape_weight": float(args.shape_weight), "adversarial": bool(args.adversarial),
-               "blocks": int(args.blocks)}
+               "blocks": int(args.blocks), "ct_noise_hu": float(args.ct_noise)}
     for entry in chosen.values():
         entry["chosen_on"]["trained"] = trained
     with_fine_heads(base, chosen, args.out, note=args.note)

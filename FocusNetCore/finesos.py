@@ -260,7 +260,7 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
                 lr: float = 1e-3, seed: int = 0, zoom: Sequence[int] = ZOOM, precision: str = "float32",
                 autoencoder: Optional[nn.Module] = None, shape_weight: float = 0.0,
                 blocks: int = 2, adversarial: bool = False, adversarial_weight: float = 0.001,
-                autoencoder_lr: float = 5e-4, log=print) -> Dict[str, FineHead]:
+                autoencoder_lr: float = 5e-4, ct_noise: float = 0.0, log=print) -> Dict[str, FineHead]:
     """One FineHead per organ of ``samples``, trained with SOS-Net's loss
     (binary focal + Dice; ``blocks`` SE residual blocks of ``width``
     channels each) on ROIs at the true centre moved by up to JITTER
@@ -281,9 +281,15 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     (L_seg + shape_weight L_shape, the autoencoder fixed), one step of the
     autoencoder (Adam at ``autoencoder_lr``) on L_rec - adversarial_weight
     L_shape over the same ROIs, truths and the heads' (detached) predictions
-    together; its running statistics stay as the bundle's."""
+    together; its running statistics stay as the bundle's.
+
+    ``ct_noise`` (normalised CT units; 0: none): each ROI's fine CT gets
+    white Gaussian noise of a standard deviation drawn uniformly from [0,
+    ct_noise), from a generator of its own (the ROIs picked stay those of a
+    run without it)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    noise_rng = np.random.default_rng([seed, 1])
     channels = next(iter(samples.values()))[0].features.shape[0]
     heads = {name: FineHead(channels, width, zoom, blocks) for name in samples}
     params = [p for head in heads.values() for p in head.parameters()]
@@ -312,7 +318,11 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
             crops = [_crop(samples[name][int(i)], [int(rng.integers(0, 2 * j + 1)) for j in JITTER], zoom)
                      for i in picks]
             features = torch.as_tensor(np.stack([c[0] for c in crops]))
-            ct = torch.as_tensor(np.stack([c[1] for c in crops]))[:, None]
+            ct = np.stack([c[1] for c in crops])
+            if ct_noise > 0:
+                sigma = noise_rng.uniform(0.0, ct_noise, size=(len(crops), 1, 1, 1)).astype(np.float32)
+                ct = ct + noise_rng.standard_normal(ct.shape, dtype=np.float32) * sigma
+            ct = torch.as_tensor(ct)[:, None]
             target = torch.as_tensor(np.stack([c[2] for c in crops]))[:, None]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                 prob = head(features, ct)

@@ -357,3 +357,28 @@ def test_samples_cache_is_read_back_only_for_the_same_bundle_cases_organs_and_zo
     with pytest.raises(ValueError, match="other cases"):
         finesos.cached_samples(cache, segmenter, [folder / "cases"], ["Lens_L", "OpticChiasm"], log=lambda _: None)
     assert cache.read_bytes() == stored
+
+
+def test_ct_noise_augments_the_fine_ct_only_and_keeps_the_rois_picked(monkeypatch):
+    """`fine-sos --ct-noise`: the heads see each ROI's fine CT with added
+    noise of at most the given deviation, the same ROIs (features) as
+    without it, and without it exactly the samples' CT."""
+    seen = []
+    forward = finesos.FineHead.forward
+
+    def spy(self, features, ct):
+        seen.append((features.detach().clone(), ct.detach().clone()))
+        return forward(self, features, ct)
+
+    monkeypatch.setattr(finesos.FineHead, "forward", spy)
+    samples = _blob_samples()
+    finesos.train_heads({"Lens_L": samples}, width=4, iterations=4, batch=2, log=lambda *a: None)
+    plain, seen[:] = list(seen), []
+    finesos.train_heads({"Lens_L": samples}, width=4, iterations=4, batch=2, ct_noise=0.05, log=lambda *a: None)
+    assert len(seen) == len(plain) == 4
+    for (f0, c0), (f1, c1) in zip(plain, seen):
+        assert torch.equal(f0, f1)  # the same ROIs, the same features
+        spread = (c1 - c0).flatten(1).std(dim=1)
+        assert torch.all(spread < 0.05) and float(spread.max()) > 0.005
+        # without noise the head sees the sample's own CT, cropped
+        assert any(bool(np.isin(c0[k, 0].numpy(), s.ct).all()) for k in range(c0.shape[0]) for s in samples)
