@@ -463,7 +463,8 @@ SAMPLES_FORMAT = 1
 
 
 def samples_key(segmenter, folders: Sequence, organs: Sequence[str], zoom: Sequence[int]) -> dict:
-    """What a set of samples depends on: the bundle's S-Net (checksum), the
+    """What a set of samples depends on: the bundle's S-Net (checksum) and
+    how it ran (precision, backend: the features differ slightly), the
     cases (each file's path, size and modification time), organs, zoom and
     the ROI's size and jitter."""
     from .data import discover_cases
@@ -472,7 +473,8 @@ def samples_key(segmenter, folders: Sequence, organs: Sequence[str], zoom: Seque
     for folder in folders:
         for source in discover_cases(folder)[0]:
             cases.update(source.fingerprint().encode())
-    return {"format": SAMPLES_FORMAT, "model": segmenter.meta["checksum"], "cases": cases.hexdigest()[:16],
+    return {"format": SAMPLES_FORMAT, "model": segmenter.meta["checksum"], "precision": segmenter.precision,
+            "backend": segmenter.backend, "cases": cases.hexdigest()[:16],
             "folders": [str(Path(f).resolve()) for f in folders], "organs": list(organs),
             "zoom": [int(z) for z in zoom], "roi": list(FINE_ROI), "jitter": list(JITTER)}
 

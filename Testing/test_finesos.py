@@ -352,6 +352,10 @@ def test_samples_cache_is_read_back_only_for_the_same_bundle_cases_organs_and_zo
     with pytest.raises(ValueError, match="other zoom"):
         finesos.cached_samples(cache, segmenter, [folder / "cases"], ["Lens_L", "OpticChiasm"], zoom=(2, 2, 2),
                                log=lambda _: None)
+    other = Segmenter(EMBEDDED_MODEL, device="cpu", precision="bfloat16", backend="torch")
+    if other.precision != segmenter.precision:  # a CPU without bfloat16 falls back to float32
+        with pytest.raises(ValueError, match="other precision"):
+            finesos.cached_samples(cache, other, [folder / "cases"], ["Lens_L", "OpticChiasm"], log=lambda _: None)
     ct = next((folder / "cases").glob("*_ct.nrrd"))
     ct.touch()  # the case changed: its samples are stale
     with pytest.raises(ValueError, match="other cases"):
