@@ -658,7 +658,7 @@ def _cmd_fine_sos(args) -> int:
     trained = {"data": [str(d) for d in args.data], "iterations": int(args.iterations), "batch": int(args.batch),
                "lr": float(args.lr), "seed": int(args.seed), "precision": precision,
                "shape_weight": float(args.shape_weight), "adversarial": bool(args.adversarial),
-               "blocks": int(args.blocks), "ct_noise_hu": float(args.ct_noise)}
+               "ct_noise_hu": float(args.ct_noise)}
     for entry in chosen.values():
         entry["chosen_on"]["trained"] = trained
     with_fine_heads(base, chosen, args.out, note=args.note)

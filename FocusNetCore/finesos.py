@@ -298,8 +298,7 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     critic = None
     if shaped and adversarial:
         critic = copy.deepcopy(autoencoder).float().eval()  # the bundle's own stays as it is
-        for p in critic.parameters():
-            p.requires_grad_(True)
+        critic.requires_grad_(False)  # the heads' backward pass leaves it alone; _critic_step trains it
         critic_optimiser = torch.optim.Adam(critic.parameters(), lr=autoencoder_lr)
         autoencoder = critic
     for head in heads.values():
@@ -413,6 +412,7 @@ def _critic_step(autoencoder: nn.Module, optimiser, pairs, zoom, weight: float) 
     preds = torch.cat([_coarse(p, zoom, size) for p, _ in pairs])
     truths = torch.cat([_coarse(t, zoom, size) for _, t in pairs])
     optimiser.zero_grad(set_to_none=True)
+    autoencoder.requires_grad_(True)
     with torch.autocast("cpu", enabled=False):
         rec_t, z_t, f_t = autoencoder(truths)
         rec_p, z_p, f_p = autoencoder(preds)
@@ -420,6 +420,7 @@ def _critic_step(autoencoder: nn.Module, optimiser, pairs, zoom, weight: float) 
                                 shape_loss([z_t] + list(f_t), [z_p] + list(f_p), normalized=True), weight)
     loss.backward()
     optimiser.step()
+    autoencoder.requires_grad_(False)
     return float(loss.detach())
 
 
