@@ -464,10 +464,11 @@ SAMPLES_FORMAT = 1
 
 
 def samples_key(segmenter, folders: Sequence, organs: Sequence[str], zoom: Sequence[int]) -> dict:
-    """What a set of samples depends on: the bundle's S-Net (checksum) and
-    how it ran (precision, backend: the features differ slightly), the
-    cases (each file's path, size and modification time), organs, zoom and
-    the ROI's size and jitter."""
+    """What a set of samples depends on: the bundle's network weights
+    (their checksum, which its fine heads do not enter) and how S-Net ran
+    (precision, backend: the features differ slightly), the cases (each
+    file's path, size and modification time), organs, zoom and the ROI's
+    size and jitter."""
     from .data import discover_cases
 
     cases = hashlib.sha1()
