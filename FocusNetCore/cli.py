@@ -443,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --shape-weight: train a copy of the autoencoder against the heads (FocusNetv2's "
                         "AAE, eq. 8: L_rec - 0.001 L_shape) instead of keeping it frozen; the bundle's own "
                         "autoencoder is kept as it is")
+    p.add_argument("--fine-shape", type=int, default=0, metavar="STEPS",
+                   help="with --shape-weight: the shape term's autoencoder on the fine heads' own grid instead "
+                        "of the bundle's (which sees the masks averaged down to the model grid), pre-trained "
+                        "for STEPS steps on the training cases' true masks first")
     p.add_argument("--ct-noise", type=float, default=0.0, metavar="HU",
                    help="augmentation: white Gaussian noise added to each training ROI's fine CT, its standard "
                         "deviation drawn from 0 to HU (default 0: none)")
@@ -616,6 +620,9 @@ def _cmd_fine_sos(args) -> int:
         raise ValueError(f"--shape-weight must be >= 0, got {args.shape_weight}")
     if not 0 <= args.ct_noise < 1000:
         raise ValueError(f"--ct-noise must be 0 to 1000 HU, got {args.ct_noise}")
+    if args.fine_shape < 0 or (args.fine_shape and not args.shape_weight > 0):
+        raise ValueError(f"--fine-shape makes the shape term's autoencoder: it needs --shape-weight > 0 and "
+                         f"STEPS >= 1 (got --fine-shape {args.fine_shape}, --shape-weight {args.shape_weight})")
     if args.adversarial and not args.shape_weight > 0:
         raise ValueError("--adversarial trains the shape autoencoder against the heads: it needs --shape-weight > 0")
     base = Path(args.model) if args.model else EMBEDDED_MODEL
@@ -632,7 +639,11 @@ def _cmd_fine_sos(args) -> int:
     print("samples: " + ", ".join(f"{name} {len(rows)}" for name, rows in samples.items()), flush=True)
     precision = segmenter.precision if segmenter.device == "cpu" else "float32"
     autoencoder = None
-    if args.shape_weight > 0:
+    if args.shape_weight > 0 and args.fine_shape:
+        coarse = segmenter.autoencoder
+        width = float(segmenter.meta.get("autoencoder_width") or 0.25) if coarse is not None else 0.25
+        autoencoder = finesos.fine_autoencoder(samples, zoom, args.fine_shape, width=width, seed=args.seed)
+    elif args.shape_weight > 0:
         autoencoder = segmenter.autoencoder
         if autoencoder is None:
             raise ValueError(f"{base}: --shape-weight needs the bundle's shape autoencoder, and it has none")
@@ -658,6 +669,7 @@ def _cmd_fine_sos(args) -> int:
     trained = {"data": [str(d) for d in args.data], "iterations": int(args.iterations), "batch": int(args.batch),
                "lr": float(args.lr), "seed": int(args.seed), "precision": precision,
                "shape_weight": float(args.shape_weight), "adversarial": bool(args.adversarial),
+               "fine_shape_steps": int(args.fine_shape),
                "ct_noise_hu": float(args.ct_noise)}
     for entry in chosen.values():
         entry["chosen_on"]["trained"] = trained

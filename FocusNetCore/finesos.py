@@ -274,7 +274,9 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     mode) and ``shape_weight`` > 0, FocusNetv2's shape term is added: the
     bounded distance (losses.shape_loss, normalized) between the
     autoencoder's codes of the predicted and the true mask, both averaged
-    down to the model grid and centred in the autoencoder's ROI. The
+    down to the model grid and centred in the autoencoder's ROI (an
+    autoencoder made for the fine ROI itself, ``fine_autoencoder``, sees the
+    fine masks as they are). The
     autoencoder is frozen: the shape prior the coarse SOS-Net was trained
     against. With ``adversarial`` a copy of it is trained against the heads
     instead, as FocusNetv2's AAE (eqs. 7-8): after each step of the heads
@@ -295,6 +297,10 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     params = [p for head in heads.values() for p in head.parameters()]
     optimiser = torch.optim.Adam(params, lr=lr)
     shaped = autoencoder is not None and shape_weight > 0
+    if shaped and autoencoder_roi(autoencoder) == tuple(r * z for r, z in zip(FINE_ROI, zoom)):
+        zoom_of_shape = (1, 1, 1)  # an autoencoder on the fine grid (fine_autoencoder): no averaging down
+    else:
+        zoom_of_shape = tuple(zoom)
     critic = None
     if shaped and adversarial:
         critic = copy.deepcopy(autoencoder).float().eval()  # the bundle's own stays as it is
@@ -327,7 +333,7 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
                 prob = head(features, ct)
             loss = binary_segmentation_loss(prob, target)
             if shaped:
-                loss = loss + shape_weight * _shape_term(autoencoder, prob, target, zoom)
+                loss = loss + shape_weight * _shape_term(autoencoder, prob, target, zoom_of_shape)
                 if critic is not None:
                     pairs.append((prob.detach().float(), target.float()))
             loss.backward()
@@ -352,7 +358,7 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
             continue
         optimiser.step()
         if critic is not None:
-            critic_loss = _critic_step(critic, critic_optimiser, pairs, zoom, adversarial_weight)
+            critic_loss = _critic_step(critic, critic_optimiser, pairs, zoom_of_shape, adversarial_weight)
             if not math.isfinite(critic_loss):
                 raise FloatingPointError(f"fine heads: the shape autoencoder's loss is non-finite at step {step}")
             running.setdefault("autoencoder", []).append(critic_loss)
@@ -365,6 +371,45 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     for head in heads.values():
         head.eval()
     return heads
+
+
+def fine_autoencoder(samples: Dict[str, List[Sample]], zoom: Sequence[int], iterations: int, width: float = 0.25,
+                     batch: int = 4, lr: float = 1e-3, seed: int = 0, log=print) -> nn.Module:
+    """FocusNetv2's shape autoencoder (table 9, ``networks.ShapeAutoencoder``
+    of ``width``) on the fine heads' own grid: ROIs of FINE_ROI x ``zoom``
+    fine voxels, pre-trained for ``iterations`` steps to reconstruct the true
+    masks of ``samples`` (``batch`` ROIs per organ per step, picked and
+    jittered as train_heads picks them; the MSE of the aae_pretrain stage,
+    Adam at ``lr`` with a cosine schedule, float32). The bundle's own
+    autoencoder sees masks averaged down to the 2 mm model grid, where a
+    1 mm boundary error of a 4 mm chiasm is a fraction of one voxel; this
+    one sees the fine masks themselves. Returned frozen, in eval mode."""
+    from .networks import ShapeAutoencoder
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 2])
+    zoom = tuple(int(z) for z in zoom)
+    autoencoder = ShapeAutoencoder(tuple(r * z for r, z in zip(FINE_ROI, zoom)), width=width).train()
+    optimiser = torch.optim.Adam(autoencoder.parameters(), lr=lr)
+    running = []
+    for step in range(iterations):
+        for group in optimiser.param_groups:
+            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / iterations))
+        masks = [_crop(rows[int(i)], [int(rng.integers(0, 2 * j + 1)) for j in JITTER], zoom)[2]
+                 for rows in samples.values() for i in rng.integers(0, len(rows), size=batch)]
+        masks = torch.as_tensor(np.stack(masks)).float()[:, None]
+        optimiser.zero_grad(set_to_none=True)
+        recon, _, _ = autoencoder(masks)
+        loss = F.mse_loss(recon.float(), masks)
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"fine shape autoencoder: non-finite loss at step {step}")
+        loss.backward()
+        optimiser.step()
+        running.append(float(loss.detach()))
+        if (step + 1) % max(iterations // 5, 1) == 0:
+            log(f"fine shape autoencoder step {step + 1}/{iterations}: reconstruction {np.mean(running[-50:]):.4f}")
+    autoencoder.eval().requires_grad_(False)
+    return autoencoder
 
 
 def _what_is_non_finite(head: nn.Module, picks, features: torch.Tensor, ct: torch.Tensor, prob: torch.Tensor,

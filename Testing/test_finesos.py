@@ -207,6 +207,9 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path)
     bad = subprocess.run(command + ["--adversarial", "--out", str(tmp_path / "x.pt")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--adversarial" in bad.stderr and "--shape-weight > 0" in bad.stderr
+    bad = subprocess.run(command + ["--fine-shape", "50", "--out", str(tmp_path / "x.pt")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--fine-shape" in bad.stderr and "--shape-weight > 0" in bad.stderr
     bad = subprocess.run(command + ["--organ", "Brain", "--out", str(tmp_path / "x.pt")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--organ Brain: not among the bundle's organs" in bad.stderr
@@ -323,6 +326,39 @@ def test_the_adversarial_autoencoder_learns_against_the_heads_and_the_bundles_st
     assert all(bool(torch.isfinite(v).all()) for v in heads["Lens_L"].state_dict().values() if v.is_floating_point())
     assert any("autoencoder" in line for line in said)
     assert all(torch.equal(before[k], v) for k, v in bundles.state_dict().items())
+
+
+def test_a_fine_shape_autoencoder_learns_the_true_masks_and_the_shape_term_sees_them_unaveraged():
+    """`fine-sos --fine-shape`: an autoencoder made for the fine ROI itself
+    (FINE_ROI x zoom), pre-trained on the true masks, reconstructs them far
+    better than at the start and comes back frozen; the heads' shape term and
+    its adversarial copy are then fed the fine masks as they are (not averaged
+    down to the model grid), and every weight stays finite."""
+    said = []
+    autoencoder = finesos.fine_autoencoder({"Lens_L": _blob_samples()}, finesos.ZOOM, 80, width=0.1, lr=3e-3,
+                                           log=said.append)
+    assert finesos.autoencoder_roi(autoencoder) == tuple(r * z for r, z in zip(finesos.FINE_ROI, finesos.ZOOM))
+    assert not autoencoder.training and not any(p.requires_grad for p in autoencoder.parameters())
+    mask = torch.as_tensor(finesos._crop(_blob_samples(1)[0], finesos.JITTER, finesos.ZOOM)[2]).float()[None, None]
+    with torch.no_grad():
+        error = float(torch.nn.functional.mse_loss(autoencoder(mask)[0], mask))
+    assert error < 0.75 * float(mask.mean())  # an empty reconstruction scores mask.mean()
+    losses = [float(line.rsplit(" ", 1)[1]) for line in said if "reconstruction" in line]
+    assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]
+    seen = []
+    forward = type(autoencoder).forward
+
+    def spy(self, masks):
+        seen.append(tuple(masks.shape[2:]))
+        return forward(self, masks)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(autoencoder), "forward", spy)
+        heads = finesos.train_heads({"Lens_L": _blob_samples()}, width=4, iterations=3, batch=2,
+                                    autoencoder=autoencoder, shape_weight=0.5, adversarial=True,
+                                    log=lambda *a: None)
+    assert seen and set(seen) == {tuple(r * z for r, z in zip(finesos.FINE_ROI, finesos.ZOOM))}
+    assert all(bool(torch.isfinite(v).all()) for v in heads["Lens_L"].state_dict().values() if v.is_floating_point())
 
 
 def test_samples_cache_is_read_back_only_for_the_same_bundle_cases_organs_and_zoom(phantom, tmp_path, monkeypatch):
