@@ -352,7 +352,8 @@ def generate_case(seed: int, size: str = "full", name: Optional[str] = None,
     labels.CopyInformation(image)
     params = dict(seed=seed, scale=scale, yaw=float(angles[2]), pitch=float(angles[0]), roll=float(angles[1]),
                   flexion=flexion, noise_sigma=noise_sigma, blur_mm=blur_mm, spacing_xy=spacing_xy,
-                  thickness=thickness, z_bottom=bottom, z_top=top)
+                  thickness=thickness, z_bottom=bottom, z_top=top,
+                  **{f"hu_{tissue}": float(value) for tissue, value in hu.items()})
     world = {k: tuple(float(v) for v in transform.point(c)) for k, c in landmarks.items()}
     return PhantomCase(name or f"phantom_{seed:04d}", ct, labels, world, params)
 
