@@ -335,14 +335,14 @@ def test_a_fine_shape_autoencoder_learns_the_true_masks_and_the_shape_term_sees_
     its adversarial copy are then fed the fine masks as they are (not averaged
     down to the model grid), and every weight stays finite."""
     said = []
-    autoencoder = finesos.fine_autoencoder({"Lens_L": _blob_samples()}, finesos.ZOOM, 80, width=0.1, lr=3e-3,
+    autoencoder = finesos.fine_autoencoder({"Lens_L": _blob_samples()}, finesos.ZOOM, 80, width=0.1, batch=2, lr=3e-3,
                                            log=said.append)
     assert finesos.autoencoder_roi(autoencoder) == tuple(r * z for r, z in zip(finesos.FINE_ROI, finesos.ZOOM))
     assert not autoencoder.training and not any(p.requires_grad for p in autoencoder.parameters())
     mask = torch.as_tensor(finesos._crop(_blob_samples(1)[0], finesos.JITTER, finesos.ZOOM)[2]).float()[None, None]
     with torch.no_grad():
         error = float(torch.nn.functional.mse_loss(autoencoder(mask)[0], mask))
-    assert error < 0.75 * float(mask.mean())  # an empty reconstruction scores mask.mean()
+    assert error < 0.8 * float(mask.mean())  # an empty reconstruction scores mask.mean()
     losses = [float(line.rsplit(" ", 1)[1]) for line in said if "reconstruction" in line]
     assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]
     seen = []
