@@ -640,8 +640,7 @@ def _cmd_fine_sos(args) -> int:
     precision = segmenter.precision if segmenter.device == "cpu" else "float32"
     autoencoder = None
     if args.shape_weight > 0 and args.fine_shape:
-        coarse = segmenter.autoencoder
-        width = float(segmenter.meta.get("autoencoder_width") or 0.25) if coarse is not None else 0.25
+        width = float(segmenter.meta.get("autoencoder_width") or 0.25)  # the bundle's autoencoder's, if it has one
         autoencoder = finesos.fine_autoencoder(samples, zoom, args.fine_shape, width=width, seed=args.seed)
     elif args.shape_weight > 0:
         autoencoder = segmenter.autoencoder

@@ -256,6 +256,18 @@ def _crop(sample: Sample, offset: Sequence[int], zoom: Sequence[int]):
     return features, sample.ct[fine], sample.mask[fine]
 
 
+def _random_crops(rows: List[Sample], batch: int, rng: np.random.Generator, zoom: Sequence[int]):
+    """(picks, crops): ``batch`` samples of ``rows`` drawn with ``rng``, each
+    cropped to FINE_ROI at a random offset within JITTER (``_crop``)."""
+    picks = rng.integers(0, len(rows), size=batch)
+    return picks, [_crop(rows[int(i)], [int(rng.integers(0, 2 * j + 1)) for j in JITTER], zoom) for i in picks]
+
+
+def _cosine_rate(optimiser, lr: float, step: int, iterations: int) -> None:
+    for group in optimiser.param_groups:
+        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / iterations))
+
+
 def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, batch: int = 4,
                 lr: float = 1e-3, seed: int = 0, zoom: Sequence[int] = ZOOM, precision: str = "float32",
                 autoencoder: Optional[nn.Module] = None, shape_weight: float = 0.0,
@@ -312,16 +324,13 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     running = {name: [] for name in heads}
     step = 0
     while step < iterations:
-        for group in optimiser.param_groups:
-            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / iterations))
+        _cosine_rate(optimiser, lr, step, iterations)
         optimiser.zero_grad(set_to_none=True)
         state = rng.bit_generator.state
         buffers = [{k: v.clone() for k, v in head.named_buffers()} for head in heads.values()]
         bad, values, pairs = [], {}, []
         for name, head in heads.items():
-            picks = rng.integers(0, len(samples[name]), size=batch)
-            crops = [_crop(samples[name][int(i)], [int(rng.integers(0, 2 * j + 1)) for j in JITTER], zoom)
-                     for i in picks]
+            picks, crops = _random_crops(samples[name], batch, rng, zoom)
             features = torch.as_tensor(np.stack([c[0] for c in crops]))
             ct = np.stack([c[1] for c in crops])
             if ct_noise > 0:
@@ -385,22 +394,21 @@ def fine_autoencoder(samples: Dict[str, List[Sample]], zoom: Sequence[int], iter
     1 mm boundary error of a 4 mm chiasm is a fraction of one voxel; this
     one sees the fine masks themselves. Returned frozen, in eval mode."""
     from .networks import ShapeAutoencoder
+    from .train import AAEPretrainStep
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
     zoom = tuple(int(z) for z in zoom)
     autoencoder = ShapeAutoencoder(tuple(r * z for r, z in zip(FINE_ROI, zoom)), width=width).train()
     optimiser = torch.optim.Adam(autoencoder.parameters(), lr=lr)
+    reconstruction = AAEPretrainStep(autoencoder)
     running = []
     for step in range(iterations):
-        for group in optimiser.param_groups:
-            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / iterations))
-        masks = [_crop(rows[int(i)], [int(rng.integers(0, 2 * j + 1)) for j in JITTER], zoom)[2]
-                 for rows in samples.values() for i in rng.integers(0, len(rows), size=batch)]
+        _cosine_rate(optimiser, lr, step, iterations)
+        masks = [crop[2] for rows in samples.values() for crop in _random_crops(rows, batch, rng, zoom)[1]]
         masks = torch.as_tensor(np.stack(masks)).float()[:, None]
         optimiser.zero_grad(set_to_none=True)
-        recon, _, _ = autoencoder(masks)
-        loss = F.mse_loss(recon.float(), masks)
+        loss = reconstruction(masks)
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"fine shape autoencoder: non-finite loss at step {step}")
         loss.backward()
