@@ -16,13 +16,13 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _cmd_phantom(args) -> int:
-    from .phantom import generate_case, write_case
+    from .phantom import NOISE_HU, generate_case, write_case
 
     out = Path(args.out)
     for k in range(args.n):
         seed = args.seed + k
         start = time.perf_counter()
-        case = generate_case(seed, size=args.size)
+        case = generate_case(seed, size=args.size, noise=tuple(args.noise) if args.noise else NOISE_HU)
         paths = write_case(case, out, args.format, overwrite=args.overwrite)
         print(f"{case.name}: {case.image.GetSize()} voxels at "
               f"{tuple(round(s, 3) for s in case.image.GetSpacing())} mm, "
@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=("full", "small"), default="full",
                    help="full: 512 x 512 clinical matrix; small: 160 x 160 for fast tests")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.add_argument("--noise", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="range (HU) the noise's standard deviation is drawn from (default 10 30); another "
+                        "range gives the same patients with only the noise's level changed")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("segment", help="segment the organs at risk on CT volumes")

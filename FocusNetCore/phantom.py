@@ -41,6 +41,7 @@ TISSUE_HU = {
     "disc": 80.0, "tract": 32.0,
 }
 HU_JITTER = 4.0
+NOISE_HU = (10.0, 30.0)  # the range the noise's standard deviation is drawn from
 
 SIZES = {
     # matrix (x, y), in-plane spacing range, slice thickness range, z range of the scan (head frame)
@@ -308,9 +309,16 @@ def _sample(rng: np.random.Generator, lo_hi) -> float:
 
 
 def generate_case(seed: int, size: str = "full", name: Optional[str] = None,
-                  z_range: Optional[Tuple[float, float]] = None) -> PhantomCase:
+                  z_range: Optional[Tuple[float, float]] = None,
+                  noise: Tuple[float, float] = NOISE_HU) -> PhantomCase:
     """One synthetic patient. ``z_range`` (head-frame mm, bottom and top)
-    overrides the scan's extent, e.g. to make a scan that stops below the eyes."""
+    overrides the scan's extent, e.g. to make a scan that stops below the eyes.
+    ``noise`` is the range (HU) the noise's standard deviation is drawn from;
+    another range draws the same patient (anatomy, HU, pose) with only the
+    noise's level changed, e.g. noisier scans to train on."""
+    lo, hi = noise
+    if not 0.0 <= lo <= hi:
+        raise ValueError(f"noise range {noise!r}: expected 0 <= low <= high (HU)")
     if size not in SIZES:
         raise ValueError(f"unknown phantom size {size!r}; choose one of {sorted(SIZES)}")
     setting = SIZES[size]
@@ -338,7 +346,7 @@ def generate_case(seed: int, size: str = "full", name: Optional[str] = None,
     # left (+x in the head frame) and right.
     _split_mandible(canvas, transform)
 
-    noise_sigma = rng.uniform(10.0, 30.0)
+    noise_sigma = rng.uniform(lo, hi)
     blur_mm = rng.uniform(0.4, 0.8)
     image = sitk.GetImageFromArray(canvas.image)
     image.SetOrigin(tuple(grid.origin))

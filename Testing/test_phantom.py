@@ -188,3 +188,22 @@ def test_scan_that_stops_below_the_eyes_has_no_eyes():
     for name in ("Eye_L", "Lens_R", "OpticChiasm", "Pituitary"):
         assert not (labels == PHANTOM_SET.label_of(name)).any(), name
     assert (labels == PHANTOM_SET.label_of("Bone_Mandible_L")).any()
+
+
+def test_noisier_scan_is_the_same_patient_with_more_noise():
+    """`focusnet phantom --noise 26 34`: the same seed's anatomy, tissues and
+    pose; only the noise's level moves into the range asked for."""
+    calm, noisy = generate_case(3, "small"), generate_case(3, "small", noise=(26.0, 34.0))
+    assert np.array_equal(sitk.GetArrayViewFromImage(calm.labels), sitk.GetArrayViewFromImage(noisy.labels))
+    assert noisy.image.GetOrigin() == calm.image.GetOrigin() and noisy.image.GetSpacing() == calm.image.GetSpacing()
+    assert {k: v for k, v in noisy.parameters.items() if k != "noise_sigma"} == \
+        {k: v for k, v in calm.parameters.items() if k != "noise_sigma"}
+    assert 26.0 <= noisy.parameters["noise_sigma"] <= 34.0 and 10.0 <= calm.parameters["noise_sigma"] <= 30.0
+    # the same noise pattern, scaled: inside the head the two scans differ by
+    # (sigma_noisy - sigma_calm) times one standard normal field
+    inside = sitk.GetArrayViewFromImage(calm.labels) > 0
+    difference = (sitk.GetArrayFromImage(noisy.image).astype(float) - sitk.GetArrayFromImage(calm.image))[inside]
+    gap = noisy.parameters["noise_sigma"] - calm.parameters["noise_sigma"]
+    assert difference.std() == pytest.approx(gap, rel=0.05)
+    with pytest.raises(ValueError, match="noise range"):
+        generate_case(3, "small", noise=(30.0, 20.0))

@@ -7,7 +7,7 @@ standard deviation. The chiasm lies in CSF (30 and 12 HU, each drawn +/- 4
 per phantom) under 10-30 HU of noise, the pair the defaults name.
 
     .venv/bin/python benchmarks/organ_contrast.py [--seeds 2000-2019] [--seeds 1000-1009] \
-        [--organ OpticChiasm --tissue chiasm --around csf] [--model bundle.pt]
+        [--organ OpticChiasm --tissue chiasm --around csf] [--model bundle.pt] [--noise 26 34]
 """
 import argparse
 
@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from FocusNetCore.metrics import dice
 from FocusNetCore.organs import convert_labels
-from FocusNetCore.phantom import PHANTOM_SET, generate_case
+from FocusNetCore.phantom import NOISE_HU, PHANTOM_SET, generate_case
 from FocusNetCore.segment import Segmenter
 
 
@@ -32,6 +32,8 @@ def main():
     parser.add_argument("--tissue", default="chiasm", help="the organ's tissue in phantom.TISSUE_HU")
     parser.add_argument("--around", default="csf", help="the tissue around it")
     parser.add_argument("--model", default=None)
+    parser.add_argument("--noise", nargs=2, type=float, metavar=("LO", "HI"), default=list(NOISE_HU),
+                        help="the phantoms' noise range (HU; `focusnet phantom --noise`)")
     args = parser.parse_args()
     segmenter = Segmenter(args.model, device="cpu")
     organs = segmenter.config.organs
@@ -40,7 +42,7 @@ def main():
     for text in args.seeds or ["2000-2019"]:
         rows = []
         for seed in seeds_of(text):
-            case = generate_case(seed, "full")
+            case = generate_case(seed, "full", noise=tuple(args.noise))
             p = case.parameters
             contrast = p[f"hu_{args.tissue}"] - p[f"hu_{args.around}"]
             truth, _ = convert_labels(sitk.GetArrayViewFromImage(case.labels), PHANTOM_SET, organs)
