@@ -57,7 +57,9 @@ demo: $(STAMP)
 # Two pytest-xdist workers, a test file each at a time (module fixtures and
 # temporary folders stay within one worker): 6.6 instead of 12.4 minutes on
 # a 2-core AMD EPYC, as many tests wait on subprocesses or run single-threaded.
-PYTEST := -m pytest -q -n 2 --dist loadfile
+# Files start in Testing/conftest.py's order, the longest first (xdist's own
+# reorder, by number of tests, left the long files with few tests to the end).
+PYTEST := -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: test-tools $(STAMP) $(SLICER_STAMP)
 	$(PY) $(PYTEST)

@@ -87,3 +87,39 @@ def openvino_cache(tmp_path_factory):
     folder = tmp_path_factory.getbasetemp().parent / "focusnet-cache"
     os.environ["FOCUSNET_CACHE_DIR"] = str(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A random tiny model bundle (width 0.125, 3 mm voxels): for the paths
+    that need a bundle but not the embedded model's answers (each pass is
+    well under a second where the embedded model takes several)."""
+    import torch
+
+    from FocusNetCore.bundle import save_bundle
+    from FocusNetCore.networks import FocusNetConfig, FocusNetV2, ShapeAutoencoder
+    from FocusNetCore.preprocess import PreprocessConfig
+
+    config = FocusNetConfig(width=0.125, roi_size=(8, 16, 16), heatmap_threshold=0.0,
+                            preprocess=PreprocessConfig(spacing=(3.0, 3.0, 3.0), crop_size=(64, 64), chunk_slices=16))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_bundle(FocusNetV2(config), path, {"name": "tiny random", "intended_use": "tests only"},
+                autoencoder=ShapeAutoencoder(config.roi_size, 0.125), autoencoder_width=0.125)
+    return path
+
+
+# Test files, the longest first (seconds on 2 cores, measured with
+# --durations=0). `make test` hands whole files to two workers (-n 2 --dist
+# loadfile --no-loadscope-reorder) in this order, so the longest start
+# first and the run does not end with one worker on a long file while the
+# other waits; a file not listed runs after these.
+LONGEST_FIRST = ("test_train.py", "test_finesos.py", "test_segment.py", "test_review_browser.py",
+                 "test_slicer_logic.py", "test_dicom_conformance.py", "test_openvino_backend.py", "test_click_heads.py",
+                 "test_postprocess.py", "test_phantom.py", "test_worker.py", "test_node.py", "test_rtstruct.py",
+                 "test_preprocess.py", "test_networks.py", "test_precision.py", "test_study.py", "test_imageio.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order

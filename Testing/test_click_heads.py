@@ -13,9 +13,11 @@ import SimpleITK as sitk
 import torch
 
 from FocusNetCore.bundle import BundleError, load_bundle, save_bundle, with_click_heads, with_sos_heads
+from FocusNetCore.cli import main
 from FocusNetCore.networks import FocusNetConfig, FocusNetV2
 from FocusNetCore.phantom import generate_case, write_case
 from FocusNetCore.postprocess import choose_click_heads
+from FocusNetCore.preprocess import PreprocessConfig
 from FocusNetCore.segment import EMBEDDED_MODEL, Segmenter
 from FocusNetCore.worker import Worker
 
@@ -48,7 +50,8 @@ def base_and_donor(folder, donor_thresholds, change):
     """A tiny base bundle (folder/base.pt) and a donor "trained further" from
     it (folder/donor.pt): the same S-Net and SOL-Net, each SOS-Net head
     changed by ``change(head, k)``, the donor's thresholds as given."""
-    config = FocusNetConfig(width=0.125, roi_size=(8, 16, 16), sos_thresholds=(0.5,) * 6)
+    config = FocusNetConfig(width=0.125, roi_size=(8, 16, 16), sos_thresholds=(0.5,) * 6,
+                            preprocess=PreprocessConfig(spacing=(3.0, 3.0, 3.0), crop_size=(64, 64), chunk_slices=16))
     torch.manual_seed(0)
     base = FocusNetV2(config)
     save_bundle(base, folder / "base.pt", {"name": "base"})
@@ -139,7 +142,7 @@ def test_refine_answers_with_the_click_head_as_its_donor_would(bundles):
     assert workers["click"].refine("Lens_R", point, str(folder / "lens_r.nrrd"))["head"] == "pipeline"
 
 
-def test_click_heads_command_writes_the_chosen_heads(tmp_path):
+def test_click_heads_command_writes_the_chosen_heads(tmp_path, capsys):
     """`focusnet click-heads` on the embedded model with a donor over its
     S-Net: every small organ scored and reported, the bundle written with
     the segmentation's weights unchanged; a donor over another S-Net is
@@ -161,9 +164,9 @@ def test_click_heads_command_writes_the_chosen_heads(tmp_path):
     assert meta["checksum"] == load_bundle(EMBEDDED_MODEL)[1]["checksum"]
     assert "Lens_R" not in (meta.get("click_heads") or {})  # the worse head is never chosen
     save_bundle(FocusNetV2(base.config), tmp_path / "stranger.pt")
-    bad = subprocess.run(command[:5] + [str(tmp_path / "stranger.pt")] + command[6:] + ["--out", str(tmp_path / "x.pt")],
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "stranger.pt: its S-Net or SOL-Net weights differ" in bad.stderr
+    # refused in this process (the command's own error path, without another start-up)
+    assert main(command[3:5] + [str(tmp_path / "stranger.pt")] + command[6:] + ["--out", str(tmp_path / "x.pt")]) == 2
+    assert "stranger.pt: its S-Net or SOL-Net weights differ" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -199,7 +202,7 @@ def test_an_sos_head_moves_between_bundles_only_over_the_same_s_net(tmp_path):
     assert not (tmp_path / "bad.pt").exists()
 
 
-def test_sos_heads_command_takes_the_named_heads(tmp_path):
+def test_sos_heads_command_takes_the_named_heads(tmp_path, capsys):
     """`focusnet sos-heads`: the named organ's head and threshold from the
     donor, the rest the base's, written to --out; a malformed --head, a
     donor over another S-Net and an existing --out are refused by name,
@@ -225,8 +228,9 @@ def test_sos_heads_command_takes_the_named_heads(tmp_path):
     for head, out, message in ((f"OpticNrv_L{tmp_path / 'donor.pt'}", "a.pt", "expected ORGAN=BUNDLE"),
                                (f"Lens_L={tmp_path / 'stranger.pt'}", "b.pt", "stranger.pt: its S-Net or SOL-Net"),
                                (f"Lens_L={tmp_path / 'donor.pt'}", "mixed.pt", "mixed.pt")):
-        bad = subprocess.run(command + ["--head", head, "--out", str(tmp_path / out)], capture_output=True, text=True,
-                             timeout=600)
-        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
+        # refusals in this process (the command's own parser and error path, without another start-up)
+        assert main(command[3:] + ["--head", head, "--out", str(tmp_path / out)]) == 2
+        stderr = capsys.readouterr().err
+        assert message in stderr, stderr[-2000:]
     assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()
     assert load_bundle(tmp_path / "mixed.pt")[1]["checksum"] == meta["checksum"]  # not overwritten

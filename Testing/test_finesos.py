@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from FocusNetCore import finesos
 from FocusNetCore.metrics import dice
 from FocusNetCore.bundle import BundleError, load_bundle, with_fine_heads, with_sos_heads
+from FocusNetCore.cli import main
 from FocusNetCore.phantom import generate_case, write_case
 from FocusNetCore.preprocess import Grid
 from FocusNetCore.segment import EMBEDDED_MODEL, Segmenter
@@ -180,7 +181,7 @@ def test_fine_heads_travel_in_the_bundle_checked(tmp_path):
     assert not (tmp_path / "bad.pt").exists()
 
 
-def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path):
+def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path, capsys):
     """`focusnet fine-sos` end to end on one small phantom (trained and
     chosen on it, a few steps): every small organ scored against the
     pipeline on the CT's grid, the bundle written and loadable with the
@@ -198,24 +199,16 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path)
     model, meta = load_bundle(tmp_path / "fine.pt")
     assert meta["checksum"] == load_bundle(EMBEDDED_MODEL)[1]["checksum"]
     Segmenter(tmp_path / "fine.pt", device="cpu")  # loads whatever was chosen
-    bad = subprocess.run(command[:-6] + ["--iterations", "0", "--out", str(tmp_path / "x.pt")],
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "--iterations" in bad.stderr
-    bad = subprocess.run(command + ["--blocks", "0", "--out", str(tmp_path / "x.pt")],
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "--blocks must be >= 1 (got 3, 4, 4, 0)" in bad.stderr
-    bad = subprocess.run(command + ["--adversarial", "--out", str(tmp_path / "x.pt")],
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "--adversarial" in bad.stderr and "--shape-weight > 0" in bad.stderr
-    bad = subprocess.run(command + ["--fine-shape", "50", "--out", str(tmp_path / "x.pt")],
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "--fine-shape" in bad.stderr and "--shape-weight > 0" in bad.stderr
-    bad = subprocess.run(command + ["--organ", "Brain", "--out", str(tmp_path / "x.pt")],
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "--organ Brain: not among the bundle's organs" in bad.stderr
-    bad = subprocess.run(command + ["--zoom", "0", "2", "2", "--out", str(tmp_path / "x.pt")],
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "--zoom must be 1 to 4" in bad.stderr
+    # refusals in this process (the command's own checks and error path, without another start-up)
+    for extra, messages in ((["--iterations", "0"], ["--iterations"]),
+                            (["--blocks", "0"], ["--blocks must be >= 1 (got 3, 4, 4, 0)"]),
+                            (["--adversarial"], ["--adversarial", "--shape-weight > 0"]),
+                            (["--fine-shape", "50"], ["--fine-shape", "--shape-weight > 0"]),
+                            (["--organ", "Brain"], ["--organ Brain: not among the bundle's organs"]),
+                            (["--zoom", "0", "2", "2"], ["--zoom must be 1 to 4"])):
+        assert main(command[3:] + extra + ["--out", str(tmp_path / "x.pt")]) == 2, extra
+        stderr = capsys.readouterr().err
+        assert all(m in stderr for m in messages), (extra, stderr[-2000:])
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -100,7 +100,9 @@ def test_backend_choice_and_refusals(monkeypatch):
         openvino_backend.resolve("openvino", "cpu")
 
 
-def test_segment_command_reports_its_backend(tmp_path):
+def test_segment_command_reports_its_backend(tmp_path, tiny_bundle):
+    """The CLI's --backend reaches the segmenter and its report (the embedded
+    model through each backend is the first test's)."""
     import subprocess
     import sys
 
@@ -110,8 +112,8 @@ def test_segment_command_reports_its_backend(tmp_path):
     ct = next((tmp_path / "in").glob("*_ct.nrrd"))
     for backend in ("torch", "auto"):
         out = subprocess.run([sys.executable, "-m", "FocusNetCore", "segment", str(ct), "--out",
-                              str(tmp_path / backend), "--backend", backend, "--device", "cpu"],
-                             capture_output=True, text=True, timeout=600)
+                              str(tmp_path / backend), "--backend", backend, "--device", "cpu",
+                              "--model", str(tiny_bundle)], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         report = json.loads(next((tmp_path / backend).glob("*.json")).read_text())
         assert report["model"]["backend"] == ("torch" if backend == "torch" else "openvino")

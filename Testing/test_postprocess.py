@@ -87,23 +87,24 @@ def test_the_bundles_plan_is_applied_by_inference(tmp_path):
         with_postprocess(EMBEDDED_MODEL, everything, bundle)
 
 
-def test_postprocess_command_writes_a_new_bundle(tmp_path):
+def test_postprocess_command_writes_a_new_bundle(tmp_path, tiny_bundle):
+    """On a tiny bundle (the embedded model's plan is the other tests')."""
     from FocusNetCore.phantom import write_case
 
     for seed in (1600, 1601):
         write_case(generate_case(seed, "small"), tmp_path / "val", "nrrd")
-    out = subprocess.run([sys.executable, "-m", "FocusNetCore", "postprocess", "--data", str(tmp_path / "val"),
-                          "--chunk-slices", "24", "--out", str(tmp_path / "pp.pt")],
+    out = subprocess.run([sys.executable, "-m", "FocusNetCore", "postprocess", "--model", str(tiny_bundle),
+                          "--data", str(tmp_path / "val"), "--chunk-slices", "24", "--out", str(tmp_path / "pp.pt")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "validation mean Dice" in out.stdout
     model, meta = load_bundle(tmp_path / "pp.pt")
     assert meta["postprocess"]["cases"] == 2
     # the chunk depth it was chosen with is the new bundle's; the weights are the same
-    embedded, embedded_meta = load_bundle(EMBEDDED_MODEL)
-    assert model.config.preprocess.chunk_slices == 24 != embedded.config.preprocess.chunk_slices
-    assert model.config.preprocess.spacing == embedded.config.preprocess.spacing
-    assert meta["checksum"] == embedded_meta["checksum"]
+    given, given_meta = load_bundle(tiny_bundle)
+    assert model.config.preprocess.chunk_slices == 24 != given.config.preprocess.chunk_slices
+    assert model.config.preprocess.spacing == given.config.preprocess.spacing
+    assert meta["checksum"] == given_meta["checksum"]
     # SOS-Net's thresholds, chosen on the same cases, go into the network configuration
     assert len(model.config.sos_thresholds) == len(model.config.organs.small_names)
     # scored where the user sees the contours: on the CT's own grid, over both cases

@@ -5,29 +5,13 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from FocusNetCore import precision
-from FocusNetCore.bundle import save_bundle
 from FocusNetCore.evaluate import evaluate
-from FocusNetCore.networks import FocusNetConfig, FocusNetV2, ShapeAutoencoder
 from FocusNetCore.organs import CATALOGUE, ORGAN_SETS
 from FocusNetCore.phantom import PHANTOM_SET, generate_case, with_body_below, write_case
-from FocusNetCore.preprocess import PreprocessConfig
 from FocusNetCore.segfile import read_seg_nrrd_segments, write_seg_nrrd
 from FocusNetCore.segment import Segmenter
-
-TINY = FocusNetConfig(width=0.125, roi_size=(8, 16, 16), heatmap_threshold=0.0,
-                      preprocess=PreprocessConfig(spacing=(3.0, 3.0, 3.0), crop_size=(64, 64), chunk_slices=16))
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_bundle(FocusNetV2(TINY), path, {"name": "tiny random", "intended_use": "tests only"},
-                autoencoder=ShapeAutoencoder(TINY.roi_size, 0.125), autoencoder_width=0.125)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +77,20 @@ def test_cli_seg_nrrd_and_json_progress(tiny_bundle, case_dir, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-def test_cli_refusals(tiny_bundle, tmp_path):
+def test_cli_refusals(tiny_bundle, tmp_path, capsys):
+    from FocusNetCore.cli import main
+
     missing = run_cli("segment", tmp_path / "nope.nrrd", "--out", tmp_path / "o", "--model", tiny_bundle)
     assert missing.returncode == 2 and "nope.nrrd" in missing.stderr and "no such file" in missing.stderr
     mr = sitk.Image(32, 32, 8, sitk.sitkInt16) + 300
     sitk.WriteImage(mr, str(tmp_path / "t1.nrrd"))
-    non_ct = run_cli("segment", tmp_path / "t1.nrrd", "--out", tmp_path / "o", "--model", tiny_bundle)
-    assert non_ct.returncode == 2 and "Hounsfield" in non_ct.stderr
-    bad_model = run_cli("segment", tmp_path / "t1.nrrd", "--out", tmp_path / "o", "--model", tmp_path / "t1.nrrd")
-    assert bad_model.returncode == 2 and "not a readable FocusNet model bundle" in bad_model.stderr
+    # the others in this process: the same error path as the process's exit code above
+    assert main(["segment", str(tmp_path / "t1.nrrd"), "--out", str(tmp_path / "o"), "--model", str(tiny_bundle)]) == 2
+    assert "Hounsfield" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "t1.nrrd"), "--out", str(tmp_path / "o"), "--model",
+                 str(tmp_path / "t1.nrrd")]) == 2
+    assert "not a readable FocusNet model bundle" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_folder_with_one_corrupt_case_still_segments_the_others(tiny_bundle, tmp_path):
@@ -145,7 +134,8 @@ def test_demo_runs_end_to_end(tiny_bundle, tmp_path):
     assert "mean Dice" in out.stdout and "tests only" in out.stdout
 
 
-def test_segment_dicom_series_to_rtstruct(tiny_bundle, tmp_path):
+def test_segment_dicom_series_to_rtstruct(tiny_bundle, tmp_path, capsys):
+    from FocusNetCore.cli import main
     from FocusNetCore.imageio import read_image
     from FocusNetCore.rtstruct import read_rtstruct
 
@@ -162,9 +152,10 @@ def test_segment_dicom_series_to_rtstruct(tiny_bundle, tmp_path):
     # A random network's labels are speckled; pixels touching only at a
     # corner are the one ambiguity of contours, so allow a sliver.
     assert (labels == sitk.GetArrayViewFromImage(seg)).mean() > 0.995
-    refused = run_cli("segment", tmp_path / "dicom" / case.name / "labels.nrrd", "--out", tmp_path / "o2",
-                      "--model", tiny_bundle, "--format", "rtstruct")
-    assert refused.returncode == 2
+    # RTSTRUCT needs a DICOM series to refer to: a volume file is refused (in this process)
+    assert main(["segment", str(tmp_path / "dicom" / case.name / "labels.nrrd"), "--out", str(tmp_path / "o2"),
+                 "--model", str(tiny_bundle), "--format", "rtstruct"]) == 2
+    assert "rtstruct" in capsys.readouterr().err.lower()
 
 
 def test_precision_choice_rules(monkeypatch):
