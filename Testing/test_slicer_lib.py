@@ -364,7 +364,9 @@ def test_scroll_window_level_and_view_changes_are_activity(phantom, tmp_path):
     case.segmentation_node.GetDisplayNode().SetSegmentVisibility("Eye_L", False)  # +1 s
     assert session.active_s == pytest.approx(14.0)
     assert all(s.edits == 0 and s.status == "unreviewed" for s in session.states.values())
-    clock.t += 45                              # away from the desk: longer than the threshold
+    clock.t += 6                               # away from the desk ...
+    camera.GetCamera().SetClippingRange(5.0, 900.0)  # ... while a render resets the clipping range: not an act
+    clock.t += 39                              # longer than the threshold in all
     axial.SetSliceOffset(20.0)
     assert session.active_s == pytest.approx(14.0)
     clock.t += 2

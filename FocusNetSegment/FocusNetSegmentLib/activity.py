@@ -73,7 +73,26 @@ class ActivityMonitor:
         if kind is None:
             return
 
-        def on_modified(caller, event, kind=kind):
-            self.on_activity(kind)
+        if kind == "view3d":
+            # Every render of the 3D view resets the camera's clipping range,
+            # which modifies its node too: only a changed pose is an act (a
+            # render that lands in an idle pause must not end the pause).
+            pose = [_camera_pose(node)]
+
+            def on_modified(caller, event, kind=kind):
+                now = _camera_pose(caller)
+                if now != pose[0]:
+                    pose[0] = now
+                    self.on_activity(kind)
+        else:
+            def on_modified(caller, event, kind=kind):
+                self.on_activity(kind)
 
         self._observed[id(node)] = (node, node.AddObserver("ModifiedEvent", on_modified))
+
+
+def _camera_pose(node) -> tuple:
+    """What the reviewer moves in the 3D view: position, focal point, view up,
+    view angle and parallel scale (not the clipping range renders set)."""
+    return (tuple(node.GetPosition()), tuple(node.GetFocalPoint()), tuple(node.GetViewUp()), node.GetViewAngle(),
+            node.GetParallelScale(), node.GetParallelProjection())
