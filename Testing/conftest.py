@@ -109,15 +109,17 @@ def tiny_bundle(tmp_path_factory):
     return path
 
 
-# Test files, the longest first (seconds on 2 cores, measured with
-# --durations=0). `make test` hands whole files to two workers (-n 2 --dist
-# loadfile --no-loadscope-reorder) in this order, so the longest start
-# first and the run does not end with one worker on a long file while the
-# other waits; a file not listed runs after these.
-LONGEST_FIRST = ("test_train.py", "test_finesos.py", "test_segment.py", "test_review_browser.py",
-                 "test_slicer_logic.py", "test_dicom_conformance.py", "test_openvino_backend.py", "test_click_heads.py",
-                 "test_postprocess.py", "test_phantom.py", "test_worker.py", "test_node.py", "test_rtstruct.py",
-                 "test_preprocess.py", "test_networks.py", "test_precision.py", "test_study.py", "test_imageio.py")
+# Test files, the longest first, by their summed --durations=0 times on a
+# 2-core AVX2 machine (2026-12-02: test_train 333 s, test_review_browser
+# 251 s, ... test_package 6 s). `make test` hands whole files to two workers
+# (-n 2 --dist loadfile --no-loadscope-reorder) in this order, so the
+# longest start first and the run does not end with one worker on a long
+# file while the other waits; a file not listed runs after these.
+LONGEST_FIRST = ("test_train.py", "test_review_browser.py", "test_finesos.py", "test_node.py", "test_slicer_logic.py",
+                 "test_segment.py", "test_openvino_backend.py", "test_phantom.py", "test_postprocess.py",
+                 "test_preprocess.py", "test_dicom_conformance.py", "test_click_heads.py", "test_rtstruct.py",
+                 "test_worker.py", "test_slicer_lib.py", "test_study.py", "test_imageio.py", "test_networks.py",
+                 "test_precision.py", "test_package.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -73,26 +73,29 @@ class ActivityMonitor:
         if kind is None:
             return
 
-        if kind == "view3d":
-            # Every render of the 3D view resets the camera's clipping range,
-            # which modifies its node too: only a changed pose is an act (a
-            # render that lands in an idle pause must not end the pause).
-            pose = [_camera_pose(node)]
+        # A kind with a signature counts only when the signature changes.
+        signature = SIGNATURES.get(kind)
+        last = [signature(node)] if signature else None
 
-            def on_modified(caller, event, kind=kind):
-                now = _camera_pose(caller)
-                if now != pose[0]:
-                    pose[0] = now
-                    self.on_activity(kind)
-        else:
-            def on_modified(caller, event, kind=kind):
-                self.on_activity(kind)
+        def on_modified(caller, event, kind=kind):
+            if signature is not None:
+                now = signature(caller)
+                if now == last[0]:
+                    return
+                last[0] = now
+            self.on_activity(kind)
 
         self._observed[id(node)] = (node, node.AddObserver("ModifiedEvent", on_modified))
 
 
 def _camera_pose(node) -> tuple:
     """What the reviewer moves in the 3D view: position, focal point, view up,
-    view angle and parallel scale (not the clipping range renders set)."""
+    view angle, parallel scale and projection."""
     return (tuple(node.GetPosition()), tuple(node.GetFocalPoint()), tuple(node.GetViewUp()), node.GetViewAngle(),
             node.GetParallelScale(), node.GetParallelProjection())
+
+
+# Every render of the 3D view resets the camera's clipping range, which
+# modifies its node too: only a changed pose is an act (a render that lands
+# in an idle pause must not end the pause).
+SIGNATURES = {"view3d": _camera_pose}
