@@ -453,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct-noise", type=float, default=0.0, metavar="HU",
                    help="augmentation: white Gaussian noise added to each training ROI's fine CT, its standard "
                         "deviation drawn from 0 to HU (default 0: none)")
+    p.add_argument("--from-bundle-heads", action="store_true",
+                   help="start each organ's head from the bundle's own fine head for it (trained on further, e.g. "
+                        "on noisier cases, at a lower --lr) instead of afresh; --width, --blocks and --zoom must "
+                        "be that head's")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--note", default="", help="how the heads were made (kept in the bundle)")
     p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
@@ -635,6 +639,8 @@ def _cmd_fine_sos(args) -> int:
     if unknown:
         raise ValueError(f"--organ {', '.join(unknown)}: not among the bundle's organs "
                          f"({', '.join(segmenter.config.organs.names)})")
+    initial = _bundle_heads_to_train_on(segmenter, base, names, args.width, args.blocks, zoom) \
+        if args.from_bundle_heads else None
     samples = (finesos.cached_samples(args.samples_cache, segmenter, args.data, names, zoom=zoom)
                if args.samples_cache else finesos.build_samples(segmenter, args.data, names, zoom=zoom))
     if not samples:
@@ -654,7 +660,7 @@ def _cmd_fine_sos(args) -> int:
     heads = finesos.train_heads(samples, args.width, args.iterations, batch=args.batch, lr=args.lr, seed=args.seed,
                                 precision=precision, autoencoder=autoencoder, shape_weight=args.shape_weight,
                                 zoom=zoom, blocks=args.blocks, adversarial=args.adversarial,
-                                ct_noise=args.ct_noise / segmenter.config.preprocess.hu_scale)
+                                ct_noise=args.ct_noise / segmenter.config.preprocess.hu_scale, initial=initial)
     report = finesos.choose(finesos.scores_on(segmenter, heads, args.select))
     chosen = {}
     for name, row in report.items():
@@ -673,11 +679,35 @@ def _cmd_fine_sos(args) -> int:
                "shape_weight": float(args.shape_weight), "adversarial": bool(args.adversarial),
                "fine_shape_steps": int(args.fine_shape),
                "ct_noise_hu": float(args.ct_noise)}
+    if initial:
+        trained["from_bundle_heads"] = {name: segmenter.meta["fine_heads"][name].get("checksum", "")
+                                        for name in initial}
     for entry in chosen.values():
         entry["chosen_on"]["trained"] = trained
     with_fine_heads(base, chosen, args.out, note=args.note)
     print(f"wrote {args.out} (fine heads: {', '.join(chosen) or 'none'})")
     return EXIT_OK
+
+
+def _bundle_heads_to_train_on(segmenter, base, names, width: int, blocks: int, zoom) -> dict:
+    """fine-sos --from-bundle-heads: organ -> the bundle's fine head's
+    weights, refused where an organ has none or its head is not of the
+    --width, --blocks and --zoom asked for."""
+    fine = segmenter.meta.get("fine_heads") or {}
+    problems = []
+    for name in names:
+        entry = fine.get(name)
+        if entry is None:
+            problems.append(f"{name} has no fine head")
+            continue
+        have = (int(entry["width"]), int(entry["blocks"]), tuple(int(z) for z in entry["zoom"]))
+        if have != (int(width), int(blocks), tuple(zoom)):
+            problems.append(f"{name}'s fine head is --width {have[0]} --blocks {have[1]} --zoom "
+                            f"{' '.join(map(str, have[2]))}")
+    if problems:
+        raise ValueError(f"{base}: --from-bundle-heads: {'; '.join(problems)} (asked for --width {width} "
+                         f"--blocks {blocks} --zoom {' '.join(map(str, zoom))})")
+    return {name: fine[name]["state_dict"] for name in names}
 
 
 def _cmd_click_heads(args) -> int:

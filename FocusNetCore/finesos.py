@@ -272,7 +272,8 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
                 lr: float = 1e-3, seed: int = 0, zoom: Sequence[int] = ZOOM, precision: str = "float32",
                 autoencoder: Optional[nn.Module] = None, shape_weight: float = 0.0,
                 blocks: int = 2, adversarial: bool = False, adversarial_weight: float = 0.001,
-                autoencoder_lr: float = 5e-4, ct_noise: float = 0.0, log=print) -> Dict[str, FineHead]:
+                autoencoder_lr: float = 5e-4, ct_noise: float = 0.0, initial: Optional[Dict[str, dict]] = None,
+                log=print) -> Dict[str, FineHead]:
     """One FineHead per organ of ``samples``, trained with SOS-Net's loss
     (binary focal + Dice; ``blocks`` SE residual blocks of ``width``
     channels each) on ROIs at the true centre moved by up to JITTER
@@ -300,12 +301,21 @@ def train_heads(samples: Dict[str, List[Sample]], width: int, iterations: int, b
     ``ct_noise`` (normalised CT units; 0: none): each ROI's fine CT gets
     white Gaussian noise of a standard deviation drawn uniformly from [0,
     ct_noise), from a generator of its own (the ROIs picked stay those of a
-    run without it)."""
+    run without it).
+
+    ``initial`` (organ -> state_dict, as a bundle's ``fine_heads`` entry
+    holds it): those heads start from these weights instead of afresh
+    (``fine-sos --from-bundle-heads``: a head trained on further, e.g. on
+    noisier cases, at a lower rate); they must have the same ``width``,
+    ``blocks`` and ``zoom``."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     noise_rng = np.random.default_rng([seed, 1])
     channels = next(iter(samples.values()))[0].features.shape[0]
     heads = {name: FineHead(channels, width, zoom, blocks) for name in samples}
+    for name, state in (initial or {}).items():
+        if name in heads:
+            heads[name].load_state_dict(state, strict=True)
     params = [p for head in heads.values() for p in head.parameters()]
     optimiser = torch.optim.Adam(params, lr=lr)
     shaped = autoencoder is not None and shape_weight > 0

@@ -205,7 +205,12 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path,
                             (["--adversarial"], ["--adversarial", "--shape-weight > 0"]),
                             (["--fine-shape", "50"], ["--fine-shape", "--shape-weight > 0"]),
                             (["--organ", "Brain"], ["--organ Brain: not among the bundle's organs"]),
-                            (["--zoom", "0", "2", "2"], ["--zoom must be 1 to 4"])):
+                            (["--zoom", "0", "2", "2"], ["--zoom must be 1 to 4"]),
+                            (["--from-bundle-heads", "--organ", "Lens_L"],
+                             ["--from-bundle-heads: Lens_L's fine head is --width 16 --blocks 2 --zoom 1 2 2 "
+                              "(asked for --width 4"]),
+                            (["--from-bundle-heads", "--organ", "Brainstem", "--width", "16"],
+                             ["--from-bundle-heads: Brainstem has no fine head"])):
         assert main(command[3:] + extra + ["--out", str(tmp_path / "x.pt")]) == 2, extra
         stderr = capsys.readouterr().err
         assert all(m in stderr for m in messages), (extra, stderr[-2000:])
@@ -390,6 +395,26 @@ def test_samples_cache_is_read_back_only_for_the_same_bundle_cases_organs_and_zo
     with pytest.raises(ValueError, match="other cases"):
         finesos.cached_samples(cache, segmenter, [folder / "cases"], ["Lens_L", "OpticChiasm"], log=lambda _: None)
     assert cache.read_bytes() == stored
+
+
+def test_heads_trained_on_from_a_bundles_start_from_its_weights():
+    """`fine-sos --from-bundle-heads`: the head starts from the weights it
+    is given (no step: exactly them) and trains on from there; a head of
+    another width is refused."""
+    samples = _blob_samples()
+    quiet = dict(batch=2, log=lambda *a: None)
+    first = finesos.train_heads({"Lens_L": samples}, width=4, iterations=6, lr=1e-2, **quiet)["Lens_L"]
+    state = {k: v.clone() for k, v in first.state_dict().items()}
+    same = finesos.train_heads({"Lens_L": samples}, width=4, iterations=0, initial={"Lens_L": state}, **quiet)
+    assert all(torch.equal(v, same["Lens_L"].state_dict()[k]) for k, v in state.items())
+    fresh = finesos.train_heads({"Lens_L": samples}, width=4, iterations=0, seed=0, **quiet)["Lens_L"]
+    assert not all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())
+    on = finesos.train_heads({"Lens_L": samples}, width=4, iterations=2, lr=1e-4, initial={"Lens_L": state}, **quiet)
+    moved = [float((v.detach() - state[k]).abs().max()) for k, v in on["Lens_L"].named_parameters()]
+    assert 0 < max(moved) < 0.01  # two small Adam steps on from the given weights, not a fresh start
+    assert all(torch.equal(v, state[k]) for k, v in first.state_dict().items())  # the given weights untouched
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        finesos.train_heads({"Lens_L": samples}, width=8, iterations=1, initial={"Lens_L": state}, **quiet)
 
 
 def test_ct_noise_augments_the_fine_ct_only_and_keeps_the_rois_picked(monkeypatch):
