@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -129,53 +129,57 @@ def _segment_inputs(inputs) -> list:
     return cases
 
 
+SEGMENT_FORMATS = {"seg.nrrd": ".seg.nrrd", "nifti": ".nii.gz", "nrrd": ".nrrd", "rtstruct": ".rtstruct.dcm",
+                   "dicomseg": ".seg.dcm"}  # --format -> the file's suffix
+
+
+def _segment_formats(text: str) -> Tuple[str, ...]:
+    """``segment --format``: one format or several joined by commas, each once."""
+    formats = tuple(f.strip() for f in text.split(","))
+    unknown = [f for f in formats if f not in SEGMENT_FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"unknown format {', '.join(map(repr, unknown)) or repr(text)} "
+                                         f"(choose from {', '.join(SEGMENT_FORMATS)}, or several joined by commas)")
+    if len(set(formats)) != len(formats):
+        raise argparse.ArgumentTypeError(f"{text!r} names a format twice")
+    return formats
+
+
 def _cmd_segment(args) -> int:
     import json
 
-    from .imageio import ImageReadError, OutputExistsError, atomic_output, case_name, write_image
-    from .segfile import write_label_table, write_seg_nrrd
+    from .imageio import ImageReadError, OutputExistsError, atomic_output, case_name
     from .segment import Segmenter
 
     out = Path(args.out)
     cases = _segment_inputs(args.input)
     segmenter = Segmenter(args.model, device=args.device, precision=args.precision, backend=args.backend)
-    suffix = {"seg.nrrd": ".seg.nrrd", "nifti": ".nii.gz", "nrrd": ".nrrd", "rtstruct": ".rtstruct.dcm",
-              "dicomseg": ".seg.dcm"}[args.format]
+    formats = tuple(args.format)
+    dicom_only = [f for f in formats if f in ("rtstruct", "dicomseg")]
     status = EXIT_OK
     for index, case in enumerate(cases):
         name = case_name(case)
-        target = out / f"{name}{suffix}"
+        targets = {f: out / f"{name}{SEGMENT_FORMATS[f]}" for f in formats}
         report_path = out / f"{name}.report.json"
         progress = _ProgressPrinter(args.progress, name, index, len(cases))
         try:
-            for path in (target, report_path):
+            for path in (*targets.values(), report_path):
                 if path.exists() and not args.overwrite:
                     raise OutputExistsError(path)
-            if args.format in ("rtstruct", "dicomseg") and not Path(case).is_dir():
-                raise ImageReadError(case, f"--format {args.format} needs a DICOM CT series as input "
+            if dicom_only and not Path(case).is_dir():
+                raise ImageReadError(case, f"--format {','.join(dicom_only)} needs a DICOM CT series as input "
                                      "(the DICOM object must reference its images)")
             result = segmenter.segment(case, progress=progress)
-            progress("write", 0.95, f"writing {target}")
             organs = segmenter.config.organs
-            if args.format == "seg.nrrd":
-                write_seg_nrrd(result.labels, organs, target, overwrite=args.overwrite)
-            elif args.format == "rtstruct":
-                from .rtstruct import write_rtstruct
-
-                write_rtstruct(result.labels, case, organs, target, overwrite=args.overwrite)
-            elif args.format == "dicomseg":
-                from .dicomseg import write_dicom_seg
-
-                model = segmenter.model_info
-                write_dicom_seg(result.labels, case, organs, target, overwrite=args.overwrite,
-                                model_name=model["name"], model_version=model["code_version"] or "")
-            else:
-                write_image(result.labels, target, overwrite=args.overwrite)
-                write_label_table(organs, out / f"{name}.labels.json", overwrite=True)
-            report = {"input": str(case), "output": str(target), **result.report()}
+            for kind, target in targets.items():
+                progress("write", 0.95, f"writing {target}")
+                _write_segmentation(kind, result.labels, case, organs, target, args.overwrite, segmenter, out, name)
+            first = next(iter(targets.values()))
+            report = {"input": str(case), "output": str(first), "outputs": [str(t) for t in targets.values()],
+                      **result.report()}
             with atomic_output(report_path, overwrite=args.overwrite) as tmp:
                 tmp.write_text(json.dumps(report, indent=2))
-            progress("done", 1.0, f"wrote {target}")
+            progress("done", 1.0, f"wrote {', '.join(map(str, targets.values()))}")
         except (ImageReadError, OutputExistsError) as error:
             status = max(status, EXIT_BAD_INPUT)
             _report_failure(args, name, str(error))
@@ -183,6 +187,29 @@ def _cmd_segment(args) -> int:
             status = EXIT_INTERNAL
             _report_failure(args, name, f"internal error: {type(error).__name__}: {error}")
     return status
+
+
+def _write_segmentation(kind: str, labels, case, organs, target: Path, overwrite: bool, segmenter, out: Path,
+                        name: str) -> None:
+    """One of ``segment``'s output files (``kind``: a --format) from the labels."""
+    from .imageio import write_image
+    from .segfile import write_label_table, write_seg_nrrd
+
+    if kind == "seg.nrrd":
+        write_seg_nrrd(labels, organs, target, overwrite=overwrite)
+    elif kind == "rtstruct":
+        from .rtstruct import write_rtstruct
+
+        write_rtstruct(labels, case, organs, target, overwrite=overwrite)
+    elif kind == "dicomseg":
+        from .dicomseg import write_dicom_seg
+
+        model = segmenter.model_info
+        write_dicom_seg(labels, case, organs, target, overwrite=overwrite, model_name=model["name"],
+                        model_version=model["code_version"] or "")
+    else:
+        write_image(labels, target, overwrite=overwrite)
+        write_label_table(organs, out / f"{name}.labels.json", overwrite=True)
 
 
 def _report_failure(args, case: str, message: str) -> None:
@@ -288,9 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
                    help="what runs S-Net and SOL-Net over the scan: auto = OpenVINO on the CPU (1.3-1.7x PyTorch's speed "
                         "there, same results), PyTorch on a GPU")
-    p.add_argument("--format", choices=("seg.nrrd", "nifti", "nrrd", "rtstruct", "dicomseg"), default="seg.nrrd",
-                   help="rtstruct: a DICOM RT Structure Set for the planning system; dicomseg: a DICOM SEG "
-                        "(both for DICOM input only)")
+    p.add_argument("--format", type=_segment_formats, default=("seg.nrrd",),
+                   help=f"{', '.join(SEGMENT_FORMATS)}, or several joined by commas (one segmentation, each file "
+                        "written from it: e.g. rtstruct,dicomseg). rtstruct: a DICOM RT Structure Set for the "
+                        "planning system; dicomseg: a DICOM SEG (both for DICOM input only). Default seg.nrrd")
     p.add_argument("--progress", choices=("text", "json"), default="text",
                    help="json: one JSON object per line on stdout (stage, fraction, message)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

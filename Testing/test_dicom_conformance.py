@@ -44,13 +44,11 @@ def written(tmp_path_factory):
     case = generate_case(2026, "small")
     write_case(case, root / "phantom", "dicom")
     series = root / "phantom" / case.name / "CT"
-    outputs = {}
-    for kind in ("rtstruct", "dicomseg"):
-        result = subprocess.run([sys.executable, "-m", "FocusNetCore", "segment", str(series), "--out",
-                                 str(root / kind), "--format", kind, "--device", "cpu"], capture_output=True,
-                                text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-2000:]
-        outputs[kind] = next((root / kind).glob("*.dcm"))
+    result = subprocess.run([sys.executable, "-m", "FocusNetCore", "segment", str(series), "--out",
+                             str(root / "out"), "--format", "rtstruct,dicomseg", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    outputs = {"rtstruct": root / "out" / "CT.rtstruct.dcm", "dicomseg": root / "out" / "CT.seg.dcm"}
     ct = read_image(series)
     truth_array, _ = convert_labels(sitk.GetArrayViewFromImage(case.labels), PHANTOM_SET, ORGANS)
     truth = sitk.GetImageFromArray(truth_array)
@@ -119,7 +117,7 @@ def test_dicom_seg_references_the_ct_and_reads_back_as_our_label_map(written):
     assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(written["truth"]))
     # The model's SEG leaves out the organs it did not find.
     found = pydicom.dcmread(str(written["dicomseg"]))
-    report = __import__("json").loads(next((written["root"] / "dicomseg").glob("*.report.json")).read_text())
+    report = __import__("json").loads((written["root"] / "out" / "CT.report.json").read_text())
     assert [s.SegmentLabel for s in found.SegmentSequence] == [o["name"] for o in report["organs"] if o["present"]]
 
 

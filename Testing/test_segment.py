@@ -142,9 +142,12 @@ def test_segment_dicom_series_to_rtstruct(tiny_bundle, tmp_path, capsys):
     case = generate_case(404, "small")
     write_case(case, tmp_path / "dicom", "dicom")
     series = tmp_path / "dicom" / case.name / "CT"
-    out = run_cli("segment", series, "--out", tmp_path / "out", "--model", tiny_bundle, "--format", "rtstruct")
+    out = run_cli("segment", series, "--out", tmp_path / "out", "--model", tiny_bundle, "--format", "rtstruct,dicomseg")
     assert out.returncode == 0, out.stderr
     rt = tmp_path / "out" / "CT.rtstruct.dcm"
+    # both files of one segmentation, both named in the report
+    report = json.loads((tmp_path / "out" / "CT.report.json").read_text())
+    assert report["outputs"] == [str(rt), str(tmp_path / "out" / "CT.seg.dcm")] and report["output"] == str(rt)
     ct = read_image(series)
     labels, present, unmatched = read_rtstruct(rt, ct, series, ORGAN_SETS["oar22"])
     seg = Segmenter(tiny_bundle, device="cpu").segment(series).labels
@@ -154,8 +157,17 @@ def test_segment_dicom_series_to_rtstruct(tiny_bundle, tmp_path, capsys):
     assert (labels == sitk.GetArrayViewFromImage(seg)).mean() > 0.995
     # RTSTRUCT needs a DICOM series to refer to: a volume file is refused (in this process)
     assert main(["segment", str(tmp_path / "dicom" / case.name / "labels.nrrd"), "--out", str(tmp_path / "o2"),
-                 "--model", str(tiny_bundle), "--format", "rtstruct"]) == 2
-    assert "rtstruct" in capsys.readouterr().err.lower()
+                 "--model", str(tiny_bundle), "--format", "seg.nrrd,rtstruct"]) == 2
+    assert "--format rtstruct needs a DICOM CT series" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())  # nothing half-written
+    # a file of the run before is not overwritten by a second format list naming it
+    assert main(["segment", str(series), "--out", str(tmp_path / "out"), "--model", str(tiny_bundle),
+                 "--format", "nifti,dicomseg"]) == 2
+    assert "CT.seg.dcm" in capsys.readouterr().err and not (tmp_path / "out" / "CT.nii.gz").exists()
+    for bad, message in (("rtstruct,stl", "unknown format 'stl'"), ("rtstruct,rtstruct", "names a format twice")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["segment", str(series), "--out", str(tmp_path / "o3"), "--format", bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_precision_choice_rules(monkeypatch):
