@@ -481,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct-noise", type=float, default=0.0, metavar="HU",
                    help="augmentation: white Gaussian noise added to each training ROI's fine CT, its standard "
                         "deviation drawn from 0 to HU (default 0: none)")
+    p.add_argument("--trained-out", default=None, metavar="FILE",
+                   help="also keep every head trained, chosen or not, with its scores case by case on --select "
+                        "(a torch file: organ -> state_dict, settings, scores), so a run's heads are not lost "
+                        "where none beats the bundle; never overwritten")
     p.add_argument("--from-bundle-heads", action="store_true",
                    help="start each organ's head from the bundle's own fine head for it (trained on further, e.g. "
                         "on noisier cases, at a lower --lr) instead of afresh; --width, --blocks and --zoom must "
@@ -660,6 +664,8 @@ def _cmd_fine_sos(args) -> int:
                          f"STEPS >= 1 (got --fine-shape {args.fine_shape}, --shape-weight {args.shape_weight})")
     if args.adversarial and not args.shape_weight > 0:
         raise ValueError("--adversarial trains the shape autoencoder against the heads: it needs --shape-weight > 0")
+    if args.trained_out and Path(args.trained_out).exists():
+        raise ValueError(f"--trained-out {args.trained_out}: exists already (never overwritten)")
     base = Path(args.model) if args.model else EMBEDDED_MODEL
     segmenter = Segmenter(base, device=args.device)
     names = args.organs or list(segmenter.config.organs.small_names)
@@ -689,7 +695,8 @@ def _cmd_fine_sos(args) -> int:
                                 precision=precision, autoencoder=autoencoder, shape_weight=args.shape_weight,
                                 zoom=zoom, blocks=args.blocks, adversarial=args.adversarial,
                                 ct_noise=args.ct_noise / segmenter.config.preprocess.hu_scale, initial=initial)
-    report = finesos.choose(finesos.scores_on(segmenter, heads, args.select))
+    scores = finesos.scores_on(segmenter, heads, args.select)
+    report = finesos.choose(scores)
     chosen = {}
     for name, row in report.items():
         current = "" if row["current"] is None else f", the bundle's fine head {row['current']:.3f}"
@@ -712,6 +719,24 @@ def _cmd_fine_sos(args) -> int:
                                         for name in initial}
     for entry in chosen.values():
         entry["chosen_on"]["trained"] = trained
+    if args.trained_out:
+        import json
+
+        import torch
+
+        from .imageio import atomic_output
+
+        plain = lambda value: json.loads(json.dumps(value, default=float))  # noqa: E731 (numpy scalars -> float)
+        kept = {name: {"state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+                       "zoom": list(zoom), "roi": list(finesos.FINE_ROI), "width": int(args.width),
+                       "blocks": int(args.blocks), "report": plain(report[name]),
+                       "scores": {"pipeline": plain(scores[name]["pipeline"]),
+                                  "current": plain(scores[name].get("current")),
+                                  "fine": [[float(t), plain(v)] for t, v in scores[name]["fine"].items()]}}
+                for name, head in heads.items()}
+        with atomic_output(args.trained_out) as tmp:
+            torch.save({"heads": kept, "trained": trained, "select": str(args.select), "model": str(base)}, tmp)
+        print(f"wrote {args.trained_out} (every head trained, with its scores)")
     with_fine_heads(base, chosen, args.out, note=args.note)
     print(f"wrote {args.out} (fine heads: {', '.join(chosen) or 'none'})")
     return EXIT_OK

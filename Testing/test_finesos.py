@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from FocusNetCore import finesos
 from FocusNetCore.metrics import dice
-from FocusNetCore.bundle import BundleError, load_bundle, with_fine_heads, with_sos_heads
+from FocusNetCore.bundle import BundleError, fine_head, load_bundle, with_fine_heads, with_sos_heads
 from FocusNetCore.cli import main
 from FocusNetCore.phantom import generate_case, write_case
 from FocusNetCore.preprocess import Grid
@@ -189,8 +189,19 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path,
     folder, _ = phantom
     command = [sys.executable, "-m", "FocusNetCore", "fine-sos", "--data", str(folder / "cases"),
                "--select", str(folder / "cases"), "--iterations", "3", "--width", "4", "--device", "cpu"]
-    run = subprocess.run(command + ["--out", str(tmp_path / "fine.pt")], capture_output=True, text=True, timeout=600)
+    trained = tmp_path / "trained.pt"
+    run = subprocess.run(command + ["--out", str(tmp_path / "fine.pt"), "--trained-out", str(trained)],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
+    # every head trained is kept with its scores, chosen or not, and loads as a bundle's fine head would
+    kept = torch.load(trained, weights_only=True)
+    assert sorted(kept["heads"]) == sorted(load_bundle(EMBEDDED_MODEL)[0].config.organs.small_names)
+    for name, entry in kept["heads"].items():
+        assert entry["width"] == 4 and len(entry["scores"]["pipeline"]) == 1 and entry["report"]["cases"] == 1
+        assert max(v[0] for _, v in entry["scores"]["fine"]) == pytest.approx(entry["report"]["dice"])
+        head = fine_head(load_bundle(EMBEDDED_MODEL)[0].config, entry)
+        assert all(torch.isfinite(v).all() for v in head.state_dict().values() if v.is_floating_point())
+    assert kept["trained"]["iterations"] == 3
     for name in ("Lens_L", "Lens_R", "OpticNrv_L", "OpticNrv_R", "OpticChiasm", "Pituitary"):
         # the embedded model has fine heads for these: the new ones are scored against them too
         assert f"{name}: Dice on the CT's grid over 1 case(s): pipeline" in run.stdout
@@ -206,6 +217,7 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path,
                             (["--fine-shape", "50"], ["--fine-shape", "--shape-weight > 0"]),
                             (["--organ", "Brain"], ["--organ Brain: not among the bundle's organs"]),
                             (["--zoom", "0", "2", "2"], ["--zoom must be 1 to 4"]),
+                            (["--trained-out", str(trained)], [f"--trained-out {trained}: exists already"]),
                             (["--from-bundle-heads", "--organ", "Lens_L"],
                              ["--from-bundle-heads: Lens_L's fine head is --width 16 --blocks 2 --zoom 1 2 2 "
                               "(asked for --width 4"]),
