@@ -19,6 +19,13 @@ from pathlib import Path
 from typing import List, Tuple
 
 RECORD_VERSION = 1
+# The rules the activity monitor counts acts of reviewing by (records'
+# ``activity_rules``). 2 (2026-12-02): the 3D view counts only when its
+# camera's pose changes. Under 1 (records without the field) every render of
+# the 3D view, whose clipping-range reset modifies the camera, counted as an
+# act, so a pause with renders in it was not idle and active_s can be too
+# high; ``study report`` leaves such records out of the active time.
+ACTIVITY_RULES = 2
 MODES = ("ai", "manual")
 # What a record's times and counts mean, in both front ends; every record
 # carries them (``timing_definitions``) and ``study report`` prints them.

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .organs import ORGAN_SETS
-from .study import TIMING_DEFINITIONS, append_record, case_id, read_records
+from .study import ACTIVITY_RULES, TIMING_DEFINITIONS, append_record, case_id, read_records
 
 BOOTSTRAP_SAMPLES = 2000
 MIN_PAIRS_FOR_TEST = 5
@@ -58,7 +58,7 @@ def synthetic_log(path, n_cases: int = 40, seed: int = 0, paired_fraction: float
                 states[name] = {"status": "edited" if edited else "accepted", "edits": int(rng.integers(1, 9)) if edited else 0}
             append_record(path, {"synthetic": True, "case_id": cid, "reviewer": f"reviewer {k % 3 + 1}", "mode": mode,
                                  "status": "finished", "wall_s": round(wall, 1), "active_s": round(wall * 0.7, 1),
-                                 "idle_threshold_s": 60.0,
+                                 "idle_threshold_s": 60.0, "activity_rules": ACTIVITY_RULES,
                                  "model": {"name": "synthetic"}, "organs": states, "metrics": metrics,
                                  "software_version": "synthetic"})
     return path
@@ -129,10 +129,11 @@ def analyse(records: List[dict], seed: int = 0) -> dict:
            "synthetic": any(r.get("synthetic") for r in records), "modes": {}}
     for mode in ("manual", "ai"):
         if len(times[mode]):
-            active = [r["active_s"] / 60.0 for r in finished if r["mode"] == mode and r.get("active_s") is not None]
+            timed = [r for r in finished if r["mode"] == mode and r.get("active_s") is not None]
+            active = [r["active_s"] / 60.0 for r in timed if int(r.get("activity_rules", 1)) >= ACTIVITY_RULES]
             out["modes"][mode] = {"n": int(len(times[mode])), "median_min": float(np.median(times[mode])),
                                   "iqr_min": _iqr(times[mode]), "median_active_min": _median_or_none(active),
-                                  "n_with_active": len(active)}
+                                  "n_with_active": len(active), "n_active_earlier_rules": len(timed) - len(active)}
     by_case: Dict[str, Dict[str, float]] = {}
     for r in finished:
         by_case.setdefault(r["case_id"], {})[r["mode"]] = r["wall_s"] / 60.0
@@ -279,6 +280,12 @@ def _markdown(stats: dict, problems: List[str]) -> str:
                       else f"median active time {m['median_active_min']:.1f} min")
             text.append(f"{label} took a median of {m['median_min']:.1f} min per case "
                         f"(IQR {m['iqr_min'][0]:.1f}-{m['iqr_min'][1]:.1f}; n = {m['n']}; {active}).")
+            if m.get("n_active_earlier_rules"):
+                text.append(f"{m['n_active_earlier_rules']} of these record(s) were timed under the earlier activity "
+                            "rules (no `activity_rules`: FocusNet before 2026-12-02, when every render of the 3D "
+                            "view counted as an act, so a pause with renders in it was not idle): their active "
+                            "time can be too high and is left out of the active median; their time per case is "
+                            "not affected.")
     if "saving" in stats:
         s = stats["saving"]
         over = (f"over the {s['n']} cases contoured both ways, paired 95 % bootstrap CI resampling cases"

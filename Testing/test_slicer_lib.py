@@ -18,7 +18,7 @@ from FocusNetSegmentLib.export import export_nifti, export_seg_nrrd, free_path  
 from FocusNetCore.organs import CATALOGUE, ORGAN_SETS, convert_labels  # noqa: E402
 from FocusNetCore.phantom import PHANTOM_SET, generate_case  # noqa: E402
 from FocusNetCore.segfile import read_seg_nrrd_segments  # noqa: E402
-from FocusNetCore.study import read_records  # noqa: E402
+from FocusNetCore.study import ACTIVITY_RULES, read_records  # noqa: E402
 
 ORGANS = ORGAN_SETS["oar22"]
 
@@ -227,6 +227,7 @@ def test_edits_timing_and_records(loaded, tmp_path):
     # finishing 6 s after the last act of reviewing counts as active too
     assert record["wall_s"] == pytest.approx(325.0) and record["active_s"] == pytest.approx(25.0)
     assert record["activity"] == {"edit": 4} and "active_s" in record["timing_definitions"]
+    assert record["activity_rules"] == ACTIVITY_RULES  # the study report trusts its active time
     assert record["metrics"]["Parotid_L"]["edited"] and record["metrics"]["Parotid_L"]["voxels_added"] > 0
     assert record["metrics"]["Parotid_L"]["voxels_added"] == 3 * 6 * 6 and record["metrics"]["Parotid_L"]["apl_mm"] > 0
     assert not record["metrics"]["Brainstem"]["edited"] and record["metrics"]["Brainstem"]["dice"] == 1.0
@@ -253,10 +254,22 @@ def test_crash_recovery_resume_or_incomplete(loaded, tmp_path):
     clock2.t += 20
     assert resumed.now_s() == pytest.approx(30.0)  # 10 s before the crash + 20 s after
     resumed.stop()
+    assert json.loads((tmp_path / "abc.review.json").read_text())["activity_rules"] == ACTIVITY_RULES
     record = review.ReviewSession.mark_incomplete(tmp_path / "abc.review.json", tmp_path / "log.jsonl")
     assert record["status"] == "incomplete"
     records, _ = read_records(tmp_path / "log.jsonl")
     assert [r["status"] for r in records] == ["incomplete"]
+    # a checkpoint written before activity_rules existed: its active time so far was counted by the
+    # earlier rules, and the resumed session's record says so
+    session = start_session(loaded, tmp_path, FakeClock())
+    session.stop()
+    old = json.loads((tmp_path / "abc.review.json").read_text())
+    del old["activity_rules"]
+    (tmp_path / "abc.review.json").write_text(json.dumps(old))
+    resumed = review.ReviewSession.resume(tmp_path / "abc.review.json", seg, ORGANS, tmp_path / "log.jsonl",
+                                          clock=FakeClock(), wall=lambda: 1.7e9).start()
+    assert resumed.state_dict()["activity_rules"] == 1
+    resumed.stop()
 
 
 def test_review_case_autosave_resume_export_finish(phantom, tmp_path):

@@ -152,6 +152,26 @@ def test_repeated_records_follow_one_rule_and_missing_fields_warn_nothing():
     assert "Idle thresholds in these records: not recorded" in text
 
 
+def test_active_time_timed_under_the_earlier_activity_rules_is_left_out_and_said():
+    """Records without ``activity_rules`` (before a 3D render stopped counting
+    as an act) keep their time per case but not their active time, and the
+    report says how many."""
+    from FocusNetCore.study import ACTIVITY_RULES
+    from FocusNetCore.studyreport import _markdown, analyse
+
+    records = [_record(f"c{k}", "ai", 30.0, active_s=600.0, activity_rules=ACTIVITY_RULES) for k in range(3)]
+    records += [_record(f"d{k}", "ai", 30.0, active_s=1500.0) for k in range(2)]  # inflated by renders
+    stats = analyse(records)
+    ai = stats["modes"]["ai"]
+    assert ai["n"] == 5 and ai["median_min"] == pytest.approx(30.0)
+    assert ai["median_active_min"] == pytest.approx(10.0) and ai["n_with_active"] == 3
+    assert ai["n_active_earlier_rules"] == 2
+    assert "2 of these record(s) were timed under the earlier activity rules" in _markdown(stats, [])
+    trusted = analyse(records[:3])
+    assert trusted["modes"]["ai"]["n_active_earlier_rules"] == 0
+    assert "earlier activity rules" not in _markdown(trusted, [])
+
+
 def test_edit_metrics_state_their_tolerances():
     mask = np.zeros((3, 10, 10), bool)
     mask[1, 3:7, 3:7] = True

@@ -51,7 +51,7 @@ import SimpleITK as sitk
 
 from FocusNetCore import __version__
 from FocusNetCore.organs import CATALOGUE, OrganSet
-from FocusNetCore.study import TIMING_DEFINITIONS, append_record, read_records, write_json_atomic
+from FocusNetCore.study import ACTIVITY_RULES, TIMING_DEFINITIONS, append_record, read_records, write_json_atomic
 
 UNREVIEWED, ACCEPTED, EDITED = "unreviewed", "accepted", "edited"
 # Flags (review panel)
@@ -125,6 +125,7 @@ class ReviewSession:
         self.last_event: Optional[float] = None
         self.elapsed_before_s = 0.0  # shown time of earlier showings (and of earlier runs, when resumed)
         self.activity_counts: Dict[str, int] = {}
+        self.activity_rules = ACTIVITY_RULES  # a resumed session keeps its checkpoint's (study.ACTIVITY_RULES)
         self._last_checkpoint: Optional[float] = None
         self.on_change_after_finish: Optional[Callable[[str], None]] = None  # called with the organ's name
         self._observer = None
@@ -326,6 +327,7 @@ class ReviewSession:
                 "started": _iso(self.started_wall) if self.started_wall is not None else None,
                 "elapsed_s": round(self.now_s(), 3), "active_s": round(self.active_s, 3),
                 "idle_threshold_s": self.idle_threshold_s, "activity": dict(sorted(self.activity_counts.items())),
+                "activity_rules": self.activity_rules,
                 "timing_definitions": TIMING_DEFINITIONS,
                 "organs": {n: asdict(s) for n, s in self.states.items()}, "software_version": __version__}
 
@@ -352,6 +354,7 @@ class ReviewSession:
         session.elapsed_before_s = float(data["elapsed_s"])
         session.active_s = float(data["active_s"])
         session.activity_counts = dict(data.get("activity") or {})
+        session.activity_rules = int(data.get("activity_rules", 1))  # its active_s so far was counted by these
         if data.get("started"):
             session.started_wall = datetime.datetime.fromisoformat(data["started"]).timestamp()
         for name, state in data["organs"].items():
