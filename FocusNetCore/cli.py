@@ -137,8 +137,8 @@ def _segment_formats(text: str) -> Tuple[str, ...]:
     """``segment --format``: one format or several joined by commas, each once."""
     formats = tuple(f.strip() for f in text.split(","))
     unknown = [f for f in formats if f not in SEGMENT_FORMATS]
-    if unknown or not formats:
-        raise argparse.ArgumentTypeError(f"unknown format {', '.join(map(repr, unknown)) or repr(text)} "
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown format {', '.join(map(repr, unknown))} "
                                          f"(choose from {', '.join(SEGMENT_FORMATS)}, or several joined by commas)")
     if len(set(formats)) != len(formats):
         raise argparse.ArgumentTypeError(f"{text!r} names a format twice")
@@ -697,6 +697,11 @@ def _cmd_fine_sos(args) -> int:
                                 ct_noise=args.ct_noise / segmenter.config.preprocess.hu_scale, initial=initial)
     scores = finesos.scores_on(segmenter, heads, args.select)
     report = finesos.choose(scores)
+    settings = {"zoom": list(zoom), "roi": list(finesos.FINE_ROI), "width": int(args.width), "blocks": int(args.blocks)}
+
+    def entry(name: str) -> dict:  # a head as a bundle's fine_heads entry holds it
+        return {"state_dict": {k: v.detach().cpu() for k, v in heads[name].state_dict().items()}, **settings}
+
     chosen = {}
     for name, row in report.items():
         current = "" if row["current"] is None else f", the bundle's fine head {row['current']:.3f}"
@@ -704,11 +709,8 @@ def _cmd_fine_sos(args) -> int:
               f"new fine head {row['dice']:.3f} at {row['threshold']} (gain s.e. {row['gain_standard_error']:.3f})"
               f"{': the fine head draws it' if row['fine'] else ''}")
         if row["fine"]:
-            chosen[name] = {"state_dict": {k: v.detach().cpu() for k, v in heads[name].state_dict().items()},
-                            "threshold": row["threshold"], "zoom": list(zoom), "roi": list(finesos.FINE_ROI),
-                            "width": int(args.width), "blocks": int(args.blocks),
-                            "chosen_on": {"data": str(args.select), **{k: row[k] for k in ("cases", "pipeline", "dice")}},
-                            }
+            chosen[name] = {**entry(name), "threshold": row["threshold"],
+                            "chosen_on": {"data": str(args.select), **{k: row[k] for k in ("cases", "pipeline", "dice")}}}
     trained = {"data": [str(d) for d in args.data], "iterations": int(args.iterations), "batch": int(args.batch),
                "lr": float(args.lr), "seed": int(args.seed), "precision": precision,
                "shape_weight": float(args.shape_weight), "adversarial": bool(args.adversarial),
@@ -727,13 +729,11 @@ def _cmd_fine_sos(args) -> int:
         from .imageio import atomic_output
 
         plain = lambda value: json.loads(json.dumps(value, default=float))  # noqa: E731 (numpy scalars -> float)
-        kept = {name: {"state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
-                       "zoom": list(zoom), "roi": list(finesos.FINE_ROI), "width": int(args.width),
-                       "blocks": int(args.blocks), "report": plain(report[name]),
+        kept = {name: {**entry(name), "report": plain(report[name]),
                        "scores": {"pipeline": plain(scores[name]["pipeline"]),
                                   "current": plain(scores[name].get("current")),
                                   "fine": [[float(t), plain(v)] for t, v in scores[name]["fine"].items()]}}
-                for name, head in heads.items()}
+                for name in heads}
         with atomic_output(args.trained_out) as tmp:
             torch.save({"heads": kept, "trained": trained, "select": str(args.select), "model": str(base)}, tmp)
         print(f"wrote {args.trained_out} (every head trained, with its scores)")

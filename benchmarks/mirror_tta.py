@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from FocusNetCore import finesos
 from FocusNetCore.data import discover_cases, load_case
 from FocusNetCore.metrics import dice
+from FocusNetCore.postprocess import clearly_better
 from FocusNetCore.preprocess import Grid, _resample
 from FocusNetCore.segment import Segmenter
 
@@ -73,7 +74,7 @@ def main():
         plain, averaged = np.array(plain), np.array(averaged)
         for k, t in enumerate(THRESHOLDS):
             gain = averaged[:, k] - plain[:, k]
-            se = gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else float("nan")
+            _, se = clearly_better(averaged[:, k], plain[:, k], 0.0)
             print(f"{folder} threshold {t}: {plain[:, k].mean():.3f} (lowest {plain[:, k].min():.3f}) -> "
                   f"{averaged[:, k].mean():.3f} (lowest {averaged[:, k].min():.3f}); gain {gain.mean():+.4f} "
                   f"(s.e. {se:.4f}), better on {int((gain > 0).sum())} of {len(gain)}", flush=True)
