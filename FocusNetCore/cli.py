@@ -719,8 +719,8 @@ def _cmd_fine_sos(args) -> int:
     if initial:
         trained["from_bundle_heads"] = {name: segmenter.meta["fine_heads"][name].get("checksum", "")
                                         for name in initial}
-    for entry in chosen.values():
-        entry["chosen_on"]["trained"] = trained
+    for head in chosen.values():
+        head["chosen_on"]["trained"] = trained
     if args.trained_out:
         import json
 

@@ -181,11 +181,12 @@ def test_fine_heads_travel_in_the_bundle_checked(tmp_path):
     assert not (tmp_path / "bad.pt").exists()
 
 
-def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path, capsys):
+def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path, capsys, monkeypatch):
     """`focusnet fine-sos` end to end on one small phantom (trained and
     chosen on it, a few steps): every small organ scored against the
     pipeline on the CT's grid, the bundle written and loadable with the
-    segmentation's weights unchanged; bad settings refused before any work."""
+    segmentation's weights unchanged; a chosen head in both the bundle and
+    --trained-out; bad settings refused before any work."""
     folder, _ = phantom
     command = [sys.executable, "-m", "FocusNetCore", "fine-sos", "--data", str(folder / "cases"),
                "--select", str(folder / "cases"), "--iterations", "3", "--width", "4", "--device", "cpu"]
@@ -227,6 +228,25 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path,
         stderr = capsys.readouterr().err
         assert all(m in stderr for m in messages), (extra, stderr[-2000:])
     assert not (tmp_path / "x.pt").exists()
+    # a head that is chosen goes into the bundle and, with its scores, into --trained-out (three steps never beat
+    # the shipped heads, so choose's verdict is forced here; this pair once failed after 58 minutes of training)
+    real_choose = finesos.choose
+
+    def choose_lens(scores):
+        report = real_choose(scores)
+        report["Lens_L"]["fine"] = True
+        return report
+
+    monkeypatch.setattr(finesos, "choose", choose_lens)
+    chosen_trained = tmp_path / "chosen-trained.pt"
+    assert main(command[3:] + ["--organ", "Lens_L", "--out", str(tmp_path / "chosen.pt"),
+                               "--trained-out", str(chosen_trained)]) == 0, capsys.readouterr().err[-2000:]
+    fine = load_bundle(tmp_path / "chosen.pt")[1]["fine_heads"]["Lens_L"]
+    kept = torch.load(chosen_trained, weights_only=True)["heads"]["Lens_L"]
+    assert fine["width"] == kept["width"] == 4 and fine["threshold"] == kept["report"]["threshold"]
+    assert fine["from"]["chosen_on"]["trained"]["iterations"] == 3
+    assert sorted(fine["state_dict"]) == sorted(kept["state_dict"])
+    assert all(torch.equal(fine["state_dict"][k], kept["state_dict"][k]) for k in kept["state_dict"])
 
 
 def test_a_new_fine_head_is_kept_only_where_it_beats_the_pipeline_and_the_bundles_current_head():
