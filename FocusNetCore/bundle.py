@@ -14,7 +14,7 @@ import hashlib
 import io
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from .bundleinfo import BundleError  # noqa: F401  (torch-free: the Slicer side 
 from .imageio import atomic_output
 from .networks import FocusNetConfig, FocusNetV2
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a fine head may be an ensemble (``members``); bundles without one are still written as 1
 
 
 def weights_checksum(state_dict: Dict[str, torch.Tensor]) -> str:
@@ -71,7 +71,7 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     organs = model.config.organs
     payload = {
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if any("members" in head for head in (fine_heads or {}).values()) else 1,
         "config": model.config.to_dict(),
         "organs": {name: organs.label_of(name) for name in organs.names},
         "small_organs": list(organs.small_names),
@@ -89,7 +89,7 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
     if click_heads:
         payload["click_heads"] = {organ: _click_head_entry(head) for organ, head in click_heads.items()}
     if fine_heads:
-        payload["fine_heads"] = {organ: {**_click_head_entry(head), **{k: head[k] for k in FINE_SETTINGS}}
+        payload["fine_heads"] = {organ: {**_click_head_entry(head), **fine_settings(head)}
                                  for organ, head in fine_heads.items()}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -302,15 +302,52 @@ def _click_head_entry(head: dict) -> dict:
 FINE_SETTINGS = ("zoom", "roi", "width", "blocks")
 
 
+def fine_settings(entry: dict) -> dict:
+    """A fine head entry's settings (FINE_SETTINGS, and ``members`` for an
+    ensemble: each member's width and blocks)."""
+    settings = {k: entry[k] for k in FINE_SETTINGS}
+    if "members" in entry:
+        settings["members"] = [{"width": int(m["width"]), "blocks": int(m["blocks"])} for m in entry["members"]]
+    return settings
+
+
 def fine_head(config: FocusNetConfig, entry: dict) -> nn.Module:
     """The fine head (FocusNetCore.finesos.FineHead) of a bundle's
     ``fine_heads`` entry under ``config``, holding its weights, in eval
-    mode; raises RuntimeError if they do not fit."""
-    from .finesos import FineHead
+    mode; an entry with ``members`` is their FineEnsemble (its
+    ``state_dict`` keys ``members.<i>.``, its ``width`` and ``blocks`` the
+    first member's); raises RuntimeError if they do not fit."""
+    from .finesos import FineEnsemble, FineHead
 
-    head = FineHead(config.channels(32), int(entry["width"]), tuple(entry["zoom"]), int(entry["blocks"]))
+    zoom = tuple(entry["zoom"])
+    if "members" in entry:
+        head = FineEnsemble([FineHead(config.channels(32), int(m["width"]), zoom, int(m["blocks"]))
+                             for m in entry["members"]])
+    else:
+        head = FineHead(config.channels(32), int(entry["width"]), zoom, int(entry["blocks"]))
     head.load_state_dict(entry["state_dict"], strict=True)
     return head.eval()
+
+
+def ensemble_entry(entries: Sequence[dict]) -> dict:
+    """One fine head entry (state_dict and settings, as ``fine_heads``
+    holds them) whose head averages the probabilities of ``entries``' heads,
+    which must share their fine voxels and ROI."""
+    if len(entries) < 2:
+        raise ValueError(f"an ensemble needs two or more fine heads, got {len(entries)}")
+    shared = {(tuple(e["zoom"]), tuple(e["roi"])) for e in entries}
+    if len(shared) != 1:
+        raise ValueError(f"fine heads on different fine voxels or ROIs cannot be averaged: "
+                         f"{sorted(shared)} (zoom, roi)")
+    members, state = [], {}
+    for i, e in enumerate(entries):
+        if "members" in e:
+            raise ValueError("a fine head to average is an ensemble itself: give its heads one by one")
+        members.append({"width": int(e["width"]), "blocks": int(e["blocks"])})
+        state.update({f"members.{i}.{k}": v for k, v in e["state_dict"].items()})
+    first = entries[0]
+    return {"state_dict": state, "zoom": list(first["zoom"]), "roi": list(first["roi"]),
+            "width": members[0]["width"], "blocks": members[0]["blocks"], "members": members}
 
 
 def with_fine_heads(path, heads: Dict[str, dict], out, overwrite: bool = False, note: str = "",
@@ -332,7 +369,7 @@ def with_fine_heads(path, heads: Dict[str, dict], out, overwrite: bool = False, 
                               f"fine heads' {fine_roi(fine)}")
         entry = {"state_dict": head["state_dict"], "threshold": float(head["threshold"]),
                  "from": {**({"note": note} if note else {}), "chosen_on": head.get("chosen_on")},
-                 **{k: head[k] for k in FINE_SETTINGS}}
+                 **fine_settings(head)}
         fine_head(base.config, entry)
         fine[organ] = entry
     return _resave(base, {**base_meta, "fine_heads": fine}, out, overwrite, _kept_provenance(base_meta),

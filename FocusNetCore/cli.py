@@ -447,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "beat the bundle on --select, and write the bundle with them")
     p.add_argument("--model", default=None, help="model bundle (default: the embedded phantom model); run "
                    "`focusnet postprocess` on it first: the fine heads are chosen against what it draws")
-    p.add_argument("--data", required=True, action="append", help="training cases with ground truth, as "
-                   "`focusnet train` reads them; repeat for several folders")
+    p.add_argument("--data", default=None, action="append", help="training cases with ground truth, as "
+                   "`focusnet train` reads them; repeat for several folders (required unless --heads-from)")
     p.add_argument("--select", required=True, help="cases with ground truth held aside to choose on (never the "
                    "cases you report results on)")
     p.add_argument("--organ", dest="organs", action="append", default=None, metavar="NAME",
@@ -489,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start each organ's head from the bundle's own fine head for it (trained on further, e.g. "
                         "on noisier cases, at a lower --lr) instead of afresh; --width, --blocks and --zoom must "
                         "be that head's")
+    p.add_argument("--heads-from", default=None, metavar="FILE",
+                   help="score and choose the heads of an earlier run's --trained-out FILE instead of training "
+                        "(trained on this bundle's S-Net; --organ picks among them)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="also score, for each organ the bundle already has a fine head for on the same fine "
+                        "voxels, the average of that head's probability and the new head's; keep whichever of "
+                        "the two beats the bundle more")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--note", default="", help="how the heads were made (kept in the bundle)")
     p.add_argument("--out", required=True, help="the new bundle (the input bundle is never changed)")
@@ -645,7 +652,7 @@ def _cmd_sos_heads(args) -> int:
 
 def _cmd_fine_sos(args) -> int:
     from . import finesos
-    from .bundle import with_fine_heads
+    from .bundle import fine_head, with_fine_heads
     from .segment import EMBEDDED_MODEL, Segmenter
 
     if min(args.iterations, args.width, args.batch, args.blocks) < 1:
@@ -664,6 +671,15 @@ def _cmd_fine_sos(args) -> int:
                          f"STEPS >= 1 (got --fine-shape {args.fine_shape}, --shape-weight {args.shape_weight})")
     if args.adversarial and not args.shape_weight > 0:
         raise ValueError("--adversarial trains the shape autoencoder against the heads: it needs --shape-weight > 0")
+    if args.heads_from:
+        training = [flag for flag, given in (("--data", args.data), ("--samples-cache", args.samples_cache),
+                                             ("--trained-out", args.trained_out),
+                                             ("--from-bundle-heads", args.from_bundle_heads)) if given]
+        if training:
+            raise ValueError(f"--heads-from {args.heads_from} scores heads trained before: {', '.join(training)} "
+                             "would train new ones")
+    elif not args.data:
+        raise ValueError("--data: the training cases are needed (or --heads-from an earlier run's --trained-out)")
     if args.trained_out and Path(args.trained_out).exists():
         raise ValueError(f"--trained-out {args.trained_out}: exists already (never overwritten)")
     base = Path(args.model) if args.model else EMBEDDED_MODEL
@@ -673,6 +689,61 @@ def _cmd_fine_sos(args) -> int:
     if unknown:
         raise ValueError(f"--organ {', '.join(unknown)}: not among the bundle's organs "
                          f"({', '.join(segmenter.config.organs.names)})")
+    if args.heads_from:
+        entries, trained = _trained_heads(args.heads_from, segmenter, args.organs)
+        heads = {name: fine_head(segmenter.config, entry).to(segmenter.device) for name, entry in entries.items()}
+    else:
+        heads, trained = _train_fine_heads(args, segmenter, base, names, zoom)
+        settings = {"zoom": list(zoom), "roi": list(finesos.FINE_ROI), "width": int(args.width),
+                    "blocks": int(args.blocks)}
+        entries = {name: {"state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}, **settings}
+                   for name, head in heads.items()}
+    scores = finesos.scores_on(segmenter, heads, args.select)
+    report = finesos.choose(scores)
+    _print_fine_report(report, "new fine head")
+    if args.trained_out:
+        import json
+
+        import torch
+
+        from .imageio import atomic_output
+
+        plain = lambda value: json.loads(json.dumps(value, default=float))  # noqa: E731 (numpy scalars -> float)
+        kept = {name: {**entries[name], "report": plain(report[name]),
+                       "scores": {"pipeline": plain(scores[name]["pipeline"]),
+                                  "current": plain(scores[name].get("current")),
+                                  "fine": [[float(t), plain(v)] for t, v in scores[name]["fine"].items()]}}
+                for name in heads}
+        with atomic_output(args.trained_out) as tmp:
+            torch.save({"heads": kept, "trained": trained, "select": str(args.select), "model": str(base),
+                        "model_checksum": segmenter.meta["checksum"]}, tmp)
+        print(f"wrote {args.trained_out} (every head trained, with its scores)")
+    if args.ensemble:
+        _choose_ensembles(segmenter, entries, report, args.select)
+    chosen = {}
+    for name, row in report.items():
+        if row["fine"]:
+            chosen[name] = {**entries[name], "threshold": row["threshold"],
+                            "chosen_on": {"data": str(args.select), "trained": trained,
+                                          **({"ensemble": True} if row.get("ensemble") else {}),
+                                          **{k: row[k] for k in ("cases", "pipeline", "dice")}}}
+    with_fine_heads(base, chosen, args.out, note=args.note)
+    print(f"wrote {args.out} (fine heads: {', '.join(chosen) or 'none'})")
+    return EXIT_OK
+
+
+def _print_fine_report(report: dict, what: str) -> None:
+    for name, row in report.items():
+        current = "" if row["current"] is None else f", the bundle's fine head {row['current']:.3f}"
+        print(f"{name}: Dice on the CT's grid over {row['cases']} case(s): pipeline {row['pipeline']:.3f}{current}, "
+              f"{what} {row['dice']:.3f} at {row['threshold']} (gain s.e. {row['gain_standard_error']:.3f})"
+              f"{': the fine head draws it' if row['fine'] else ''}", flush=True)
+
+
+def _train_fine_heads(args, segmenter, base, names, zoom):
+    """fine-sos's training: organ -> trained FineHead, and the record of how."""
+    from . import finesos
+
     initial = _bundle_heads_to_train_on(segmenter, base, names, args.width, args.blocks, zoom) \
         if args.from_bundle_heads else None
     samples = (finesos.cached_samples(args.samples_cache, segmenter, args.data, names, zoom=zoom)
@@ -695,22 +766,6 @@ def _cmd_fine_sos(args) -> int:
                                 precision=precision, autoencoder=autoencoder, shape_weight=args.shape_weight,
                                 zoom=zoom, blocks=args.blocks, adversarial=args.adversarial,
                                 ct_noise=args.ct_noise / segmenter.config.preprocess.hu_scale, initial=initial)
-    scores = finesos.scores_on(segmenter, heads, args.select)
-    report = finesos.choose(scores)
-    settings = {"zoom": list(zoom), "roi": list(finesos.FINE_ROI), "width": int(args.width), "blocks": int(args.blocks)}
-
-    def entry(name: str) -> dict:  # a head as a bundle's fine_heads entry holds it
-        return {"state_dict": {k: v.detach().cpu() for k, v in heads[name].state_dict().items()}, **settings}
-
-    chosen = {}
-    for name, row in report.items():
-        current = "" if row["current"] is None else f", the bundle's fine head {row['current']:.3f}"
-        print(f"{name}: Dice on the CT's grid over {row['cases']} case(s): pipeline {row['pipeline']:.3f}{current}, "
-              f"new fine head {row['dice']:.3f} at {row['threshold']} (gain s.e. {row['gain_standard_error']:.3f})"
-              f"{': the fine head draws it' if row['fine'] else ''}")
-        if row["fine"]:
-            chosen[name] = {**entry(name), "threshold": row["threshold"],
-                            "chosen_on": {"data": str(args.select), **{k: row[k] for k in ("cases", "pipeline", "dice")}}}
     trained = {"data": [str(d) for d in args.data], "iterations": int(args.iterations), "batch": int(args.batch),
                "lr": float(args.lr), "seed": int(args.seed), "precision": precision,
                "shape_weight": float(args.shape_weight), "adversarial": bool(args.adversarial),
@@ -719,27 +774,70 @@ def _cmd_fine_sos(args) -> int:
     if initial:
         trained["from_bundle_heads"] = {name: segmenter.meta["fine_heads"][name].get("checksum", "")
                                         for name in initial}
-    for head in chosen.values():
-        head["chosen_on"]["trained"] = trained
-    if args.trained_out:
-        import json
+    return heads, trained
 
-        import torch
 
-        from .imageio import atomic_output
+def _trained_heads(path, segmenter, organs) -> Tuple[dict, dict]:
+    """fine-sos --heads-from: organ -> fine head entry (state_dict and
+    settings) of an earlier run's --trained-out file, and how they were
+    trained; refused where the file is not one, was trained on another
+    bundle's S-Net, or lacks an organ asked for."""
+    import torch
 
-        plain = lambda value: json.loads(json.dumps(value, default=float))  # noqa: E731 (numpy scalars -> float)
-        kept = {name: {**entry(name), "report": plain(report[name]),
-                       "scores": {"pipeline": plain(scores[name]["pipeline"]),
-                                  "current": plain(scores[name].get("current")),
-                                  "fine": [[float(t), plain(v)] for t, v in scores[name]["fine"].items()]}}
-                for name in heads}
-        with atomic_output(args.trained_out) as tmp:
-            torch.save({"heads": kept, "trained": trained, "select": str(args.select), "model": str(base)}, tmp)
-        print(f"wrote {args.trained_out} (every head trained, with its scores)")
-    with_fine_heads(base, chosen, args.out, note=args.note)
-    print(f"wrote {args.out} (fine heads: {', '.join(chosen) or 'none'})")
-    return EXIT_OK
+    from .bundle import FINE_SETTINGS
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # missing, truncated, or not a torch file
+        raise ValueError(f"--heads-from {path}: not a readable fine-sos --trained-out file "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("heads"), dict):
+        raise ValueError(f"--heads-from {path}: not a fine-sos --trained-out file (no heads)")
+    checksum = payload.get("model_checksum")
+    if checksum is None:
+        print(f"{path}: records no model checksum (written before they were kept): its heads are taken to be "
+              f"trained on this bundle's S-Net ({payload.get('model', '?')})", flush=True)
+    elif checksum != segmenter.meta["checksum"]:
+        raise ValueError(f"--heads-from {path}: its heads were trained on another network (checksum "
+                         f"{checksum[:12]}, this bundle's {segmenter.meta['checksum'][:12]})")
+    names = organs or list(payload["heads"])
+    missing = [name for name in names if name not in payload["heads"]]
+    if missing:
+        raise ValueError(f"--heads-from {path}: no head for {', '.join(missing)} (it has "
+                         f"{', '.join(payload['heads'])})")
+    entries = {name: {"state_dict": payload["heads"][name]["state_dict"],
+                      **{k: payload["heads"][name][k] for k in FINE_SETTINGS}} for name in names}
+    return entries, {**dict(payload.get("trained") or {}), "heads_from": str(path)}
+
+
+def _choose_ensembles(segmenter, entries: dict, report: dict, select) -> None:
+    """fine-sos --ensemble: for each organ whose bundle head shares the new
+    head's fine voxels and ROI, score their average on ``select``; where it
+    beats the bundle and the new head alone, ``entries`` and ``report``
+    take it."""
+    from . import finesos
+    from .bundle import ensemble_entry, fine_head
+
+    fine = segmenter.meta.get("fine_heads") or {}
+    pairs = {}
+    for name, entry in entries.items():
+        current = fine.get(name)
+        if current is None:
+            continue
+        try:
+            pairs[name] = ensemble_entry([current, entry])
+        except ValueError as error:
+            print(f"{name}: no ensemble with the bundle's fine head ({error})", flush=True)
+    if not pairs:
+        return
+    heads = {name: fine_head(segmenter.config, entry).to(segmenter.device) for name, entry in pairs.items()}
+    averaged = finesos.choose(finesos.scores_on(segmenter, heads, select))
+    _print_fine_report(averaged, "the bundle's and the new head averaged")
+    for name, row in averaged.items():
+        if row["fine"] and (not report[name]["fine"] or row["dice"] > report[name]["dice"]):
+            print(f"{name}: the average is kept", flush=True)
+            report[name] = {**row, "ensemble": True}
+            entries[name] = pairs[name]
 
 
 def _bundle_heads_to_train_on(segmenter, base, names, width: int, blocks: int, zoom) -> dict:

@@ -72,6 +72,23 @@ class FineHead(nn.Module):
         return torch.sigmoid(self.logits(features, ct))
 
 
+class FineEnsemble(nn.Module):
+    """Fine heads of one organ on the same fine voxels, their probabilities
+    averaged: a drop-in for one FineHead (``zoom``, ``forward``)."""
+
+    def __init__(self, members: Sequence[FineHead]):
+        super().__init__()
+        zooms = {tuple(m.zoom) for m in members}
+        if len(members) < 2 or len(zooms) != 1:
+            raise ValueError(f"an ensemble needs two or more fine heads on the same fine voxels, got "
+                             f"{len(members)} with zoom {sorted(zooms)}")
+        self.zoom = zooms.pop()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, features: torch.Tensor, ct: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(features, ct).float() for m in self.members]).mean(dim=0)
+
+
 def fine_grid(grid: Grid, start: Sequence[int], size: Sequence[int], zoom: Sequence[int] = ZOOM) -> Grid:
     """The fine voxels of the model-grid box at ``start`` (z, y, x) of ``size`` (z, y, x)."""
     zoom_xyz = np.asarray(tuple(reversed(tuple(zoom))), dtype=float)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from FocusNetCore import finesos
 from FocusNetCore.metrics import dice
-from FocusNetCore.bundle import BundleError, fine_head, load_bundle, with_fine_heads, with_sos_heads
+from FocusNetCore.bundle import (BundleError, ensemble_entry, fine_head, load_bundle, with_fine_heads,
+                                 with_sos_heads)
 from FocusNetCore.cli import main
 from FocusNetCore.phantom import generate_case, write_case
 from FocusNetCore.preprocess import Grid
@@ -247,6 +248,89 @@ def test_fine_sos_command_trains_scores_and_writes_the_bundle(phantom, tmp_path,
     assert fine["from"]["chosen_on"]["trained"]["iterations"] == 3
     assert sorted(fine["state_dict"]) == sorted(kept["state_dict"])
     assert all(torch.equal(fine["state_dict"][k], kept["state_dict"][k]) for k in kept["state_dict"])
+    # --heads-from scores an earlier run's heads without training; --ensemble averages each with the bundle's own
+    # (the verdicts forced again: the second choice is the average's, made to win here)
+    verdicts = []
+
+    def average_wins(scores):
+        report = choose_lens(scores)
+        verdicts.append(report)
+        if len(verdicts) == 2:
+            report["Lens_L"]["dice"] = 1.0
+        return report
+
+    monkeypatch.setattr(finesos, "choose", average_wins)
+    select = ["fine-sos", "--select", str(folder / "cases"), "--device", "cpu"]
+    assert main(select + ["--heads-from", str(chosen_trained), "--ensemble", "--out", str(tmp_path / "avg.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "Lens_L: Dice on the CT's grid over 1 case(s)" in out and "the bundle's and the new head averaged" in out
+    assert len(verdicts) == 2 and "Lens_L: the average is kept" in out
+    payload = torch.load(tmp_path / "avg.pt", weights_only=True)
+    assert payload["format_version"] == 2
+    averaged = load_bundle(tmp_path / "avg.pt")[1]["fine_heads"]["Lens_L"]
+    shipped = load_bundle(EMBEDDED_MODEL)[1]["fine_heads"]["Lens_L"]
+    assert averaged["members"] == [{"width": shipped["width"], "blocks": shipped["blocks"]}, {"width": 4, "blocks": 2}]
+    assert averaged["from"]["chosen_on"]["ensemble"] is True
+    assert averaged["from"]["chosen_on"]["trained"]["heads_from"] == str(chosen_trained)
+    for i, member in enumerate((shipped, kept)):
+        assert all(torch.equal(averaged["state_dict"][f"members.{i}.{k}"], v) for k, v in member["state_dict"].items())
+    head = Segmenter(tmp_path / "avg.pt", device="cpu").fine_heads["Lens_L"][0]
+    assert isinstance(head, finesos.FineEnsemble) and len(head.members) == 2
+    # refusals: training flags with --heads-from, a file that is not one, heads of another network, a missing organ
+    other = tmp_path / "other.pt"
+    torch.save({"heads": {"Lens_L": kept}, "model_checksum": "0" * 64}, other)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    for extra, message in (
+            (["--heads-from", str(chosen_trained), "--data", str(folder / "cases")],
+             f"--heads-from {chosen_trained} scores heads trained before: --data would train new ones"),
+            (["--heads-from", str(tmp_path / "junk.pt")], f"--heads-from {tmp_path / 'junk.pt'}: not a readable"),
+            (["--heads-from", str(other)], f"--heads-from {other}: its heads were trained on another network"),
+            (["--heads-from", str(chosen_trained), "--organ", "Pituitary"],
+             f"--heads-from {chosen_trained}: no head for Pituitary (it has Lens_L)"),
+            ([], "--data: the training cases are needed")):
+        assert main(select + extra + ["--out", str(tmp_path / "x.pt")]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_an_ensemble_fine_head_averages_its_members_and_travels_in_the_bundle(tmp_path):
+    """`fine-sos --ensemble`'s head: the mean of its members' probabilities,
+    kept through the bundle with each member's width and blocks, checked
+    like any head; heads on other fine voxels or ROIs are refused."""
+    config = load_bundle(EMBEDDED_MODEL)[0].config
+    channels = config.channels(32)
+    torch.manual_seed(0)
+    members = [finesos.FineHead(channels, 4, blocks=2), finesos.FineHead(channels, 6, blocks=3)]
+    entries = [{"state_dict": m.state_dict(), "zoom": list(finesos.ZOOM), "roi": list(finesos.FINE_ROI),
+                "width": w, "blocks": b} for m, w, b in zip(members, (4, 6), (2, 3))]
+    entry = ensemble_entry(entries)
+    assert entry["members"] == [{"width": 4, "blocks": 2}, {"width": 6, "blocks": 3}]
+    head = fine_head(config, entry)
+    features = torch.randn(1, channels, *finesos.FINE_ROI)
+    ct = torch.randn(1, 1, *(s * z for s, z in zip(finesos.FINE_ROI, finesos.ZOOM)))
+    with torch.no_grad():
+        expected = (members[0].eval()(features, ct) + members[1].eval()(features, ct)) / 2
+        np.testing.assert_allclose(head(features, ct).numpy(), expected.numpy(), atol=1e-6)
+        assert (head(features, ct) - members[0](features, ct)).abs().max() > 1e-3  # not one member alone
+    out = with_fine_heads(EMBEDDED_MODEL, {"OpticChiasm": {**entry, "threshold": 0.3}}, tmp_path / "avg.pt")
+    loaded = Segmenter(out, device="cpu", precision="float32", backend="torch").fine_heads["OpticChiasm"]
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded[0](features, ct).numpy(), expected.numpy(), atol=1e-6)
+    assert loaded[1] == 0.3
+    assert torch.load(out, weights_only=True)["format_version"] == 2  # FocusNet before ensembles refuses it by name
+    plain = with_fine_heads(EMBEDDED_MODEL, _constant_head(1.0), tmp_path / "plain.pt", replace=True)
+    assert torch.load(plain, weights_only=True)["format_version"] == 1  # readable by FocusNet before ensembles
+    payload = torch.load(out, weights_only=True)
+    payload["fine_heads"]["OpticChiasm"]["state_dict"]["members.1.head.bias"] += 1.0
+    torch.save(payload, tmp_path / "tampered.pt")
+    with pytest.raises(BundleError, match="fine head OpticChiasm: weights checksum mismatch"):
+        load_bundle(tmp_path / "tampered.pt")
+    with pytest.raises(ValueError, match="different fine voxels or ROIs"):
+        ensemble_entry([entries[0], {**entries[1], "zoom": [2, 2, 2]}])
+    with pytest.raises(ValueError, match="two or more"):
+        ensemble_entry(entries[:1])
+    with pytest.raises(ValueError, match="an ensemble itself"):
+        ensemble_entry([entry, entries[0]])
 
 
 def test_a_new_fine_head_is_kept_only_where_it_beats_the_pipeline_and_the_bundles_current_head():

@@ -109,7 +109,8 @@ def main():
         model_zyx = tuple(reversed(segmenter.config.preprocess.spacing))
         for organ, (head, _) in segmenter.fine_heads.items():
             size = " x ".join(f"{s / z:g}" for s, z in zip(model_zyx, head.zoom)) + " mm"
-            voxels.setdefault(size, []).append(organ)
+            members = len(getattr(head, "members", ()))  # fine-sos --ensemble: heads averaged
+            voxels.setdefault(size, []).append(organ + (f" ({members} heads averaged)" if members else ""))
         lines += ["SOS-Net's fine heads (`focusnet fine-sos`: S-Net's features and the CT on finer voxels around the "
                   "organ, thresholds and checksums in the report's `model.fine_heads`) draw "
                   + "; ".join(f"{', '.join(organs_)} at {size}" for size, organs_ in voxels.items())
