@@ -71,7 +71,7 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     organs = model.config.organs
     payload = {
-        "format_version": 2 if any("members" in head for head in (fine_heads or {}).values()) else 1,
+        "format_version": FORMAT_VERSION if any("members" in head for head in (fine_heads or {}).values()) else 1,
         "config": model.config.to_dict(),
         "organs": {name: organs.label_of(name) for name in organs.names},
         "small_organs": list(organs.small_names),

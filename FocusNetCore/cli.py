@@ -784,7 +784,7 @@ def _trained_heads(path, segmenter, organs) -> Tuple[dict, dict]:
     bundle's S-Net, or lacks an organ asked for."""
     import torch
 
-    from .bundle import FINE_SETTINGS
+    from .bundle import fine_settings
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -805,8 +805,8 @@ def _trained_heads(path, segmenter, organs) -> Tuple[dict, dict]:
     if missing:
         raise ValueError(f"--heads-from {path}: no head for {', '.join(missing)} (it has "
                          f"{', '.join(payload['heads'])})")
-    entries = {name: {"state_dict": payload["heads"][name]["state_dict"],
-                      **{k: payload["heads"][name][k] for k in FINE_SETTINGS}} for name in names}
+    entries = {name: {"state_dict": payload["heads"][name]["state_dict"], **fine_settings(payload["heads"][name])}
+               for name in names}
     return entries, {**dict(payload.get("trained") or {}), "heads_from": str(path)}
 
 

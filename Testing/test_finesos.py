@@ -146,6 +146,15 @@ def test_segment_draws_a_small_organ_with_its_fine_head(phantom):
     assert np.array_equal(sitk.GetArrayFromImage(kept.labels), before)
 
 
+def _refused_when_a_weight_changes(bundle, organ: str, weight: str, tmp_path) -> None:
+    """A copy of ``bundle`` with one weight of ``organ``'s fine head changed is refused by name."""
+    payload = torch.load(bundle, weights_only=True)
+    payload["fine_heads"][organ]["state_dict"][weight] += 1.0
+    torch.save(payload, tmp_path / "tampered.pt")
+    with pytest.raises(BundleError, match=f"fine head {organ}: weights checksum mismatch"):
+        load_bundle(tmp_path / "tampered.pt")
+
+
 def test_fine_heads_travel_in_the_bundle_checked(tmp_path):
     """The heads keep their weights and threshold through the bundle and
     through further bundle edits; a second call adds organs and keeps the
@@ -166,11 +175,7 @@ def test_fine_heads_travel_in_the_bundle_checked(tmp_path):
     deeper = with_fine_heads(out, _constant_head(1.0, 0.5, "OpticChiasm", blocks=4), tmp_path / "deeper.pt")
     heads_of = Segmenter(deeper, device="cpu", precision="float32", backend="torch").fine_heads
     assert [len(heads_of[name][0].blocks) for name in ("Lens_L", "OpticChiasm")] == [2, 4]  # `fine-sos --blocks`
-    payload = torch.load(out, weights_only=True)
-    payload["fine_heads"]["Lens_L"]["state_dict"]["head.bias"] += 1.0
-    torch.save(payload, tmp_path / "tampered.pt")
-    with pytest.raises(BundleError, match="fine head Lens_L: weights checksum mismatch"):
-        load_bundle(tmp_path / "tampered.pt")
+    _refused_when_a_weight_changes(out, "Lens_L", "head.bias", tmp_path)
     with pytest.raises(BundleError, match="threshold for Lens_L must lie in"):
         with_fine_heads(EMBEDDED_MODEL, _constant_head(1.0, 1.0), tmp_path / "bad.pt")
     with pytest.raises(BundleError, match="'Brain' is not one of its organs"):
@@ -320,11 +325,7 @@ def test_an_ensemble_fine_head_averages_its_members_and_travels_in_the_bundle(tm
     assert torch.load(out, weights_only=True)["format_version"] == 2  # FocusNet before ensembles refuses it by name
     plain = with_fine_heads(EMBEDDED_MODEL, _constant_head(1.0), tmp_path / "plain.pt", replace=True)
     assert torch.load(plain, weights_only=True)["format_version"] == 1  # readable by FocusNet before ensembles
-    payload = torch.load(out, weights_only=True)
-    payload["fine_heads"]["OpticChiasm"]["state_dict"]["members.1.head.bias"] += 1.0
-    torch.save(payload, tmp_path / "tampered.pt")
-    with pytest.raises(BundleError, match="fine head OpticChiasm: weights checksum mismatch"):
-        load_bundle(tmp_path / "tampered.pt")
+    _refused_when_a_weight_changes(out, "OpticChiasm", "members.1.head.bias", tmp_path)
     with pytest.raises(ValueError, match="different fine voxels or ROIs"):
         ensemble_entry([entries[0], {**entries[1], "zoom": [2, 2, 2]}])
     with pytest.raises(ValueError, match="two or more"):
