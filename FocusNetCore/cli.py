@@ -148,6 +148,7 @@ def _segment_formats(text: str) -> Tuple[str, ...]:
 def _cmd_segment(args) -> int:
     import json
 
+    from .caseid import identity_of_input, stamp
     from .imageio import ImageReadError, OutputExistsError, atomic_output, case_name
     from .segment import Segmenter
 
@@ -171,12 +172,14 @@ def _cmd_segment(args) -> int:
                                      "(the DICOM object must reference its images)")
             result = segmenter.segment(case, progress=progress)
             organs = segmenter.config.organs
+            identity = identity_of_input(case)  # the case the contours belong to: in the files and the report
+            stamp(result.labels, identity)
             for kind, target in targets.items():
                 progress("write", 0.95, f"writing {target}")
                 _write_segmentation(kind, result.labels, case, organs, target, args.overwrite, segmenter, out, name)
             first = next(iter(targets.values()))
             report = {"input": str(case), "output": str(first), "outputs": [str(t) for t in targets.values()],
-                      **result.report()}
+                      "case": identity.to_dict(), **result.report()}
             with atomic_output(report_path, overwrite=args.overwrite) as tmp:
                 tmp.write_text(json.dumps(report, indent=2))
             progress("done", 1.0, f"wrote {', '.join(map(str, targets.values()))}")

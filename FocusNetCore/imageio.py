@@ -247,7 +247,20 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> sit
     series are ambiguous and need ``series_uid``.
     """
     folder = Path(folder)
-    found = scan_dicom_folder(folder)
+    chosen = choose_ct_series(folder, scan_dicom_folder(folder), series_uid)
+    files, positions = sorted_slices(folder, chosen)
+    check_slice_positions(folder, positions)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise ImageReadError(folder, f"could not read the CT series: {str(error).strip().splitlines()[-1]}") from None
+    return _narrowed(image)
+
+
+def choose_ct_series(folder: Path, found: Dict[str, DicomSeries], series_uid: Optional[str] = None) -> DicomSeries:
+    """The CT series of a folder (``series_uid``, or the only CT series)."""
     if not found:
         raise ImageReadError(folder, "folder holds no DICOM files")
     if series_uid is not None:
@@ -265,15 +278,7 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> sit
             listing = "; ".join(f"{s.series_uid} '{s.description}' ({s.num_files} slices)" for s in cts)
             raise ImageReadError(folder, f"{len(cts)} CT series in the folder, choose one by SeriesInstanceUID: {listing}")
         chosen = cts[0]
-    files, positions = sorted_slices(folder, chosen)
-    check_slice_positions(folder, positions)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as error:
-        raise ImageReadError(folder, f"could not read the CT series: {str(error).strip().splitlines()[-1]}") from None
-    return _narrowed(image)
+    return chosen
 
 
 def _narrowed(image: sitk.Image) -> sitk.Image:

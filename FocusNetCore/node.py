@@ -473,11 +473,15 @@ class Node:
         return bool(outputs) and all((self.spool.root / p).is_file() for p in outputs.values())
 
     def segment(self, job: dict) -> None:
+        from .caseid import CaseMismatchError, check_references, identity_of_dicom_series
         from .dicomseg import write_dicom_seg
         from .imageio import read_dicom_series
         from .rtstruct import write_rtstruct
 
         folder = self.spool.root / job["folder"]
+        identity = identity_of_dicom_series(folder)
+        if identity.series_uid != job["series"]:  # the folder must hold the job's series and no other
+            raise CaseMismatchError(f"{folder}: holds series {identity.series_uid}, the job is for {job['series']}")
         image = read_dicom_series(folder)
         start = time.perf_counter()
         result = self.segmenter.segment(image)
@@ -496,6 +500,7 @@ class Node:
                 model = self.segmenter.model_info
                 path = write_dicom_seg(result.labels, folder, organs, out / "seg.dcm", model_name=model["name"],
                                        model_version=model["code_version"] or "")
+            check_references(identity, path)  # what goes back to the PACS is this series' and no other's
             outputs[fmt] = str(Path(path).relative_to(self.spool.root))
         job.update(outputs=outputs, sent=[], segmented_s=round(seconds, 2), organs_found=present)
         self.spool.save(job, "active")

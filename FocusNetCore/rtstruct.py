@@ -27,6 +27,8 @@ from .imageio import ImageReadError, PathLike, sorted_slices, atomic_output, sca
 from .organs import CATALOGUE, OrganSet
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+# ROI Generation Algorithm (3006,0036), PS3.3 C.8.8.5: the defined terms.
+ROI_GENERATION_ALGORITHMS = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 
@@ -124,8 +126,12 @@ def _on_series_grid(labels: sitk.Image, ct_folder: PathLike) -> sitk.Image:
 
 
 def write_rtstruct(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, path: PathLike,
-                   overwrite: bool = False, label: str = "FocusNet", series_description: str = "FocusNet OARs") -> Path:
-    """Write ``labels`` (on the CT series' grid) as an RT Structure Set."""
+                   overwrite: bool = False, label: str = "FocusNet", series_description: str = "FocusNet OARs",
+                   algorithm_types: Optional[Dict[str, str]] = None) -> Path:
+    """Write ``labels`` (on the CT series' grid) as an RT Structure Set.
+    ``algorithm_types``: each organ's ROI Generation Algorithm (AUTOMATIC,
+    SEMIAUTOMATIC once a reviewer edited it, MANUAL when drawn by hand);
+    AUTOMATIC where not given (the model's own contours)."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
     from pydicom.uid import generate_uid
@@ -184,7 +190,10 @@ def write_rtstruct(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, pa
         roi.ReferencedFrameOfReferenceUID = frame_uid
         roi.ROIName = name
         roi.ROIDescription = organ.display_name
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        kind = (algorithm_types or {}).get(name, "AUTOMATIC")
+        if kind not in ROI_GENERATION_ALGORITHMS:
+            raise ValueError(f"ROI generation algorithm of {name}: {kind!r} is not one of {ROI_GENERATION_ALGORITHMS}")
+        roi.ROIGenerationAlgorithm = kind
         rois.append(roi)
         roi_contour = Dataset()
         roi_contour.ROIDisplayColor = list(organ.color)

@@ -55,6 +55,10 @@ def write_seg_nrrd(labels: sitk.Image, organs: OrganSet, path: PathLike, overwri
     if not str(path).endswith(".seg.nrrd"):
         raise ValueError(f"{path}: a Slicer segmentation file must end in .seg.nrrd")
     image = sitk.Cast(labels, sitk.sitkUInt8 if organs.num_classes < 256 else sitk.sitkUInt16)
+    from .caseid import HEADER_KEY
+
+    if labels.HasMetaDataKey(HEADER_KEY):  # the case the contours belong to (caseid.stamp) stays with them
+        image.SetMetaData(HEADER_KEY, labels.GetMetaData(HEADER_KEY))
     for key, value in segment_fields(labels, organs).items():
         image.SetMetaData(key, value)
     return write_image(image, path, overwrite=overwrite)

@@ -31,12 +31,18 @@ from typing import List, Optional
 
 import SimpleITK as sitk
 
+from FocusNetCore.caseid import (check_same_case, check_same_frame, check_same_grid, identity_in_header,
+                                  identity_of_input, stamp)
 from FocusNetCore.imageio import case_name, read_image, write_image
 from FocusNetCore.organs import CATALOGUE
 
-from .access import is_loopback, new_token, token_middleware
+from .access import is_loopback, new_token, page_guard_middleware, token_middleware
 
-AUTOSAVE_DELAY_S = 3.0
+# A click-to-find answer whose centre lies further than this from the model's
+# contour of the organ is shown and asked about before it replaces the contour
+# (the lens in the temporal lobe): organs move less than this between the
+# model's guess and the truth, except when the model missed them entirely.
+PLACEMENT_CONFIRM_MM = 20.0
 
 
 @dataclass
@@ -80,10 +86,13 @@ class ReviewStation:
         self.input = Path(options.input)
         self.out = Path(options.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.stem = case_name(self.input)
         # Read the CT first: a bad input fails here, before any server starts.
         self.image = read_image(self.input)
         self.is_dicom = self.input.is_dir()
+        # What the case is (its DICOM instances, else its voxels and geometry),
+        # not where it lies: every file of this review carries it in its name.
+        self.identity = identity_of_input(self.input, self.image)
+        self.stem = f"{case_name(self.input)}-{self.identity.tag}"
 
         self.server = server or get_server(client_type="vue3")
         self.server.enable_module(trame_slicer_module)
@@ -99,14 +108,15 @@ class ReviewStation:
         self.volume = None
         self._clients = set()  # open pages (websocket connections)
         self._drag = None  # window/level drag in progress: (view, x, y, window, level)
-        self._autosave_handle = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         # Click to find: FocusNetCore.worker.Worker in this process, holding
         # the S-Net features of the segmentation the review started from (or,
         # for contours from a file or a resumed review, of one run on demand).
         self.worker = None
         self._worker_opening = False
+        self._pending_place = None  # a far click-to-find answer waiting for the reviewer's word: (organ, mask)
         self.token = None if is_loopback(options.host) else new_token()
+        self.secret = new_token()  # this run's wslink secret: wslink's default authenticates nobody
 
         self.state.trame__title = f"FocusNet review — {self.stem}"
         self.state.update({"fn_progress": 0.0, "fn_progress_text": "starting", "fn_ready": False,
@@ -114,6 +124,7 @@ class ReviewStation:
                            "fn_finishing": False, "fn_message": "", "fn_error": "", "fn_warning": "",
                            "fn_missing": "", "fn_model": "", "fn_show3d": False, "fn_wl": "",
                            "fn_selected": "", "fn_click_mode": False, "fn_click_text": "", "fn_can_undo": False,
+                           "fn_place_pending": False,
                            "fn_small": [],
                            "fn_presets": [{"name": n, "window": w, "level": lv} for n, w, lv in WINDOW_PRESETS]})
         self._build_ui()
@@ -125,19 +136,29 @@ class ReviewStation:
     def _on_bind(self, wslink_server):
         if self.token is not None:
             wslink_server.app.middlewares.append(token_middleware(self.token))
+        wslink_server.app.middlewares.append(page_guard_middleware(self.secret, loopback=self.token is None))
 
     def _watch_connections(self, protocol):
         """A page open on the case is what runs the review's wall clock: the
-        first connection shows the case, the last one closing hides it."""
-        def on_connect(request, client_id):
-            self._clients.add(client_id)
-            self._update_shown()
+        first authenticated page (one that knows this run's secret) shows the
+        case, the last one closing hides it. A connection that never
+        authenticates (a bare WebSocket) starts no clock and drives nothing."""
+        import hmac
+
+        async def validate_token(token, client_id):
+            ok = isinstance(token, str) and hmac.compare_digest(token.encode(), self.secret.encode())
+            if ok:
+                self._clients.add(client_id)
+                self._update_shown()
+            else:
+                print("FocusNet review: refused a page without this run's secret", flush=True)
+            return ok
 
         def on_close(client_id):
             self._clients.discard(client_id)
             self._update_shown()
 
-        protocol.onConnect, protocol.onClose = on_connect, on_close
+        protocol.validateToken, protocol.onClose = validate_token, on_close
 
     def _update_shown(self):
         if self.case is None:
@@ -167,6 +188,9 @@ class ReviewStation:
 
     # -- the case ------------------------------------------------------------------
     def _ai_paths(self):
+        """This case's AI contours and report: the case's identity is in their
+        names (two CTs whose folders share a name never share them), in the
+        label map's header and in the report."""
         return self.out / f"{self.stem}.ai.nrrd", self.out / f"{self.stem}.report.json"
 
     def _progress(self, stage: str, fraction: float, message: str):
@@ -197,7 +221,12 @@ class ReviewStation:
         checkpoint, _ = ReviewCase.paths(self.out / "sessions", case_id(self.case_uid))
         if checkpoint.exists() and ai_path.exists() and report_path.exists():
             self._progress("resume", 1.0, "resuming the unfinished review")
-            return sitk.ReadImage(str(ai_path)), json.loads(report_path.read_text())
+            report = json.loads(report_path.read_text())
+            check_same_case(self.identity, identity_in_header(ai_path), ai_path)
+            check_same_case(self.identity, (report.get("case") or {}).get("uid"), report_path)
+            labels = sitk.ReadImage(str(ai_path))
+            check_same_grid(self.image, labels, ai_path)
+            return labels, report
         from FocusNetCore.segment import Segmenter
         from FocusNetCore.study import write_json_atomic
 
@@ -207,23 +236,35 @@ class ReviewStation:
         result = segmenter.segment(self.image, progress=self._progress, keep_state=True)
         self.worker = Worker(segmenter)  # click to find reuses this run's S-Net features
         self.worker.state, result.state = result.state, None
-        write_image(result.labels, ai_path, overwrite=True)
-        report = result.report()
+        write_image(stamp(result.labels, self.identity), ai_path, overwrite=True)
+        report = {"case": self.identity.to_dict(), **result.report()}
         write_json_atomic(report_path, report)
         return result.labels, report
 
     @property
     def case_uid(self) -> str:
-        return str(self.input.resolve())
+        return self.identity.uid
 
     def _labels_from_seg(self, path: Path) -> sitk.Image:
+        """Contours from a file for this CT (``--seg``): a Slicer ``.seg.nrrd``
+        (or a label map) or, for a DICOM CT, an RT Structure Set. Refused when
+        they say they belong to another case: the case in the file's header or
+        in the report beside it, an RTSTRUCT's referenced series and frame of
+        reference."""
         from FocusNetCore.organs import get_organ_set
         from FocusNetSegmentLib.scene import export_labels, load_segmentation, segment_names, volume_node_from_image
 
+        organs = get_organ_set("oar22")
+        if self._is_rtstruct(path):
+            return self._labels_from_rtstruct(path, organs)
+        check_same_case(self.identity, identity_in_header(path), path)
+        report = self._report_beside(path)
+        if report is not None:
+            check_same_case(self.identity, (report.get("case") or {}).get("uid"), path.with_name(
+                path.name.replace(".seg.nrrd", ".report.json")))
         scene = self.slicer_app.scene
         reference = volume_node_from_image(scene, self.image, "reference")
         node = load_segmentation(scene, str(path))
-        organs = get_organ_set("oar22")
         unknown = [n for n in segment_names(node) if n not in organs.names]
         if unknown:
             scene.RemoveNode(node)
@@ -233,6 +274,37 @@ class ReviewStation:
         scene.RemoveNode(node)
         scene.RemoveNode(reference)
         return labels
+
+    @staticmethod
+    def _is_rtstruct(path: Path) -> bool:
+        import pydicom
+
+        try:
+            return str(getattr(pydicom.dcmread(path, stop_before_pixels=True), "Modality", "")) == "RTSTRUCT"
+        except Exception:  # not DICOM: a .seg.nrrd or label map
+            return False
+
+    def _labels_from_rtstruct(self, path: Path, organs) -> sitk.Image:
+        import pydicom
+
+        from FocusNetCore.imageio import label_image_like
+        from FocusNetCore.rtstruct import read_rtstruct
+
+        if not self.is_dicom:
+            raise ValueError(f"{path}: an RT Structure Set references a DICOM CT series; open that series "
+                             "(its folder), not a volume file")
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for frame in getattr(ds, "ReferencedFrameOfReferenceSequence", []):
+            for study in getattr(frame, "RTReferencedStudySequence", []):
+                for series in getattr(study, "RTReferencedSeriesSequence", []):
+                    check_same_frame(self.identity, str(series.SeriesInstanceUID),
+                                     str(frame.FrameOfReferenceUID), path)
+            check_same_frame(self.identity, "", str(getattr(frame, "FrameOfReferenceUID", "")), path)
+        array, _, unmatched = read_rtstruct(path, self.image, self.input, organs)
+        if unmatched:
+            print(f"FocusNet review: {path}: ROIs not read (no FocusNet organ of that name): "
+                  + ", ".join(unmatched), flush=True)
+        return label_image_like(array, self.image)
 
     @staticmethod
     def _report_beside(seg_path: Path) -> Optional[dict]:
@@ -259,7 +331,8 @@ class ReviewStation:
             self.case = ReviewCase.open(self.slicer_app.scene, volume, labels, folder=self.out / "sessions",
                                         log_path=self.out / "review-log.jsonl", case_uid=self.case_uid,
                                         reviewer=self.options.reviewer, report=report, name=f"{self.stem} OARs",
-                                        client="browser", shown=False, idle_threshold_s=self.options.idle_threshold_s)
+                                        client="browser", shown=False, idle_threshold_s=self.options.idle_threshold_s,
+                                        save_each_edit=True)
             self.editor_logic.on_volume_changed(volume)
             self.case.session.listeners.append(self._on_session_changed)
             self.case.session.on_change_after_finish = self._on_change_after_finish
@@ -294,19 +367,13 @@ class ReviewStation:
             await asyncio.sleep(1.0)
 
     def _on_session_changed(self):
-        """After each edit or accept: refresh the panel, autosave soon."""
+        """After each edit or accept: refresh the panel (the contours are
+        already on disk: the case saves them before it counts an edit)."""
         if self._loop is None:
             return
         if threading.current_thread() is threading.main_thread():
             self._refresh_rows()
             self.state.flush()
-        if self._autosave_handle is not None:
-            self._autosave_handle.cancel()
-        self._autosave_handle = self._loop.call_later(AUTOSAVE_DELAY_S, self._autosave)
-
-    def _autosave(self):
-        if self.case is not None and not self.case.session.finished:
-            self.case.autosave()
 
     def _refresh_rows(self):
         """The one organ list: flagged organs first, each with its colour,
@@ -411,16 +478,50 @@ class ReviewStation:
             mask, _, _ = await asyncio.to_thread(self.worker.place, organ, lps)
             if not self._can_review():
                 raise RuntimeError("the review was finished meanwhile")
-            self.case.place(organ, mask)  # MRML: on this (the server's) thread
             voxels = int(sitk.GetArrayViewFromImage(mask).sum())
-            text = (f"{organ} placed ({voxels} voxels, {time.perf_counter() - start:.2f} s); Undo placement takes "
-                    "it back." if voxels else f"{organ}: nothing found there; click on the organ itself.")
+            distance = self.case.placement_distance_mm(organ, mask) if voxels else None
+            if not voxels:
+                text = f"{organ}: nothing found there; click on the organ itself."
+            elif distance is not None and distance > PLACEMENT_CONFIRM_MM:
+                self._pending_place = (organ, mask)
+                text = (f"{organ} found {distance:.0f} mm from where the model put it ({voxels} voxels): is this "
+                        f"{organ}? Replace its contour with it, or discard.")
+            else:
+                text = self._apply_place(organ, mask) + f" ({time.perf_counter() - start:.2f} s)"
         except Exception as error:
             text = f"Click to find: {error}"
         with self.state:
             self.state.fn_click_text = text
+            self.state.fn_place_pending = self._pending_place is not None
             self.state.fn_can_undo = self.case.can_undo_place
             self._refresh_rows()
+
+    def _apply_place(self, organ: str, mask) -> str:
+        """Replace ``organ``'s contour with a click-to-find answer (MRML: on
+        the server's thread); the words that say what changed."""
+        changed = self.case.place(organ, mask)
+        taken = (f"; taken from {', '.join(changed['taken_from'])}" if changed["taken_from"] else "")
+        return (f"{organ} placed: {changed['before_cc']:.2f} cc -> {changed['after_cc']:.2f} cc{taken}. "
+                "Undo placement takes it back.")
+
+    def confirm_place(self):
+        """The reviewer says the far placement is the organ: replace."""
+        pending, self._pending_place = self._pending_place, None
+        self.state.fn_place_pending = False
+        if pending is None or not self._can_review():
+            return
+        try:
+            self.state.fn_click_text = self._apply_place(*pending)
+        except Exception as error:
+            self.state.fn_click_text = f"Click to find: {error}"
+        self.state.fn_can_undo = self.case.can_undo_place
+        self._refresh_rows()
+
+    def discard_place(self):
+        pending, self._pending_place = self._pending_place, None
+        self.state.fn_place_pending = False
+        if pending is not None:
+            self.state.fn_click_text = f"{pending[0]}: placement discarded; the contour is unchanged."
 
     def undo_place(self):
         if not self._can_review():
@@ -543,8 +644,6 @@ class ReviewStation:
         self.state.fn_finishing = True
         self.state.fn_message = "Finishing: exporting the contours and computing the edit metrics..."
         self.editor_logic.segmentation_editor.deactivate_effect()  # read-only from here on
-        if self._autosave_handle is not None:
-            self._autosave_handle.cancel()
         self.case.session.closing = True
         try:  # the scene's part here (MRML is not thread-safe): the contours, and the .seg.nrrd by Slicer's writer
             final = self.case.final_labels()
@@ -631,6 +730,11 @@ class ReviewStation:
                         v.VBtn("Undo placement", size="small", variant="tonal", id="fn-click-undo",
                                disabled=("!fn_can_undo || fn_finished || fn_finishing",), click=self.undo_place)
                     html.Div("{{ fn_click_text }}", classes="text-caption", id="fn-click-text", v_if="fn_click_mode")
+                    with html.Div(classes="d-flex flex-wrap mt-1", style="gap: 6px;", v_if="fn_place_pending"):
+                        v.VBtn("Replace", size="small", color="warning", id="fn-place-confirm",
+                               click=self.confirm_place)
+                        v.VBtn("Discard", size="small", variant="tonal", id="fn-place-discard",
+                               click=self.discard_place)
                     v.VProgressLinear(v_if="fn_finishing", indeterminate=True, color="primary", classes="mt-1",
                                       id="fn-finish-progress")
                     html.Div("{{ fn_message }}", classes="text-caption mt-1", id="fn-message")

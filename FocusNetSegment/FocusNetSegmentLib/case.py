@@ -24,17 +24,19 @@ from FocusNetCore.study import case_id as hashed_case_id
 from . import export
 from .activity import ActivityMonitor
 from .review import ReviewSession
-from .scene import export_labels, import_labels, replace_in_region, segment_in_region
+from .scene import export_labels, import_labels
 
 
 class ReviewCase:
-    def __init__(self, scene, volume_node, segmentation_node, session: ReviewSession, folder):
+    def __init__(self, scene, volume_node, segmentation_node, session: ReviewSession, folder, case_uid: str = ""):
         self.scene, self.volume_node, self.segmentation_node = scene, volume_node, segmentation_node
         self.session = session
         self.folder = Path(folder)
+        self.case_uid = case_uid
         # Scroll, window/level, view changes, selection and visibility are acts of reviewing too.
         self.activity = ActivityMonitor(scene, session.activity).start()
-        self._placed: List[Tuple[str, sitk.Image]] = []  # click-to-find undo stack: (organ, contour before)
+        # click-to-find undo stack: (organ, the label map before over the box it changed, the organs changed)
+        self._placed: List[Tuple[str, sitk.Image, List[str]]] = []
 
     def close(self) -> None:
         """Stop observing the scene (the checkpoint of an unfinished session stays)."""
@@ -59,7 +61,7 @@ class ReviewCase:
     def open(cls, scene, volume_node, labels: Optional[sitk.Image], *, folder, log_path, case_uid: str,
              reviewer: str = "", report: Optional[dict] = None, name: Optional[str] = None,
              resume: bool = True, client: str = "slicer", shown: bool = True,
-             idle_threshold_s: Optional[float] = None,
+             idle_threshold_s: Optional[float] = None, save_each_edit: bool = False,
              clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> "ReviewCase":
         """``labels`` are the AI contours on the CT's grid (mode "ai"), or None
         for contouring from scratch (mode "manual"). ``report`` is the
@@ -68,7 +70,10 @@ class ReviewCase:
         times and statuses from the checkpoint, its contours from the
         autosave. ``shown``: the reviewer sees the case from now on (the wall
         clock starts); the browser station passes False and says when a page
-        shows it (``session.shown()`` / ``session.hidden()``)."""
+        shows it (``session.shown()`` / ``session.hidden()``).
+        ``save_each_edit``: each edit's contours are on disk (the autosave)
+        before the edit is counted, so a crash right after an edit loses
+        neither (the browser station, whose server a crash takes down)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         organs = get_organ_set((report or {}).get("model", {}).get("organ_set", "oar22"))
@@ -86,7 +91,7 @@ class ReviewCase:
         name = name or f"{volume_node.GetName()} OARs" + ("" if mode == "ai" else " (manual)")
         resuming = resume and checkpoint.exists()
         if resuming and working.exists():
-            labels_for_scene = sitk.ReadImage(str(working))
+            labels_for_scene = cls._read_autosave(working, case_uid, labels_for_scene)
         node = import_labels(scene, labels_for_scene, organs, volume_node, name)
         node.CreateDefaultDisplayNodes()
         results = (report or {}).get("organs")
@@ -101,41 +106,125 @@ class ReviewCase:
                 common["idle_threshold_s"] = idle_threshold_s
             session = ReviewSession(node, organs, mode=mode, case_id=cid, reviewer=reviewer, log_path=log_path,
                                     checkpoint_path=checkpoint, **common)
-        return cls(scene, volume_node, node, session.start(shown=shown), folder)
+        case = cls(scene, volume_node, node, session, folder, case_uid)
+        if save_each_edit:
+            session.save_contours = case.autosave
+        session.start(shown=shown)
+        return case
+
+    @staticmethod
+    def _read_autosave(working: Path, case_uid: str, reference: sitk.Image) -> sitk.Image:
+        """The autosaved contours of an unfinished review, refused unless they
+        are this CT's: the case uid in their header, and its grid."""
+        from FocusNetCore.caseid import CaseIdentity, check_same_case, check_same_grid, identity_in_header
+
+        check_same_case(CaseIdentity(case_uid), identity_in_header(working), working)
+        labels = sitk.ReadImage(str(working))
+        check_same_grid(reference, labels, working)
+        return labels
 
     # -- while reviewing --------------------------------------------------------
     def autosave(self) -> Path:
         """Write the contours as they are now (a label map on the CT's grid,
         replacing the previous autosave atomically), so a session resumed
         after a crash has them."""
-        return write_image(self.final_labels(), self._working_path, overwrite=True)
+        from FocusNetCore.caseid import HEADER_KEY
+
+        labels = self.final_labels()
+        if self.case_uid:
+            labels.SetMetaData(HEADER_KEY, self.case_uid)  # resumed only onto this CT
+        # Uncompressed: written after every edit in the browser station, where speed matters more than size.
+        return write_image(labels, self._working_path, overwrite=True, compress=False)
 
     # -- click to find ---------------------------------------------------------
-    def place(self, organ: str, mask: sitk.Image) -> None:
-        """Replace ``organ``'s contour inside ``mask``'s box (a click-to-find
-        answer: 0/1 on the CT's grid over SOS-Net's ROI) with the mask; outside
-        the box the contour stays. One assisted edit; :meth:`undo_place`
-        restores the contour as it was."""
+    def place(self, organ: str, mask: sitk.Image) -> dict:
+        """Make ``mask`` (a click-to-find answer: 0/1 on the CT's grid over
+        SOS-Net's ROI) ``organ``'s whole contour: the click says the organ is
+        there, so its contour elsewhere goes, and the placed voxels are taken
+        from any other organ that held them (the one label map that every
+        export is written from holds the placement). One assisted edit, saved
+        before it is counted; :meth:`undo_place` restores every changed
+        contour as it was. Returns what changed: the organ's volume before
+        and after (cc) and the organs that gave up voxels."""
+        import numpy as np
+
+        from .scene import region_of, replace_labels_in_region
+
         if organ not in self.organs.names:
             raise ValueError(f"unknown organ {organ!r}")
-        before = segment_in_region(self.scene, self.segmentation_node, organ, self.volume_node, self.organs, mask)
-        with self.session.assisting(organ):
-            replace_in_region(self.segmentation_node, organ, self.volume_node, mask)
-        self._placed.append((organ, before))
+        whole = self.final_labels()
+        array = sitk.GetArrayViewFromImage(whole)
+        value = self.organs.label_of(organ)
+        i0, j0, k0, i1, j1, k1 = region_of(mask, whole)
+        lo, hi = np.array([k0, j0, i0]), np.array([k1, j1, i1])
+        old = np.argwhere(array == value)
+        if len(old):  # the box also covers the organ's old contour, which the placement removes
+            lo, hi = np.minimum(lo, old.min(axis=0)), np.maximum(hi, old.max(axis=0) + 1)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        before = np.array(array[box])
+        after = np.where(before == value, 0, before).astype(before.dtype)
+        placed = np.zeros(before.shape, bool)
+        inner = tuple(slice(int(a - b), int(a - b + n)) for a, b, n in zip((k0, j0, i0), lo, mask.GetSize()[::-1]))
+        placed[inner] = sitk.GetArrayViewFromImage(mask) > 0
+        after[placed] = value
+        names = {self.organs.label_of(n): n for n in self.organs.names}
+        losers = sorted({names[int(v)] for v in np.unique(before[placed]) if int(v) in names and int(v) != value})
+        changed = [organ, *losers]
+        voxel_cc = float(np.prod(whole.GetSpacing())) / 1000.0
+        region_before, region_after = (self._region(a, whole, lo) for a in (before, after))
+        with self.session.assisting(*changed):
+            replace_labels_in_region(self.segmentation_node, self.volume_node, self.organs, region_after, changed)
+        self._placed.append((organ, region_before, changed))
         self.session.record_assisted_edit(organ)
+        return {"organ": organ, "before_cc": round(float((before == value).sum()) * voxel_cc, 3),
+                "after_cc": round(float(placed.sum()) * voxel_cc, 3), "taken_from": losers}
+
+    @staticmethod
+    def _region(array, whole: sitk.Image, lo) -> sitk.Image:
+        """``array`` as an image on ``whole``'s grid, its first voxel at ``lo`` (z, y, x)."""
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(whole.GetSpacing())
+        image.SetDirection(whole.GetDirection())
+        image.SetOrigin(whole.TransformIndexToPhysicalPoint([int(v) for v in lo[::-1]]))
+        return image
+
+    def placement_distance_mm(self, organ: str, mask: sitk.Image) -> Optional[float]:
+        """How far (mm) a click-to-find answer's centre lies from where the
+        model put ``organ`` (its AI contour; else its contour now): None when
+        neither has the organ, or the answer is empty."""
+        import numpy as np
+
+        def centre(image, value):
+            where = np.argwhere(sitk.GetArrayViewFromImage(image) == value)
+            if not len(where):
+                return None
+            return np.asarray(image.TransformContinuousIndexToPhysicalPoint(
+                [float(v) for v in where.mean(axis=0)[::-1]]))
+
+        here = centre(mask, 1)
+        if here is None:
+            return None
+        value = self.organs.label_of(organ)
+        for labels in (self.session.ai_labels, None):
+            there = centre(labels if labels is not None else self.final_labels(), value)
+            if there is not None:
+                return float(np.linalg.norm(here - there))
+        return None
 
     @property
     def can_undo_place(self) -> bool:
         return bool(self._placed) and not self.session.finished
 
     def undo_place(self) -> Optional[str]:
-        """Undo the last placement (its organ's contour inside the box as it
-        was before); returns the organ, or None when there is nothing to undo."""
+        """Undo the last placement (every contour it changed, as it was);
+        returns the organ, or None when there is nothing to undo."""
+        from .scene import replace_labels_in_region
+
         if not self._placed:
             return None
-        organ, before = self._placed[-1]
-        with self.session.assisting(organ):
-            replace_in_region(self.segmentation_node, organ, self.volume_node, before)
+        organ, before, changed = self._placed[-1]
+        with self.session.assisting(*changed):
+            replace_labels_in_region(self.segmentation_node, self.volume_node, self.organs, before, changed)
         self._placed.pop()
         self.session.record_assisted_edit(organ, undo=True)
         return organ
@@ -161,7 +250,8 @@ class ReviewCase:
                                  "DICOM series folder")
             if kind == "rtstruct":
                 path = export.export_rtstruct(self.scene, self.segmentation_node, self.volume_node, self.organs,
-                                              ct_series_folder, base + ".rtstruct.dcm", labels=labels)
+                                              ct_series_folder, base + ".rtstruct.dcm", labels=labels,
+                                              algorithm_types=self.session.algorithm_types())
             else:
                 path = export.export_dicom_seg(self.scene, self.segmentation_node, self.volume_node, self.organs,
                                                ct_series_folder, base + ".seg.dcm",

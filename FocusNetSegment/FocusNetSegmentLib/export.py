@@ -62,12 +62,12 @@ def export_dicom_seg(scene, segmentation_node, reference_volume, organs: OrganSe
 
 
 def export_rtstruct(scene, segmentation_node, reference_volume, organs: OrganSet, ct_series_folder, path,
-                    labels=None) -> Path:
+                    labels=None, algorithm_types=None) -> Path:
     """``labels`` as for :func:`export_dicom_seg`."""
     from FocusNetCore.rtstruct import write_rtstruct
 
     target = free_path(path)
     if labels is None:
         labels = export_labels(scene, segmentation_node, reference_volume, organs)
-    write_rtstruct(labels, ct_series_folder, organs, target)
+    write_rtstruct(labels, ct_series_folder, organs, target, algorithm_types=algorithm_types)
     return target

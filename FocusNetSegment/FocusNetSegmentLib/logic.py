@@ -16,7 +16,6 @@ is loaded, on cancel and on failure.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -66,13 +65,12 @@ def volume_case_uid(volume_node) -> str:
     UIDs Slicer's DICOM loader records) or, for a volume from a file or a
     script, its voxels and geometry. Two different CTs both named "ct" are two
     cases; the same CT loaded again is the same case."""
+    from FocusNetCore.caseid import identity_of_image, identity_of_instances
+
     uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
-    if uids:
-        return "dicom:" + hashlib.sha1(" ".join(sorted(uids)).encode()).hexdigest()
-    image = image_from_volume_node(volume_node)
-    digest = hashlib.sha1(sitk.GetArrayViewFromImage(image).tobytes())
-    digest.update(repr((image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection())).encode())
-    return "voxels:" + digest.hexdigest()
+    if uids:  # the same identity as the review station and the node give the series' folder
+        return identity_of_instances(uids).uid
+    return identity_of_image(image_from_volume_node(volume_node)).uid
 
 
 class BackgroundCall:
@@ -219,7 +217,11 @@ class SegmentOARsLogic:
         self.work_dir = Path(tempfile.mkdtemp(prefix="FocusNet-"))
         ct_path = self.work_dir / "input" / "ct.nrrd"
         ct_path.parent.mkdir()
-        sitk.WriteImage(image_from_volume_node(volume_node), str(ct_path))
+        from FocusNetCore.caseid import identity_of_image
+
+        image = image_from_volume_node(volume_node)
+        sitk.WriteImage(image, str(ct_path))
+        self._sent = identity_of_image(image)  # the result must come back for exactly this CT
         command = process.segment_command(self.python, [str(ct_path)], str(self.work_dir / "output"),
                                           model=model_path, device=device, output_format="nrrd")
         self.job = process.SegmentationProcess(command, env=self.environment()).start()  # kind "segment"
@@ -281,6 +283,8 @@ class SegmentOARsLogic:
         never lost)."""
         import json
 
+        from FocusNetCore.caseid import check_same_case, check_same_grid, identity_in_header
+
         job = self.job
         try:
             if job is None or getattr(job, "kind", "") != "segment":
@@ -295,6 +299,10 @@ class SegmentOARsLogic:
             output = self.work_dir / "output"
             report = json.loads((output / "ct.report.json").read_text())
             labels = sitk.ReadImage(str(output / "ct.nrrd"))
+            # The contours are this CT's (the case in their header and report), on its grid.
+            check_same_case(self._sent, identity_in_header(output / "ct.nrrd"), output / "ct.nrrd")
+            check_same_case(self._sent, (report.get("case") or {}).get("uid"), output / "ct.report.json")
+            check_same_grid(image_from_volume_node(self.volume_node), labels, output / "ct.nrrd")
         finally:
             self._remove_work_dir()
         return self.open_review(self.volume_node, labels, report, reviewer, resume)

@@ -136,6 +136,9 @@ class ReviewSession:
         # Called with no argument after every change (an edit, an accept): how
         # a front end refreshes its review panel or schedules an autosave.
         self.listeners: List[Callable[[], None]] = []
+        # Called before an edit is counted: writes the contours as they are now
+        # (ReviewCase.autosave), so a counted edit is on disk.
+        self.save_contours: Optional[Callable[[], object]] = None
 
     # -- events ----------------------------------------------------------------
     def start(self, shown: bool = True) -> "ReviewSession":
@@ -255,6 +258,7 @@ class ReviewSession:
         if name is None:
             self.checkpoint()
             return
+        self._save_contours()
         state = self.states[name]
         state.status = EDITED
         state.edits += 1
@@ -263,9 +267,10 @@ class ReviewSession:
         self.checkpoint()
 
     @contextlib.contextmanager
-    def assisting(self, segment_id: str):
+    def assisting(self, *segment_ids: str):
         """Contour changes inside this block are a click-to-find placement,
-        not hand edits: the caller records it once (record_assisted_edit)."""
+        not hand edits: the caller records it once (record_assisted_edit).
+        ``segment_ids``: every segment the placement may change."""
         if self.finished or self.closing:
             raise RuntimeError("this review is finished: its contours are read-only")
         self._assisting = True
@@ -273,11 +278,13 @@ class ReviewSession:
             yield
         finally:
             self._assisting = False
-            self._contour_changed(segment_id)  # the placed contour is the one seen from now on
+            for segment_id in segment_ids:
+                self._contour_changed(segment_id)  # the placed contours are the ones seen from now on
 
     def record_assisted_edit(self, name: str, undo: bool = False) -> None:
         """A click-to-find placement (or its undo) changed ``name``'s contour:
         counted apart from hand edits, so a study can measure what clicking saves."""
+        self._save_contours()
         self.touch()
         kind = "assisted_undo" if undo else "assisted_edit"
         self.activity_counts[kind] = self.activity_counts.get(kind, 0) + 1
@@ -290,6 +297,10 @@ class ReviewSession:
         state.first_edit_s = state.first_edit_s if state.first_edit_s is not None else round(self.now_s(), 3)
         state.last_edit_s = round(self.now_s(), 3)
         self.checkpoint()
+
+    def _save_contours(self) -> None:
+        if self.save_contours is not None:
+            self.save_contours()
 
     def _organ_of(self, segment_id: str) -> Optional[str]:
         segment = self.node.GetSegmentation().GetSegment(segment_id)

@@ -340,6 +340,28 @@ def replace_in_region(segmentation_node, segment_id: str, reference_volume, mask
         raise RuntimeError(f"Slicer could not write the new contour of {segment_id}")
 
 
+def replace_labels_in_region(segmentation_node, reference_volume, organs: OrganSet, region: sitk.Image,
+                             names: Iterable[str]) -> None:
+    """Make each of ``names``'s contours equal to ``region == its label value``
+    inside ``region``'s box (a label map on the CT's grid over a box), in two
+    passes: every named segment is cleared from the box first, then each is
+    written; so no two segments ever hold one voxel (an overlap would put a
+    segment in a layer of its own, and the label map every export is written
+    from would keep only one of them)."""
+    names = list(names)
+    array = sitk.GetArrayViewFromImage(region)
+    empty = sitk.Image(region.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(region)
+    for name in names:
+        replace_in_region(segmentation_node, name, reference_volume, empty)
+    for name in names:
+        mask = (array == organs.label_of(name)).astype(np.uint8)
+        if mask.any():
+            image = sitk.GetImageFromArray(mask)
+            image.CopyInformation(region)
+            replace_in_region(segmentation_node, name, reference_volume, image)
+
+
 def segment_in_region(scene, segmentation_node, segment_id: str, reference_volume, organs: OrganSet,
                       like: sitk.Image) -> sitk.Image:
     """``segment_id``'s contour (0/1) over ``like``'s box on the CT's grid
