@@ -50,6 +50,14 @@ def start_review(ct, out, *extra):
     raise AssertionError("focusnet review printed no URL within 120 s")
 
 
+def review_stem(ct) -> str:
+    """What the station names a case's files: the CT's name and its identity."""
+    from FocusNetCore.caseid import identity_of_input
+    from FocusNetCore.imageio import case_name
+
+    return f"{case_name(ct)}-{identity_of_input(ct).tag}"
+
+
 def wait_for_line(proc, pattern, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -249,9 +257,9 @@ def test_browser_review_paint_accept_finish_export(phantom_ct, tmp_path):
     finally:
         stop(proc)
 
-    exported = out / "phantom_0400_ct.seg.nrrd"
+    exported = out / f"{review_stem(phantom_ct)}.seg.nrrd"
     final = read_seg_nrrd_as_labels(exported, phantom_ct)
-    ai = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_0400_ct.ai.nrrd")))
+    ai = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{review_stem(phantom_ct)}.ai.nrrd")))
     changed = final != ai
     parotid_label = ORGANS.label_of("Parotid_L")
     assert changed.sum() > 50, "the stroke left no trace in the export"
@@ -398,14 +406,25 @@ def test_dicom_input_exports_seg_nrrd_rtstruct_and_dicom_seg(tmp_path):
 
     write_case(generate_case(401, "small"), tmp_path / "dicom", "dicom")
     series = next(p for p in (tmp_path / "dicom").rglob("*") if p.is_dir() and any(p.glob("CT*.dcm")))
+    from test_slicer_lib import paint
+
     for attempt in (1, 2):
         station = ReviewStation(ReviewOptions(input=str(series), out=str(tmp_path / "out"), port=0))
         asyncio.run(station._start_case())
         assert station.state.fn_ready and len(station.state.fn_rows) == 22
         station.accept_all()
+        if attempt == 2:  # the reviewer corrects one organ: SEMIAUTOMATIC in the RTSTRUCT and the SEG
+            paint(station.case.segmentation_node, "Parotid_L", station.image, (slice(2, 4), slice(2, 6), slice(2, 6)))
         station.finish()
         assert station.state.fn_finished, station.state.fn_error
-    stem = series.name
+    stem = review_stem(series)
+    assert stem.startswith(series.name + "-")  # the case's identity in every name
+    second = pydicom.dcmread(tmp_path / "out" / f"{stem} (2).rtstruct.dcm")
+    kinds = {str(r.ROIName): str(r.ROIGenerationAlgorithm) for r in second.StructureSetROISequence}
+    assert kinds["Parotid_L"] == "SEMIAUTOMATIC" and kinds["Brainstem"] == "AUTOMATIC"
+    second_seg = pydicom.dcmread(tmp_path / "out" / f"{stem} (2).seg.dcm")
+    seg_kinds = {str(s.SegmentLabel): str(s.SegmentAlgorithmType) for s in second_seg.SegmentSequence}
+    assert seg_kinds["Parotid_L"] == "SEMIAUTOMATIC" and seg_kinds["Brainstem"] == "AUTOMATIC"
     assert (tmp_path / "out" / f"{stem}.seg.nrrd").exists() and (tmp_path / "out" / f"{stem} (2).seg.nrrd").exists()
     rtstruct = pydicom.dcmread(tmp_path / "out" / f"{stem}.rtstruct.dcm")
     assert rtstruct.Modality == "RTSTRUCT"
@@ -496,7 +515,7 @@ def test_click_to_find_brings_a_missed_lens_back(phantom_ct, tmp_path):
     assert len(clicked) == 1, proc.lines
     at = np.array([float(v) for v in re.search(r"LPS \((.*)\) mm", clicked[0]).group(1).split(",")])
     assert np.linalg.norm((at - lps)[:2]) < 4.0, f"clicked at {at}, the lens's centre is at {lps}"
-    final = read_seg_nrrd_as_labels(out / "phantom_0400_ct.seg.nrrd", phantom_ct)
+    final = read_seg_nrrd_as_labels(out / f"{review_stem(phantom_ct)}.seg.nrrd", phantom_ct)
     placed, true_lens = final == lens, truth == lens
     assert 2 * (placed & true_lens).sum() / (placed.sum() + true_lens.sum()) >= 0.5, clicked
     assert np.array_equal(final[~placed], np.where(truth == lens, 0, truth)[~placed]), "nothing else changed"

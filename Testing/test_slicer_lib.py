@@ -428,3 +428,55 @@ def test_a_contour_changed_after_finish_is_reported_not_lost(phantom, tmp_path):
     assert case.session.states["Parotid_L"].edits == 0 and record["organs"]["Parotid_L"]["status"] == "unreviewed"
     assert not list((tmp_path / "sessions").glob("*.review.json")), "no checkpoint reappears after Finish"
     case.close()
+
+
+def test_click_to_place_replaces_the_organ_in_the_one_label_map(phantom, tmp_path):
+    """Issue 44, fault 2: a placement in another organ's territory (the lens
+    in the temporal lobe) becomes the organ's whole contour, takes those
+    voxels from the other organ, and is what every export and the record
+    hold: the .seg.nrrd read back by Slicer equals the label map the DICOM
+    writers get; the record says the lens was edited (Dice < 1); undo
+    restores both organs exactly."""
+    from FocusNetSegmentLib.case import ReviewCase
+
+    image, labels = phantom
+    scene = bridge.new_scene()
+    ct = bridge.volume_node_from_image(scene, image, "CT")
+    case = ReviewCase.open(scene, ct, labels, folder=tmp_path / "sessions", log_path=tmp_path / "log.jsonl",
+                           case_uid="voxels:test", save_each_edit=True)
+    ai = sitk.GetArrayFromImage(labels)
+    lens, brain = ORGANS.label_of("Lens_L"), ORGANS.label_of("Brainstem")
+    where = np.argwhere(ai == brain)
+    k, j, i = where[len(where) // 2]
+    mask = sitk.GetImageFromArray(np.ones((2, 3, 3), np.uint8))
+    mask.SetSpacing(image.GetSpacing())
+    mask.SetDirection(image.GetDirection())
+    mask.SetOrigin(image.TransformIndexToPhysicalPoint([int(i) - 1, int(j) - 1, int(k)]))
+    assert case.placement_distance_mm("Lens_L", mask) > 20.0  # far from the model's lens: the station asks
+    changed = case.place("Lens_L", mask)
+    assert changed["taken_from"] == ["Brainstem"] and changed["after_cc"] > 0 and changed["before_cc"] > 0
+    final = sitk.GetArrayFromImage(case.final_labels())
+    box = (slice(k, k + 2), slice(j - 1, j + 2), slice(i - 1, i + 2))
+    assert np.all(final[box] == lens) and (final == lens).sum() == 18, "the lens is the placement, nowhere else"
+    untouched = np.ones(ai.shape, bool)
+    untouched[box] = False
+    untouched &= ai != lens
+    assert np.array_equal(final[untouched], ai[untouched])
+    # One label map: Slicer's own .seg.nrrd reader sees the same, no overlapping layer.
+    seg = case.export("seg.nrrd", tmp_path, "CT")
+    scene2 = bridge.new_scene()
+    ct2 = bridge.volume_node_from_image(scene2, image, "CT")
+    back = bridge.export_labels(scene2, bridge.load_segmentation(scene2, str(seg)), ct2, ORGANS)
+    assert np.array_equal(sitk.GetArrayFromImage(back), final)
+    state = case.session.states["Lens_L"]
+    assert state.assisted_edits == 1 and state.edits == 0 and state.status == "edited"
+    assert case.session.states["Brainstem"].edits == 0  # the placement is one assisted edit, not hand edits
+    saved = sitk.GetArrayFromImage(sitk.ReadImage(str(case._working_path)))
+    assert np.array_equal(saved, final), "the placement is on disk before it is counted"
+
+    assert case.undo_place() == "Lens_L"
+    assert np.array_equal(sitk.GetArrayFromImage(case.final_labels()), ai)
+    case.place("Lens_L", mask)
+    record = case.finish()
+    assert record["metrics"]["Lens_L"]["dice"] < 0.5 and record["organs"]["Lens_L"]["status"] == "edited"
+    assert record["metrics"]["Brainstem"]["voxels_removed"] == 18
