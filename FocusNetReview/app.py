@@ -322,6 +322,8 @@ class ReviewStation:
             volume.CreateDefaultDisplayNodes()
             self.slicer_app.display_manager.show_volume(volume, do_reset_views=True)
             self.volume = volume
+            name, window, level = WINDOW_PRESETS[0]  # soft tissue, where the organs at risk are told apart
+            self.set_window(window, level)
             if self.options.seg:  # MRML reads the file: on this thread
                 seg = Path(self.options.seg)
                 labels, report = self._labels_from_seg(seg), self._report_beside(seg)
@@ -378,19 +380,25 @@ class ReviewStation:
     def _refresh_rows(self):
         """The one organ list: flagged organs first, each with its colour,
         status, volume, confidence, flags in words and visibility."""
+        from FocusNetSegmentLib.scene import segment_volumes_cc
+
         session = self.case.session
         results = {r["name"]: r for r in (self.report.get("organs") or [])}
         display = self.case.segmentation_node.GetDisplayNode()
+        now = segment_volumes_cc(self.case.segmentation_node)  # live: the contours as edited
         rows = []
         for order, name in enumerate(session.organs.names):
             st = session.states[name]
             r, g, b = CATALOGUE[name].color
             result = results.get(name, {})
             confidence = result.get("confidence")
-            volume = result.get("volume_cc")
+            ai_volume = result.get("volume_cc")
+            volume = now.get(name, ai_volume)
+            changed = ai_volume is not None and volume is not None and abs(float(volume) - float(ai_volume)) >= 0.05
             rows.append({"name": name, "color": f"#{r:02x}{g:02x}{b:02x}", "status": st.status, "edits": st.edits,
                          "flags": "; ".join(st.flags), "flagged": bool(st.flags),
                          "volume": "" if volume is None else f"{float(volume):.1f} cc",
+                         "ai_volume": f"AI {float(ai_volume):.1f}" if changed else "",
                          "confidence": "" if confidence is None else f"{float(confidence):.2f}",
                          "visible": bool(display.GetSegmentVisibility(name)) if display is not None else True,
                          "order": order})
@@ -715,6 +723,9 @@ class ReviewStation:
                              id="fn-warning")
                     v.VAlert(v_if="fn_missing", type="info", density="compact", text=("fn_missing",),
                              id="fn-missing", classes="text-caption py-1", icon=False)
+                    html.Div(("{{ fn_selected ? 'Selected: ' + fn_selected : "
+                              "'No organ selected: click one in the list' }}"),
+                             v_if="fn_ready", id="fn-selected", classes="text-body-2 font-weight-bold mt-1")
                     self._build_organ_list(html, v)
                     with html.Div(classes="d-flex flex-wrap mt-2", style="gap: 6px;"):
                         v.VBtn("Accept all unflagged", size="small", id="fn-accept-all",
@@ -778,7 +789,10 @@ class ReviewStation:
                         html.Div("{{ row.name }}", classes="fn-organ-name", style="white-space: nowrap;")
                         html.Div("{{ row.flags }}", v_if="row.flagged", classes="fn-flags text-red",
                                  style="font-size: 11px; line-height: 1.2;")
-                    html.Td("{{ row.volume }}", classes="fn-volume", style="padding: 0 4px; white-space: nowrap;")
+                    with html.Td(style="padding: 0 4px; white-space: nowrap;"):
+                        html.Div("{{ row.volume }}", classes="fn-volume")
+                        html.Div("{{ row.ai_volume }}", v_if="row.ai_volume", classes="fn-ai-volume",
+                                 style="font-size: 10px; opacity: 0.7;")
                     html.Td("{{ row.confidence }}", classes="fn-confidence", style="padding: 0 4px;")
                     with html.Td(style="padding: 0 4px;"):
                         v.VChip("{{ row.status }}", size="x-small", classes="fn-status",

@@ -196,6 +196,7 @@ def test_browser_review_paint_accept_finish_export(phantom_ct, tmp_path):
                 assert len(rows.nth(i).locator(".fn-flags").inner_text().strip()) > 3
             assert page.locator(".mdi-delete-outline").count() == 0, "no delete anywhere"
             assert page.locator(".fn-organ-row", has_text="Eye_L").locator(".fn-volume").inner_text().endswith("cc")
+            assert window_level(page) == "W 400 / L 40", "a soft-tissue window to start with"
 
             # Visibility from the list.
             eye = page.locator(".fn-organ-row", has_text="Eye_L").locator(".fn-visibility")
@@ -228,6 +229,13 @@ def test_browser_review_paint_accept_finish_export(phantom_ct, tmp_path):
             page.wait_for_function("s => s.innerText.trim() === 'edited'", arg=parotid.element_handle(),
                                    timeout=20_000)
             assert page.locator(".fn-status", has_text="edited").count() == 1
+            assert page.locator("#fn-selected").inner_text().strip() == "Selected: Parotid_L"
+            # The volume follows the edit, the AI's beside it.
+            row = page.locator(".fn-organ-row", has_text="Parotid_L")
+            page.wait_for_function("r => r.querySelector('.fn-ai-volume')", arg=row.element_handle(), timeout=10_000)
+            live = float(row.locator(".fn-volume").inner_text().split()[0])
+            ai_cc = float(row.locator(".fn-ai-volume").inner_text().split()[1])
+            assert live > ai_cc, (live, ai_cc)
 
             # Closing the page keeps the session and pauses its clock: a new page shows the same review.
             page.close()

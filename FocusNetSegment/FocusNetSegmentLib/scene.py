@@ -372,3 +372,33 @@ def segment_in_region(scene, segmentation_node, segment_id: str, reference_volum
     out = sitk.GetImageFromArray(array)
     out.CopyInformation(like)
     return out
+
+
+def segment_volumes_cc(segmentation_node) -> dict:
+    """Each segment's volume now (cc, by name), from its binary label map:
+    one count per shared label map (layer), so a 22-organ segmentation costs
+    as many passes as it has layers."""
+    import vtk
+    from vtk.util import numpy_support
+
+    segmentation = segmentation_node.GetSegmentation()
+    counts, volumes = {}, {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        labelmap = segment.GetRepresentation("Binary labelmap")
+        scalars = labelmap.GetPointData().GetScalars() if labelmap is not None and labelmap.GetPointData() else None
+        if scalars is None:
+            volumes[segment.GetName()] = 0.0
+            continue
+        key = id(labelmap)
+        if key not in counts:
+            array = numpy_support.vtk_to_numpy(scalars)
+            matrix = vtk.vtkMatrix4x4()
+            labelmap.GetImageToWorldMatrix(matrix)
+            columns = np.array([[matrix.GetElement(r, c) for r in range(3)] for c in range(3)])
+            voxel_cc = float(abs(np.linalg.det(columns))) / 1000.0
+            counts[key] = (np.bincount(array.ravel().astype(np.int64), minlength=256), voxel_cc)
+        bins, voxel_cc = counts[key]
+        value = segment.GetLabelValue()
+        volumes[segment.GetName()] = float(bins[value]) * voxel_cc if value < len(bins) else 0.0
+    return volumes
