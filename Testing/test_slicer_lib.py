@@ -480,3 +480,31 @@ def test_click_to_place_replaces_the_organ_in_the_one_label_map(phantom, tmp_pat
     record = case.finish()
     assert record["metrics"]["Lens_L"]["dice"] < 0.5 and record["organs"]["Lens_L"]["status"] == "edited"
     assert record["metrics"]["Brainstem"]["voxels_removed"] == 18
+
+
+def test_shape_flag_only_against_the_bundles_measured_threshold():
+    """Issue 44, fault 7: a shape score is flagged only below the threshold
+    its model measured (``shape_threshold``); a report without one (the
+    embedded model, whose autoencoder does not tell shapes apart) flags no
+    shape, so small organs are not all flagged."""
+    base = [{"name": n, "present": True, "volume_cc": float(np.mean(CATALOGUE[n].volume_cc)), "confidence": 0.9}
+            for n in ORGANS.names]
+    uncalibrated = [dict(r, shape_score=0.0, shape_threshold=None) for r in base]
+    assert not any(review.organ_flags(ORGANS, uncalibrated).values())
+    calibrated = [dict(r, shape_score=0.4 if r["name"] == "Lens_L" else 0.8, shape_threshold=0.6) for r in base]
+    flags = review.organ_flags(ORGANS, calibrated)
+    assert flags["Lens_L"] == ["implausible shape (score 0.40 < 0.60)"]
+    assert not any(v for n, v in flags.items() if n != "Lens_L")
+
+
+def test_embedded_model_flags_no_correct_small_organ(tmp_path):
+    """On a held-out phantom the embedded model's small organs (all found)
+    carry no shape flag (before: every one, "score 0.00")."""
+    from FocusNetCore.segment import Segmenter
+
+    result = Segmenter(None, device="cpu").segment(generate_case(1000, "small").image)
+    results = result.report()["organs"]
+    small = [r for r in results if r["name"] in ORGANS.small_names]
+    assert all(r["present"] for r in small)
+    flags = review.organ_flags(ORGANS, results)
+    assert not any("shape" in f for r in small for f in flags[r["name"]]), flags

@@ -56,7 +56,6 @@ from FocusNetCore.study import ACTIVITY_RULES, TIMING_DEFINITIONS, append_record
 UNREVIEWED, ACCEPTED, EDITED = "unreviewed", "accepted", "edited"
 # Flags (review panel)
 ASYMMETRY_RATIO = 1.5  # left/right volumes differing more than this
-SHAPE_SCORE_MIN = 0.5  # autoencoder reconstruction Dice below this: implausible shape
 CONFIDENCE_MIN = 0.5
 DEFAULT_IDLE_THRESHOLD_S = 60.0
 CHECKPOINT_EVERY_S = 5.0  # activity other than edits and accepts checkpoints at most this often
@@ -81,8 +80,11 @@ def organ_flags(organs: OrganSet, results: List[dict]) -> Dict[str, List[str]]:
             a, b = volume, float(other.get("volume_cc") or 0.0)
             if min(a, b) > 0 and max(a, b) / min(a, b) > ASYMMETRY_RATIO:
                 flags[name].append(f"left/right volumes differ {max(a, b) / min(a, b):.1f}x")
-        if r.get("shape_score") is not None and r["shape_score"] < SHAPE_SCORE_MIN:
-            flags[name].append(f"implausible shape (score {r['shape_score']:.2f})")
+        # Only against the threshold the model's bundle measured for its own
+        # autoencoder (segment.OrganResult.shape_threshold); none, no flag.
+        threshold = r.get("shape_threshold")
+        if r.get("shape_score") is not None and threshold is not None and r["shape_score"] < float(threshold):
+            flags[name].append(f"implausible shape (score {r['shape_score']:.2f} < {float(threshold):.2f})")
         if r.get("confidence") is not None and r["confidence"] < CONFIDENCE_MIN:
             flags[name].append(f"low confidence ({r['confidence']:.2f})")
     return flags
