@@ -168,11 +168,16 @@ def analyse(records: List[dict], seed: int = 0) -> dict:
         entries = [r["metrics"][name] for r in ai_records if name in r["metrics"]]
         if not entries:
             continue
-        placed = [int(((r.get("organs") or {}).get(name) or {}).get("assisted_edits") or 0) for r in ai_records
-                  if name in r["metrics"]]
+        states = [((r.get("organs") or {}).get(name) or {}) for r in ai_records if name in r["metrics"]]
+        placed = [int(st.get("assisted_edits") or 0) for st in states]
+        # when in the review the organs placed by a click were first changed (s from first sight)
+        placed_at = [st.get("first_edit_s") for st, p in zip(states, placed) if p > 0]
         organs[name] = {"n": len(entries), "edit_rate": float(np.mean([bool(e.get("edited")) for e in entries])),
                         # click-to-find placements (assisted edits): the share of cases that used one
                         "click_rate": float(np.mean([p > 0 for p in placed])),
+                        "placements": int(sum(placed)),
+                        "placements_undone": int(sum(int(st.get("assisted_undone") or 0) for st in states)),
+                        "median_first_change_s_placed": _median_or_none(placed_at),
                         "median_dice": _median_or_none([e.get("dice") for e in entries]),
                         "median_apl_mm": _median_or_none([e.get("apl_mm") or 0.0 for e in entries])}
     out["organs"] = organs
@@ -307,13 +312,16 @@ def _markdown(stats: dict, problems: List[str]) -> str:
                     "for the paired test.")
     lines += [" ".join(text), ""]
     if stats["organs"]:
-        lines += ["| organ | edited (% of AI cases) | placed by click (% of AI cases) | median Dice AI vs final | "
-                  "median APL (mm) |", "|---|---|---|---|---|"]
+        lines += ["| organ | edited (% of AI cases) | placed by click (% of AI cases) | placements (undone) | "
+                  "placed: median first change (s) | median Dice AI vs final | median APL (mm) |",
+                  "|---|---|---|---|---|---|---|"]
         for name, o in stats["organs"].items():
             dice = "-" if o["median_dice"] is None else f"{o['median_dice']:.3f}"
             apl = "-" if o["median_apl_mm"] is None else f"{o['median_apl_mm']:.0f}"
-            lines.append(f"| {name} | {100 * o['edit_rate']:.0f} | {100 * o.get('click_rate', 0.0):.0f} | {dice} | "
-                         f"{apl} |")
+            when = o.get("median_first_change_s_placed")
+            lines.append(f"| {name} | {100 * o['edit_rate']:.0f} | {100 * o.get('click_rate', 0.0):.0f} | "
+                         f"{o.get('placements', 0)} ({o.get('placements_undone', 0)}) | "
+                         f"{'-' if when is None else f'{when:.0f}'} | {dice} | {apl} |")
         lines.append("")
     lines += [f"{stats['n_finished']} finished and {stats['n_incomplete']} incomplete sessions of {stats['n_records']} "
               f"records; a case reviewed more than once in one mode counts once ({stats['repeat_rule']}; "

@@ -193,10 +193,14 @@ def test_click_placements_are_reported_per_organ():
                "Brainstem": {"edited": False, "dice": 1.0, "apl_mm": 0.0}}
     records = []
     for k in range(4):
-        organs = {"Lens_L": {"status": "edited", "edits": 0, "assisted_edits": 1 if k < 3 else 0},
+        organs = {"Lens_L": {"status": "edited", "edits": 0, "assisted_edits": 1 if k < 3 else 0,
+                             "assisted_undone": 1 if k == 0 else 0, "first_edit_s": 10.0 * (k + 1)},
                   "Brainstem": {"status": "accepted", "edits": 0}}  # a record from before click to find
         records.append(_record(f"c{k}", "ai", 20.0, metrics=metrics, organs=organs))
     stats = analyse(records)
     assert stats["organs"]["Lens_L"]["click_rate"] == pytest.approx(0.75)
     assert stats["organs"]["Brainstem"]["click_rate"] == 0.0
-    assert "| Lens_L | 100 | 75 | 0.400 | 30 |" in _markdown(stats, [])
+    assert stats["organs"]["Lens_L"]["placements"] == 3 and stats["organs"]["Lens_L"]["placements_undone"] == 1
+    assert stats["organs"]["Lens_L"]["median_first_change_s_placed"] == pytest.approx(20.0)  # 10, 20, 30 s
+    assert "| Lens_L | 100 | 75 | 3 (1) | 20 | 0.400 | 30 |" in _markdown(stats, [])
+    assert "| Brainstem | 0 | 0 | 0 (0) | - | 1.000 | 0 |" in _markdown(stats, [])
