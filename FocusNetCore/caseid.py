@@ -191,3 +191,51 @@ def check_references(expected: CaseIdentity, path: PathLike) -> None:
                                            and frames != {expected.frame_of_reference_uid}):
         raise CaseMismatchError(f"{path}: references series {sorted(series)} in frames {sorted(frames)}, not only "
                                 f"this CT, {expected.describe()} (frame {expected.frame_of_reference_uid})")
+
+
+def stamp_nrrd_file(path: PathLike, identity_uid: str) -> None:
+    """Add the case uid to a NRRD file just written by another writer
+    (Slicer's segmentation storage node), as a ``key:=value`` header line;
+    the file is replaced in one rename."""
+    import os
+
+    path = Path(path)
+    if not identity_uid or "\n" in identity_uid:
+        raise ValueError(f"not a case uid: {identity_uid!r}")
+    data = path.read_bytes()
+    if not data.startswith(b"NRRD"):
+        raise ValueError(f"{path}: not a NRRD file")
+    first = data.index(b"\n") + 1  # after the magic line; key/value lines may stand anywhere in the header
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data[:first] + f"{HEADER_KEY}:={identity_uid}\n".encode() + data[first:])
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def check_on_grid(reference: sitk.Image, path: PathLike) -> None:
+    """Refuse a label file (a ``.seg.nrrd``, which Slicer may crop to the
+    segments' extent) that does not lie on the CT's grid: the same spacing and
+    direction, its first voxel on a voxel of the CT, inside the CT."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    spacing, origin = np.array(reader.GetSpacing()[:3]), np.array(reader.GetOrigin()[:3])
+    direction = np.array(reader.GetDirection()).reshape(reader.GetDimension(), -1)[:3, :3]
+    size = np.array(reader.GetSize()[:3])
+    problems = []
+    if not np.allclose(spacing, reference.GetSpacing(), atol=1e-3):
+        problems.append(f"spacing {tuple(np.round(spacing, 4))} vs the CT's {tuple(np.round(reference.GetSpacing(), 4))}")
+    if not np.allclose(direction.ravel(), reference.GetDirection(), atol=1e-4):
+        problems.append("another orientation (direction)")
+    if not problems:
+        start = np.array(reference.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in origin)))
+        if not np.allclose(start, np.round(start), atol=1e-2):
+            problems.append("its voxels fall between the CT's (origin off the CT's grid)")
+        elif np.any(np.round(start) < 0) or np.any(np.round(start) + size > np.array(reference.GetSize())):
+            problems.append(f"it reaches outside the CT (voxels {np.round(start).astype(int).tolist()} + "
+                            f"{size.tolist()} of {list(reference.GetSize())})")
+    if problems:
+        raise CaseMismatchError(f"{path}: not on this CT's grid ({'; '.join(problems)}): these contours were drawn "
+                                "on another scan; refusing to join them")

@@ -31,8 +31,8 @@ from typing import List, Optional
 
 import SimpleITK as sitk
 
-from FocusNetCore.caseid import (check_same_case, check_same_frame, check_same_grid, identity_in_header,
-                                  identity_of_input, stamp)
+from FocusNetCore.caseid import (check_on_grid, check_same_case, check_same_frame, check_same_grid,
+                                  identity_in_header, identity_of_input, stamp)
 from FocusNetCore.imageio import case_name, read_image, write_image
 from FocusNetCore.organs import CATALOGUE
 
@@ -64,6 +64,12 @@ WINDOW_PRESETS = (("Soft tissue", 400.0, 40.0), ("Bone", 1800.0, 400.0), ("Brain
 WINDOW_PER_PIXEL = 1.0 / 200.0
 STAGE_WORDS = {"read": "reading the CT", "preprocess": "preparing", "inference": "segmenting",
                "postprocess": "finishing the contours", "done": "loading the contours", "resume": "resuming"}
+
+
+def _cc(volume) -> str:
+    """A volume in words: two decimals under 10 cc (a lens is 0.2 cc), one above."""
+    volume = float(volume)
+    return f"{volume:.2f} cc" if volume < 10 else f"{volume:.1f} cc"
 
 
 def _clock_text(seconds: float) -> str:
@@ -245,7 +251,7 @@ class ReviewStation:
     def case_uid(self) -> str:
         return self.identity.uid
 
-    def _labels_from_seg(self, path: Path) -> sitk.Image:
+    def _labels_from_seg(self, path: Path, notes: List[str]) -> sitk.Image:
         """Contours from a file for this CT (``--seg``): a Slicer ``.seg.nrrd``
         (or a label map) or, for a DICOM CT, an RT Structure Set. Refused when
         they say they belong to another case: the case in the file's header or
@@ -257,11 +263,18 @@ class ReviewStation:
         organs = get_organ_set("oar22")
         if self._is_rtstruct(path):
             return self._labels_from_rtstruct(path, organs)
-        check_same_case(self.identity, identity_in_header(path), path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such segmentation file")
+        stamped = identity_in_header(path)
+        check_same_case(self.identity, stamped, path)
         report = self._report_beside(path)
         if report is not None:
             check_same_case(self.identity, (report.get("case") or {}).get("uid"), path.with_name(
                 path.name.replace(".seg.nrrd", ".report.json")))
+        check_on_grid(self.image, path)
+        if stamped is None and not (report or {}).get("case"):
+            notes.append(f"{path.name} does not say which CT it was drawn on (no FocusNet case identity): it lies "
+                         "on this CT's grid, but check that these are this patient's contours.")
         scene = self.slicer_app.scene
         reference = volume_node_from_image(scene, self.image, "reference")
         node = load_segmentation(scene, str(path))
@@ -269,11 +282,47 @@ class ReviewStation:
         if unknown:
             scene.RemoveNode(node)
             scene.RemoveNode(reference)
-            raise ValueError(f"{path}: segments {unknown} are not FocusNet organ names (TG-263)")
+            shown = ", ".join(repr(n) for n in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise ValueError(f"{path}: {len(unknown)} segment(s) are not FocusNet organ names (TG-263): {shown}. "
+                             "Give --seg a segmentation whose segments are named as FocusNet's 22 organs (as "
+                             "`focusnet segment --format seg.nrrd` and Slicer's export of a FocusNet review write "
+                             "them), or an RTSTRUCT of this CT series")
         labels = export_labels(scene, node, reference, organs)
         scene.RemoveNode(node)
         scene.RemoveNode(reference)
         return labels
+
+    def _start_from_seg(self, labels: sitk.Image) -> List[str]:
+        """Contours from ``--seg`` start this review. An unfinished review of
+        this CT in ``--out`` resumes only if it started from the same contours;
+        one that started from others is recorded as incomplete (never mixed
+        with these, never lost) and this review starts anew. The starting
+        contours are kept as ``<case>.ai.nrrd`` (stamped) to tell next time."""
+        import numpy as np
+
+        from FocusNetCore.study import case_id
+        from FocusNetSegmentLib.case import ReviewCase
+        from FocusNetSegmentLib.review import ReviewSession
+
+        ai_path, _ = self._ai_paths()
+        checkpoint, working = ReviewCase.paths(self.out / "sessions", case_id(self.case_uid))
+        notes = []
+        if checkpoint.exists():
+            same = False
+            if ai_path.exists() and identity_in_header(ai_path) == self.identity.uid:
+                earlier = sitk.ReadImage(str(ai_path))
+                same = earlier.GetSize() == labels.GetSize() and np.array_equal(
+                    sitk.GetArrayViewFromImage(earlier), sitk.GetArrayViewFromImage(labels))
+            if same:
+                notes.append("Resuming the unfinished review of this CT, which started from the same contours.")
+            else:
+                ReviewSession.mark_incomplete(checkpoint, self.out / "review-log.jsonl")
+                checkpoint.unlink(missing_ok=True)
+                working.unlink(missing_ok=True)
+                notes.append("An unfinished review of this CT that started from other contours was recorded as "
+                             "incomplete in the study log; this review starts anew from the --seg contours.")
+        write_image(stamp(sitk.Image(labels), self.identity), ai_path, overwrite=True)
+        return notes
 
     @staticmethod
     def _is_rtstruct(path: Path) -> bool:
@@ -324,9 +373,11 @@ class ReviewStation:
             self.volume = volume
             name, window, level = WINDOW_PRESETS[0]  # soft tissue, where the organs at risk are told apart
             self.set_window(window, level)
+            notes = []
             if self.options.seg:  # MRML reads the file: on this thread
                 seg = Path(self.options.seg)
-                labels, report = self._labels_from_seg(seg), self._report_beside(seg)
+                labels, report = self._labels_from_seg(seg, notes), self._report_beside(seg)
+                notes += self._start_from_seg(labels)
             else:
                 labels, report = await asyncio.to_thread(self._contours)
             self.report = report or {}
@@ -353,6 +404,11 @@ class ReviewStation:
                 self.state.fn_progress = 100
                 self.state.fn_progress_text = "ready"
                 self._refresh_rows()
+            if notes:
+                for note in notes:
+                    print(f"FocusNet review: {note}", flush=True)
+                with self.state:
+                    self.state.fn_warning = " ".join(notes)
             self._update_shown()  # a page already open sees the case from now on
             print(f"FocusNet review: ready: {self.url()}", flush=True)
         except Exception as error:  # shown on the page and in the terminal
@@ -394,11 +450,11 @@ class ReviewStation:
             confidence = result.get("confidence")
             ai_volume = result.get("volume_cc")
             volume = now.get(name, ai_volume)
-            changed = ai_volume is not None and volume is not None and abs(float(volume) - float(ai_volume)) >= 0.05
+            changed = ai_volume is not None and volume is not None and abs(float(volume) - float(ai_volume)) >= 0.005
             rows.append({"name": name, "color": f"#{r:02x}{g:02x}{b:02x}", "status": st.status, "edits": st.edits,
                          "flags": "; ".join(st.flags), "flagged": bool(st.flags),
-                         "volume": "" if volume is None else f"{float(volume):.1f} cc",
-                         "ai_volume": f"AI {float(ai_volume):.1f}" if changed else "",
+                         "volume": "" if volume is None else _cc(volume),
+                         "ai_volume": f"AI {_cc(ai_volume)}" if changed else "",
                          "confidence": "" if confidence is None else f"{float(confidence):.2f}",
                          "visible": bool(display.GetSegmentVisibility(name)) if display is not None else True,
                          "order": order})
@@ -409,6 +465,8 @@ class ReviewStation:
     def select_organ(self, name: str):
         if self.case is None:
             return
+        if self._pending_place is not None and self._pending_place[0] != name:
+            self.discard_place()  # a far answer is asked about for its own organ only
         self.state.fn_selected = name
         self.editor_logic.segmentation_editor.set_active_segment_id(name)
         self._jump_to(name)
@@ -433,6 +491,8 @@ class ReviewStation:
         on = not self.state.fn_click_mode
         self.state.fn_click_mode = on
         if not on:
+            self._pending_place = None
+            self.state.fn_place_pending = False
             self.state.fn_click_text = ""
             return
         self.editor_logic.segmentation_editor.deactivate_effect()  # a click places; it must not paint

@@ -112,7 +112,7 @@ def test_two_patients_with_one_folder_name_keep_their_own_contours(two_patients,
                 name = row.locator(".fn-organ-name").inner_text().strip()
                 volume = row.locator(".fn-volume").inner_text().strip()
                 shown[name] = float(volume.split()[0]) if volume else 0.0
-            expected = {o["name"]: round(float(o["volume_cc"]), 1) for o in report_a["organs"]}
+            expected = {o["name"]: float(o["volume_cc"]) for o in report_a["organs"]}
             assert shown == pytest.approx(expected, abs=0.051), "patient A's page shows other contours"
             page.locator("#fn-accept-all").click()
             page.locator("#fn-finish").click()
@@ -123,6 +123,11 @@ def test_two_patients_with_one_folder_name_keep_their_own_contours(two_patients,
         stop(proc)
     rtstruct = out / f"{first.stem}.rtstruct.dcm"
     assert rtstruct.exists() and not (out / "CT.rtstruct.dcm").exists()
+    # The reviewed .seg.nrrd (Slicer's writer) carries its case too: it is refused on B's CT wherever it goes.
+    reviewed = shutil.copy(out / f"{first.stem}.seg.nrrd", tmp_path / "moved.seg.nrrd")
+    assert identity_in_header(reviewed) == identity_of_input(a).uid
+    refused = station(b, tmp_path / "other", seg=str(reviewed))
+    assert refused.case is None and "another case" in refused.state.fn_error, refused.state.fn_error
     ds = pydicom.dcmread(rtstruct)
     ct = pydicom.dcmread(next(a.glob("CT*.dcm")))
     assert ds.PatientID == ct.PatientID
@@ -163,6 +168,14 @@ def test_contours_of_another_case_are_refused(two_patients, tmp_path):
         assert st.state.fn_ready, st.state.fn_error
         assert organ_volumes(st.case.final_labels()).sum() > 0
         st.case.close()
+
+    # Contours without an identity (another tool's file) drawn on another grid are refused too.
+    stripped = out / "stripped.seg.nrrd"
+    raw = seg_b.read_bytes()
+    stripped.write_bytes(re.sub(rb"FocusNet_CaseUID:=[^\n]*\n", b"", raw, count=1))
+    assert identity_in_header(stripped) is None
+    st = station(a, out / "review-stripped", seg=str(stripped))
+    assert st.case is None and "not on this CT's grid" in st.state.fn_error, st.state.fn_error
 
     # A resume whose AI contours were swapped on disk (a copied folder, a script) is refused too.
     first = station(a, out / "swap")
@@ -329,3 +342,44 @@ def test_a_counted_edit_survives_kill_9(tmp_path):
     assert np.array_equal(final == value, saved == value), "exported is not what was counted"
     records, _ = read_records(out / "review-log.jsonl")
     assert records[-1]["organs"]["Parotid_L"]["edits"] == counted
+
+
+def test_seg_contours_never_mix_with_an_unfinished_review(two_patients, tmp_path):
+    """An unfinished review of A (Eye_L accepted on the model's contours),
+    then ``--seg`` with other contours of A into the same --out: the
+    unfinished review is recorded as incomplete and the new one starts anew
+    (nothing accepted); the same --seg again resumes it. A far click-to-find
+    answer waiting for Replace/Discard is dropped when another organ is
+    selected."""
+    from FocusNetCore.caseid import stamp
+    from FocusNetCore.segfile import write_seg_nrrd
+
+    a, _ = two_patients
+    out = tmp_path / "out"
+    first = station(a, out)
+    first.accept("Eye_L")
+    first.case.close()
+    ai = sitk.ReadImage(str(first._ai_paths()[0]))
+    array = sitk.GetArrayFromImage(ai)
+    array[array == ORGANS.label_of("Eye_L")] = 0  # other contours of the same CT
+    other = sitk.GetImageFromArray(array)
+    other.CopyInformation(ai)
+    seg = write_seg_nrrd(stamp(other, identity_of_input(a)), ORGANS, tmp_path / "other.seg.nrrd")
+    second = station(a, out, seg=str(seg))
+    assert second.state.fn_ready, second.state.fn_error
+    assert "recorded as incomplete" in second.state.fn_warning
+    assert second.case.session.states["Eye_L"].status == "unreviewed"
+    records, _ = read_records(out / "review-log.jsonl")
+    assert [r["status"] for r in records] == ["incomplete"]
+    assert records[0]["organs"]["Eye_L"]["status"] == "accepted"
+    second.accept("Brainstem")
+    second._pending_place = ("Lens_L", None)
+    second.state.fn_place_pending = True
+    second.select_organ("Lens_R")
+    assert second._pending_place is None and not second.state.fn_place_pending
+    second.case.close()
+    third = station(a, out, seg=str(seg))
+    assert "Resuming" in third.state.fn_warning
+    assert third.case.session.states["Brainstem"].status == "accepted"
+    assert len(read_records(out / "review-log.jsonl")[0]) == 1
+    third.case.close()

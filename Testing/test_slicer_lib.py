@@ -508,3 +508,38 @@ def test_embedded_model_flags_no_correct_small_organ(tmp_path):
     assert all(r["present"] for r in small)
     flags = review.organ_flags(ORGANS, results)
     assert not any("shape" in f for r in small for f in flags[r["name"]]), flags
+
+
+def test_a_stroke_that_takes_another_organs_voxels_edits_both(loaded, tmp_path):
+    """A paint stroke with the Segment Editor's "overwrite other segments"
+    (its default) takes voxels from the organ it crosses; Slicer reports the
+    painted segment only, yet both are edited (SEMIAUTOMATIC in the exports),
+    each with one edit; a stroke that crosses nothing edits one."""
+    scene, ct, seg, labels, _ = loaded
+    clock = FakeClock()
+    session = start_session(loaded, tmp_path, clock)
+    ai = sitk.GetArrayViewFromImage(labels)
+    where = np.argwhere(ai == ORGANS.label_of("Parotid_R"))
+    k, j, i = where[len(where) // 2]
+    mask = np.zeros(ai.shape, np.uint8)
+    mask[k, j - 1:j + 2, i - 1:i + 2] = 1
+    image = sitk.GetImageFromArray(mask)
+    image.CopyInformation(labels)
+    node = bridge.volume_node_from_image(scene, image, "stroke", "vtkMRMLLabelMapVolumeNode")
+    oriented = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(node)
+    segmentation = seg.GetSegmentation()
+    others = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+              if segmentation.GetNthSegmentID(i) != "Parotid_L"]
+    clock.t += 1
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        oriented, seg, "Parotid_L", slicer.vtkSlicerSegmentationsModuleLogic.MODE_MERGE_MASK, oriented.GetExtent(),
+        False, others)
+    scene.RemoveNode(node)
+    final = sitk.GetArrayFromImage(bridge.export_labels(scene, seg, ct, ORGANS))
+    assert np.all(final[mask > 0] == ORGANS.label_of("Parotid_L")), "the stroke overwrote Parotid_R"
+    assert session.states["Parotid_L"].edits == 1 and session.states["Parotid_R"].edits == 1
+    assert session.states["Parotid_R"].status == "edited"
+    assert session.algorithm_types()["Parotid_R"] == "SEMIAUTOMATIC"
+    assert all(s.edits == 0 for n, s in session.states.items() if n not in ("Parotid_L", "Parotid_R"))
+    paint(seg, "Brainstem", labels, (slice(0, 1), slice(0, 2), slice(0, 2)))  # in the air: crosses nothing
+    assert session.states["Brainstem"].edits == 1 and session.states["Parotid_R"].edits == 1

@@ -219,6 +219,31 @@ def test_cancel_kills_the_process_tree_and_leaves_no_output(phantom, tmp_path):
     assert not (tmp_path / "sessions").exists() or not list((tmp_path / "sessions").glob("*.review.json"))
 
 
+def test_a_result_of_another_ct_is_refused(phantom, tmp_path):
+    """Issue 44: the segmentation's result must come back for the CT that was
+    sent; a result whose header names another case (a swapped work folder) is
+    refused, nothing is loaded, and the work folder is gone. The module's case
+    id is the Core's (FocusNetCore.caseid) for DICOM and for other volumes."""
+    from FocusNetCore.caseid import CaseMismatchError, identity_of_image, identity_of_instances
+
+    scene, hierarchy, study = new_study_scene()
+    ct = add_ct(scene, hierarchy, study, phantom.image, "CT")
+    logic = SegmentOARsLogic(scene, tmp_path / "sessions")
+    logic.start(ct, device="cpu")
+    logic.wait(timeout=300)
+    result = logic.work_dir / "output" / "ct.nrrd"
+    labels = sitk.ReadImage(str(result))
+    labels.SetMetaData("FocusNet_CaseUID", identity_of_image(generate_case(2028, "small").image).uid)
+    sitk.WriteImage(labels, str(result), True)
+    with pytest.raises(CaseMismatchError, match="another case"):
+        logic.load_result(reviewer="dr test")
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+    assert logic.work_dir is None
+    assert segment_logic.volume_case_uid(ct) == identity_of_image(bridge.image_from_volume_node(ct)).uid
+    ct.SetAttribute("DICOM.instanceUIDs", "1.2.3.2 1.2.3.1")
+    assert segment_logic.volume_case_uid(ct) == identity_of_instances(["1.2.3.1", "1.2.3.2"]).uid
+
+
 def test_two_different_cts_with_one_name_are_two_cases(phantom, tmp_path):
     scene, hierarchy, study = new_study_scene()
     other = generate_case(2027, "small").image

@@ -176,6 +176,8 @@ class ReviewCase:
             replace_labels_in_region(self.segmentation_node, self.volume_node, self.organs, region_after, changed)
         self._placed.append((organ, region_before, changed))
         self.session.record_assisted_edit(organ)
+        for loser in losers:  # their contours changed too: edited (SEMIAUTOMATIC in the exports), not placed
+            self.session.mark_changed(loser)
         return {"organ": organ, "before_cc": round(float((before == value).sum()) * voxel_cc, 3),
                 "after_cc": round(float(placed.sum()) * voxel_cc, 3), "taken_from": losers}
 
@@ -241,6 +243,10 @@ class ReviewCase:
         base = os.path.join(str(folder), base_name)
         if kind == "seg.nrrd":
             path = export.export_seg_nrrd(self.scene, self.segmentation_node, base + ".seg.nrrd")
+            if self.case_uid:  # the reviewed contours stay bound to their CT, wherever the file goes
+                from FocusNetCore.caseid import stamp_nrrd_file
+
+                stamp_nrrd_file(path, self.case_uid)
         elif kind == "nifti":
             path = export.export_nifti(self.scene, self.segmentation_node, self.volume_node, self.organs,
                                        base + ".nii.gz")

@@ -132,6 +132,7 @@ class ReviewSession:
         self.on_change_after_finish: Optional[Callable[[str], None]] = None  # called with the organ's name
         self._observer = None
         self._contours: Dict[str, tuple] = {}  # segment -> (label map MTime, voxel fingerprint) last seen
+        self._counts: Dict[str, int] = {}  # segment -> voxel count last seen (changes made through another one)
         self._assisting = False  # a click-to-find placement is being written (see assisting())
         self.finished = False
         self.closing = False  # Finish has begun (it may run on a worker thread): no more edits recorded
@@ -160,9 +161,12 @@ class ReviewSession:
                         self.on_change_after_finish(name or segment_id)
                 else:
                     self.record_edit(segment_id)
+                    for other in self._others_changed(segment_id):
+                        self.record_edit(other)
 
         for index in range(self.node.GetSegmentation().GetNumberOfSegments()):
             self._contour_changed(self.node.GetSegmentation().GetNthSegmentID(index))  # the starting contours
+        self._seed_counts()
 
         self._callback = on_modified  # keep a reference: VTK holds it weakly
         self._observer = self.node.GetSegmentation().AddObserver(slicer.vtkSegmentation.RepresentationModified,
@@ -172,6 +176,22 @@ class ReviewSession:
         else:
             self.checkpoint()
         return self
+
+    def _seed_counts(self) -> None:
+        """Every segment's voxel count as it is now (see _others_changed)."""
+        from vtk.util import numpy_support
+
+        segmentation = self.node.GetSegmentation()
+        per_map = {}
+        for sid in [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]:
+            segment = segmentation.GetSegment(sid)
+            labelmap = segment.GetRepresentation("Binary labelmap")
+            if labelmap is None or labelmap.GetPointData() is None or labelmap.GetPointData().GetScalars() is None:
+                continue
+            if id(labelmap) not in per_map:
+                per_map[id(labelmap)] = np.bincount(numpy_support.vtk_to_numpy(
+                    labelmap.GetPointData().GetScalars()).ravel().astype(np.int64), minlength=256)
+            self._counts[sid] = int(per_map[id(labelmap)][segment.GetLabelValue()])
 
     def stop(self) -> None:
         if self._observer is not None:
@@ -282,6 +302,7 @@ class ReviewSession:
             self._assisting = False
             for segment_id in segment_ids:
                 self._contour_changed(segment_id)  # the placed contours are the ones seen from now on
+            self._seed_counts()
 
     def record_assisted_edit(self, name: str, undo: bool = False) -> None:
         """A click-to-find placement (or its undo) changed ``name``'s contour:
@@ -299,6 +320,46 @@ class ReviewSession:
         state.first_edit_s = state.first_edit_s if state.first_edit_s is not None else round(self.now_s(), 3)
         state.last_edit_s = round(self.now_s(), 3)
         self.checkpoint()
+
+    def mark_changed(self, name: str) -> None:
+        """``name``'s contour was changed by an act on another organ (a
+        placement took its voxels): edited, with no edit of its own counted."""
+        if name not in self.states:
+            return
+        state = self.states[name]
+        state.status = EDITED
+        state.first_edit_s = state.first_edit_s if state.first_edit_s is not None else round(self.now_s(), 3)
+        state.last_edit_s = round(self.now_s(), 3)
+        self.checkpoint()
+
+    def _others_changed(self, segment_id: str) -> List[str]:
+        """The other segments sharing ``segment_id``'s label map (its layer)
+        whose voxels changed with it: a stroke with the editor's overwrite
+        mode takes voxels from the organs it crosses, and Slicer reports the
+        painted segment only. One count over the layer (a count only falls
+        when voxels are taken)."""
+        from vtk.util import numpy_support
+
+        segmentation = self.node.GetSegmentation()
+        segment = segmentation.GetSegment(segment_id)
+        labelmap = segment.GetRepresentation("Binary labelmap") if segment is not None else None
+        if labelmap is None or labelmap.GetPointData() is None or labelmap.GetPointData().GetScalars() is None:
+            return []
+        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        others = [sid for sid in ids if sid != segment_id
+                  and segmentation.GetSegment(sid).GetRepresentation("Binary labelmap") is labelmap]
+        bins = np.bincount(numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).ravel()
+                           .astype(np.int64), minlength=256)
+        self._counts[segment_id] = int(bins[segment.GetLabelValue()])
+        changed = []
+        for sid in others:
+            count = int(bins[segmentation.GetSegment(sid).GetLabelValue()])
+            seen = self._counts.get(sid)
+            self._counts[sid] = count
+            if seen is not None and seen != count:
+                changed.append(sid)
+                self._contour_changed(sid)  # seen as it is now: its own event later is no second edit
+        return changed
 
     def _save_contours(self) -> None:
         if self.save_contours is not None:
