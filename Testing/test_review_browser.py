@@ -332,7 +332,8 @@ def test_scripted_review_active_time_matches_the_interaction(phantom_ct, tmp_pat
             assert "Pituitary" in first.inner_text() and "missing" in first.locator(".fn-flags").inner_text()
 
             scroll(page, 10.0)                                      # phase 1: reading the slices
-            for preset in ("Soft tissue", "Brain", "Bone", "Soft tissue"):  # phase 2: windows
+            # phase 2: windows (the case opens at Soft tissue, so each of these four changes the window)
+            for preset in ("Brain", "Bone", "Soft tissue", "Brain"):
                 page.locator(".fn-preset", has_text=preset).click()
                 time.sleep(1.0)
             paint_stroke(page, "Parotid_L")                         # phase 3: one stroke
