@@ -419,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-window", type=float, default=600.0, metavar="S",
                    help="keep retrying delivery for S seconds (backoff 2 s doubling to 60 s), then fail the job "
                         "(default 600)")
+    p.add_argument("--keep-days", type=float, default=7.0, metavar="D",
+                   help="delete a finished job's images and results D days after delivery (default 7; 0: at once)")
     p.set_defaults(func=_cmd_node)
 
     p = sub.add_parser("postprocess", help="choose a bundle's post-processing (SOS-Net thresholds, the small organs "
@@ -537,16 +539,17 @@ def _cmd_worker(args) -> int:
 
 def _cmd_node(args) -> int:
     import json
+    import os
     import signal
 
     from .node import Destination, Node, NodeError, NodeOptions, Spool, configure_logging
 
     try:
         if args.action == "status":
-            print(json.dumps(Spool(args.spool).status(), indent=1))
+            print(json.dumps(Spool(args.spool, create=False).status(), indent=1))
             return EXIT_OK
         if args.action == "retry":
-            moved = Spool(args.spool).retry(args.jobs)
+            moved = Spool(args.spool, create=False).retry(args.jobs)
             print(f"queued again: {', '.join(moved) if moved else 'nothing (no failed job)'}")
             return EXIT_OK
         if args.jobs:
@@ -557,8 +560,10 @@ def _cmd_node(args) -> int:
                               port=args.port, ae_title=args.ae_title, host=args.host, allow=args.allow,
                               settle_s=args.settle, model=args.model, device=args.device,
                               formats=[f.strip() for f in args.format.split(",") if f.strip()],
-                              tls=tuple(args.tls) if args.tls else None, retry_window_s=args.retry_window)
+                              tls=tuple(args.tls) if args.tls else None, retry_window_s=args.retry_window,
+                              keep_days=args.keep_days)
         configure_logging()
+        os.umask(0o077)  # patient data: everything the node writes is its user's alone (files 0600, folders 0700)
         node = Node(options)
     except NodeError as error:
         print(f"focusnet node: error: {error}", file=sys.stderr)

@@ -28,6 +28,10 @@ VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 CT_MIN_HU_UPPER_BOUND = -200.0
 # Relative tolerance on slice spacing before a series counts as uneven.
 SLICE_SPACING_TOLERANCE = 0.01
+# Scanners write ImagePositionPatient rounded, often to 0.01 mm: each position
+# is then off by up to half of that, a gap by up to all of it (a 0.625 mm
+# series reads 0.62-0.63 mm, 1.6 % off), which is no uneven spacing.
+POSITION_ROUNDING_MM = 0.005
 # Slice origins further off the slice normal than this mean a tilted gantry.
 GANTRY_TILT_TOLERANCE_DEG = 0.5
 # A gap this many times the usual spacing means slices are missing.
@@ -235,7 +239,7 @@ def check_slice_positions(folder: PathLike, positions: np.ndarray) -> None:
         raise ImageReadError(folder, f"the CT series is missing about {count} slice(s) ({where}; "
                              f"usual spacing {usual:.2f} mm)")
     deviation = np.abs(gaps - usual).max()
-    if deviation > SLICE_SPACING_TOLERANCE * usual:
+    if deviation > max(SLICE_SPACING_TOLERANCE * usual, 2 * POSITION_ROUNDING_MM + 1e-6):
         raise ImageReadError(folder, f"the CT series is unevenly spaced: slice gaps range from "
                              f"{gaps.min():.3f} to {gaps.max():.3f} mm")
 

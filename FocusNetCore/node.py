@@ -31,7 +31,9 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import ssl
 import threading
 import time
@@ -53,6 +55,23 @@ OUT_OF_RESOURCES = 0xA700
 CT_REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient",
                "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "BitsAllocated", "PixelData")
 UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+# A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters, no empty component.
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+# An AE title (PS3.5 6.2, AE): 1-16 characters of the default repertoire, no backslash, not only spaces.
+AE_PATTERN = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+# A series this short is no volume FocusNet can segment (a scout, a topogram).
+MIN_VOLUME_SLICES = 3
+DEFAULT_KEEP_DAYS = 7.0
+
+
+def is_uid(value: str) -> bool:
+    return len(value) <= 64 and UID_PATTERN.fullmatch(value) is not None
+
+
+def check_ae_title(value: str, what: str) -> None:
+    if not AE_PATTERN.fullmatch(value) or not value.strip():
+        raise NodeError(f"{what} {value!r}: an AE title is 1-16 printable ASCII characters, no backslash, "
+                        "not only spaces")
 
 
 class NodeError(ValueError):
@@ -76,6 +95,7 @@ class Destination:
             raise NodeError(f"--destination {text!r}: expected AE_TITLE@HOST:PORT, e.g. PLANNING@10.0.0.5:104") from None
         if not ae_title or len(ae_title) > 16 or not host or not 0 < port_number < 65536:
             raise NodeError(f"--destination {text!r}: the AE title is 1-16 characters, the port 1-65535")
+        check_ae_title(ae_title, "--destination's AE title")
         return cls(ae_title, host, port_number)
 
     def __str__(self) -> str:
@@ -98,16 +118,24 @@ class NodeOptions:
     retry_window_s: float = 600.0
     first_retry_s: float = 2.0
     max_retry_wait_s: float = 60.0
+    keep_days: float = DEFAULT_KEEP_DAYS
 
     def check(self) -> None:
+        if not 0 <= int(self.port) <= 65535:
+            raise NodeError(f"--port {self.port}: a TCP port is 0-65535 (0: any free one)")
+        try:
+            socket.getaddrinfo(self.host, None)
+        except (socket.gaierror, UnicodeError):
+            raise NodeError(f"--host {self.host!r}: not an address or a name this machine resolves") from None
+        if self.keep_days < 0:
+            raise NodeError(f"--keep-days {self.keep_days:g}: days, not negative")
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
             raise NodeError(f"--format {','.join(self.formats)}: choose from {','.join(FORMATS)}")
         if not is_loopback(self.host) and not self.allow:
             raise NodeError(f"--host {self.host} is reachable from other machines: give the calling AE titles "
                             "that may send with --allow (others are rejected at association)")
-        if not 1 <= len(self.ae_title) <= 16:
-            raise NodeError(f"--ae-title {self.ae_title!r}: 1-16 characters")
+        check_ae_title(self.ae_title, "--ae-title")
         if self.settle_s < 0 or self.retry_window_s < 0:
             raise NodeError("--settle and --retry-window are seconds, not negative")
         if self.tls:
@@ -130,8 +158,18 @@ def _now() -> str:
 
 
 def _safe(uid: str) -> str:
-    """A UID as a folder name (UIDs are digits and dots; anything else is replaced)."""
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in str(uid))[:64] or "unknown"
+    """A UID as a folder name: only a valid DICOM UID (checked on receipt:
+    Receiver.on_store) is used as it is; anything else (".." included) is
+    replaced by a hash, so no value from the network leaves the spool."""
+    import hashlib
+
+    uid = str(uid)
+    return uid if is_uid(uid) else "x" + hashlib.sha1(uid.encode()).hexdigest()[:24]
+
+
+def _safe_name(text: str) -> str:
+    """A modality as a folder name: letters and digits only."""
+    return re.sub(r"[^A-Za-z0-9]", "_", str(text))[:16].strip("_") or "unknown"
 
 
 # --------------------------------------------------------------------------
@@ -141,11 +179,73 @@ def _safe(uid: str) -> str:
 class Spool:
     STATES = ("queue", "active", "done", "failed")
 
-    def __init__(self, root):
+    SUBFOLDERS = ("incoming", "series", "results", "other", "tmp", *(f"jobs/{s}" for s in STATES))
+
+    def __init__(self, root, create: bool = True):
+        """``create``: make the tree (the node itself); else the spool must
+        exist (``node status`` / ``retry`` on a mistyped path create nothing).
+        Patient data: folders 0700, files 0600 (the node runs with umask 077)."""
         self.root = Path(root)
         self.lock = threading.Lock()  # receiving vs queueing a series
-        for sub in ("incoming", "series", "results", "other", "tmp", *(f"jobs/{s}" for s in self.STATES)):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._lock_handle = None
+        if self.root.exists() and not self.root.is_dir():
+            raise NodeError(f"--spool {self.root}: is a file, not a folder")
+        if not create:
+            if not (self.root / "jobs").is_dir():
+                raise NodeError(f"--spool {self.root}: no node spool there (no jobs/ folder); check the path")
+            return
+        try:
+            for sub in self.SUBFOLDERS:
+                (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            for folder in (self.root, *(self.root / sub for sub in self.SUBFOLDERS), self.root / "jobs"):
+                os.chmod(folder, 0o700)  # a spool made by an earlier version, or under another umask
+            probe = self.root / "tmp" / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise NodeError(f"--spool {self.root}: cannot write there ({error.strerror or error})") from None
+
+    def acquire(self) -> None:
+        """One node per spool: an exclusive lock on ``node.lock`` for as long
+        as this process lives (the kernel drops it when the process dies, so
+        a killed node never leaves a stale lock)."""
+        import fcntl
+
+        handle = open(self.root / "node.lock", "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            other = handle.read().strip() or "unknown"
+            handle.close()
+            raise NodeError(f"--spool {self.root}: another node (pid {other}) is using this spool; stop it first, "
+                            "or give this node a spool of its own") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_handle = handle
+
+    def purge_finished(self, keep_days: float, now: Optional[float] = None) -> List[str]:
+        """Retention: the images and results of jobs done more than
+        ``keep_days`` ago are deleted (the job's JSON stays, marked
+        ``purged``); returns the job ids purged."""
+        now = time.time() if now is None else now
+        purged = []
+        for path in self.jobs("done"):
+            job = json.loads(path.read_text())
+            if job.get("purged") or not job.get("done"):
+                continue
+            done = datetime.datetime.fromisoformat(job["done"]).timestamp()
+            if now - done < keep_days * 86400:
+                continue
+            for folder in (self.root / job.get("folder", f"series/{job['id']}"), self.root / "results" / job["id"]):
+                if folder.exists() and self.root in folder.resolve().parents:
+                    shutil.rmtree(folder)
+            job["purged"] = _now()
+            self.save(job, "done")
+            purged.append(job["id"])
+        return purged
 
     def jobs(self, state: str) -> List[Path]:
         return sorted((self.root / "jobs" / state).glob("*.json"))
@@ -167,7 +267,7 @@ class Spool:
             return path
 
     def store_other(self, data: bytes, modality: str, sop: str) -> Path:
-        folder = self.root / "other" / _safe(modality or "unknown")
+        folder = self.root / "other" / _safe_name(modality or "unknown")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{_safe(sop)}.dcm"
         self._write_atomic(data, path)
@@ -255,7 +355,8 @@ class Spool:
                 "in_progress": len(self.jobs("active")), "done": len(self.jobs("done")), "failed": len(failed),
                 "failed_jobs": [{"id": j["id"], "series": j["series"], "reason": j.get("reason", "")}
                                 for j in failed],
-                "not_segmented": sum(1 for _ in (self.root / "other").glob("*/*.dcm"))}
+                "not_segmented": sum(1 for _ in (self.root / "other").glob("*/*.dcm")),
+                "not_a_volume": sum(1 for p in self.jobs("done") if json.loads(p.read_text()).get("skipped"))}
 
 
 # --------------------------------------------------------------------------
@@ -316,6 +417,17 @@ class Receiver:
             LOG.warning("refused %s from %s: %s", sop, caller, error)
             self._count(event, "refused")
             return CANNOT_UNDERSTAND
+        uids = {"SOPInstanceUID": sop}
+        if sop_class == CT_IMAGE_STORAGE:
+            uids.update(StudyInstanceUID=str(getattr(ds, "StudyInstanceUID", "")),
+                        SeriesInstanceUID=str(getattr(ds, "SeriesInstanceUID", "")))
+        bad = {k: v for k, v in uids.items() if not is_uid(v)}
+        if bad:  # these become folder and file names: only real UIDs do
+            LOG.warning("refused an instance from %s: %s", caller,
+                        "; ".join(f"{k} {v[:80]!r} is not a DICOM UID (digits and dots, at most 64)"
+                                  for k, v in bad.items()))
+            self._count(event, "refused")
+            return CANNOT_UNDERSTAND
         try:
             if sop_class != CT_IMAGE_STORAGE or getattr(ds, "Modality", "CT") != "CT":
                 modality = str(getattr(ds, "Modality", "") or "unknown")
@@ -361,6 +473,10 @@ class DeliveryError(RuntimeError):
     pass
 
 
+class Stopped(Exception):
+    """The node was asked to stop while a job waited to retry delivery."""
+
+
 def send_file(path: Path, destination: Destination, calling_ae: str, timeout_s: float = 30.0) -> None:
     """One C-STORE of one file; raises DeliveryError unless it succeeded."""
     import pydicom
@@ -398,6 +514,8 @@ class Node:
     def __post_init__(self):
         self.options.check()
         self.spool = Spool(self.options.spool)
+        self.spool.acquire()
+        self._purged_at = 0.0
 
     # -- service -----------------------------------------------------------
     def start_server(self) -> int:
@@ -434,6 +552,7 @@ class Node:
         self.start_server()
         try:
             while not self.stopping.is_set():
+                self.purge()
                 for job in self.spool.queue_settled(self.options.settle_s):
                     LOG.info("complete: series %s (%d instances), job %s queued", job["series"], job["instances"],
                              job["id"])
@@ -449,15 +568,51 @@ class Node:
     def stop(self) -> None:
         self.stopping.set()
 
+    def purge(self, every_s: float = 3600.0) -> None:
+        """Retention (``--keep-days``), at most once an ``every_s``."""
+        if time.monotonic() - self._purged_at < every_s and self._purged_at:
+            return
+        self._purged_at = time.monotonic()
+        for job_id in self.spool.purge_finished(self.options.keep_days):
+            LOG.info("retention: deleted the images and results of job %s (done more than %g day(s) ago)", job_id,
+                     self.options.keep_days)
+
+    def not_a_volume(self, folder: Path) -> str:
+        """Why a received series is no CT volume to segment ("" when it is
+        one): a localizer (ImageType LOCALIZER: a scout, a topogram) or too
+        few slices."""
+        import pydicom
+
+        files = sorted(folder.glob("*.dcm"))
+        for file in files:
+            image_type = [str(v).upper() for v in getattr(pydicom.dcmread(str(file), stop_before_pixels=True),
+                                                          "ImageType", [])]
+            if "LOCALIZER" in image_type:
+                return "a localizer (ImageType LOCALIZER)"
+        if len(files) < MIN_VOLUME_SLICES:
+            return f"{len(files)} image(s), no volume"
+        return ""
+
     # -- one job -------------------------------------------------------------
     def process(self, job: dict) -> None:
         job["attempts"] = job.get("attempts", 0) + 1
         job["started"] = _now()
         self.spool.save(job, "active")
         try:
+            skip = "" if self._outputs_ready(job) else self.not_a_volume(self.spool.root / job["folder"])
+            if skip:
+                job.update(skipped=skip, done=_now())
+                self.spool.move(job, "active", "done")
+                LOG.info("not segmented: series %s is %s", job["series"], skip)
+                return
             if not self._outputs_ready(job):
                 self.segment(job)
             self.deliver(job)
+        except Stopped:  # a clean stop: the job waits in the queue for the next start
+            job["attempts"] -= 1
+            self.spool.move(job, "active", "queue")
+            LOG.info("stopping: job %s (series %s) queued again for the next start", job["id"], job["series"])
+            return
         except Exception as error:  # the job fails, the node goes on
             job["reason"] = f"{type(error).__name__}: {error}" if not isinstance(error, (DeliveryError, ValueError)) \
                 else str(error)
@@ -523,11 +678,14 @@ class Node:
                     break
                 except DeliveryError as error:
                     left = deadline - time.monotonic()
-                    if left <= 0 or self.stopping.is_set():
+                    if self.stopping.is_set():
+                        raise Stopped() from None
+                    if left <= 0:
                         raise DeliveryError(f"{fmt} not delivered to {opts.destination} after {attempt} attempt(s) "
                                             f"in {opts.retry_window_s:g} s: {error}") from None
                     LOG.warning("send %s of job %s: %s; retrying in %.0f s", fmt, job["id"], error, min(wait, left))
-                    self.stopping.wait(min(wait, left))
+                    if self.stopping.wait(min(wait, left)):
+                        raise Stopped()
                     wait = min(wait * 2, opts.max_retry_wait_s)
             job.setdefault("sent", []).append(fmt)
             self.spool.save(job, "active")  # delivered once: a restart does not send it again

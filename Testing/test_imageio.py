@@ -184,3 +184,32 @@ def test_non_finite_voxels_are_refused_with_the_file_named(tmp_path):
     assert result.returncode == 2
     assert "all_nan.nrrd: 384 of its 384 voxels are not finite" in result.stderr
     assert not list((tmp_path / "out").glob("*.seg.nrrd")) if (tmp_path / "out").exists() else True
+
+
+def test_rounded_slice_positions_are_accepted_real_gaps_are_not(tmp_path):
+    """Issue 45, fault 7: a 0.625 mm series whose ImagePositionPatient is
+    written with 2 decimals (gaps 0.62-0.63 mm) reads; a missing slice is
+    still refused."""
+    import pydicom
+
+    from FocusNetCore.dicom import write_ct_series
+    from FocusNetCore.imageio import ImageReadError, read_dicom_series
+
+    array = np.full((12, 16, 16), -1000, np.int16)
+    array[:, 4:12, 4:12] = 40
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.0, 0.625))
+    image.SetOrigin((0.0, 0.0, -3.3))
+    folder = tmp_path / "ct"
+    write_ct_series(image, folder)
+    for path in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(str(path))
+        ds.ImagePositionPatient = [f"{float(v):.2f}" for v in ds.ImagePositionPatient]
+        ds.save_as(str(path))
+    gaps = np.diff(sorted(float(pydicom.dcmread(str(p)).ImagePositionPatient[2]) for p in folder.glob("*.dcm")))
+    assert gaps.min() < 0.6251 - 0.004 or gaps.max() > 0.6249 + 0.004  # really rounded
+    read = read_dicom_series(folder)
+    assert read.GetSize() == (16, 16, 12) and abs(read.GetSpacing()[2] - 0.625) < 0.01
+    sorted(folder.glob("*.dcm"), key=lambda p: float(pydicom.dcmread(str(p)).ImagePositionPatient[2]))[5].unlink()
+    with pytest.raises(ImageReadError, match="missing about 1 slice"):
+        read_dicom_series(folder)

@@ -322,3 +322,91 @@ def test_node_refuses_unsafe_or_wrong_settings(tmp_path):
     assert missing.returncode == 2 and "--destination" in missing.stderr
     wrong = run("--destination", "P@127.0.0.1:104", "--format", "pdf")
     assert wrong.returncode == 2 and "--format" in wrong.stderr
+    # Issue 45, fault 13: every bad argument is exit 2 with a message naming it, never a traceback.
+    for args, named in ((("--port", "99999"), "--port"), (("--port", "-5"), "--port"),
+                        (("--host", "999.1.1.1"), "--host"), (("--keep-days", "-1"), "--keep-days")):
+        result = run("--destination", "P@127.0.0.1:104", *args)
+        assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
+    ae = run("--destination", "PLAN\\NING@127.0.0.1:104")
+    assert ae.returncode == 2 and "AE title" in ae.stderr and "Traceback" not in ae.stderr, ae.stderr
+    (tmp_path / "a-file").write_text("not a folder")
+    as_file = subprocess.run([sys.executable, "-m", "FocusNetCore", "node", "--spool", str(tmp_path / "a-file"),
+                              "--destination", "P@127.0.0.1:104"], capture_output=True, text=True, timeout=60)
+    assert as_file.returncode == 2 and "a-file" in as_file.stderr and "Traceback" not in as_file.stderr
+    typo = subprocess.run([sys.executable, "-m", "FocusNetCore", "node", "status", "--spool", str(tmp_path / "spoool")],
+                          capture_output=True, text=True, timeout=60)
+    assert typo.returncode == 2 and "spoool" in typo.stderr and not (tmp_path / "spoool").exists()
+
+
+def test_untrusted_uids_never_become_paths_and_the_spool_is_private(series, tmp_path):
+    """Issue 45, faults 11, 12 and 4: a slice whose Study and Series UIDs are
+    ".." is refused (0xC210) and nothing is written outside the spool; what
+    the node stores is its user's alone (files 0600, folders 0700); a second
+    node on the same spool refuses to start, naming the first; retention
+    deletes a finished job's images and results."""
+    from FocusNetCore.node import Spool
+
+    uid, folder = next(iter(series.items()))
+    dest_port = free_port()
+    scp = start_storescp(tmp_path / "planning", dest_port)
+    spool = tmp_path / "box" / "spool"
+    spool.parent.mkdir()
+    node = start_node(spool, dest_port, "--format", "rtstruct")
+    try:
+        second = subprocess.run([sys.executable, "-m", "FocusNetCore", "node", "--spool", str(spool), "--port", "0",
+                                 "--destination", f"PLANNING@127.0.0.1:{dest_port}", "--device", "cpu"],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and f"pid {node.proc.pid}" in second.stderr, second.stderr
+        evil = _variant(sorted(folder.glob("*.dcm"))[0], tmp_path / "evil" / "evil.dcm", StudyInstanceUID="..",
+                        SeriesInstanceUID="..", SOPInstanceUID=generate_uid())
+        out = storescu(node.port, evil, extra=("-v",)).communicate(timeout=60)[0]
+        assert "Error" in out and "Success" not in out.split("Received Store Response")[-1], out[-2000:]
+        node.wait_line(r"is not a DICOM UID", timeout=30)
+        assert storescu(node.port, folder).wait(120) == 0
+        node.wait_line(r"sent rtstruct", timeout=300)
+    finally:
+        node.stop()
+        scp.stop()
+    outside = [p.name for p in (tmp_path / "box").rglob("*") if spool not in p.parents and p != spool]
+    assert outside == ["node.log"], outside  # the test's own log of the node's output; nothing of the node
+    stored = [p for p in spool.rglob("*") if p.name != "node.lock"]
+    assert stored and all(p.stat().st_mode & 0o077 == 0 for p in stored), \
+        sorted({oct(p.stat().st_mode & 0o777) for p in stored})
+    assert spool.stat().st_mode & 0o777 == 0o700
+    job = json.loads(next((spool / "jobs" / "done").glob("*.json")).read_text())
+    assert (spool / job["folder"]).is_dir() and (spool / "results" / job["id"]).is_dir()
+    assert Spool(spool).purge_finished(7, now=time.time() + 6 * 86400) == []  # kept for a week
+    assert Spool(spool).purge_finished(7, now=time.time() + 8 * 86400) == [job["id"]]
+    assert not (spool / job["folder"]).exists() and not (spool / "results" / job["id"]).exists()
+    assert status(spool)["done"] == 1
+
+
+def test_scouts_are_not_failed_jobs_and_a_stop_keeps_work_queued(series, tmp_path):
+    """Issue 45, faults 6 and 10: a 1-image scout (ImageType LOCALIZER) and a
+    2-image topogram are recognised, logged once at INFO, and done, never
+    failed; SIGTERM while a job waits to retry delivery leaves it queued
+    for the next start, not failed."""
+    uid, folder = next(iter(series.items()))
+    files = sorted(folder.glob("*.dcm"))
+    scout = _variant(files[0], tmp_path / "scout" / "1.dcm", SeriesInstanceUID=generate_uid(),
+                     SOPInstanceUID=generate_uid(), ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    topogram_series = generate_uid()
+    for k in (0, 1):
+        _variant(files[k], tmp_path / "topogram" / f"{k}.dcm", SeriesInstanceUID=topogram_series,
+                 SOPInstanceUID=generate_uid())
+    spool = tmp_path / "spool"
+    node = start_node(spool, free_port(), "--format", "rtstruct")  # nobody listens at the destination
+    try:
+        assert storescu(node.port, scout.parent).wait(60) == 0
+        assert storescu(node.port, tmp_path / "topogram").wait(60) == 0
+        node.wait_line(r"not segmented: series .* is a localizer", timeout=60)
+        node.wait_line(r"not segmented: series .* is 2 image\(s\), no volume", timeout=60)
+        assert storescu(node.port, folder).wait(120) == 0
+        node.wait_line(r"retrying in", timeout=300)
+    finally:
+        node.stop()  # SIGTERM while the job waits to retry
+    log = node.text()
+    assert "ERROR" not in log, log[-3000:]
+    assert "queued again for the next start" in log
+    state = status(spool)
+    assert state["failed"] == 0 and state["not_a_volume"] == 2 and state["queued"] == 1, state
