@@ -55,6 +55,18 @@ OUT_OF_RESOURCES = 0xA700
 CT_REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient",
                "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "BitsAllocated", "PixelData")
 UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+# Lossless compressed transfer syntaxes CT senders use, accepted for CT Image
+# Storage: the series is read by SimpleITK's GDCM, which decodes each of them
+# (the same reader Slicer uses). Lossy ones (JPEG baseline, JPEG-LS
+# near-lossless, JPEG 2000 lossy) are refused: a planning CT is not contoured
+# on a lossy copy.
+LOSSLESS_COMPRESSED = {
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless, first-order prediction (process 14, SV1)",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless (process 14)",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+}
 # A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters, no empty component.
 UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 # An AE title (PS3.5 6.2, AE): 1-16 characters of the default repertoire, no backslash, not only spaces.
@@ -389,7 +401,28 @@ class Receiver:
         from pynetdicom import evt
 
         return [(evt.EVT_C_STORE, self.on_store), (evt.EVT_C_ECHO, self.on_echo),
-                (evt.EVT_RELEASED, self.on_end), (evt.EVT_ABORTED, self.on_end)]
+                (evt.EVT_RELEASED, self.on_end), (evt.EVT_ABORTED, self.on_end),
+                (evt.EVT_ACCEPTED, self.on_accepted)]
+
+    def on_accepted(self, event) -> None:
+        """Say once per association what was refused at negotiation (a
+        sender whose every proposal was refused would otherwise see
+        "Transfer Syntaxes Not Supported" and the node say nothing)."""
+        from pydicom.uid import UID
+
+        accepted = {str(c.abstract_syntax) for c in event.assoc.accepted_contexts}
+        # Only what cannot be received at all: a class also proposed in another, accepted transfer syntax is fine.
+        lost = [c for c in event.assoc.rejected_contexts if str(c.abstract_syntax) not in accepted]
+        ct = sorted({UID(ts).name for c in lost if str(c.abstract_syntax) == CT_IMAGE_STORAGE
+                     for ts in c.transfer_syntax})
+        caller = event.assoc.requestor.ae_title
+        if ct:
+            LOG.warning("refused at association from %s: CT Image Storage in %s (accepted for CT: uncompressed, "
+                        "deflated, %s)", caller, ", ".join(ct), ", ".join(LOSSLESS_COMPRESSED.values()))
+        others = sorted({UID(c.abstract_syntax).name for c in lost if str(c.abstract_syntax) != CT_IMAGE_STORAGE})
+        if others:
+            LOG.info("refused at association from %s: %d other SOP class(es) in the transfer syntaxes proposed "
+                     "(%s%s)", caller, len(others), ", ".join(others[:3]), ", ..." if len(others) > 3 else "")
 
     def on_echo(self, event) -> int:
         LOG.info("echo from %s", event.assoc.requestor.ae_title)
@@ -523,6 +556,8 @@ class Node:
 
         ae = AE(ae_title=self.options.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts + VerificationPresentationContexts
+        ct = next(c for c in ae.supported_contexts if c.abstract_syntax == CT_IMAGE_STORAGE)
+        ae.add_supported_context(CT_IMAGE_STORAGE, list(ct.transfer_syntax) + list(LOSSLESS_COMPRESSED))
         ae.require_called_aet = True
         if self.options.allow:
             ae.require_calling_aet = list(self.options.allow)
