@@ -80,7 +80,8 @@ def _cielab(rgb) -> List[int]:
 def write_dicom_seg(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, path: PathLike,
                     overwrite: bool = False, algorithm_types: Optional[Dict[str, str]] = None,
                     model_name: str = "FocusNetv2", model_version: str = __version__,
-                    series_description: str = "FocusNet OARs") -> Path:
+                    series_description: str = "FocusNet OARs", series_uid: Optional[str] = None,
+                    instance_number: int = 1) -> Path:
     """Write ``labels`` (on the CT series' grid; label values are ``organs``')
     as a DICOM SEG referencing the series in ``ct_folder``. Organs with no
     voxel are left out; a label map with no organ at all is refused."""
@@ -101,7 +102,8 @@ def write_dicom_seg(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, p
         source_images=sources, pixel_array=segment_map,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(names, algorithm_types or {}, model_name, model_version),
-        series_instance_uid=hd.UID(), series_number=902, sop_instance_uid=hd.UID(), instance_number=1,
+        series_instance_uid=series_uid or hd.UID(), series_number=902, sop_instance_uid=hd.UID(),
+        instance_number=int(instance_number),
         manufacturer="FocusNet", manufacturer_model_name=model_name, software_versions=str(model_version),
         device_serial_number="0", series_description=series_description,
         content_label="FOCUSNET", content_creator_name=None)

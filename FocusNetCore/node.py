@@ -74,6 +74,7 @@ AE_PATTERN = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 # A series this short is no volume FocusNet can segment (a scout, a topogram).
 MIN_VOLUME_SLICES = 3
 DEFAULT_KEEP_DAYS = 7.0
+DISK_RETRY_S = 10.0  # after a write failed (a full disk), the loop waits this long before it tries again
 
 
 def is_uid(value: str) -> bool:
@@ -263,12 +264,21 @@ class Spool:
         return sorted((self.root / "jobs" / state).glob("*.json"))
 
     def _write_atomic(self, data: bytes, path: Path) -> None:
+        """On disk (fsynced) before it returns, or an OSError and nothing
+        left behind (a full disk): only then is a C-STORE answered Success."""
         tmp = self.root / "tmp" / f"{path.name}.{threading.get_ident()}.part"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
 
     def store_ct(self, data: bytes, study: str, series: str, sop: str) -> Path:
         with self.lock:
@@ -288,33 +298,82 @@ class Spool:
     def receiving(self) -> List[Path]:
         return sorted(p for p in (self.root / "incoming").glob("*/*") if p.is_dir())
 
-    def queue_settled(self, settle_s: float, now: Optional[float] = None) -> List[dict]:
-        """Series with no new instance for ``settle_s`` seconds become jobs."""
+    def find_job(self, series: str) -> Optional[Tuple[str, dict]]:
+        """(state, job) of the job made for ``series``, if any: one job per
+        series, however its instances arrive."""
+        for state in self.STATES:
+            for path in self.jobs(state):
+                job = json.loads(path.read_text())
+                if job.get("series") == series:
+                    return state, job
+        return None
+
+    def queue_settled(self, settle_s: float, now: Optional[float] = None, held: Sequence[str] = ()
+                      ) -> List[Tuple[str, dict]]:
+        """Series with no new instance for ``settle_s`` seconds become jobs,
+        or join the job already made for them: a series is one job however
+        its instances arrive (a pause longer than ``settle_s``, a restart, a
+        re-send). Returns (what happened, job): "queued" (a new job),
+        "merged" (into a queued job), "again" (new instances for a job that
+        was done or failed: queued again, its result to be replaced),
+        "unchanged" (a re-send of what was already delivered: dropped).
+        ``held``: series some of whose instances were refused for lack of
+        space, kept back until the sender sends again. A job with a job
+        being segmented waits for it."""
         now = time.time() if now is None else now
-        queued = []
+        events = []
         with self.lock:
             for folder in self.receiving():
-                files = list(folder.glob("*.dcm"))
-                if not files:
+                files = sorted(folder.glob("*.dcm"))
+                if not files or folder.name in held:
                     continue
                 if now - max(f.stat().st_mtime for f in files) < settle_s:
                     continue
-                job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{folder.name}"[:120]
-                if (self.root / "series" / job_id).exists():
-                    job_id += f"-{os.getpid()}-{int(now * 1000) % 100000}"
-                target = self.root / "series" / job_id
-                os.replace(folder, target)
+                existing = self.find_job(folder.name)
+                if existing is not None and existing[0] == "active":
+                    continue  # merged when that run is over
+                if existing is None:
+                    events.append(("queued", self._new_job(folder, files, now)))
+                else:
+                    events.append(self._merge(folder, files, *existing))
                 try:
                     folder.parent.rmdir()  # the study folder, when this was its last series
                 except OSError:
                     pass
-                job = {"id": job_id, "study": folder.parent.name, "series": folder.name, "instances": len(files),
-                       "folder": str(target.relative_to(self.root)), "queued": _now(), "attempts": 0,
-                       "outputs": {}, "sent": []}
-                write_json_atomic(self.root / "jobs" / "queue" / f"{job_id}.json", job)
-                queued.append(job)
-        return queued
+        return events
 
+    def _new_job(self, folder: Path, files: List[Path], now: float) -> dict:
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{folder.name}"[:120]
+        if (self.root / "series" / job_id).exists():
+            job_id += f"-{os.getpid()}-{int(now * 1000) % 100000}"
+        target = self.root / "series" / job_id
+        job = {"id": job_id, "study": folder.parent.name, "series": folder.name, "instances": len(files),
+               "folder": str(target.relative_to(self.root)), "queued": _now(), "attempts": 0,
+               "outputs": {}, "sent": [], "version": 1}
+        # The job first, then the rename (which needs no space): on a full disk nothing moves and the series
+        # waits in incoming/; after a crash between the two, recover() finds the series where the job says.
+        write_json_atomic(self.root / "jobs" / "queue" / f"{job_id}.json", job)
+        os.replace(folder, target)
+        return job
+
+    def _merge(self, folder: Path, files: List[Path], state: str, job: dict) -> Tuple[str, dict]:
+        target = self.root / job["folder"]
+        target.mkdir(parents=True, exist_ok=True)  # retention may have deleted it
+        new = [f for f in files if not (target / f.name).exists()]
+        for f in files:  # a re-sent instance replaces its earlier copy (the same SOP Instance UID)
+            os.replace(f, target / f.name)
+        folder.rmdir()
+        if not new:
+            return ("unchanged" if state == "done" else "merged"), job
+        job["instances"] = len(list(target.glob("*.dcm")))
+        if state == "queue":
+            self.save(job, "queue")
+            return "merged", job
+        job.update(version=int(job.get("version", 1)) + 1, outputs={}, sent=[], attempts=0, requeued=_now())
+        job.pop("reason", None)
+        job.pop("purged", None)
+        self.move(job, state, "queue")
+        return "again", job
     def move(self, job: dict, source: str, target: str) -> None:
         path = self.root / "jobs" / target / f"{job['id']}.json"
         write_json_atomic(path, job)
@@ -337,12 +396,40 @@ class Spool:
         return None
 
     def recover(self) -> List[dict]:
-        """Jobs left active by a node that was killed go back to the queue."""
+        """Jobs left active by a node that was killed go back to the queue; a
+        queued job whose series is still in incoming/ (a crash between writing
+        the job and moving its series) gets it; a series folder no job names
+        (made by an earlier version that crashed there) gets a job; partial
+        files of an interrupted write are removed."""
         recovered = []
         for path in self.jobs("active"):
             job = json.loads(path.read_text())
             os.replace(path, self.root / "jobs" / "queue" / path.name)
             recovered.append(job)
+        named = set()
+        for state in self.STATES:
+            for path in self.jobs(state):
+                job = json.loads(path.read_text())
+                named.add(job.get("folder"))
+                target = self.root / job.get("folder", "")
+                source = self.root / "incoming" / _safe(job.get("study", "")) / _safe(job.get("series", ""))
+                if state == "queue" and not target.exists() and source.is_dir():
+                    os.replace(source, target)
+        for folder in sorted(p for p in (self.root / "series").iterdir() if p.is_dir()):
+            if str(folder.relative_to(self.root)) not in named:
+                files = list(folder.glob("*.dcm"))
+                if not files:
+                    continue
+                import pydicom
+
+                ds = pydicom.dcmread(str(files[0]), stop_before_pixels=True)
+                job = {"id": folder.name, "study": str(ds.StudyInstanceUID), "series": str(ds.SeriesInstanceUID),
+                       "instances": len(files), "folder": str(folder.relative_to(self.root)), "queued": _now(),
+                       "attempts": 0, "outputs": {}, "sent": [], "version": 1}
+                write_json_atomic(self.root / "jobs" / "queue" / f"{folder.name}.json", job)
+                recovered.append(job)
+        for part in (self.root / "tmp").glob("*.part"):
+            part.unlink()
         return recovered
 
     def retry(self, ids: Sequence[str] = ()) -> List[str]:
@@ -396,6 +483,13 @@ class Receiver:
         self.spool = spool
         self.counts: Dict[int, Dict[str, int]] = {}
         self._lock = threading.Lock()
+        # series -> time an instance of it was refused for lack of space: held back
+        # from settling until an instance of it is stored after that (the sender sends again)
+        self._refused: Dict[str, float] = {}
+
+    def held(self) -> List[str]:
+        with self._lock:
+            return list(self._refused)
 
     def handlers(self):
         from pynetdicom import evt
@@ -475,8 +569,14 @@ class Receiver:
                 self._count(event, "refused")
                 return DOES_NOT_MATCH
             self.spool.store_ct(data, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop)
+            if uids.get("SeriesInstanceUID") in self._refused:
+                with self._lock:
+                    self._refused.pop(uids["SeriesInstanceUID"], None)  # the sender sends again: space is back
         except OSError as error:
-            LOG.error("could not store %s from %s: %s", sop, caller, error)
+            LOG.error("could not store %s from %s: %s (refused with 0xA700: out of resources)", sop, caller, error)
+            if "SeriesInstanceUID" in uids:
+                with self._lock:
+                    self._refused[uids["SeriesInstanceUID"]] = time.time()
             self._count(event, "refused")
             return OUT_OF_RESOURCES
         self._count(event, "CT")
@@ -548,6 +648,7 @@ class Node:
         self.options.check()
         self.spool = Spool(self.options.spool)
         self.spool.acquire()
+        self.receiver = Receiver(self.spool)
         self._purged_at = 0.0
 
     # -- service -----------------------------------------------------------
@@ -563,7 +664,7 @@ class Node:
             ae.require_calling_aet = list(self.options.allow)
         ssl_context = _tls_context(self.options.tls) if self.options.tls else None
         self.server = ae.start_server((self.options.host, self.options.port), block=False,
-                                      evt_handlers=Receiver(self.spool).handlers(), ssl_context=ssl_context)
+                                      evt_handlers=self.receiver.handlers(), ssl_context=ssl_context)
         port = self.server.server_address[1]
         LOG.info("listening as %s on %s:%d%s%s; results to %s", self.options.ae_title, self.options.host, port,
                  " (TLS)" if ssl_context else "",
@@ -587,18 +688,41 @@ class Node:
         self.start_server()
         try:
             while not self.stopping.is_set():
-                self.purge()
-                for job in self.spool.queue_settled(self.options.settle_s):
-                    LOG.info("complete: series %s (%d instances), job %s queued", job["series"], job["instances"],
-                             job["id"])
-                job = self.spool.claim()
-                if job is None:
-                    self.stopping.wait(0.5)
-                    continue
-                self.process(job)
+                try:
+                    self.step()
+                except OSError as error:  # a full disk: say so, keep receiving what fits, try again
+                    LOG.error("spool %s: %s; retrying in %g s", self.spool.root, error, DISK_RETRY_S)
+                    self.stopping.wait(DISK_RETRY_S)
         finally:
             if self.server is not None:
                 self.server.shutdown()
+
+    def step(self) -> None:
+        """One turn of the loop: retention, settled series, one job."""
+        self.purge()
+        for what, job in self.spool.queue_settled(self.options.settle_s, held=self.receiver.held()):
+            if what == "queued":
+                LOG.info("complete: series %s (%d instances), job %s queued", job["series"], job["instances"],
+                         job["id"])
+            elif what == "merged":
+                LOG.info("series %s: more instances for its queued job %s (%d in all)", job["series"], job["id"],
+                         job["instances"])
+            elif what == "again":
+                LOG.info("series %s: new instances after its job %s was made (%d in all): segmented again as "
+                         "version %d, replacing the earlier result", job["series"], job["id"], job["instances"],
+                         job["version"])
+            else:
+                LOG.info("series %s arrived again unchanged: its result was delivered already, not sent again",
+                         job["series"])
+        job = self.spool.claim()
+        if job is None:
+            self.stopping.wait(0.5)
+            return
+        try:
+            self.process(job)
+        except OSError:
+            self.spool.move(job, "active", "queue")  # nothing lost: the job waits for space
+            raise
 
     def stop(self) -> None:
         self.stopping.set()
@@ -683,13 +807,25 @@ class Node:
         out.mkdir(parents=True)
         outputs = {}
         present = sum(o.present for o in result.organs)
+        version = int(job.get("version", 1))
+        series_of = job.setdefault("result_series", {})  # a new version replaces the old in the same series
+        description = "FocusNet OARs" + (f" (version {version}, {time.strftime('%Y-%m-%d %H:%M')})"
+                                         if version > 1 else "")
         for fmt in self.options.formats:
             if fmt == "rtstruct":
-                path = write_rtstruct(result.labels, folder, organs, out / "rtstruct.dcm")
+                path = write_rtstruct(result.labels, folder, organs, out / "rtstruct.dcm",
+                                      label=f"FocusNet v{version}" if version > 1 else "FocusNet",
+                                      series_description=description, series_uid=series_of.get(fmt),
+                                      instance_number=version)
             else:
                 model = self.segmenter.model_info
                 path = write_dicom_seg(result.labels, folder, organs, out / "seg.dcm", model_name=model["name"],
-                                       model_version=model["code_version"] or "")
+                                       model_version=model["code_version"] or "", series_description=description,
+                                       series_uid=series_of.get(fmt), instance_number=version)
+            if fmt not in series_of:
+                import pydicom
+
+                series_of[fmt] = str(pydicom.dcmread(str(path), stop_before_pixels=True).SeriesInstanceUID)
             check_references(identity, path)  # what goes back to the PACS is this series' and no other's
             outputs[fmt] = str(Path(path).relative_to(self.spool.root))
         job.update(outputs=outputs, sent=[], segmented_s=round(seconds, 2), organs_found=present)

@@ -127,11 +127,16 @@ def _on_series_grid(labels: sitk.Image, ct_folder: PathLike) -> sitk.Image:
 
 def write_rtstruct(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, path: PathLike,
                    overwrite: bool = False, label: str = "FocusNet", series_description: str = "FocusNet OARs",
-                   algorithm_types: Optional[Dict[str, str]] = None) -> Path:
+                   algorithm_types: Optional[Dict[str, str]] = None, series_uid: Optional[str] = None,
+                   instance_number: int = 1) -> Path:
     """Write ``labels`` (on the CT series' grid) as an RT Structure Set.
     ``algorithm_types``: each organ's ROI Generation Algorithm (AUTOMATIC,
     SEMIAUTOMATIC once a reviewer edited it, MANUAL when drawn by hand);
-    AUTOMATIC where not given (the model's own contours)."""
+    AUTOMATIC where not given (the model's own contours). ``series_uid``: a
+    new version of an earlier result goes into that result's series (a new
+    SOP Instance UID, ``instance_number`` counting the versions), so a
+    planning system sees one series whose latest instance replaces the
+    earlier; default a new series."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
     from pydicom.uid import generate_uid
@@ -150,7 +155,8 @@ def write_rtstruct(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, pa
                     "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription"):
         setattr(ds, keyword, getattr(first, keyword, ""))
     ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.InstanceNumber = int(instance_number)
     ds.SeriesNumber = 901
     ds.SeriesDescription = series_description
     ds.OperatorsName = ""
