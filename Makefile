@@ -24,9 +24,10 @@ venv: $(STAMP)
 # Debian packages only the tests need: Chromium for the browser review's
 # end-to-end test (Playwright drives it; no browser is downloaded), and the
 # DICOM tools that check what we write (dciodvfy from dicom3tools, dcmtk's
-# dcmdump, plastimatch). Needs root or sudo on Debian. `make demo` needs none.
-TEST_TOOLS := chromium dciodvfy dcmdump plastimatch
-TEST_PACKAGES := chromium dicom3tools dcmtk plastimatch
+# dcmdump, plastimatch), and Orthanc, a real PACS the DICOM node's test
+# starts on a loopback port (its service is not started by the package here). Needs root or sudo on Debian. `make demo` needs none.
+TEST_TOOLS := chromium dciodvfy dcmdump plastimatch Orthanc
+TEST_PACKAGES := chromium dicom3tools dcmtk plastimatch orthanc
 
 .PHONY: test-tools
 test-tools:

@@ -551,3 +551,61 @@ def test_a_full_disk_loses_no_acknowledged_slice(series, tmp_path):
     rois = pydicom.dcmread(str(results[uid][0])).ReferencedFrameOfReferenceSequence[0] \
         .RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence
     assert len(rois) == count
+
+
+def test_orthanc_sends_a_study_and_gets_exactly_one_rtstruct_and_seg(series, tmp_path):
+    """Issue 45: a real PACS. Debian's Orthanc on a loopback port, with the
+    node as a modality: a phantom series uploaded through its REST API,
+    Orthanc sends the study to the node, exactly one RTSTRUCT and one SEG
+    arrive in that study in Orthanc; Orthanc sending the study again (which
+    now holds our results too) leaves it with still one of each."""
+    import urllib.request
+
+    orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    assert Path(orthanc).exists(), "Orthanc is missing: `make test` installs it (Debian package orthanc)"
+    uid, folder = next(iter(series.items()))
+    http_port, dicom_port = free_port(), free_port()
+    node_spool = tmp_path / "spool"
+    node = start_node(node_spool, dicom_port, "--allow", "ORTHANC")
+    config = {"Name": "FocusNetTest", "StorageDirectory": str(tmp_path / "orthanc-db"),
+              "IndexDirectory": str(tmp_path / "orthanc-db"), "HttpPort": http_port, "DicomPort": dicom_port,
+              "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+              "HttpServerEnabled": True, "DicomServerEnabled": True, "Plugins": [],
+              "DicomModalities": {"focusnet": ["FOCUSNET", "127.0.0.1", node.port]}}
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    pacs = Process([orthanc, str(tmp_path / "orthanc.json")], tmp_path / "orthanc.log")
+    base = f"http://127.0.0.1:{http_port}"
+
+    def rest(path, data=None):
+        request = urllib.request.Request(base + path, data=data, method="POST" if data is not None else "GET")
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return json.loads(answer.read() or b"null")
+
+    def series_by_modality():
+        out = {}
+        for item in rest("/series?expand"):
+            out.setdefault(item["MainDicomTags"].get("Modality"), []).append(item)
+        return out
+
+    try:
+        wait_for(lambda: _listening(http_port) and _listening(dicom_port), 60, "Orthanc to listen")
+        for path in sorted(folder.glob("*.dcm")):
+            rest("/instances", path.read_bytes())
+        study = rest("/studies")[0]
+        rest("/modalities/focusnet/store", json.dumps({"Resources": [study], "Synchronous": True}).encode())
+        wait_for(lambda: {"RTSTRUCT", "SEG"} <= set(series_by_modality()), 300, "the RTSTRUCT and SEG in Orthanc")
+        found = series_by_modality()
+        assert len(found["RTSTRUCT"]) == 1 and len(found["SEG"]) == 1
+        assert found["RTSTRUCT"][0]["ParentStudy"] == study and found["SEG"][0]["ParentStudy"] == study
+        assert len(found["RTSTRUCT"][0]["Instances"]) == 1 and len(found["SEG"][0]["Instances"]) == 1
+
+        rest("/modalities/focusnet/store", json.dumps({"Resources": [study], "Synchronous": True}).encode())
+        node.wait_line(r"arrived again unchanged", timeout=120)
+        time.sleep(5.0)
+        found = series_by_modality()
+        assert len(found["RTSTRUCT"]) == 1 and len(found["SEG"]) == 1
+        assert len(found["RTSTRUCT"][0]["Instances"]) == 1 and len(found["SEG"][0]["Instances"]) == 1
+    finally:
+        pacs.stop()
+        node.stop()
+    assert len(re.findall(r"segmented in", node.text())) == 1
