@@ -649,6 +649,7 @@ class Node:
         self.spool = Spool(self.options.spool)
         self.spool.acquire()
         self.receiver = Receiver(self.spool)
+        self._delivery = None  # queue.Queue of segmented jobs while run() serves
         self._purged_at = 0.0
 
     # -- service -----------------------------------------------------------
@@ -684,8 +685,13 @@ class Node:
         """Serve until stop(): receive, queue settled series, segment, send."""
         for job in self.spool.recover():
             LOG.info("job %s was interrupted: queued again", job["id"])
+        import queue
+
         self.load_model()
         self.start_server()
+        self._delivery = queue.Queue()
+        sender = threading.Thread(target=self._deliver_forever, name="focusnet-delivery", daemon=True)
+        sender.start()
         try:
             while not self.stopping.is_set():
                 try:
@@ -696,6 +702,8 @@ class Node:
         finally:
             if self.server is not None:
                 self.server.shutdown()
+            self.stopping.set()
+            sender.join(timeout=60)
 
     def step(self) -> None:
         """One turn of the loop: retention, settled series, one job."""
@@ -766,21 +774,56 @@ class Node:
                 return
             if not self._outputs_ready(job):
                 self.segment(job)
+        except Exception as error:  # the job fails, the node goes on
+            self._failed(job, error)
+            return
+        if self._delivery is not None:
+            self._delivery.put(job)  # sent by the delivery thread: retries there never hold up the next series
+        else:
+            self.deliver_job(job)
+
+    def deliver_job(self, job: dict) -> None:
+        """Send a segmented job's results, then done/ (or failed/, or back
+        to the queue on a clean stop)."""
+        try:
             self.deliver(job)
         except Stopped:  # a clean stop: the job waits in the queue for the next start
-            job["attempts"] -= 1
+            job["attempts"] = max(0, job.get("attempts", 1) - 1)
             self.spool.move(job, "active", "queue")
             LOG.info("stopping: job %s (series %s) queued again for the next start", job["id"], job["series"])
             return
-        except Exception as error:  # the job fails, the node goes on
-            job["reason"] = f"{type(error).__name__}: {error}" if not isinstance(error, (DeliveryError, ValueError)) \
-                else str(error)
-            job["failed"] = _now()
-            self.spool.move(job, "active", "failed")
-            LOG.error("failed: job %s (series %s): %s", job["id"], job["series"], job["reason"])
+        except Exception as error:
+            self._failed(job, error)
             return
         job["done"] = _now()
         self.spool.move(job, "active", "done")
+
+    def _failed(self, job: dict, error: Exception) -> None:
+        job["reason"] = f"{type(error).__name__}: {error}" if not isinstance(error, (DeliveryError, ValueError)) \
+            else str(error)
+        job["failed"] = _now()
+        self.spool.move(job, "active", "failed")
+        LOG.error("failed: job %s (series %s): %s", job["id"], job["series"], job["reason"])
+
+    def _deliver_forever(self) -> None:
+        """The delivery thread: one job at a time, in the order segmented."""
+        import queue
+
+        while True:
+            try:
+                job = self._delivery.get(timeout=0.5)
+            except queue.Empty:
+                if self.stopping.is_set():
+                    return
+                continue
+            try:
+                self.deliver_job(job)
+            except OSError as error:  # a full disk while moving the job: it waits in the queue
+                LOG.error("spool %s: %s; job %s queued again", self.spool.root, error, job["id"])
+                try:
+                    self.spool.move(job, "active", "queue")
+                except OSError:
+                    pass  # still active on disk: the next start queues it again
 
     def _outputs_ready(self, job: dict) -> bool:
         outputs = job.get("outputs") or {}

@@ -609,3 +609,28 @@ def test_orthanc_sends_a_study_and_gets_exactly_one_rtstruct_and_seg(series, tmp
         pacs.stop()
         node.stop()
     assert len(re.findall(r"segmented in", node.text())) == 1
+
+
+def test_a_delivery_retry_does_not_hold_up_the_next_series(series, tmp_path):
+    """Issue 45, fault 9: while one job retries delivery (the destination
+    is down), the next series is received, completed and segmented; when
+    the destination comes up both are delivered, once each."""
+    (a, folder_a), (b, folder_b) = list(series.items())[:2]
+    dest_port = free_port()
+    spool = tmp_path / "spool"
+    node = start_node(spool, dest_port, "--format", "rtstruct", "--retry-window", "300")
+    scp = None
+    try:
+        assert storescu(node.port, folder_a).wait(120) == 0
+        node.wait_line(r"retrying in", timeout=300)
+        assert storescu(node.port, folder_b).wait(120) == 0
+        node.wait_line(rf"segmented in [\d.]+ s: series {re.escape(b)}", timeout=300)
+        assert "sent rtstruct" not in node.text(), "A is still waiting for its destination"
+        scp = start_storescp(tmp_path / "planning", dest_port)
+        node.wait_line(r"sent rtstruct", timeout=200, count=2)
+    finally:
+        node.stop()
+        if scp is not None:
+            scp.stop()
+    assert {k: len(v) for k, v in received(tmp_path / "planning", RT_STRUCT).items()} == {a: 1, b: 1}
+    assert status(spool)["done"] == 2
