@@ -102,6 +102,9 @@ class ReviewStation:
 
         self.server = server or get_server(client_type="vue3")
         self.server.enable_module(trame_slicer_module)
+        # The page reloads itself when the server is back after a restart (www/reconnect.js).
+        self.server.enable_module({"serve": {"__focusnet": str(Path(__file__).parent / "www")},
+                                   "scripts": ["__focusnet/reconnect.js"]})
         self.state, self.ctrl = self.server.state, self.server.controller
         self.slicer_app = SlicerApp()
         register_rca_factories(self.slicer_app.view_manager, self.server)

@@ -383,3 +383,42 @@ def test_seg_contours_never_mix_with_an_unfinished_review(two_patients, tmp_path
     assert third.case.session.states["Brainstem"].status == "accepted"
     assert len(read_records(out / "review-log.jsonl")[0]) == 1
     third.case.close()
+
+
+def test_the_page_comes_back_by_itself_after_a_server_restart(tmp_path):
+    """Fault 9: the server is killed and started again on the same port;
+    the open page reloads itself once the server answers and shows the
+    resumed review (its accept kept), without the reviewer reloading."""
+    from playwright.sync_api import sync_playwright
+
+    from test_node import free_port
+
+    write_case(generate_case(406, "small"), tmp_path / "ct", "nrrd")
+    ct = tmp_path / "ct" / "phantom_0406_ct.nrrd"
+    out, port = tmp_path / "review", free_port()
+    proc, url = start_review(ct, out, "--port", str(port))
+    second = None
+    try:
+        wait_for_line(proc, r"ready: http://")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(url)
+            page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)
+            row = page.locator(".fn-organ-row", has_text="Brainstem")
+            row.locator(".fn-accept").click()
+            page.wait_for_function("s => s.innerText.trim() === 'accepted'",
+                                   arg=row.locator(".fn-status").element_handle(), timeout=20_000)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            page.wait_for_function("document.body.innerText.includes('Connection')", timeout=30_000)
+            second, _ = start_review(ct, out, "--port", str(port))
+            wait_for_line(second, r"ready: http://")
+            page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)  # no reload by hand
+            status = page.locator(".fn-organ-row", has_text="Brainstem").locator(".fn-status")
+            assert status.inner_text().strip() == "accepted"
+            browser.close()
+    finally:
+        stop(proc)
+        if second is not None:
+            stop(second)
