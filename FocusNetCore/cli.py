@@ -573,7 +573,10 @@ def _cmd_node(args) -> int:
         node.run()
     except KeyboardInterrupt:
         node.stop()
-    except OSError as error:  # e.g. the port is taken
+    except NodeError as error:  # e.g. the port is taken
+        print(f"focusnet node: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:
         print(f"focusnet node: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return EXIT_OK

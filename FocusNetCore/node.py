@@ -83,7 +83,7 @@ def is_uid(value: str) -> bool:
 
 def check_ae_title(value: str, what: str) -> None:
     if not AE_PATTERN.fullmatch(value) or not value.strip():
-        raise NodeError(f"{what} {value!r}: an AE title is 1-16 printable ASCII characters, no backslash, "
+        raise NodeError(f"{what} \"{value}\": an AE title is 1-16 printable ASCII characters, no backslash, "
                         "not only spaces")
 
 
@@ -198,7 +198,7 @@ class Spool:
         """``create``: make the tree (the node itself); else the spool must
         exist (``node status`` / ``retry`` on a mistyped path create nothing).
         Patient data: folders 0700, files 0600 (the node runs with umask 077)."""
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # retention compares resolved paths with it
         self.lock = threading.Lock()  # receiving vs queueing a series
         self._lock_handle = None
         if self.root.exists() and not self.root.is_dir():
@@ -210,8 +210,13 @@ class Spool:
         try:
             for sub in self.SUBFOLDERS:
                 (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-            for folder in (self.root, *(self.root / sub for sub in self.SUBFOLDERS), self.root / "jobs"):
-                os.chmod(folder, 0o700)  # a spool made by an earlier version, or under another umask
+            # a spool made by an earlier version, or under another umask: everything made private
+            os.chmod(self.root, 0o700)
+            for top, folders, files in os.walk(self.root):
+                for name in folders:
+                    os.chmod(os.path.join(top, name), 0o700)
+                for name in files:
+                    os.chmod(os.path.join(top, name), 0o600)
             probe = self.root / "tmp" / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -253,7 +258,7 @@ class Spool:
             if now - done < keep_days * 86400:
                 continue
             for folder in (self.root / job.get("folder", f"series/{job['id']}"), self.root / "results" / job["id"]):
-                if folder.exists() and self.root in folder.resolve().parents:
+                if folder.exists() and self.root.resolve() in folder.resolve().parents:
                     shutil.rmtree(folder)
             job["purged"] = _now()
             self.save(job, "done")
@@ -486,10 +491,14 @@ class Receiver:
         # series -> time an instance of it was refused for lack of space: held back
         # from settling until an instance of it is stored after that (the sender sends again)
         self._refused: Dict[str, float] = {}
+        self._open: Dict[int, set] = {}  # association -> series it has sent instances of (until it ends)
 
     def held(self) -> List[str]:
+        """Series not to make a job of yet: some of their instances were
+        refused for lack of space, or an association is still sending them
+        (a sender that pauses inside one association)."""
         with self._lock:
-            return list(self._refused)
+            return list(self._refused) + [s for series in self._open.values() for s in series]
 
     def handlers(self):
         from pynetdicom import evt
@@ -569,6 +578,8 @@ class Receiver:
                 self._count(event, "refused")
                 return DOES_NOT_MATCH
             self.spool.store_ct(data, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop)
+            with self._lock:
+                self._open.setdefault(id(event.assoc), set()).add(uids["SeriesInstanceUID"])
             if uids.get("SeriesInstanceUID") in self._refused:
                 with self._lock:
                     self._refused.pop(uids["SeriesInstanceUID"], None)  # the sender sends again: space is back
@@ -585,6 +596,7 @@ class Receiver:
     def on_end(self, event) -> None:
         with self._lock:
             counts = self.counts.pop(id(event.assoc), None)
+            self._open.pop(id(event.assoc), None)
         if counts:
             summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
             LOG.info("received from %s: %s", event.assoc.requestor.ae_title, summary)
@@ -606,6 +618,11 @@ class DeliveryError(RuntimeError):
     pass
 
 
+class DeliveryRefused(DeliveryError):
+    """The destination answers but does not take this kind of object (its
+    SOP class): retrying cannot help."""
+
+
 class Stopped(Exception):
     """The node was asked to stop while a job waited to retry delivery."""
 
@@ -621,12 +638,20 @@ def send_file(path: Path, destination: Destination, calling_ae: str, timeout_s: 
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
+        if assoc.rejected_contexts and not assoc.accepted_contexts:  # it answered, and does not take this class
+            from pydicom.uid import UID
+
+            raise DeliveryRefused(f"{destination} does not accept {UID(ds.SOPClassUID).name} in "
+                                  f"{UID(ds.file_meta.TransferSyntaxUID).name}")
         raise DeliveryError(f"no association with {destination} (refused, aborted or not listening)")
     try:
         status = assoc.send_c_store(ds)
     finally:
         assoc.release()
     code = getattr(status, "Status", None)
+    if code is not None and code & 0xF000 == 0xB000:  # PS3.4 B.2.3: a warning, the instance is stored
+        LOG.warning("%s stored %s with warning status %s", destination, path.name, hex(code))
+        return
     if code != SUCCESS:
         raise DeliveryError(f"{destination} answered C-STORE of {path.name} with status "
                             f"{'none' if code is None else hex(code)}")
@@ -650,6 +675,7 @@ class Node:
         self.spool.acquire()
         self.receiver = Receiver(self.spool)
         self._delivery = None  # queue.Queue of segmented jobs while run() serves
+        self._started = 0.0
         self._purged_at = 0.0
 
     # -- service -----------------------------------------------------------
@@ -664,8 +690,12 @@ class Node:
         if self.options.allow:
             ae.require_calling_aet = list(self.options.allow)
         ssl_context = _tls_context(self.options.tls) if self.options.tls else None
-        self.server = ae.start_server((self.options.host, self.options.port), block=False,
-                                      evt_handlers=self.receiver.handlers(), ssl_context=ssl_context)
+        try:
+            self.server = ae.start_server((self.options.host, self.options.port), block=False,
+                                          evt_handlers=self.receiver.handlers(), ssl_context=ssl_context)
+        except OSError as error:
+            raise NodeError(f"--port {self.options.port} on {self.options.host}: "
+                            f"{error.strerror or error} (another program listens there?)") from None
         port = self.server.server_address[1]
         LOG.info("listening as %s on %s:%d%s%s; results to %s", self.options.ae_title, self.options.host, port,
                  " (TLS)" if ssl_context else "",
@@ -687,8 +717,9 @@ class Node:
             LOG.info("job %s was interrupted: queued again", job["id"])
         import queue
 
+        self.start_server()  # first: a taken port is said before the model loads
         self.load_model()
-        self.start_server()
+        self._started = time.monotonic()
         self._delivery = queue.Queue()
         sender = threading.Thread(target=self._deliver_forever, name="focusnet-delivery", daemon=True)
         sender.start()
@@ -708,7 +739,10 @@ class Node:
     def step(self) -> None:
         """One turn of the loop: retention, settled series, one job."""
         self.purge()
-        for what, job in self.spool.queue_settled(self.options.settle_s, held=self.receiver.held()):
+        # After a start, a series that was arriving before it gets --settle seconds to go on arriving.
+        settling = time.monotonic() - self._started < self.options.settle_s
+        for what, job in ([] if settling else
+                          self.spool.queue_settled(self.options.settle_s, held=self.receiver.held())):
             if what == "queued":
                 LOG.info("complete: series %s (%d instances), job %s queued", job["series"], job["instances"],
                          job["id"])
@@ -733,9 +767,11 @@ class Node:
             raise
 
     def stop(self) -> None:
+        if not self.stopping.is_set():
+            LOG.info("stopping: unfinished work stays in the spool for the next start")
         self.stopping.set()
 
-    def purge(self, every_s: float = 3600.0) -> None:
+    def purge(self, every_s: float = 60.0) -> None:
         """Retention (``--keep-days``), at most once an ``every_s``."""
         if time.monotonic() - self._purged_at < every_s and self._purged_at:
             return
@@ -885,10 +921,17 @@ class Node:
             deadline = time.monotonic() + opts.retry_window_s
             wait = opts.first_retry_s
             attempt = 0
+            refused = False
             while True:
                 attempt += 1
                 try:
                     send_file(self.spool.root / rel, opts.destination, opts.ae_title)
+                    break
+                except DeliveryRefused as error:
+                    LOG.warning("not sending %s of series %s: %s (use --format to send only what it takes)",
+                                fmt, job["series"], error)
+                    job.setdefault("not_accepted", []).append(fmt)
+                    refused = True
                     break
                 except DeliveryError as error:
                     left = deadline - time.monotonic()
@@ -901,12 +944,19 @@ class Node:
                     if self.stopping.wait(min(wait, left)):
                         raise Stopped()
                     wait = min(wait * 2, opts.max_retry_wait_s)
-            job.setdefault("sent", []).append(fmt)
+            job.setdefault("sent", []).append(fmt)  # (or refused for good: not tried again either)
             self.spool.save(job, "active")  # delivered once: a restart does not send it again
-            LOG.info("sent %s of series %s to %s", fmt, job["series"], opts.destination)
+            if not refused:
+                LOG.info("sent %s of series %s to %s", fmt, job["series"], opts.destination)
+        if len(job.get("not_accepted", [])) == len(job["outputs"]):
+            raise DeliveryError(f"{opts.destination} accepts none of {', '.join(job['outputs'])}")
 
 
 def configure_logging() -> None:
+    import warnings
+
+    # pydicom warns (unformatted, on stderr) about values the node refuses anyway and says so in its own line.
+    warnings.filterwarnings("ignore", module="pydicom")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s focusnet-node %(levelname)s %(message)s"))
     LOG.addHandler(handler)

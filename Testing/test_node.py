@@ -634,3 +634,52 @@ def test_a_delivery_retry_does_not_hold_up_the_next_series(series, tmp_path):
             scp.stop()
     assert {k: len(v) for k, v in received(tmp_path / "planning", RT_STRUCT).items()} == {a: 1, b: 1}
     assert status(spool)["done"] == 2
+
+
+def test_a_warning_status_is_delivered_and_an_unaccepted_class_is_not_retried(series, tmp_path):
+    """A planning system that stores RTSTRUCTs with a warning status (0xB000,
+    coercion) and does not take Segmentation Storage at all: the RTSTRUCT is
+    sent once (a warning is a stored instance), the SEG is not retried for
+    the retry window but named in one log line, and the job is done."""
+    from pynetdicom import AE, evt
+
+    uid, folder = next(iter(series.items()))
+    stored = []
+
+    def on_store(event):
+        stored.append(str(event.dataset.SOPInstanceUID))
+        return 0xB000
+
+    planning = AE(ae_title="PLANNING")
+    planning.add_supported_context(RT_STRUCT)
+    dest_port = free_port()
+    server = planning.start_server(("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    spool = tmp_path / "spool"
+    node = start_node(spool, dest_port, "--retry-window", "600")
+    try:
+        assert storescu(node.port, folder).wait(120) == 0
+        node.wait_line(r"not sending dicomseg of series .* does not accept Segmentation Storage", timeout=300)
+        wait_for(lambda: status(spool)["done"] == 1, 60, "the job done")
+    finally:
+        node.stop()
+        server.shutdown()
+    assert len(stored) == 1, "the RTSTRUCT stored with a warning is not sent again"
+    assert "retrying" not in node.text()
+    assert "stored rtstruct.dcm with warning status 0xb000" in node.text()
+    job = json.loads(next((spool / "jobs" / "done").glob("*.json")).read_text())
+    assert job["not_accepted"] == ["dicomseg"]
+
+
+def test_retention_works_with_a_relative_spool_path(series, tmp_path, monkeypatch):
+    """`--spool spool` (relative): retention deletes what it says it deletes."""
+    from FocusNetCore.node import Spool
+
+    monkeypatch.chdir(tmp_path)
+    spool = Spool("spool")
+    (tmp_path / "spool" / "series" / "j1").mkdir()
+    (tmp_path / "spool" / "series" / "j1" / "a.dcm").write_bytes(b"x")
+    (tmp_path / "spool" / "results" / "j1").mkdir()
+    old = "2026-01-01T00:00:00+00:00"
+    spool.save({"id": "j1", "series": "1.2", "folder": "series/j1", "done": old}, "done")
+    assert spool.purge_finished(7) == ["j1"]
+    assert not (tmp_path / "spool" / "series" / "j1").exists() and not (tmp_path / "spool" / "results" / "j1").exists()

@@ -6,7 +6,11 @@ another (each once the previous RTSTRUCT has arrived).
     .venv/bin/python benchmarks/node_latency.py [--n 5] [--size full|small] [--settle 2]
 
 Prints each series' latency, the median, and the throughput in series per
-hour (series / total time from the first send to the last RTSTRUCT).
+hour (series / total time from the first send to the last RTSTRUCT). Then,
+with a second series arriving while the first is being segmented (sent
+--settle + 1 s after the first), both latencies, each from its own last
+instance sent, for --pairs pairs of further phantom series: what a busy
+department sees.
 Latency includes the node's --settle wait (a series is complete after that
 many seconds without a new instance), reading the series, segmenting, and
 writing and sending the RTSTRUCT and SEG.
@@ -63,6 +67,7 @@ def main():
     parser.add_argument("--size", choices=("full", "small"), default="full")
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=9100)
+    parser.add_argument("--pairs", type=int, default=2, help="pairs sent overlapping (0: none)")
     args = parser.parse_args()
     for name in ("storescu", "storescp"):
         if not shutil.which(name):
@@ -70,10 +75,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folders = []
-        for k in range(args.n):
+        for k in range(args.n + 2 * args.pairs):  # distinct series: a series sent again is not segmented again
             case = generate_case(args.seed + k, args.size)
             write_case(case, tmp / "phantoms", "dicom")
             folders.append(tmp / "phantoms" / case.name / "CT")
+        pairs = [folders[args.n + 2 * k: args.n + 2 * k + 2] for k in range(args.pairs)]
+        folders = folders[:args.n]
         dest, node_port = free_port(), free_port()
         (tmp / "planning").mkdir()
         scp = subprocess.Popen(["storescp", "--aetitle", "PLANNING", "--output-directory", str(tmp / "planning"),
@@ -100,6 +107,30 @@ def main():
                 print(f"series {k + 1}: {slices} slices, last instance sent -> RTSTRUCT received {latencies[-1]:.1f} s",
                       flush=True)
             total = time.monotonic() - first_send
+            overlapped = []
+            for first, second in pairs:
+                before = len(rtstructs(tmp / "planning"))
+                subprocess.run(["storescu", "-aec", "FOCUSNET", "+sd", "+r", "127.0.0.1", str(node_port),
+                                str(first)], check=True)
+                sent_first = time.monotonic()
+                time.sleep(args.settle + 1.0)  # the first is complete and being segmented
+                subprocess.run(["storescu", "-aec", "FOCUSNET", "+sd", "+r", "127.0.0.1", str(node_port),
+                                str(second)], check=True)
+                sent_second = time.monotonic()
+                done = {}
+                while len(done) < 2:
+                    if node.poll() is not None:
+                        raise SystemExit((tmp / "node.log").read_text()[-3000:])
+                    count = len(rtstructs(tmp / "planning")) - before
+                    now = time.monotonic()
+                    if count >= 1 and "first" not in done:
+                        done["first"] = now - sent_first
+                    if count >= 2:
+                        done["second"] = now - sent_second
+                    time.sleep(0.1)
+                overlapped.append((done["first"], done["second"]))
+                print(f"pair: first series {done['first']:.1f} s, second (sent while the first was segmented) "
+                      f"{done['second']:.1f} s", flush=True)
         finally:
             node.terminate()
             node.wait(30)
@@ -108,6 +139,10 @@ def main():
         print(f"median latency {statistics.median(latencies):.1f} s over {args.n} {args.size} phantom series "
               f"(--settle {args.settle:g} s included); throughput {3600 * args.n / total:.0f} series/hour "
               f"({total:.1f} s in all, one series at a time)")
+    if overlapped:
+        print(f"with a second series arriving while the first is segmented: median latency first "
+              f"{statistics.median(a for a, _ in overlapped):.1f} s, second "
+              f"{statistics.median(b for _, b in overlapped):.1f} s over {len(overlapped)} pair(s)")
 
 
 if __name__ == "__main__":
