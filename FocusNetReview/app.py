@@ -137,9 +137,21 @@ class ReviewStation:
                            "fn_small": [],
                            "fn_presets": [{"name": n, "window": w, "level": lv} for n, w, lv in WINDOW_PRESETS]})
         self._build_ui()
+        self._brushes_flat()
         self.ctrl.on_server_bind.add(self._on_bind)
         self.ctrl.on_server_ready.add(self._on_ready)
         self.server.add_protocol_to_configure(self._watch_connections)
+
+    def _brushes_flat(self):
+        """Paint, erase and smoothing brushes start as a disc on the slice
+        shown, as in Slicer (trame-slicer's panel starts them as a sphere, so
+        one stroke on one slice changed a dozen slices); the sphere stays one
+        click away in the brush panel."""
+        from trame_slicer.app.logic.segmentation import BrushEffectLogic
+
+        for logic in self.editor_logic._effect_logic:
+            if isinstance(logic, BrushEffectLogic):
+                logic._brush_state.data.use_sphere_brush = False
 
     # -- server ------------------------------------------------------------------
     def _on_bind(self, wslink_server):
