@@ -543,3 +543,43 @@ def test_a_stroke_that_takes_another_organs_voxels_edits_both(loaded, tmp_path):
     assert all(s.edits == 0 for n, s in session.states.items() if n not in ("Parotid_L", "Parotid_R"))
     paint(seg, "Brainstem", labels, (slice(0, 1), slice(0, 2), slice(0, 2)))  # in the air: crosses nothing
     assert session.states["Brainstem"].edits == 1 and session.states["Parotid_R"].edits == 1
+
+
+# What released Slicer 5.8-5.12 ships among the packages FocusNetCore's export path could use
+# (Slicer's SuperBuild: numpy, scipy, pydicom, SimpleITK, vtk, Pillow); the rest comes from
+# dependencies.REQUIREMENTS, installed on the first click.
+SLICER_SHIPS = {"numpy", "scipy", "pydicom", "SimpleITK", "vtk", "PIL"}
+
+
+def test_the_export_path_imports_only_what_slicer_ships_or_the_module_installs():
+    """Issue 46, fault 1: RTSTRUCT export without SlicerRT failed in Slicer
+    on `import contourpy`, which Slicer does not ship and the module did not
+    install. Every third-party import of the writers the module calls inside
+    Slicer (module level and inside those functions) is shipped by Slicer or
+    installed by dependencies.REQUIREMENTS."""
+    import ast
+    import inspect
+
+    from FocusNetCore import caseid, dicomseg, imageio, rtstruct, segfile
+    from FocusNetSegmentLib import dependencies
+
+    allowed = SLICER_SHIPS | set(dependencies.REQUIREMENTS) | set(sys.stdlib_module_names) | {"FocusNetCore"}
+    used = {}
+    functions = [rtstruct.write_rtstruct, rtstruct.mask_contours, rtstruct._ct_series, rtstruct._on_series_grid,
+                 dicomseg.write_dicom_seg, caseid.stamp_nrrd_file, caseid.identity_of_dicom_series,
+                 segfile.write_seg_nrrd, imageio.read_dicom_series]
+    trees = [ast.parse(inspect.getsource(m)) for m in (rtstruct, dicomseg, caseid, segfile, imageio)]
+    nodes = [n for tree in trees for n in tree.body] + [n for f in functions
+                                                       for n in ast.walk(ast.parse(inspect.getsource(f)))]
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            used.setdefault(name.split(".")[0], node.lineno)
+    assert "contourpy" in used, "the check reads the writer's imports"
+    assert set(used) - allowed == set(), f"imported in Slicer's process but neither shipped nor installed: " \
+                                         f"{sorted(set(used) - allowed)}"

@@ -582,7 +582,8 @@ def test_requirements_install_runs_in_the_background_and_reports(tmp_path):
     assert command[:4] == ["PythonSlicer", "-m", "pip", "install"]
     assert {c.split("==")[0].lower() for c in constraints} >= {"numpy", "simpleitk", "vtk", "pydicom"}
     # Inference needs no training-only packages in Slicer.
-    assert set(dependencies.REQUIREMENTS) == {"scipy", "pydicom", "highdicom", "surface_distance", "openvino"}
+    assert set(dependencies.REQUIREMENTS) == {"scipy", "pydicom", "highdicom", "contourpy", "surface_distance",
+                                              "openvino"}
 
 
 def test_accept_needs_a_selected_organ(phantom, tmp_path):

@@ -25,6 +25,10 @@ REQUIREMENTS: Dict[str, str] = {
     # DICOM SEG without Slicer's plugin; with Slicer's pydicom 2.4 pip picks
     # highdicom 0.22, the last release for it.
     "highdicom": "highdicom>=0.22",
+    # RTSTRUCT export without SlicerRT: FocusNet's writer traces each organ's
+    # outline with contourpy (matplotlib's contouring, without matplotlib),
+    # which released Slicer does not ship (issue 46).
+    "contourpy": "contourpy>=1.0",
     # The review's surface Dice (Nikolov et al.'s reference implementation;
     # pure Python, brings absl-py).
     "surface_distance": "surface-distance>=0.1",
