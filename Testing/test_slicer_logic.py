@@ -547,6 +547,9 @@ def test_module_self_test_body_runs_headless(tmp_path):
     made = phantom_check(logic)
     assert made["export"] == tmp_path / "out" / "3_ CT HEAD_NECK.seg.nrrd"
     assert made["record"]["reviewer"] == "self-test"
+    # Issue 46, fault 2: the self-test is no reviewed case: the user's study log and sessions are untouched.
+    assert logic.session_folder == tmp_path / "sessions"
+    assert not logic.log_path().exists() and not list((tmp_path / "sessions").glob("*.review.json"))
 
 
 def test_source_tree_module_finds_the_core_one_folder_up(tmp_path):

@@ -538,7 +538,22 @@ def phantom_check(logic: SegmentOARsLogic, name: str = "3: CT HEAD/NECK", timeou
     """The module's self-test, runnable in Slicer (Developer Tools > Self
     Tests) and headless alike: a synthetic phantom through the whole button
     path (segment, load, finish, export). Raises AssertionError naming what
-    went wrong; returns what it made."""
+    went wrong; returns what it made. Its review runs in a temporary session
+    folder: the user's study log and checkpoints are never touched (a
+    self-test is no reviewed case)."""
+    import tempfile
+
+    real_folder = logic.session_folder
+    with tempfile.TemporaryDirectory(prefix="FocusNet-selftest-") as folder:
+        logic.session_folder = Path(folder)
+        try:
+            return _phantom_check(logic, name, timeout)
+        finally:
+            logic.close_session()
+            logic.session_folder = real_folder
+
+
+def _phantom_check(logic: SegmentOARsLogic, name: str, timeout: float) -> dict:
     import numpy as np
 
     from FocusNetCore.phantom import generate_case
