@@ -109,7 +109,10 @@ def received(folder: Path, sop_class: str):
     """{referenced CT SeriesInstanceUID: [files]} of what storescp wrote."""
     out = {}
     for path in sorted(folder.glob("*")):
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, EOFError, OSError):
+            continue  # storescp is still writing it: seen at the next look
         if ds.SOPClassUID != sop_class:
             continue
         if sop_class == RT_STRUCT:
