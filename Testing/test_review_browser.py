@@ -58,6 +58,15 @@ def review_stem(ct) -> str:
     return f"{case_name(ct)}-{identity_of_input(ct).tag}"
 
 
+def open_case_page(p, url):
+    """Debian's Chromium on the review's page, once its 22 organ rows show: (browser, page)."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    page = browser.new_page(viewport=VIEWPORT)
+    page.goto(url)
+    page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)
+    return browser, page
+
+
 def wait_for_line(proc, pattern, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -30,7 +30,7 @@ from FocusNetCore.organs import ORGAN_SETS
 from FocusNetCore.phantom import generate_case, write_case
 from FocusNetCore.study import read_records
 
-from test_review_browser import CHROMIUM, VIEWPORT, start_review, stop, wait_for_line
+from test_review_browser import open_case_page, start_review, stop, wait_for_line
 
 ORGANS = ORGAN_SETS["oar22"]
 
@@ -103,10 +103,7 @@ def test_two_patients_with_one_folder_name_keep_their_own_contours(two_patients,
         wait_for_line(proc, r"ready: http://")
         assert any("resuming" in line for line in proc.lines), proc.lines
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport=VIEWPORT)
-            page.goto(url)
-            page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)
+            browser, page = open_case_page(p, url)
             shown = {}
             for row in page.locator(".fn-organ-row").all():
                 name = row.locator(".fn-organ-name").inner_text().strip()
@@ -284,10 +281,7 @@ def test_other_web_sites_and_the_default_secret_cannot_drive_a_review(tmp_path):
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 403  # DNS rebinding: another name for 127.0.0.1
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport=VIEWPORT)
-            page.goto(url)
-            page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)
+            browser, page = open_case_page(p, url)
             page.reload()  # the address bar lost the secret; the reload gets it again
             page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)
             browser.close()
@@ -313,10 +307,7 @@ def test_a_counted_edit_survives_kill_9(tmp_path):
     try:
         wait_for_line(proc, r"ready: http://")
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport=VIEWPORT)
-            page.goto(url)
-            page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)
+            browser, page = open_case_page(p, url)
             paint_stroke(page, "Parotid_L")
             os.kill(proc.pid, signal.SIGKILL)  # the moment the page says "edited"
             proc.wait(10)
@@ -401,10 +392,7 @@ def test_the_page_comes_back_by_itself_after_a_server_restart(tmp_path):
     try:
         wait_for_line(proc, r"ready: http://")
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport=VIEWPORT)
-            page.goto(url)
-            page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)
+            browser, page = open_case_page(p, url)
             row = page.locator(".fn-organ-row", has_text="Brainstem")
             row.locator(".fn-accept").click()
             page.wait_for_function("s => s.innerText.trim() === 'accepted'",

@@ -53,6 +53,8 @@ from FocusNetCore import __version__
 from FocusNetCore.organs import CATALOGUE, OrganSet
 from FocusNetCore.study import ACTIVITY_RULES, TIMING_DEFINITIONS, append_record, read_records, write_json_atomic
 
+from .scene import layer_counts
+
 UNREVIEWED, ACCEPTED, EDITED = "unreviewed", "accepted", "edited"
 # Flags (review panel)
 ASYMMETRY_RATIO = 1.5  # left/right volumes differing more than this
@@ -162,7 +164,7 @@ class ReviewSession:
                 else:
                     self.record_edit(segment_id)
                     for other in self._others_changed(segment_id):
-                        self.record_edit(other)
+                        self.record_edit(other, save=False)  # the same stroke: saved with the first
 
         for index in range(self.node.GetSegmentation().GetNumberOfSegments()):
             self._contour_changed(self.node.GetSegmentation().GetNthSegmentID(index))  # the starting contours
@@ -179,19 +181,15 @@ class ReviewSession:
 
     def _seed_counts(self) -> None:
         """Every segment's voxel count as it is now (see _others_changed)."""
-        from vtk.util import numpy_support
-
         segmentation = self.node.GetSegmentation()
         per_map = {}
         for sid in [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]:
             segment = segmentation.GetSegment(sid)
             labelmap = segment.GetRepresentation("Binary labelmap")
-            if labelmap is None or labelmap.GetPointData() is None or labelmap.GetPointData().GetScalars() is None:
-                continue
             if id(labelmap) not in per_map:
-                per_map[id(labelmap)] = np.bincount(numpy_support.vtk_to_numpy(
-                    labelmap.GetPointData().GetScalars()).ravel().astype(np.int64), minlength=256)
-            self._counts[sid] = int(per_map[id(labelmap)][segment.GetLabelValue()])
+                per_map[id(labelmap)] = layer_counts(labelmap)
+            if per_map[id(labelmap)] is not None:
+                self._counts[sid] = int(per_map[id(labelmap)][segment.GetLabelValue()])
 
     def stop(self) -> None:
         if self._observer is not None:
@@ -273,14 +271,15 @@ class ReviewSession:
         self._contours[segment_id] = current
         return seen is not None and seen[1] != current[1]
 
-    def record_edit(self, segment_id: str) -> None:
+    def record_edit(self, segment_id: str, save: bool = True) -> None:
         name = self._organ_of(segment_id)
         self.touch()
         self.activity_counts["edit"] = self.activity_counts.get("edit", 0) + 1
         if name is None:
             self.checkpoint()
             return
-        self._save_contours()
+        if save:
+            self._save_contours()
         state = self.states[name]
         state.status = EDITED
         state.edits += 1
@@ -338,18 +337,15 @@ class ReviewSession:
         mode takes voxels from the organs it crosses, and Slicer reports the
         painted segment only. One count over the layer (a count only falls
         when voxels are taken)."""
-        from vtk.util import numpy_support
-
         segmentation = self.node.GetSegmentation()
         segment = segmentation.GetSegment(segment_id)
         labelmap = segment.GetRepresentation("Binary labelmap") if segment is not None else None
-        if labelmap is None or labelmap.GetPointData() is None or labelmap.GetPointData().GetScalars() is None:
+        bins = layer_counts(labelmap)
+        if bins is None:
             return []
         ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
         others = [sid for sid in ids if sid != segment_id
                   and segmentation.GetSegment(sid).GetRepresentation("Binary labelmap") is labelmap]
-        bins = np.bincount(numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).ravel()
-                           .astype(np.int64), minlength=256)
         self._counts[segment_id] = int(bins[segment.GetLabelValue()])
         changed = []
         for sid in others:

@@ -379,26 +379,34 @@ def segment_volumes_cc(segmentation_node) -> dict:
     one count per shared label map (layer), so a 22-organ segmentation costs
     as many passes as it has layers."""
     import vtk
-    from vtk.util import numpy_support
 
     segmentation = segmentation_node.GetSegmentation()
     counts, volumes = {}, {}
     for index in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(index)
         labelmap = segment.GetRepresentation("Binary labelmap")
-        scalars = labelmap.GetPointData().GetScalars() if labelmap is not None and labelmap.GetPointData() else None
-        if scalars is None:
-            volumes[segment.GetName()] = 0.0
-            continue
         key = id(labelmap)
         if key not in counts:
-            array = numpy_support.vtk_to_numpy(scalars)
+            bins = layer_counts(labelmap)
+            if bins is None:
+                volumes[segment.GetName()] = 0.0
+                continue
             matrix = vtk.vtkMatrix4x4()
             labelmap.GetImageToWorldMatrix(matrix)
             columns = np.array([[matrix.GetElement(r, c) for r in range(3)] for c in range(3)])
-            voxel_cc = float(abs(np.linalg.det(columns))) / 1000.0
-            counts[key] = (np.bincount(array.ravel().astype(np.int64), minlength=256), voxel_cc)
+            counts[key] = (bins, float(abs(np.linalg.det(columns))) / 1000.0)
         bins, voxel_cc = counts[key]
         value = segment.GetLabelValue()
         volumes[segment.GetName()] = float(bins[value]) * voxel_cc if value < len(bins) else 0.0
     return volumes
+
+
+def layer_counts(labelmap) -> Optional[np.ndarray]:
+    """Voxels per label value of a (shared) binary label map, in one pass;
+    None when it holds no voxels."""
+    from vtk.util import numpy_support
+
+    scalars = labelmap.GetPointData().GetScalars() if labelmap is not None and labelmap.GetPointData() else None
+    if scalars is None:
+        return None
+    return np.bincount(numpy_support.vtk_to_numpy(scalars).ravel().astype(np.int64), minlength=256)
