@@ -43,7 +43,9 @@ class Organ:
     laterality: Optional[str]  # "L", "R" or None
     small: bool
     volume_cc: Tuple[float, float]
-    # Extra SNOMED modifier, e.g. internal/middle for the ear.
+    # An extra SNOMED type modifier besides laterality, written to DICOM SEG only
+    # (a Slicer terminology entry has one type modifier: the laterality). No
+    # catalogue organ uses one.
     modifier: Optional[Tuple[str, str]] = None
 
     @property
@@ -84,10 +86,13 @@ _ENTRIES = (
           (4.0, 40.0)),  # in the field of view, which varies with the scan
     *_pair("Parotid", "Parotid gland", (60, 120, 255), (30, 80, 200), "45289007",
            "Parotid gland", False, (12.0, 50.0)),
-    *_pair("Ear_Internal", "Inner ear", (255, 60, 60), (200, 30, 30), "117590005", "Ear",
-           False, (0.1, 1.0), ("260521003", "Internal")),
-    *_pair("Ear_Middle", "Middle ear", (255, 160, 140), (220, 120, 100), "117590005", "Ear",
-           False, (0.3, 3.0), ("260528009", "Middle")),
+    # The ear parts by their own codes, as Slicer's General Anatomy list and its
+    # anatomic region list name them (not "Ear" 117590005 + an internal/middle
+    # qualifier, which neither list has).
+    *_pair("Ear_Internal", "Inner ear", (255, 60, 60), (200, 30, 30), "22945000", "Inner ear",
+           False, (0.1, 1.0)),
+    *_pair("Ear_Middle", "Middle ear", (255, 160, 140), (220, 120, 100), "25342003", "Middle ear",
+           False, (0.3, 3.0)),
     *_pair("Joint_TM", "Temporomandibular joint", (140, 255, 200), (90, 220, 160), "53620006",
            "Temporomandibular joint", False, (0.4, 4.0)),
     *_pair("Bone_Mandible", "Mandible", (240, 240, 220), (210, 210, 190), "91609006",
@@ -221,7 +226,8 @@ def convert_labels(labels, source: OrganSet, target: OrganSet):
 
 # The terminology context our segments point at: FocusNetSegment/Resources/FocusNet.term.json
 # (FocusNetCore.terminology), which the Slicer module loads at start. Slicer's own
-# "3D Slicer General Anatomy list" lacks most of these type/laterality codes.
+# "3D Slicer General Anatomy list" lacks several of these types (lens, optic nerve,
+# brainstem, parotid, ...) and a left/right mandible.
 TERMINOLOGY_CONTEXT = "FocusNet head-and-neck organs at risk"
 SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
@@ -230,16 +236,18 @@ def terminology_string(organ: Organ) -> str:
     """The organ's terminology entry as Slicer stores it in a segment's
     ``TerminologyEntry`` tag: context~category~type~type modifier~anatomic
     context~anatomic region~region modifier, codes as scheme^value^meaning.
-    Laterality is the type modifier; the inner/middle ear qualifier is the
-    anatomic region modifier of the ear."""
+    The organ is the type, its laterality the type modifier. No anatomic
+    region: the type already is the anatomy (Slicer's "Anatomical Structure"
+    category has showAnatomy false), as in Slicer's own General Anatomy list.
+    Codes are those of Slicer's lists where Slicer has them
+    (Testing/test_terminology.py checks against Slicer's files)."""
     def code(c):
         return f"SCT^{c[0]}^{c[1]}" if c else "^^"
 
     category = code(ANATOMICAL_STRUCTURE)
     organ_type = code((organ.snomed_code, organ.snomed_meaning))
-    region = code((organ.snomed_code, organ.snomed_meaning)) if organ.modifier else "^^"
     return "~".join([TERMINOLOGY_CONTEXT, category, organ_type, code(organ.laterality_code),
-                     SLICER_ANATOMIC_CONTEXT, region, code(organ.modifier)])
+                     SLICER_ANATOMIC_CONTEXT, "^^", "^^"])
 
 
 def terminology_entry(organ: Organ) -> dict:

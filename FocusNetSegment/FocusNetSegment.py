@@ -1,15 +1,19 @@
 """FocusNet "Segment OARs": the 3D Slicer scripted module (Slicer 5.8 or later).
 
-Thin by design: the widget builds the panel, binds signals and shows
-messages. Everything else is ``FocusNetSegmentLib.logic.SegmentOARsLogic``
-(no Qt), which the test suite runs headless against slicer-core with the real
-segmentation subprocess; this file adds only what needs the running
-application: the Segment Editor, slice-view jumps, the DICOM plugins and
-database, PyTorch's installer and the dialogs. FocusNet never imports torch
-in the Slicer process (the PyTorch extension's installer does, once, right
-after installing it): inference runs as ``PythonSlicer -m FocusNetCore segment``,
-polled by a QTimer; Cancel ends its whole process tree. Click to find runs
-``PythonSlicer -m FocusNetCore worker`` the same way (one per reviewed CT).
+Bindings only (the humble-object pattern): every decision of the panel is
+``FocusNetSegmentLib.controller.PanelController`` (no Qt), which the test
+suite drives button by button against slicer-core with the real
+subprocesses. Each Qt signal here calls one controller method and renders the
+``PanelState`` it returns; :class:`SlicerView` gives the controller what only
+the running application has (dialogs, the Segment Editor, slice views,
+PyTorch's installer, the DICOM plugins). A check in the test suite keeps
+every method of this file to a few statements.
+
+Slicer imports this file at start-up: it imports nothing of FocusNet's work
+(numpy, SimpleITK, scipy, FocusNetCore) until the panel is first opened.
+FocusNet never imports torch in the Slicer process: inference runs as
+``PythonSlicer -m FocusNetCore segment``, click to find as ``PythonSlicer -m
+FocusNetCore worker``.
 """
 import logging
 import os
@@ -17,25 +21,19 @@ import os
 import qt
 import slicer
 import vtk
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-from slicer.parameterNodeWrapper import parameterNodeWrapper  # Slicer 5.4+; 5.8+ is checked at setup
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 
-# The module's folder is on sys.path; importing the Lib also makes FocusNetCore
-# importable from the source tree. Neither imports torch or scipy here.
-from FocusNetSegmentLib.logic import SegmentOARsLogic, check_slicer_version
-from FocusNetSegmentLib.scene import segment_editor_node
+from FocusNetSegmentLib.startup import check_slicer_version, load_terminology
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 TERMINOLOGY_FILE = os.path.join(MODULE_DIR, "Resources", "FocusNet.term.json")
 EDITOR_TAG = "FocusNetSegmentEditor"
+EXPORT_BUTTONS = {"exportSegButton": "seg.nrrd", "exportNiftiButton": "nifti",
+                  "exportDicomSegButton": "dicomseg", "exportRtstructButton": "rtstruct"}
 
 
 def loadTerminology():
     """Make Slicer's terminology selector know our organs' codes."""
-    from FocusNetSegmentLib.scene import load_terminology
-
     try:
         load_terminology(slicer.modules.terminologies.logic(), TERMINOLOGY_FILE)
     except Exception as error:  # a missing context only degrades the selector
@@ -57,416 +55,207 @@ class FocusNetSegment(ScriptedLoadableModule):
         slicer.app.connect("startupCompleted()", loadTerminology)
 
 
-@parameterNodeWrapper
-class FocusNetSegmentParameterNode:
-    inputVolume: slicer.vtkMRMLScalarVolumeNode
-    outputDirectory: str = ""
-    reviewer: str = ""
+class SlicerView:
+    """The controller's PanelView in the running application."""
+
+    def __init__(self, widget):
+        self.widget = widget
+        self.clickObservers = []  # (interactor, tag) while "Click to place" is on
+
+    def ask(self, question):
+        return slicer.util.confirmYesNoDisplay(question)
+
+    def error(self, text, detail=""):
+        slicer.util.errorDisplay(text, detailedText=detail or None)
+
+    def jump_to(self, ras):
+        slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
+
+    def edit(self, segmentationNode, volumeNode):
+        self.widget.editor.setSegmentationNode(segmentationNode)
+        self.widget.editor.setSourceVolumeNode(volumeNode)
+
+    def select_segment(self, segmentId):
+        self.widget.editor.setCurrentSegmentID(segmentId)
+
+    def stop_editing(self):
+        self.widget.editor.setActiveEffect(None)
+
+    def watch_slice_clicks(self, onClick):
+        layoutManager = slicer.app.layoutManager()
+        for name in layoutManager.sliceViewNames():
+            sliceWidget = layoutManager.sliceWidget(name)
+            interactor = sliceWidget.sliceView().interactor()
+            callback = lambda caller, event, w=sliceWidget: self.widget.onSliceClick(w, caller.GetEventPosition())
+            self.clickObservers.append((interactor, interactor.AddObserver(vtk.vtkCommand.LeftButtonPressEvent,
+                                                                           callback, 1.0)))
+
+    def unwatch_slice_clicks(self):
+        for interactor, tag in self.clickObservers:
+            interactor.RemoveObserver(tag)
+        self.clickObservers = []
+
+    def install_torch(self, requirement):
+        import PyTorchUtils  # the PyTorch extension (the controller reports it missing)
+
+        PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement)
+
+    def remember_reviewer(self, reviewer):
+        qt.QSettings().setValue("FocusNet/reviewer", reviewer)
+
+    def show_3d(self, segmentationNode):
+        segmentationNode.CreateClosedSurfaceRepresentation()
+        slicer.app.layoutManager().threeDWidget(0).threeDView().resetFocalPoint()
+
+    def dicom_exporter(self):
+        from FocusNetSegmentLib.dicomexport import DicomExporter
+
+        return DicomExporter.from_application(slicer)
 
 
-class FocusNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class FocusNetSegmentWidget(ScriptedLoadableModuleWidget):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self.ui = None
-        self._parameterNode = None
-        self._afterInstall = None
-        self.editor = None
+        self.controller, self.ui, self.editor = None, None, None
+        self.sceneObservers, self.rows = [], None
         self.timer = qt.QTimer()
-        self.timer.setInterval(200)
-        self.timer.connect("timeout()", self.onPoll)
-        self.clock = qt.QTimer()
-        self.clock.setInterval(1000)
-        self.clock.connect("timeout()", self.onClock)
-        self.clickTimer = qt.QTimer()
-        self.clickTimer.setInterval(50)
-        self.clickTimer.connect("timeout()", self.onClickPoll)
-        self._clickObservers = []  # (interactor, tag) of the slice views while "Click to place" is on
+        self.timer.setInterval(100)
+        self.timer.connect("timeout()", lambda: self.render(self.controller.tick()))
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         tooOld = check_slicer_version(slicer.app.majorVersion, slicer.app.minorVersion)
         if tooOld:
-            self.layout.addWidget(qt.QLabel(tooOld))
-            return
+            return self.layout.addWidget(qt.QLabel(tooOld))
+        from FocusNetSegmentLib.controller import PanelController  # FocusNet's work, imported on first use
+
+        self.ui = self.loadPanel()
+        self.controller = PanelController(FocusNetSegmentLogic(), SlicerView(self))
+        self.setupSegmentEditor()
+        self.connectSignals()
+        self.render(self.controller.offer_pending_sessions())
+
+    def loadPanel(self):
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/FocusNetSegment.ui"))
         self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = FocusNetSegmentLogic()
-        loadTerminology()
-        self.setupSegmentEditor()
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputVolumeChanged)
-        self.ui.reviewerLineEdit.connect("textChanged(QString)", self.onReviewerChanged)
-        self.ui.outputDirectoryButton.connect("directoryChanged(QString)", self.onOutputDirectoryChanged)
-        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelInfo)
-        self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
-        self.ui.acceptAllButton.connect("clicked(bool)", self.onAcceptAll)
-        self.ui.finishButton.connect("clicked(bool)", self.onFinish)
-        self.ui.clickToPlaceButton.connect("toggled(bool)", self.onClickToPlace)
-        self.ui.undoPlaceButton.connect("clicked(bool)", self.onUndoPlace)
-        self.ui.manualBaselineCheckBox.connect("toggled(bool)", self.updateButtons)
-        self.ui.startManualButton.connect("clicked(bool)", self.onStartManual)
-        self.ui.reviewTable.connect("itemSelectionChanged()", self.onRowSelected)
-        self.ui.exportSegButton.connect("clicked(bool)", lambda: self.onExport("seg.nrrd"))
-        self.ui.exportNiftiButton.connect("clicked(bool)", lambda: self.onExport("nifti"))
-        self.ui.exportDicomSegButton.connect("clicked(bool)", lambda: self.onExport("dicomseg"))
-        self.ui.exportRtstructButton.connect("clicked(bool)", lambda: self.onExport("rtstruct"))
-        self.ui.reviewerLineEdit.text = qt.QSettings().value("FocusNet/reviewer", "")
-        self.initializeParameterNode()
-        self.updateModelInfo()
-        self.updateButtons()
-        self.offerPendingSessions()
+        return slicer.util.childWidgetVariables(uiWidget)
+
+    def connectSignals(self):
+        c, ui = self.controller, self.ui
+        for signal, widget, handler in (
+                ("currentNodeChanged(vtkMRMLNode*)", ui.inputVolumeSelector, c.on_input_changed),
+                ("textChanged(QString)", ui.reviewerLineEdit, c.on_reviewer_changed),
+                ("directoryChanged(QString)", ui.outputDirectoryButton, c.on_output_folder_changed),
+                ("currentPathChanged(QString)", ui.modelPathLineEdit, c.on_model_changed),
+                ("currentIndexChanged(int)", ui.deviceComboBox, c.on_device_changed),
+                ("toggled(bool)", ui.manualBaselineCheckBox, c.on_manual_toggled),
+                ("toggled(bool)", ui.clickToPlaceButton, c.on_click_to_place),
+                ("itemSelectionChanged()", ui.reviewTable, lambda: c.on_row_selected(self.selectedOrgan()))):
+            widget.connect(signal, lambda *args, h=handler: self.render(h(*args)))
+        for name, handler in (("segmentButton", c.on_segment), ("acceptButton", c.on_accept),
+                              ("acceptAllButton", c.on_accept_all), ("finishButton", c.on_finish),
+                              ("undoPlaceButton", c.on_undo_place), ("startManualButton", c.on_start_manual),
+                              ("show3DButton", c.on_show_3d),
+                              *((n, lambda kind=k: c.on_export(kind)) for n, k in EXPORT_BUTTONS.items())):
+            getattr(ui, name).connect("clicked(bool)", lambda checked=False, h=handler: self.render(h()))
+        for event, handler in ((slicer.mrmlScene.StartCloseEvent, c.on_scene_start_close),
+                               (slicer.mrmlScene.EndCloseEvent, c.on_scene_end_close)):
+            self.sceneObservers.append(slicer.mrmlScene.AddObserver(event, lambda *a, h=handler: self.render(h())))
 
     def setupSegmentEditor(self):
-        """The Segment Editor inside the review panel, so the review table stays
-        in view while editing; its own segment list is hidden (one organ list)."""
+        """The Segment Editor inside the review panel, its own segment list
+        hidden (one organ list: the review table)."""
+        from FocusNetSegmentLib.scene import segment_editor_node
+
         self.editor = slicer.qMRMLSegmentEditorWidget()
         self.editor.setMaximumNumberOfUndoStates(10)
         self.editor.setMRMLSegmentEditorNode(segment_editor_node(slicer.mrmlScene, EDITOR_TAG))
         self.editor.setMRMLScene(slicer.mrmlScene)
+        self.hideEditorSelectors()
+        self.ui.reviewCollapsibleButton.layout().addWidget(self.editor)
+        self.ui.reviewerLineEdit.text = qt.QSettings().value("FocusNet/reviewer", "")  # (connected next)
+        # Effects that extensions register after this panel was built (as Slicer's Segment Editor does).
+        slicer.qSlicerSegmentEditorEffectFactory.instance().connect("effectRegistered(QString)",
+                                                                    self.editor.updateEffectList)
+
+    def hideEditorSelectors(self):
         self.editor.setSegmentationNodeSelectorVisible(False)
         self.editor.setSourceVolumeNodeSelectorVisible(False)
         for table in slicer.util.findChildren(self.editor, name="SegmentsTableResizableFrame"):
             table.hide()  # (findChild would raise if a Slicer version named it otherwise)
-        self.ui.reviewCollapsibleButton.layout().addWidget(self.editor)
-        # Effects that extensions register after this panel was built (as Slicer's Segment Editor does).
-        self.effectFactory = slicer.qSlicerSegmentEditorEffectFactory.instance()
-        self.effectFactory.connect("effectRegistered(QString)", self.onEffectRegistered)
 
-    def onEffectRegistered(self, *args):
-        self.editor.updateEffectList()
+    def render(self, state):
+        """Show a PanelState: enabled buttons, texts, table, log; the timer runs while it must."""
+        ui = self.ui
+        for name, enabled in (("segmentButton", state.segment_enabled), ("startManualButton", state.manual_enabled),
+                              ("acceptButton", state.accept_enabled), ("acceptAllButton", state.accept_enabled),
+                              ("finishButton", state.finish_enabled), ("clickToPlaceButton", state.click_enabled),
+                              ("undoPlaceButton", state.undo_enabled), ("show3DButton", state.show3d_enabled),
+                              *((n, state.export_enabled) for n in EXPORT_BUTTONS)):
+            getattr(ui, name).enabled = enabled
+        self.renderTexts(state)
+        if state.rows != self.rows:
+            self.fillReviewTable(state.rows)
+        self.timer.start() if state.ticking else self.timer.stop()
 
-    def enter(self):
-        if self.logic is not None:
-            self.initializeParameterNode()  # the scene may have been closed while the module was hidden
-        if self.editor:
-            self.editor.installKeyboardShortcuts()
+    def renderTexts(self, state):
+        ui = self.ui
+        ui.segmentButton.text, ui.statusLabel.text, ui.progressBar.value = (state.segment_text, state.status,
+                                                                              state.progress)
+        ui.clockLabel.text, ui.modelInfoLabel.text = state.clock, state.model_info
+        self.editor.enabled = state.editor_enabled
+        if ui.clickToPlaceButton.checked != state.click_checked:
+            ui.clickToPlaceButton.blockSignals(True)
+            ui.clickToPlaceButton.checked = state.click_checked
+            ui.clickToPlaceButton.blockSignals(False)
+        if ui.logTextEdit.toPlainText() != "\n".join(state.log):
+            ui.logTextEdit.setPlainText("\n".join(state.log))
 
-    def exit(self):
-        if self.editor:
-            self.editor.setActiveEffect(None)
-            self.editor.uninstallKeyboardShortcuts()
-
-    def cleanup(self):
-        self.timer.stop()
-        self.clock.stop()
-        self.stopClickToPlace()
-        if self.editor:
-            self.effectFactory.disconnect("effectRegistered(QString)", self.onEffectRegistered)
-        if self.logic:
-            self.logic.close()
-        self.removeObservers()
-
-    def onSceneStartClose(self, caller, event):
-        self.stopClickToPlace()
-        self.logic.close()
-        self.timer.stop()
-        self.clock.stop()
-        self.editor.setSegmentationNode(None)
-        self.editor.removeViewObservations()
-        self._parameterNode = None
-        self.fillReviewTable()
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-        self.updateButtons()
-
-    def initializeParameterNode(self):
-        self._parameterNode = FocusNetSegmentParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        self.ui.inputVolumeSelector.setCurrentNode(self._parameterNode.inputVolume)
-        self.ui.outputDirectoryButton.directory = str(self.logic.export_folder(self._parameterNode.outputDirectory))
-
-    def onInputVolumeChanged(self, node):
-        if self._parameterNode is not None:
-            self._parameterNode.inputVolume = node
-        self.updateButtons()
-
-    def onReviewerChanged(self, text):
-        qt.QSettings().setValue("FocusNet/reviewer", text)
-        if self._parameterNode is not None:
-            self._parameterNode.reviewer = text
-
-    def onOutputDirectoryChanged(self, folder):
-        if self._parameterNode is not None:
-            self._parameterNode.outputDirectory = folder
-
-    def updateButtons(self, *args):
-        busy = self.logic.running or self.logic.busy_finishing
-        hasVolume = self.ui.inputVolumeSelector.currentNode() is not None
-        self.ui.segmentButton.enabled = hasVolume and not self.logic.busy_finishing
-        self.ui.startManualButton.enabled = hasVolume and self.ui.manualBaselineCheckBox.checked and not busy
-        for button in (self.ui.acceptButton, self.ui.acceptAllButton, self.ui.finishButton):
-            button.enabled = self.logic.can_finish and not busy
-        self.ui.clickToPlaceButton.enabled = self.logic.can_finish and not busy
-        self.ui.undoPlaceButton.enabled = (self.logic.case is not None and self.logic.case.can_undo_place
-                                           and not busy)
-        for button in (self.ui.exportSegButton, self.ui.exportNiftiButton, self.ui.exportDicomSegButton,
-                       self.ui.exportRtstructButton):
-            button.enabled = self.logic.can_export and not busy
-
-    def updateModelInfo(self, *args):
-        self.ui.modelInfoLabel.text = self.logic.describe_model(self.ui.modelPathLineEdit.currentPath or None)[0]
-
-    def status(self, text):
-        self.ui.statusLabel.text = text
-
-    def onSegmentButton(self):
-        if self.logic.running:
-            self.logic.cancel()
-            self._afterInstall = None
-            self.status("Cancelled.")
-            self.setPolling(False)
-            return
-        volume = self.ui.inputVolumeSelector.currentNode()
-        with slicer.util.tryWithErrorDisplay("Could not start the segmentation."):  # no wait cursor over questions
-            if self.ensureDependencies(lambda: self.startSegmentation(volume)):
-                self.startSegmentation(volume)
-
-    def startSegmentation(self, volume):
-        device = ["auto", "cuda", "cpu"][self.ui.deviceComboBox.currentIndex]
-        self.logic.start(volume, self.ui.modelPathLineEdit.currentPath or None, device)
-        self.ui.progressBar.value = 0
-        self.setPolling(True)
-
-    def ensureDependencies(self, then):
-        """True when everything is there; else installs (after asking) and
-        calls ``then`` once the background pip install has succeeded."""
-        state = self.logic.prepare_requirements(slicer.util.confirmOkCancelDisplay, self.installTorch)
-        if state == "installing":
-            self._afterInstall = then
-            self.setPolling(True)
-        return state == "ready"
-
-    def installTorch(self, requirement):
-        import PyTorchUtils  # the PyTorch extension (the logic reports it missing)
-
-        self.ui.segmentButton.enabled = False  # the installer runs Slicer's event loop while it blocks
-        self.status("Installing PyTorch (this can take minutes)...")
-        try:
-            PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement)
-        finally:
-            self.updateButtons()
-
-    def setPolling(self, on):
-        self.timer.start() if on else self.timer.stop()
-        self.ui.segmentButton.text = "Cancel" if on else "Segment OARs"
-        self.updateButtons()
-
-    def onPoll(self):
-        if self.logic.finishing is not None:
-            if not self.logic.busy_finishing:
-                self.onFinished()
-            return
-        job = self.logic.job
-        text = self.logic.status_text(self.logic.poll())
-        self.ui.progressBar.value = self.logic.progress
-        if text:
-            self.status(text)
-        if self.logic.running:
-            return
-        self.setPolling(False)
-        if job.kind == "install":
-            then, self._afterInstall = self._afterInstall, None
-            if job.returncode != 0:
-                slicer.util.errorDisplay("Installing the requirements failed (offline?).",
-                                         detailedText=job.error_text()[-3000:])
-            elif then is not None:
-                with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
-                    then()
-        elif not job.cancelled:
-            self.loadResult()
-
-    def loadResult(self):
-        resume = False
-        checkpoint = self.logic.pending_checkpoint(self.logic.volume_node)
-        if checkpoint is not None:
-            resume = slicer.util.confirmYesNoDisplay(
-                "This CT has an unfinished review. Resume it (its times and statuses; the contours are the new "
-                "result)? No starts a new review and records the old one as incomplete.")
-        with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
-            self.logic.load_result(reviewer=self.ui.reviewerLineEdit.text, resume=resume)
-            self.openReview()
-            self.status("Review the contours: select an organ to edit it; Finish when done.")
-
-    def onStartManual(self):
-        volume = self.ui.inputVolumeSelector.currentNode()
-        with slicer.util.tryWithErrorDisplay("Could not start the manual session."):
-            self.logic.start_manual(volume, reviewer=self.ui.reviewerLineEdit.text)
-            self.openReview()
-            self.status("Contour the organs from scratch; Finish when done.")
-
-    def openReview(self):
-        self.logic.session.listeners.append(self.fillReviewTable)
-        self.logic.session.on_change_after_finish = self.onChangedAfterFinish
-        self.editor.enabled = True
-        self.editor.setSegmentationNode(self.logic.segmentation_node)
-        self.editor.setSourceVolumeNode(self.logic.volume_node)
-        self.fillReviewTable()
-        self.clock.start()
-        self.updateButtons()
-
-    def fillReviewTable(self):
-        rows = self.logic.review_rows()
-        self.ui.reviewTable.setRowCount(len(rows))
+    def fillReviewTable(self, rows):
+        table, self.rows = self.ui.reviewTable, rows
+        table.setRowCount(len(rows))
         for row, values in enumerate(rows):
             for column, value in enumerate(values):  # setText keeps the selection, setItem would not
-                item = self.ui.reviewTable.item(row, column)
-                item.setText(value) if item else self.ui.reviewTable.setItem(row, column, qt.QTableWidgetItem(value))
-        self.updateButtons()
+                item = table.item(row, column)
+                item.setText(value) if item else table.setItem(row, column, qt.QTableWidgetItem(value))
 
     def selectedOrgan(self):
         rows = self.ui.reviewTable.selectionModel().selectedRows()
-        if not rows:
-            return None
-        return self.ui.reviewTable.item(rows[0].row(), 0).text()
+        return self.ui.reviewTable.item(rows[0].row(), 0).text() if rows else None
 
-    def onRowSelected(self):
-        name = self.selectedOrgan()
-        if name is None or self.logic.segmentation_node is None:
+    def onSliceClick(self, sliceWidget, position):
+        self.render(self.controller.on_slice_click(sliceWidget.mrmlSliceNode(), position[0], position[1]))
+
+    def enter(self):
+        if self.controller is None:
             return
-        center = self.logic.organ_center_ras(name)
-        if center is not None:
-            slicer.modules.markups.logic().JumpSlicesToLocation(center[0], center[1], center[2], True)
-        self.editor.setCurrentSegmentID(name)
+        self.editor.installKeyboardShortcuts()
+        self.render(self.controller.on_enter())
+        self.ui.inputVolumeSelector.setCurrentNode(self.controller.default_volume())
+        self.ui.outputDirectoryButton.directory = self.controller.output_folder_shown()
 
-    def onAccept(self):
-        with slicer.util.tryWithErrorDisplay("Could not accept the organ."):
-            self.logic.accept(self.selectedOrgan())
+    def exit(self):
+        if self.controller is not None:
+            self.editor.uninstallKeyboardShortcuts()
+            self.render(self.controller.on_exit())
 
-    def onAcceptAll(self):
-        with slicer.util.tryWithErrorDisplay("Could not accept the organs."):
-            self.logic.accept_all_unflagged()
-
-    # -- click to find -----------------------------------------------------------------
-    def onClickToPlace(self, checked):
-        if not checked:
-            self.stopClickToPlace()
-            return
-        organ = self.selectedOrgan()
-        try:
-            if self.logic.case is None:
-                raise ValueError("Segment the CT first: click-to-find works on a review.")
-            if organ not in self.logic.case.organs.small_names:
-                raise ValueError("Select a small organ in the table first (" +
-                                 ", ".join(self.logic.case.organs.small_names) + "); the others are edited "
-                                 "with the Segment Editor's tools.")
-            self.editor.setActiveEffect(None)  # a click places the organ; it must not paint too
-            device = ["auto", "cuda", "cpu"][self.ui.deviceComboBox.currentIndex]
-            click = self.logic.start_click_to_find(self.ui.modelPathLineEdit.currentPath or None, device)
-        except Exception as error:
-            self.ui.clickToPlaceButton.checked = False
-            slicer.util.errorDisplay(f"Could not start click-to-find: {error}")
-            return
-        layoutManager = slicer.app.layoutManager()
-        for name in layoutManager.sliceViewNames():
-            sliceWidget = layoutManager.sliceWidget(name)
-            interactor = sliceWidget.sliceView().interactor()
-            tag = interactor.AddObserver(vtk.vtkCommand.LeftButtonPressEvent,
-                                         lambda caller, event, w=sliceWidget: self.onSliceClick(w), 1.0)
-            self._clickObservers.append((interactor, tag))
-        self.clickTimer.start()
-        self.status(f"Click on {organ} in a slice view." if click.state == "ready" else
-                    "Click-to-find is getting ready (the CT is segmented once more, in the background)...")
-
-    def stopClickToPlace(self):
-        for interactor, tag in self._clickObservers:
-            interactor.RemoveObserver(tag)
-        self._clickObservers = []
-        if self.ui is not None and self.ui.clickToPlaceButton.checked:
-            self.ui.clickToPlaceButton.checked = False
-
-    def onSliceClick(self, sliceWidget):
-        organ = self.selectedOrgan()
-        x, y = sliceWidget.sliceView().interactor().GetEventPosition()
-        ras = sliceWidget.mrmlSliceNode().GetXYToRAS().MultiplyPoint((x, y, 0, 1))[:3]
-        try:
-            self.logic.click_to_find(organ, ras)
-            self.status(f"Placing {organ}...")
-        except Exception as error:
-            self.status(f"Click-to-find: {error}")
-
-    def onClickPoll(self):
-        for message in self.logic.poll_click_to_find():
-            self.status(message)
-        self.updateButtons()
-        if self.logic.click is None or self.logic.click.state in ("idle", "failed"):
-            self.clickTimer.stop()
-            self.stopClickToPlace()
-
-    def onUndoPlace(self):
-        with slicer.util.tryWithErrorDisplay("Could not undo the placement."):
-            organ = self.logic.undo_click_to_find()
-            self.status(f"{organ}: placement undone." if organ else "Nothing to undo.")
-            self.updateButtons()
-
-    def onClock(self):
-        session = self.logic.session
-        if session is None or session.finished:
-            return
-        self.ui.clockLabel.text = (f"Review time: {session.now_s() / 60:.1f} min "
-                                   f"(active {session.active_s / 60:.1f} min)")
-
-    def onChangedAfterFinish(self, name):
-        self.status(f"{name} was changed after Finish: the change is not in the review's timing record "
-                    "(exports take the contours as they are now). Segment again for a new timed review.")
-
-    def onFinish(self):
-        self.stopClickToPlace()
-        with slicer.util.tryWithErrorDisplay("Could not finish the review.", waitCursor=True):
-            self.editor.setActiveEffect(None)
-            self.editor.enabled = False  # the finished review is read-only here; changes elsewhere are reported
-            self.logic.start_finish()
-            self.clock.stop()
-            self.status("Finishing: comparing the contours with the AI's...")
-            self.timer.start()
-            self.updateButtons()
-
-    def onFinished(self):
-        call, self.logic.finishing = self.logic.finishing, None
+    def cleanup(self):
         self.timer.stop()
-        self.updateButtons()
-        if call.error is not None:
-            slicer.util.errorDisplay(f"Could not finish the review: {call.error}")
-            return
-        self.status(f"Finished: {call.result['wall_s'] / 60:.1f} min recorded in {self.logic.log_path()}")
-
-    def onExport(self, kind):
-        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
-            path = self.logic.export(kind, self.ui.outputDirectoryButton.directory, dicom=self.logic.dicomExporter())
-            self.status(f"Exported {path}")
-
-    def offerPendingSessions(self):
-        from FocusNetSegmentLib.review import ReviewSession, pending_sessions
-
-        for checkpoint in pending_sessions(self.logic.session_folder):
-            if slicer.util.confirmYesNoDisplay(f"A review session was interrupted ({checkpoint.name}). Record it as "
-                                               "incomplete? (No keeps it: segmenting that CT again offers to "
-                                               "resume it.)"):
-                ReviewSession.mark_incomplete(checkpoint, self.logic.log_path())
+        if self.controller is not None:
+            self.controller.on_cleanup()
+            for tag in self.sceneObservers:
+                slicer.mrmlScene.RemoveObserver(tag)
 
 
-class FocusNetSegmentLogic(SegmentOARsLogic, ScriptedLoadableModuleLogic):
-    # SegmentOARsLogic first: ScriptedLoadableModuleLogic.__init__ calls
-    # super().__init__() with no argument, which must reach object, not the Lib.
-    """FocusNetSegmentLib's logic (tested headless) in Slicer's scene."""
+def FocusNetSegmentLogic():
+    """The module's logic: FocusNetSegmentLib's (tested headless) on Slicer's
+    scene, its reviews and study log in Slicer's settings folder. A function,
+    not a class, so the logic's imports wait for the first use."""
+    from FocusNetSegmentLib.logic import SegmentOARsLogic
 
-    def __init__(self):
-        ScriptedLoadableModuleLogic.__init__(self)
-        folder = os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "FocusNet")
-        SegmentOARsLogic.__init__(self, slicer.mrmlScene, folder, default_export_folder=slicer.app.defaultScenePath)
-
-    def dicomExporter(self):
-        from FocusNetSegmentLib.dicomexport import DicomExporter
-
-        return DicomExporter.from_application(slicer)
+    folder = os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "FocusNet")
+    return SegmentOARsLogic(slicer.mrmlScene, folder, default_export_folder=slicer.app.defaultScenePath)
 
 
 class FocusNetSegmentTest(ScriptedLoadableModuleTest):
@@ -485,5 +274,5 @@ class FocusNetSegmentTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Segmenting a synthetic phantom with the embedded model")
         logic = FocusNetSegmentLogic()
         logic.default_export_folder = slicer.app.temporaryPath
-        phantom_check(logic)
+        phantom_check(logic, idle=slicer.app.processEvents)  # its own session folder; the GUI stays live
         self.delayDisplay("FocusNetSegment self-test passed")

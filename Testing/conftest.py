@@ -115,7 +115,7 @@ def tiny_bundle(tmp_path_factory):
 # (-n 2 --dist loadfile --no-loadscope-reorder) in this order, so the
 # longest start first and the run does not end with one worker on a long
 # file while the other waits; a file not listed runs after these.
-LONGEST_FIRST = ("test_train.py", "test_review_browser.py", "test_review_identity.py", "test_finesos.py", "test_node.py", "test_slicer_logic.py",
+LONGEST_FIRST = ("test_train.py", "test_review_browser.py", "test_review_identity.py", "test_finesos.py", "test_node.py", "test_slicer_logic.py", "test_slicer_controller.py",
                  "test_segment.py", "test_openvino_backend.py", "test_phantom.py", "test_postprocess.py",
                  "test_preprocess.py", "test_dicom_conformance.py", "test_click_heads.py", "test_rtstruct.py",
                  "test_worker.py", "test_slicer_lib.py", "test_study.py", "test_imageio.py", "test_networks.py",

@@ -37,11 +37,13 @@ def test_laterality_is_coded_left_and_right():
             assert organ.laterality is None
 
 
-def test_terminology_entry_carries_code_laterality_and_region():
+def test_terminology_entry_carries_code_and_laterality():
+    # The inner ear's own code (Slicer's "Inner ear"), not "Ear" 117590005 + a qualifier.
     entry = terminology_entry(CATALOGUE["Ear_Internal_R"])
-    assert entry["CodeValue"] == "117590005"
-    assert {m["CodeValue"] for m in entry["Modifier"]} == {"260521003", "24028007"}
+    assert (entry["CodeValue"], entry["CodeMeaning"]) == ("22945000", "Inner ear")
+    assert [m["CodeValue"] for m in entry["Modifier"]] == ["24028007"]
     assert entry["recommendedDisplayRGBValue"] == list(CATALOGUE["Ear_Internal_R"].color)
+    assert terminology_entry(CATALOGUE["Ear_Middle_L"])["CodeValue"] == "25342003"
 
 
 def test_unknown_lookups_name_the_problem():

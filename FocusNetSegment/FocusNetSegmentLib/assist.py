@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import SimpleITK as sitk
 
+from .process import end_process_tree
+
 
 def ras_to_lps(point: Sequence[float]) -> List[float]:
     """Slicer's RAS world point -> LPS (DICOM's patient coordinates, what the worker takes)."""
@@ -110,16 +112,24 @@ class WorkerProcess:
                 return answer
         raise TimeoutError(f"the FocusNet worker did not answer within {timeout:.0f} s")
 
-    def stop(self, timeout: float = 5.0) -> None:
-        if not self.running:
+    def stop(self, timeout: float = 3.0) -> None:
+        """End the worker and everything it started. Inside Slicer the command
+        is PythonSlicer, a launcher whose child is the real Python: killing
+        the launcher's PID alone would leave that child computing, so the
+        whole process group (its own session) is ended. An idle worker quits
+        when asked (``timeout`` seconds); the caller passes 0 for a busy one,
+        which reads no request before its work is done (the GUI must not
+        freeze waiting)."""
+        if self.process is None:
             return
-        try:
-            self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
-            self.process.stdin.flush()
-            self.process.wait(timeout)
-        except (OSError, subprocess.TimeoutExpired):
-            self.process.kill()
-            self.process.wait()
+        if self.running:
+            try:
+                self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+        end_process_tree(self.process, grace=2.0)
 
 
 class ClickToFind:
@@ -195,7 +205,7 @@ class ClickToFind:
         raise TimeoutError(f"click-to-find did not answer within {timeout:.0f} s (state {self.state})")
 
     def close(self) -> None:
-        self.worker.stop()
+        self.worker.stop(timeout=0.0 if self.state in ("opening", "busy") else 3.0)
         self.state = "idle"
         import shutil
 

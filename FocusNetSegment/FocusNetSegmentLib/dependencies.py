@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 # import name -> pip requirement: what inference and the review need besides
 # torch (training's pyyaml, matplotlib and tqdm are not installed into Slicer).
@@ -56,8 +58,77 @@ def missing_requirements() -> List[str]:
     return [req for module, req in REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
 
 
+def missing_modules() -> List[str]:
+    return [module for module in REQUIREMENTS if importlib.util.find_spec(module) is None]
+
+
 def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
+
+
+def torch_version() -> Optional[str]:
+    """The installed torch's version, read from its metadata (torch is never
+    imported into Slicer's process); None when it is not installed."""
+    if not torch_available():
+        return None
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_tuple(version: str) -> Tuple[int, ...]:
+    """"2.1.0+cu121" -> (2, 1, 0); "2.0.0a0" -> (2, 0, 0)."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = re.match(r"\d+", piece)
+        parts.append(int(digits.group()) if digits else 0)
+    return tuple(parts)
+
+
+def torch_too_old(version: Optional[str]) -> bool:
+    return version is not None and version_tuple(version) < version_tuple(TORCH_REQUIREMENT.lstrip(">="))
+
+
+def pytorch_extension_available() -> bool:
+    return importlib.util.find_spec("PyTorchUtils") is not None
+
+
+@dataclass
+class InstallPlan:
+    """What the first click must install: PyTorch ("install", "upgrade" of a
+    too-old one, or None) through the PyTorch extension, and the missing
+    packages through pip; one question lists it all."""
+    torch_action: Optional[str]
+    torch_installed: Optional[str]
+    packages: List[str]
+    modules: List[str]
+
+    @property
+    def ready(self) -> bool:
+        return self.torch_action is None and not self.packages
+
+    def names(self) -> List[str]:
+        torch = [f"PyTorch {TORCH_REQUIREMENT}"] if self.torch_action else []
+        return torch + list(self.packages)
+
+    def question(self) -> str:
+        lines = ["FocusNet needs to install:"]
+        if self.torch_action == "install":
+            lines.append(f"- PyTorch {TORCH_REQUIREMENT}, with the PyTorch extension (several GB for a GPU build)")
+        elif self.torch_action == "upgrade":
+            lines.append(f"- PyTorch {TORCH_REQUIREMENT} in place of the installed {self.torch_installed}, which "
+                         "is too old, with the PyTorch extension (other modules using PyTorch get it too)")
+        lines += [f"- {requirement}" for requirement in self.packages]
+        lines.append(f"Install now? Slicer's own {', '.join(PROTECTED)} are kept as they are.")
+        return "\n".join(lines)
+
+
+def install_plan() -> InstallPlan:
+    version = torch_version()
+    action = "install" if not torch_available() else "upgrade" if torch_too_old(version) else None
+    modules = missing_modules()
+    return InstallPlan(action, version, [REQUIREMENTS[m] for m in modules], modules)
 
 
 def protected_constraints() -> List[str]:

@@ -33,22 +33,12 @@ from .assist import ClickToFind, ras_to_lps, worker_command
 from .case import ReviewCase
 from .review import ReviewSession
 from .scene import image_from_volume_node
+from .startup import MINIMUM_SLICER, check_slicer_version  # noqa: F401  (part of the API)
 
-# slicer.parameterNodeWrapper needs 5.4; Python 3.9 and pydicom 2.4 (5.8) are
-# what the code is kept to and tested against (DESIGN "Supported Slicer").
-MINIMUM_SLICER = (5, 8)
 # Characters Windows (and so most file shares) refuse in a file name, plus '/'.
 _UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f]+')
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
                      *(f"LPT{i}" for i in range(1, 10))}
-
-
-def check_slicer_version(major: int, minor: int) -> Optional[str]:
-    """None when this Slicer is new enough, else the message to show."""
-    if (int(major), int(minor)) >= MINIMUM_SLICER:
-        return None
-    return (f"FocusNet needs 3D Slicer {MINIMUM_SLICER[0]}.{MINIMUM_SLICER[1]} or later; this is "
-            f"{major}.{minor}. Install a current Slicer release.")
 
 
 def safe_file_name(name: str, fallback: str = "segmentation") -> str:
@@ -155,40 +145,18 @@ class SegmentOARsLogic:
                 self._model_cache[key] = (f"Model unusable: {error}", False)
         return self._model_cache[key]
 
-    def prepare_requirements(self, confirm: Callable[[str], bool], install_torch: Callable[[str], None]) -> str:
-        """What the first click needs before segmenting, asked for with
-        ``confirm(question)``: "ready"; "declined"; or "installing" (a
-        background pip install started: poll it, then segment).
-        ``install_torch(requirement)`` is the PyTorch extension's installer."""
-        import importlib.util
-
-        from . import dependencies
-
-        if not dependencies.torch_available():
-            if importlib.util.find_spec("PyTorchUtils") is None:
-                raise RuntimeError(dependencies.NO_PYTORCH_EXTENSION)
-            if not confirm(dependencies.TORCH_QUESTION):
-                return "declined"
-            try:
-                install_torch(dependencies.TORCH_REQUIREMENT)
-            except Exception as error:
-                raise RuntimeError(f"{dependencies.TORCH_FAILED} ({error})") from None
-        missing = dependencies.missing_requirements()
-        if not missing:
-            return "ready"
-        if not confirm(dependencies.packages_question(missing)):
-            return "declined"
-        self.start_install(missing)
-        return "installing"
-
     def start_install(self, requirements: List[str]) -> process.SegmentationProcess:
         """The pip install in the background (constrained so Slicer's numpy,
-        SimpleITK, vtk and pydicom stay as they are), polled like a segmentation."""
+        SimpleITK, vtk and pydicom stay as they are), polled like a
+        segmentation. Its output goes to ``pip-install.log`` in the session
+        folder, not to a pipe: a pip still running when Slicer quits finishes
+        instead of dying half way on a closed pipe."""
         from .dependencies import pip_command
 
         self._ensure_idle()
-        self.job = process.SegmentationProcess(pip_command(requirements, self.session_folder, python=self.python),
-                                               env=dict(os.environ)).start()
+        command = pip_command(requirements, self.session_folder, python=self.python)
+        self.job = process.SegmentationProcess(command, env=dict(os.environ),
+                                               log_path=self.session_folder / "pip-install.log").start()
         self.job.kind = "install"
         self.progress = 0
         return self.job
@@ -251,14 +219,18 @@ class SegmentOARsLogic:
         if self.job is None or getattr(self.job, "kind", "") == "segment":
             self._remove_work_dir()
 
-    def wait(self, timeout: Optional[float] = None, interval: float = 0.2) -> None:
-        """Poll until the background job ends (scripts and tests; the widget
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.2,
+             idle: Optional[Callable[[], None]] = None) -> None:
+        """Poll until the background job ends (scripts, tests and the
+        self-test, which passes ``idle`` to keep Slicer's GUI live; the panel
         polls from its timer instead)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.running:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the background job did not finish within {timeout} s")
             self.poll()
+            if idle is not None:
+                idle()
             time.sleep(interval)
         self.poll()
 
@@ -276,11 +248,12 @@ class SegmentOARsLogic:
         checkpoint, _ = ReviewCase.paths(self.session_folder, case_id(volume_case_uid(volume_node)))
         return checkpoint if checkpoint.exists() else None
 
-    def load_result(self, reviewer: str = "", resume: bool = False):
+    def load_result(self, reviewer: str = "", resume: bool = False, replace=None):
         """The finished segmentation as a segmentation node under review.
         A new session starts unless ``resume``: an unfinished one of the same
         CT is then recorded in the log as incomplete (never silently resumed,
-        never lost)."""
+        never lost). ``replace``: the segmentation node of an earlier run on
+        this CT, which the new result takes the place (and name) of."""
         import json
 
         from FocusNetCore.caseid import check_same_case, check_same_grid, identity_in_header
@@ -305,16 +278,16 @@ class SegmentOARsLogic:
             check_same_grid(image_from_volume_node(self.volume_node), labels, output / "ct.nrrd")
         finally:
             self._remove_work_dir()
-        return self.open_review(self.volume_node, labels, report, reviewer, resume)
+        return self.open_review(self.volume_node, labels, report, reviewer, resume, replace=replace)
 
     def open_review(self, volume_node, labels: sitk.Image, report: Optional[dict] = None, reviewer: str = "",
-                    resume: bool = False):
+                    resume: bool = False, replace=None):
         """Review contours already on the CT's grid (the segmentation's
         result, or a label map from elsewhere) with ``report``'s flags."""
         self._ensure_idle()
         self.volume_node = volume_node
         self.organ_results = (report or {}).get("organs")
-        return self._open_case(volume_node, labels, report, reviewer, resume)
+        return self._open_case(volume_node, labels, report, reviewer, resume, replace)
 
     def start_manual(self, volume_node, reviewer: str = "", resume: bool = False):
         """The manual baseline: empty named segments, timed with mode "manual"."""
@@ -325,20 +298,26 @@ class SegmentOARsLogic:
         self.organ_results = None
         return self._open_case(volume_node, None, None, reviewer, resume)
 
-    def _open_case(self, volume_node, labels, report, reviewer, resume):
+    def _open_case(self, volume_node, labels, report, reviewer, resume, replace=None):
         self.close_session()
+        if replace is not None and self.scene.IsNodePresent(replace):
+            self.scene.RemoveNode(replace)  # a re-run updates the CT's result: no "OARs_1" beside it
         checkpoint = self.pending_checkpoint(volume_node)
         if checkpoint is not None and not resume:
             ReviewSession.mark_incomplete(checkpoint, self.log_path(), wall=self.wall)
         base = f"{volume_node.GetName()} OARs" + ("" if labels is not None else " (manual)")
         self.case = ReviewCase.open(self.scene, volume_node, labels, folder=self.session_folder,
                                     log_path=self.log_path(), case_uid=volume_case_uid(volume_node),
-                                    reviewer=reviewer, report=report, name=self.scene.GenerateUniqueName(base),
+                                    reviewer=reviewer, report=report, name=self._free_name(base),
                                     resume=resume, clock=self.clock, wall=self.wall)
         node = self.case.segmentation_node
         if volume_node.GetTransformNodeID():
             node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
         return node
+
+    def _free_name(self, base: str) -> str:
+        """``base`` while no node has it, else Slicer's next unique name."""
+        return base if self.scene.GetFirstNodeByName(base) is None else self.scene.GenerateUniqueName(base)
 
     def close_session(self) -> None:
         """Stop listening to the open review (its checkpoint stays, so it can
@@ -526,34 +505,37 @@ class SegmentOARsLogic:
         self.click, self._click_case = None, None
 
     def close(self) -> None:
-        """The module is closing or the scene is: stop the job and the session."""
-        if self.running:
+        """The module is closing or the scene is: stop the segmentation and the
+        session. A pip install is left to finish (see start_install)."""
+        if self.running and self.job.kind == "segment":
             self.cancel()
         self.stop_click_to_find()
         self.close_session()
         self._remove_work_dir()
 
 
-def phantom_check(logic: SegmentOARsLogic, name: str = "3: CT HEAD/NECK", timeout: float = 600) -> dict:
+def phantom_check(logic: SegmentOARsLogic, name: str = "3: CT HEAD/NECK", timeout: float = 600,
+                  idle: Optional[Callable[[], None]] = None) -> dict:
     """The module's self-test, runnable in Slicer (Developer Tools > Self
     Tests) and headless alike: a synthetic phantom through the whole button
     path (segment, load, finish, export). Raises AssertionError naming what
     went wrong; returns what it made. Its review runs in a temporary session
     folder: the user's study log and checkpoints are never touched (a
-    self-test is no reviewed case)."""
+    self-test is no reviewed case). ``idle`` is called while it waits (in
+    Slicer: process the GUI's events, so the application stays live)."""
     import tempfile
 
     real_folder = logic.session_folder
     with tempfile.TemporaryDirectory(prefix="FocusNet-selftest-") as folder:
         logic.session_folder = Path(folder)
         try:
-            return _phantom_check(logic, name, timeout)
+            return _phantom_check(logic, name, timeout, idle)
         finally:
             logic.close_session()
             logic.session_folder = real_folder
 
 
-def _phantom_check(logic: SegmentOARsLogic, name: str, timeout: float) -> dict:
+def _phantom_check(logic: SegmentOARsLogic, name: str, timeout: float, idle) -> dict:
     import numpy as np
 
     from FocusNetCore.phantom import generate_case
@@ -563,7 +545,7 @@ def _phantom_check(logic: SegmentOARsLogic, name: str, timeout: float) -> dict:
     case = generate_case(2026, "small")
     volume = volume_node_from_image(logic.scene, case.image, name)
     logic.start(volume, device="cpu")
-    logic.wait(timeout=timeout)
+    logic.wait(timeout=timeout, idle=idle)
     node = logic.load_result(reviewer="self-test")
     names = segment_names(node)
     assert names == list(logic.session.organs.names) and len(names) == 22, f"segments: {names}"

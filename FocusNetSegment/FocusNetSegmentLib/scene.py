@@ -18,6 +18,8 @@ import SimpleITK as sitk
 
 from FocusNetCore.organs import CATALOGUE, OrganSet, terminology_string
 
+from .startup import load_terminology  # noqa: F401  (part of the API: loaded at Slicer's start-up)
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -231,20 +233,12 @@ def load_segmentation(scene, path, name: Optional[str] = None):
     return node
 
 
-def load_terminology(terminologies_logic, path) -> str:
-    """Load a terminology context file (dcmqi segment-context JSON) into
-    Slicer's Terminologies logic; returns the context's name. The module
-    loads ``Resources/FocusNet.term.json`` at start, so Slicer's terminology
-    selector resolves the codes our segments carry."""
-    name = terminologies_logic.LoadTerminologyFromFile(str(path))
-    if not name:
-        raise RuntimeError(f"{path}: Slicer could not load this terminology context")
-    return name
-
-
 def terminology_resolves(terminologies_logic, entry: str) -> bool:
     """Whether a segment's ``TerminologyEntry`` tag names a loaded context in
-    which its category, type and type modifier (laterality) all exist."""
+    which its category, type and type modifier (laterality) all exist, and,
+    where it names an anatomic region, a loaded anatomic context in which
+    that region and its region modifier exist. Codes match as Slicer matches
+    them: by coding scheme and code value."""
     import slicer
 
     parsed = slicer.vtkSlicerTerminologyEntry()
@@ -257,25 +251,61 @@ def terminology_resolves(terminologies_logic, entry: str) -> bool:
     def same(a, b):
         return (a.GetCodingSchemeDesignator(), a.GetCodeValue()) == (b.GetCodingSchemeDesignator(), b.GetCodeValue())
 
-    for c in range(terminologies_logic.GetNumberOfCategoriesInTerminology(context)):
-        category = slicer.vtkSlicerTerminologyCategory()
-        terminologies_logic.GetNthCategoryInTerminology(context, c, category)
-        if not same(category, wanted_category):
-            continue
-        for t in range(terminologies_logic.GetNumberOfTypesInTerminologyCategory(context, category)):
-            organ_type = slicer.vtkSlicerTerminologyType()
-            terminologies_logic.GetNthTypeInTerminologyCategory(context, category, t, organ_type)
-            if not same(organ_type, wanted_type):
+    def type_resolves():
+        for c in range(terminologies_logic.GetNumberOfCategoriesInTerminology(context)):
+            category = slicer.vtkSlicerTerminologyCategory()
+            terminologies_logic.GetNthCategoryInTerminology(context, c, category)
+            if not same(category, wanted_category):
                 continue
-            if not wanted_modifier.GetCodeValue():
-                return True
-            for m in range(terminologies_logic.GetNumberOfTypeModifiersInTerminologyType(context, category,
-                                                                                         organ_type)):
-                modifier = slicer.vtkSlicerTerminologyType()
-                terminologies_logic.GetNthTypeModifierInTerminologyType(context, category, organ_type, m, modifier)
-                if same(modifier, wanted_modifier):
+            for t in range(terminologies_logic.GetNumberOfTypesInTerminologyCategory(context, category)):
+                organ_type = slicer.vtkSlicerTerminologyType()
+                terminologies_logic.GetNthTypeInTerminologyCategory(context, category, t, organ_type)
+                if not same(organ_type, wanted_type):
+                    continue
+                if not wanted_modifier.GetCodeValue():
                     return True
-    return False
+                for m in range(terminologies_logic.GetNumberOfTypeModifiersInTerminologyType(context, category,
+                                                                                             organ_type)):
+                    modifier = slicer.vtkSlicerTerminologyType()
+                    terminologies_logic.GetNthTypeModifierInTerminologyType(context, category, organ_type, m,
+                                                                            modifier)
+                    if same(modifier, wanted_modifier):
+                        return True
+        return False
+
+    def api(new, old):  # Slicer 5.10 renamed "anatomic context" to "region context"
+        return getattr(terminologies_logic, new, None) or getattr(terminologies_logic, old)
+
+    def region_resolves():
+        region_of_entry = getattr(parsed, "GetRegionObject", None) or parsed.GetAnatomicRegionObject
+        modifier_of_entry = getattr(parsed, "GetRegionModifierObject", None) or parsed.GetAnatomicRegionModifierObject
+        wanted_region, wanted_region_modifier = region_of_entry(), modifier_of_entry()
+        if not wanted_region.GetCodeValue():
+            return True  # no anatomic region
+        region_context = (getattr(parsed, "GetRegionContextName", None) or parsed.GetAnatomicContextName)()
+        if not region_context:
+            return False
+        count = api("GetNumberOfRegionsInRegionContext", "GetNumberOfRegionsInAnatomicContext")
+        nth = api("GetNthRegionInRegionContext", "GetNthRegionInAnatomicContext")
+        count_modifiers = api("GetNumberOfRegionModifierInRegion", "GetNumberOfRegionModifierInAnatomicRegion")
+        nth_modifier = api("GetNthRegionModifierInRegion", "GetNthRegionModifierInAnatomicRegion")
+        for r in range(count(region_context)):
+            region = slicer.vtkSlicerTerminologyType()
+            nth(region_context, r, region)
+            if not same(region, wanted_region):
+                continue
+            if not wanted_region_modifier.GetCodeValue():
+                return True
+            if not region.GetHasModifiers():  # Slicer logs an error when asked for modifiers of such a region
+                return False
+            for m in range(count_modifiers(region_context, region)):
+                modifier = slicer.vtkSlicerTerminologyType()
+                nth_modifier(region_context, region, m, modifier)
+                if same(modifier, wanted_region_modifier):
+                    return True
+        return False
+
+    return type_resolves() and region_resolves()
 
 
 def segment_editor_node(scene, tag: str):
