@@ -441,6 +441,7 @@ class Trainer:
         self.stage: Optional[str] = None
         self.lr_scale = 1.0  # the schedule's factor for the iteration being run
         self.postprocess_plan: Optional[dict] = None  # chosen at the end; the final validation applies it
+        self.report_errors: List[str] = []  # steps after training that failed (the model is written anyway)
 
     # -- data --------------------------------------------------------------
     def _class_weights(self) -> torch.Tensor:
@@ -687,13 +688,26 @@ class Trainer:
                 if stage == "solnet":  # where ablations branch off (Trainer.branch_from)
                     shutil.copyfile(self._checkpoint_path(), self.run_dir / "checkpoint-after-solnet.pt")
         bar.close()
-        self.calibrate_heatmap_threshold()
-        self.calibrate_sos_thresholds()
-        self.calibrate_snet_small()
-        self.postprocess_plan = self.plan_postprocessing()
-        final = self.validate(total, "final")
         self.training_seconds = time.perf_counter() - start_time
-        return final
+        # Trained: what follows tunes and reports. A failure in any of it is
+        # logged and recorded, and the model is written all the same with the
+        # configuration's values for what could not be tuned: a long run never
+        # loses its result to a reporting step.
+        for what, step in (("presence threshold", self.calibrate_heatmap_threshold),
+                           ("SOS-Net thresholds", self.calibrate_sos_thresholds),
+                           ("S-Net small organs", self.calibrate_snet_small),
+                           ("post-processing", lambda: setattr(self, "postprocess_plan", self.plan_postprocessing()))):
+            self._after_training(what, step)
+        return self._after_training("final validation", lambda: self.validate(total, "final"))
+
+    def _after_training(self, what: str, step):
+        try:
+            return step()
+        except Exception as error:  # noqa: BLE001  (any failure: the trained weights must be written)
+            self.report_errors.append(f"{what}: {type(error).__name__}: {error}")
+            self.log(f"{what} failed after training ({type(error).__name__}: {error}); the model is written "
+                     "without it")
+            return None
 
     def _step(self, stage: str, stage_index: int, step: int) -> float:
         rng = self._rng(stage_index, step)
@@ -776,7 +790,10 @@ class Trainer:
         self._write_metrics()
         mean_dice = np.mean([v["dice"] for v in summary.values()]) if summary else float("nan")
         small = [summary[n]["dice"] for n in self.organs.small_names if n in summary]
-        errors = [summary[n]["peak_error_mm"] for n in self.organs.small_names if n in summary]
+        # An organ the prediction drew but the truth lacks has a Dice and no
+        # localisation error (issue 47: a KeyError here lost a whole run).
+        errors = [summary[n]["peak_error_mm"] for n in self.organs.small_names
+                  if "peak_error_mm" in summary.get(n, {})]
         self.log(f"validation at step {global_step} ({stage}): mean Dice {mean_dice:.3f}, "
                  f"small organs {np.mean(small) if small else float('nan'):.3f}, SOL-Net peak error "
                  f"{np.median(errors) if errors else float('nan'):.1f} mm (median over small organs)")
@@ -1041,6 +1058,7 @@ class Trainer:
                 "training_seconds": round(getattr(self, "training_seconds", 0.0), 1),
                 "device": self.device, "precision": self.precision, "precision_probe": self.precision_probe,
                 "skipped_steps": self.bad_steps["total"], "world_size": self.world,
+                **({"after_training_errors": list(self.report_errors)} if self.report_errors else {}),
                 **({"started_from": self.started_from} if getattr(self, "started_from", None) else {})}
 
 

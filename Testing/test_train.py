@@ -535,3 +535,37 @@ def test_snet_fixed_bn_must_follow_snet_and_precede_its_readers():
         _tiny(stages={"snet": 3, "solnet": 2, "snet_fixed_bn": 2})
     with pytest.raises(ValueError, match="precise_bn_crops must be 1 or more"):
         _tiny(stages={"snet": 3, "snet_fixed_bn": 2}, precise_bn_crops=0)
+
+
+def test_a_small_organ_drawn_but_not_in_the_truth_does_not_crash_validation(phantom_data, tmp_path, monkeypatch):
+    """Issue 47: with 1 mm pixels and a 64x64 crop, the final validation met a
+    small organ with a Dice but no localisation error and raised KeyError
+    'peak_error_mm', losing the run. The same situation, made directly: no
+    localisation figures for any organ."""
+    import FocusNetCore.train as train_module
+
+    monkeypatch.setattr(train_module, "localisation_metrics", lambda *args, **kwargs: {})
+    trainer = Trainer(_tiny(stages={"snet": 1, "solnet": 0, "aae_pretrain": 0, "sos": 0, "finetune": 0}),
+                      phantom_data, tmp_path / "run", "cpu", log=lambda *a: None)
+    summary = trainer.validate(1, "snet")
+    assert summary and all("peak_error_mm" not in values for values in summary.values())
+
+
+def test_a_failing_step_after_training_still_writes_the_model(phantom_data, tmp_path, monkeypatch):
+    """Whatever fails after the last iteration (tuning, post-processing, the
+    final validation), the trained weights are written as model.pt and the
+    failure is logged and recorded in the bundle."""
+    said = []
+
+    def broken(self, *args, **kwargs):
+        raise KeyError("peak_error_mm")
+
+    monkeypatch.setattr(Trainer, "validate", broken)
+    monkeypatch.setattr(Trainer, "calibrate_sos_thresholds", broken)
+    bundle = train(TINY, phantom_data, tmp_path / "run", device="cpu", progress=False, log=said.append)
+    assert bundle.is_file()
+    model, meta = load_bundle(bundle)
+    errors = meta["provenance"]["after_training_errors"]
+    assert [e.split(":")[0] for e in errors] == ["SOS-Net thresholds", "final validation"]
+    assert any("final validation failed after training" in line for line in said)
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
