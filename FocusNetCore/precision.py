@@ -25,6 +25,9 @@ import torch
 from torch import nn
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+# Training may also run in float16 with loss scaling (a GradScaler): what a
+# GPU without native bfloat16 (V100, T4, TITAN Xp, ...) computes fast.
+TRAINING_PRECISIONS = PRECISIONS + ("float16",)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -37,22 +40,55 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def cuda_has_native_bf16(device: str = "cuda") -> bool:
+    """Whether the GPU computes bfloat16 itself (compute capability 8.0 and
+    later), not by emulation."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # an older torch without the argument
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve(precision: str, device: str) -> str:
-    """The precision "auto" means on ``device`` ("cpu", "cuda", "cuda:1")."""
+    """The inference precision "auto" means on ``device`` ("cpu", "cuda",
+    "cuda:1"): bfloat16 where the hardware has it, else float32."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.startswith("cuda"):
-        return "bfloat16"
+        return "bfloat16" if cuda_has_native_bf16(device) else "float32"
     return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def choose_for_training(precision: str, device: str) -> tuple:
+    """(precision, why) for training on ``device``: "auto" is bfloat16 where
+    the hardware computes it natively, else on a GPU float16 with loss
+    scaling where it has float16 tensor cores (compute capability 7.0 and
+    later), else float32. The reason goes into the log and the bundle."""
+    if precision not in TRAINING_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(TRAINING_PRECISIONS)}")
+    if precision != "auto":
+        return precision, "set in the training configuration"
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        if cuda_has_native_bf16(device):
+            return "bfloat16", f"{name} (compute capability {major}.{minor}) computes bfloat16 natively"
+        if (major, minor) >= (7, 0):
+            return "float16", (f"{name} (compute capability {major}.{minor}) has no native bfloat16: float16 "
+                               "with loss scaling")
+        return "float32", f"{name} (compute capability {major}.{minor}) has neither bfloat16 nor float16 tensor cores"
+    if cpu_has_native_bf16():
+        return "bfloat16", "this CPU has AMX or AVX512-BF16"
+    return "float32", "this CPU has no native bfloat16 (AMX or AVX512-BF16)"
 
 
 def autocast(precision: str, device: str):
     """The autocast context for a resolved precision (a no-op for float32)."""
-    if precision != "bfloat16":
+    if precision not in ("bfloat16", "float16"):
         return nullcontext()
-    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=getattr(torch, precision))
 
 
 def channels_last(x):

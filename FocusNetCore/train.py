@@ -98,8 +98,11 @@ class TrainConfig:
     validation_cases: int = 2
     validate_every: int = 500
     checkpoint_every: int = 100
-    # "auto": bfloat16 autocast on CUDA and on CPUs that compute it natively
-    # (AMX / AVX512-BF16), float32 elsewhere; or "float32" / "bfloat16".
+    # "auto": bfloat16 autocast where the hardware computes it natively (GPUs
+    # of compute capability 8.0 on, CPUs with AMX / AVX512-BF16); on older GPUs
+    # float16 with loss scaling (7.0 on) or float32; or "float32" /
+    # "bfloat16" / "float16" (precision.choose_for_training; the log and the
+    # bundle say which and why).
     precision: str = "auto"
     # Written into the bundle: the model's name and what it may be used for.
     model_name: str = "FocusNetv2"
@@ -427,7 +430,11 @@ class Trainer:
         self.val_cases: List[CachedCase] = cases[len(cases) - n_val:]
         self.data_dir = str(data_dir)
         torch.manual_seed(config.seed)
-        self.precision = precision.resolve(config.precision, self.device)
+        self.precision, self.precision_reason = precision.choose_for_training(config.precision, self.device)
+        self.log(f"training precision: {self.precision} ({self.precision_reason})")
+        # float16 needs loss scaling; bfloat16 and float32 do not.
+        self.scaler = (torch.amp.GradScaler("cuda" if self.device.startswith("cuda") else "cpu")
+                       if self.precision == "float16" else None)
         self.model = precision.training_layout(FocusNetV2(net).to(self.device), self.device)
         self.aae = precision.training_layout(ShapeAutoencoder(net.roi_size, config.autoencoder_width).to(self.device),
                                              self.device)
@@ -630,6 +637,8 @@ class Trainer:
         with an error). The check is on gradients after backward, which DDP
         has averaged, so every process decides alike."""
         optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            return self._apply_scaled(optimizer, loss, stage, step)
         loss.backward()
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = bool(torch.isfinite(loss.detach()).all()) and all(bool(torch.isfinite(p.grad).all()) for p in params)
@@ -637,6 +646,24 @@ class Trainer:
             optimizer.step()
             self.bad_steps["in_a_row"] = 0
             return float(loss.detach())
+        return self._bad_step(optimizer, stage, step)
+
+    def _apply_scaled(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, stage: str, step: int) -> float:
+        """float16: the loss scaled up for backward, the gradients unscaled
+        before the check. Gradients that overflowed at the current scale are
+        the GradScaler's business (it skips the step and lowers the scale),
+        not a sign of divergence; a non-finite loss is."""
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)
+        finite_loss = bool(torch.isfinite(loss.detach()).all())
+        self.scaler.step(optimizer)  # skipped by the scaler when a gradient is inf or NaN
+        self.scaler.update()
+        if finite_loss:
+            self.bad_steps["in_a_row"] = 0
+            return float(loss.detach())
+        return self._bad_step(optimizer, stage, step)
+
+    def _bad_step(self, optimizer: torch.optim.Optimizer, stage: str, step: int) -> float:
         optimizer.zero_grad(set_to_none=True)
         self.bad_steps["total"] += 1
         self.bad_steps["in_a_row"] += 1
@@ -929,7 +956,8 @@ class Trainer:
                  "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                  "position": list(self.position), "history": self.history,
                  "config": json.dumps(self.config.to_dict()),
-                 "started_from": getattr(self, "started_from", None)}
+                 "started_from": getattr(self, "started_from", None),
+                 **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
         tmp = self._checkpoint_path().with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self._checkpoint_path())
@@ -946,6 +974,8 @@ class Trainer:
         self.position = tuple(state["position"])
         self.history = state["history"]
         self.started_from = state.get("started_from")
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         stage = self.config.stages[self.position[0]][0] if self.position[0] < len(self.config.stages) else None
         if stage is not None:
             self._set_trainable(stage)
@@ -1056,7 +1086,8 @@ class Trainer:
                                        for r in last},
                 "training_config": self.config.to_dict(),
                 "training_seconds": round(getattr(self, "training_seconds", 0.0), 1),
-                "device": self.device, "precision": self.precision, "precision_probe": self.precision_probe,
+                "device": self.device, "precision": self.precision, "precision_reason": self.precision_reason,
+                "precision_probe": self.precision_probe,
                 "skipped_steps": self.bad_steps["total"], "world_size": self.world,
                 **({"after_training_errors": list(self.report_errors)} if self.report_errors else {}),
                 **({"started_from": self.started_from} if getattr(self, "started_from", None) else {})}

@@ -569,3 +569,44 @@ def test_a_failing_step_after_training_still_writes_the_model(phantom_data, tmp_
     assert [e.split(":")[0] for e in errors] == ["SOS-Net thresholds", "final validation"]
     assert any("final validation failed after training" in line for line in said)
     assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
+
+
+@pytest.mark.parametrize("capability, native_bf16, expected", [
+    ((9, 0), True, "bfloat16"),   # H100
+    ((8, 0), True, "bfloat16"),   # A100
+    ((7, 0), False, "float16"),   # V100
+    ((7, 5), False, "float16"),   # T4
+    ((6, 1), False, "float32"),   # TITAN Xp: no tensor cores
+])
+def test_training_precision_fits_the_gpu(monkeypatch, capability, native_bf16, expected):
+    """Issue 47: bfloat16 only where the card computes it; float16 with loss
+    scaling on cards with float16 tensor cores; float32 on the others. The
+    reason names the card (mocked: no GPU here)."""
+    from FocusNetCore import precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
+    chosen, why = precision.choose_for_training("auto", "cuda")
+    assert chosen == expected and "Test GPU" in why and f"{capability[0]}.{capability[1]}" in why
+    assert precision.resolve("auto", "cuda") == ("bfloat16" if native_bf16 else "float32")  # inference
+    assert precision.choose_for_training("float32", "cuda")[0] == "float32"
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        precision.choose_for_training("half", "cuda")
+
+
+def test_float16_training_scales_the_loss_and_resumes_exactly(phantom_data, tmp_path):
+    """The float16 path (a GradScaler) trains finite weights, records its
+    precision and reason, and an interrupted run resumed ends with the same
+    weights and loss scale as one that went through."""
+    torch.set_num_threads(1)
+    config = _tiny(precision="float16", stages={"snet": 3, "solnet": 2, "aae_pretrain": 0, "sos": 0, "finetune": 0})
+    whole = _run(config, phantom_data, tmp_path / "whole")
+    assert whole.scaler is not None and whole.precision == "float16"
+    assert whole.provenance()["precision_reason"] == "set in the training configuration"
+    _run(config, phantom_data, tmp_path / "parts", stop_after=3)
+    resumed = _run(config, phantom_data, tmp_path / "parts", resume=True)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+        assert not a.is_floating_point() or torch.isfinite(a).all(), name
+    assert whole.scaler.get_scale() == resumed.scaler.get_scale()
