@@ -239,12 +239,33 @@ def write_rtstruct(labels: sitk.Image, ct_folder: PathLike, organs: OrganSet, pa
 # Import
 # --------------------------------------------------------------------------
 
+def polygon_mask(vertices: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
+    """The voxels of a (rows, columns) slice whose centres lie inside a closed
+    polygon given as (column, row) continuous indices, by the even-odd rule
+    along each row (numpy only: Slicer's Python has no matplotlib). A centre
+    on a left edge is inside, on a right edge outside."""
+    mask = np.zeros(shape, bool)
+    x, y = np.asarray(vertices[:, 0], float), np.asarray(vertices[:, 1], float)
+    x2, y2 = np.roll(x, -1), np.roll(y, -1)
+    rows = np.arange(max(int(np.ceil(y.min())), 0), min(int(np.floor(y.max())), shape[0] - 1) + 1)
+    for row in rows:
+        crossing = (y > row) != (y2 > row)  # half-open: a vertex on the row counts once
+        if not crossing.any():
+            continue
+        t = (row - y[crossing]) / (y2[crossing] - y[crossing])
+        xs = np.sort(x[crossing] + t * (x2[crossing] - x[crossing]))
+        for start, stop in zip(xs[0::2], xs[1::2]):
+            first, last = max(int(np.ceil(start)), 0), min(int(np.ceil(stop)), shape[1])
+            if first < last:
+                mask[row, first:last] = True
+    return mask
+
+
 def read_rtstruct(path: PathLike, ct: sitk.Image, ct_folder: PathLike, organs: OrganSet
                   ) -> Tuple[np.ndarray, np.ndarray, List[str]]:
     """Rasterise an RT Structure Set onto the CT grid: (labels (z, y, x) in
     ``organs``, present flags, ROI names that matched no organ)."""
     import pydicom
-    from matplotlib.path import Path as PolygonPath
 
     ds = pydicom.dcmread(path)
     if getattr(ds, "Modality", "") != "RTSTRUCT":
@@ -263,8 +284,6 @@ def read_rtstruct(path: PathLike, ct: sitk.Image, ct_folder: PathLike, organs: O
     present = np.zeros(organs.num_classes, bool)
     present[0] = True
     unmatched = []
-    jj, ii = np.mgrid[:shape[1], :shape[2]]
-    centres = np.stack([ii.ravel(), jj.ravel()], axis=1).astype(np.float64)
     for roi in getattr(ds, "ROIContourSequence", []):
         name = names.get(int(roi.ReferencedROINumber), "")
         organ = match_roi_name(name)
@@ -279,13 +298,8 @@ def read_rtstruct(path: PathLike, ct: sitk.Image, ct_folder: PathLike, organs: O
             k = int(round(float(np.median(index[:, 2]))))
             if not 0 <= k < shape[0]:
                 continue
-            polygon = PolygonPath(index[:, :2], closed=True)
-            lo = np.maximum(np.floor(index[:, :2].min(axis=0)).astype(int), 0)
-            hi = np.minimum(np.ceil(index[:, :2].max(axis=0)).astype(int) + 1, [shape[2], shape[1]])
-            box = (slice(lo[1], hi[1]), slice(lo[0], hi[0]))
-            inside = polygon.contains_points(centres.reshape(shape[1], shape[2], 2)[box].reshape(-1, 2))
             mask = slice_masks.setdefault(k, np.zeros(shape[1:], bool))
-            mask[box] ^= inside.reshape(hi[1] - lo[1], hi[0] - lo[0])  # even-odd: holes cancel
+            mask ^= polygon_mask(index[:, :2], shape[1:])  # even-odd: holes cancel
         for k, mask in slice_masks.items():
             labels[k][mask] = value
         if slice_masks:

@@ -189,3 +189,40 @@ def test_gantry_tilt_is_reported(tmp_path):
         ds.save_as(path)
     with pytest.raises(ImageReadError, match="gantry tilt of"):
         read_image(folder)
+
+
+def test_polygon_fill_agrees_with_matplotlib_inside_and_needs_no_matplotlib():
+    """FocusNet's reader fills contours with numpy (released Slicer has no
+    matplotlib); on random polygons it agrees with matplotlib's
+    contains_points (random star-shaped polygons; no voxel centre lies on an edge)."""
+    import ast
+
+    from matplotlib.path import Path as PolygonPath
+
+    from FocusNetCore.rtstruct import polygon_mask
+
+    rng = np.random.default_rng(7)
+    filled = 0
+    rr, cc = np.mgrid[:40, :50]
+    centres = np.stack([cc.ravel(), rr.ravel()], axis=1).astype(float)
+    for _ in range(30):
+        n = int(rng.integers(3, 12))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+        radii = rng.uniform(3, 18, n)
+        vertices = np.stack([25 + radii * np.cos(angles), 20 + radii * np.sin(angles)], axis=1) + rng.uniform(
+            -0.4, 0.4, (n, 2))
+        ours = polygon_mask(vertices, (40, 50))
+        # closed=True takes the last vertex as the CLOSEPOLY code's, not a
+        # corner (the old matplotlib-based reader dropped each contour's last point).
+        closed = np.vstack([vertices, vertices[:1]])
+        theirs = PolygonPath(closed, closed=True).contains_points(centres).reshape(40, 50)
+        assert np.array_equal(ours, theirs)
+        filled += int(ours.sum())
+    assert filled > 3000  # the polygons are not all empty
+    import FocusNetCore.rtstruct as module
+
+    tree = ast.parse(open(module.__file__).read())
+    imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for a in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                         if isinstance(node, ast.ImportFrom) and node.module}
+    assert "matplotlib" not in imported
