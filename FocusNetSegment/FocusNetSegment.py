@@ -66,7 +66,8 @@ class SlicerView:
         return slicer.util.confirmYesNoDisplay(question)
 
     def error(self, text, detail=""):
-        slicer.util.errorDisplay(text, detailedText=detail or None)
+        # (detailedText=None would show "None" behind a "Show Details..." button)
+        slicer.util.errorDisplay(text, **({"detailedText": detail} if detail else {}))
 
     def jump_to(self, ras):
         slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
@@ -105,7 +106,10 @@ class SlicerView:
 
     def show_3d(self, segmentationNode):
         segmentationNode.CreateClosedSurfaceRepresentation()
-        slicer.app.layoutManager().threeDWidget(0).threeDView().resetFocalPoint()
+        layoutManager = slicer.app.layoutManager()
+        threeDWidget = layoutManager.threeDWidget(0) if layoutManager.threeDViewCount else None
+        if threeDWidget is not None:  # a layout without a 3D view has none
+            threeDWidget.threeDView().resetFocalPoint()
 
     def dicom_exporter(self):
         from FocusNetSegmentLib.dicomexport import DicomExporter
@@ -115,30 +119,35 @@ class SlicerView:
 
 class FocusNetSegmentWidget(ScriptedLoadableModuleWidget):
     def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        self.controller, self.ui, self.editor = None, None, None
+        self.controller, self.ui, self.editor, self.logic = None, None, None, None
         self.sceneObservers, self.rows = [], None
         self.timer = qt.QTimer()
         self.timer.setInterval(100)
         self.timer.connect("timeout()", lambda: self.render(self.controller.tick()))
+        ScriptedLoadableModuleWidget.__init__(self, parent)  # (last: without a parent it calls setup())
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         tooOld = check_slicer_version(slicer.app.majorVersion, slicer.app.minorVersion)
         if tooOld:
             return self.layout.addWidget(qt.QLabel(tooOld))
-        from FocusNetSegmentLib.controller import PanelController  # FocusNet's work, imported on first use
-
         self.ui = self.loadPanel()
-        self.controller = PanelController(FocusNetSegmentLogic(), SlicerView(self))
+        self.buildController()
         self.setupSegmentEditor()
         self.connectSignals()
-        self.render(self.controller.offer_pending_sessions())
+        self.render(self.controller.on_reviewer_changed(self.ui.reviewerLineEdit.text))  # the remembered reviewer
+
+    def buildController(self):
+        from FocusNetSegmentLib.controller import PanelController  # FocusNet's work, imported on first use
+
+        self.logic = FocusNetSegmentLogic()  # (what slicer.util.getModuleLogic returns)
+        self.controller = PanelController(self.logic, SlicerView(self))
 
     def loadPanel(self):
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/FocusNetSegment.ui"))
         self.layout.addWidget(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        loadTerminology()  # (also when the module was added after Slicer started)
         return slicer.util.childWidgetVariables(uiWidget)
 
     def connectSignals(self):
@@ -147,7 +156,8 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget):
                 ("currentNodeChanged(vtkMRMLNode*)", ui.inputVolumeSelector, c.on_input_changed),
                 ("textChanged(QString)", ui.reviewerLineEdit, c.on_reviewer_changed),
                 ("directoryChanged(QString)", ui.outputDirectoryButton, c.on_output_folder_changed),
-                ("currentPathChanged(QString)", ui.modelPathLineEdit, c.on_model_changed),
+                # (the path edit's own currentPathChanged is not sent for an emptied field)
+                ("editTextChanged(QString)", ui.modelPathLineEdit.comboBox(), c.on_model_changed),
                 ("currentIndexChanged(int)", ui.deviceComboBox, c.on_device_changed),
                 ("toggled(bool)", ui.manualBaselineCheckBox, c.on_manual_toggled),
                 ("toggled(bool)", ui.clickToPlaceButton, c.on_click_to_place),
@@ -159,6 +169,11 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget):
                               ("show3DButton", c.on_show_3d),
                               *((n, lambda kind=k: c.on_export(kind)) for n, k in EXPORT_BUTTONS.items())):
             getattr(ui, name).connect("clicked(bool)", lambda checked=False, h=handler: self.render(h()))
+        # Effects that extensions register after this panel was built (as Slicer's Segment Editor does;
+        # through a Python function: PythonQt would pass the signal's QString to the C++ slot).
+        self.onEffectRegistered = lambda *args: self.editor.updateEffectList()
+        slicer.qSlicerSegmentEditorEffectFactory.instance().connect("effectRegistered(QString)",
+                                                                    self.onEffectRegistered)
         for event, handler in ((slicer.mrmlScene.StartCloseEvent, c.on_scene_start_close),
                                (slicer.mrmlScene.EndCloseEvent, c.on_scene_end_close)):
             self.sceneObservers.append(slicer.mrmlScene.AddObserver(event, lambda *a, h=handler: self.render(h())))
@@ -175,9 +190,6 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget):
         self.hideEditorSelectors()
         self.ui.reviewCollapsibleButton.layout().addWidget(self.editor)
         self.ui.reviewerLineEdit.text = qt.QSettings().value("FocusNet/reviewer", "")  # (connected next)
-        # Effects that extensions register after this panel was built (as Slicer's Segment Editor does).
-        slicer.qSlicerSegmentEditorEffectFactory.instance().connect("effectRegistered(QString)",
-                                                                    self.editor.updateEffectList)
 
     def hideEditorSelectors(self):
         self.editor.setSegmentationNodeSelectorVisible(False)
@@ -204,13 +216,18 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget):
         ui.segmentButton.text, ui.statusLabel.text, ui.progressBar.value = (state.segment_text, state.status,
                                                                               state.progress)
         ui.clockLabel.text, ui.modelInfoLabel.text = state.clock, state.model_info
-        self.editor.enabled = state.editor_enabled
-        if ui.clickToPlaceButton.checked != state.click_checked:
-            ui.clickToPlaceButton.blockSignals(True)
-            ui.clickToPlaceButton.checked = state.click_checked
-            ui.clickToPlaceButton.blockSignals(False)
+        if self.editor.readOnly == state.editor_enabled:  # read-only also locks the effects' shortcuts
+            self.editor.readOnly = not state.editor_enabled
+        self.showClickToPlace(state.click_checked)
         if ui.logTextEdit.toPlainText() != "\n".join(state.log):
             ui.logTextEdit.setPlainText("\n".join(state.log))
+
+    def showClickToPlace(self, checked):
+        """The toggle shows the controller's state without toggling it again."""
+        if self.ui.clickToPlaceButton.checked != checked:
+            self.ui.clickToPlaceButton.blockSignals(True)
+            self.ui.clickToPlaceButton.checked = checked
+            self.ui.clickToPlaceButton.blockSignals(False)
 
     def fillReviewTable(self, rows):
         table, self.rows = self.ui.reviewTable, rows
@@ -246,6 +263,16 @@ class FocusNetSegmentWidget(ScriptedLoadableModuleWidget):
             self.controller.on_cleanup()
             for tag in self.sceneObservers:
                 slicer.mrmlScene.RemoveObserver(tag)
+            self.cleanupSegmentEditor()
+
+    def cleanupSegmentEditor(self):
+        """Reload builds a new panel: the old editor's shortcuts, view
+        observations and factory connection must not stay behind."""
+        self.editor.setActiveEffect(None)
+        self.editor.uninstallKeyboardShortcuts()
+        self.editor.removeViewObservations()
+        slicer.qSlicerSegmentEditorEffectFactory.instance().disconnect("effectRegistered(QString)",
+                                                                       self.onEffectRegistered)
 
 
 def FocusNetSegmentLogic():

@@ -8,6 +8,7 @@ child process."""
 import ast
 import os
 import signal
+import types
 import sys
 import time
 from pathlib import Path
@@ -442,8 +443,36 @@ def test_manual_baseline_accept_all_export_folder_and_interrupted_reviews(phanto
     for answer, records in ((False, 0), (True, 1)):  # the next two starts of Slicer
         again = PanelController(SegmentOARsLogic(bridge.new_scene(), tmp_path / "sessions"), RecordingView([answer]))
         assert len(again.pending_sessions()) == 1
-        again.offer_pending_sessions()
-        assert "interrupted" in again.view.asked[0]
+        again.on_enter()  # the module shown: offered once per start, not at every enter
+        again.on_enter()
+        assert len(again.view.asked) == 1 and "interrupted" in again.view.asked[0]
         assert len(read_records(again.logic.log_path())[0]) == records
     assert again.pending_sessions() == []
     assert read_records(again.logic.log_path())[0][0]["status"] == "incomplete"
+
+
+def test_a_label_map_is_no_default_ct_and_an_error_in_the_timer_is_shown_once(phantom, tmp_path, monkeypatch):
+    """The CT selector lists scalar volumes without label maps: the default
+    is never a label map. An unexpected error while polling is shown once,
+    its traceback goes to the log, and the timer stops."""
+    scene = bridge.new_scene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    ct = bridge.volume_node_from_image(scene, phantom.image, "CT")
+    assert scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode") is labelmap
+    view = RecordingView()
+    controller = PanelController(SegmentOARsLogic(scene, tmp_path / "sessions"), view)
+    controller.on_enter()
+    assert controller.default_volume() is ct
+
+    controller.on_start_manual()
+    assert controller.state().ticking  # the review's clock
+
+    def broken():
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(controller.logic, "poll_click_to_find", broken)
+    controller.logic.click = types.SimpleNamespace(state="ready", close=lambda: None)  # something to poll
+    state = controller.tick()
+    assert not state.ticking and len(view.errors) == 1 and "disk gone" in view.errors[0]
+    assert any("Traceback" in line for line in state.log)
+    controller.logic.click = None

@@ -121,6 +121,8 @@ class PanelController:
         self._restart_needed: List[str] = []
         self._results = {}  # volume node ID -> the segmentation node of its last result (re-run replaces it)
         self._job_logged = 0
+        self._offered = False  # the interrupted reviews, offered on the first enter
+        self.broken = ""  # an unexpected error in tick: shown once, then the timer stops
 
     # -- the form ----------------------------------------------------------------------
     def on_input_changed(self, volume_node) -> PanelState:
@@ -157,7 +159,9 @@ class PanelController:
         scene's first scalar volume."""
         scene = self.logic.scene
         if self.volume is None or scene.GetNodeByID(self.volume.GetID() or "") is not self.volume:
-            self.volume = scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            volumes = [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                       for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+            self.volume = next((v for v in volumes if not v.IsA("vtkMRMLLabelMapVolumeNode")), None)  # no label map
         return self.volume
 
     # -- state -------------------------------------------------------------------------------
@@ -191,7 +195,7 @@ class PanelController:
             model_info=logic.describe_model(self.model_path or None)[0],
             rows=logic.review_rows(),
             log=list(self.log),
-            ticking=(running or logic.finishing is not None or clicking_live or review_open or
+            ticking=not self.broken and (running or logic.finishing is not None or clicking_live or review_open or
                      (logic.job is not None and self._job_logged is not None)))  # an end not yet handled
 
     def _clock_text(self) -> str:
@@ -300,7 +304,20 @@ class PanelController:
     # -- the timer ------------------------------------------------------------------------------
     def tick(self) -> PanelState:
         """One tick of the panel's timer: the background job's progress and
-        end, the finishing thread, click-to-find's answers, the clock."""
+        end, the finishing thread, click-to-find's answers, the clock. An
+        unexpected error is shown once with its traceback in the log, and
+        the timer stops (not a traceback every 100 ms)."""
+        try:
+            self._tick()
+        except Exception as error:  # noqa: BLE001  (whatever it is, the user must see it once)
+            import traceback
+
+            self.broken = f"{type(error).__name__}: {error}"
+            self._log(traceback.format_exc().splitlines())
+            self._fail("FocusNet stopped polling after an unexpected error (details in the log):", error)
+        return self.state()
+
+    def _tick(self) -> None:
         logic = self.logic
         if logic.job is not None and (logic.running or self._job_logged is not None):
             self._poll_job()
@@ -311,7 +328,6 @@ class PanelController:
                 self._say(message)
             if logic.click is not None and logic.click.state == "failed":
                 self.stop_click_to_place()
-        return self.state()
 
     def _poll_job(self) -> None:
         logic, job = self.logic, self.logic.job
@@ -501,7 +517,12 @@ class PanelController:
 
     # -- the module's life ------------------------------------------------------------------------------
     def on_enter(self) -> PanelState:
+        """The module is shown: the CT selector's default; the first time,
+        the reviews an earlier session left unfinished are offered."""
         self.default_volume()
+        if not self._offered:
+            self._offered = True
+            return self.offer_pending_sessions()
         return self.state()
 
     def on_exit(self) -> PanelState:
