@@ -253,7 +253,7 @@ def _cmd_train(args) -> int:
 
     bundle = train(args.config, args.data, args.out, resume=args.resume, device=args.device,
                    progress=not args.no_progress, branch_from=args.branch_from, from_model=args.from_model,
-                   from_stage=args.from_stage, fresh_sos=args.fresh_sos)
+                   from_stage=args.from_stage, fresh_sos=args.fresh_sos, workers=args.workers)
     print(f"model bundle: {bundle}")
     return EXIT_OK
 
@@ -359,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes per rank that preprocess the cache and make training crops ahead of the GPU "
+                        "(default: the rank's CPU cores less one, at most 8; 0: in the training process). The "
+                        "run is the same for every count")
     p.add_argument("--branch-from", default=None, metavar="CHECKPOINT",
                    help="start from another run's checkpoint taken after its snet and solnet stages "
                         "(ablations, e.g. FocusNetv1 = adversarial: false, share those stages)")

@@ -145,24 +145,96 @@ def load_case(source: CaseSource, organs: OrganSet):
     return image, labels, present
 
 
-@dataclass
 class CachedCase:
-    name: str
-    image: np.ndarray  # (D, H, W) float32, normalised, model grid
-    labels: np.ndarray  # (D, H, W) uint8
-    present: np.ndarray  # (C,) bool
+    """One preprocessed case: the image (D, H, W) normalised on the model
+    grid, its labels (D, H, W) uint8 and the present flags (C,) bool.
+
+    A case from the preprocessing cache lives on disk (``folder``: image.npy
+    float16, labels.npy uint8, meta.json) and is read by memory mapping, only
+    the slices a crop needs (:meth:`slab`): a rank's memory does not grow
+    with the number of cases. ``image`` and ``labels`` read the whole array
+    (validation, calibration), transiently. A case made in memory (tests,
+    scripts) holds its arrays."""
+
+    def __init__(self, name: str, image: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None,
+                 present: Optional[np.ndarray] = None, *, folder: Optional[Path] = None,
+                 meta: Optional[dict] = None):
+        self.name = name
+        self._image, self._labels = image, labels
+        self.folder = Path(folder) if folder is not None else None
+        self.meta = meta or {}
+        self.present = np.asarray(present if present is not None else self.meta["present"], dtype=bool)
+
+    @classmethod
+    def open(cls, folder) -> "CachedCase":
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        return cls(meta["name"], folder=folder, meta=meta)
+
+    def __reduce__(self):  # a worker process gets the folder, not the arrays
+        if self.folder is not None:
+            return (CachedCase.open, (self.folder,))
+        return (CachedCase, (self.name, self._image, self._labels, self.present))
+
+    @property
+    def image(self) -> np.ndarray:
+        if self._image is not None:
+            return self._image
+        return np.load(self.folder / "image.npy").astype(np.float32)
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is not None:
+            return self._labels
+        return np.load(self.folder / "labels.npy")
+
+    @property
+    def depth(self) -> int:
+        return int(self.meta["shape"][0]) if self._image is None else int(self._image.shape[0])
+
+    @property
+    def fill(self) -> float:
+        """The image's lowest value (air): what a crop past the scan's end holds."""
+        return float(self.meta["fill"]) if self._image is None else float(self._image.min())
+
+    def slab(self, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Slices start..stop-1 of the image (float32) and the labels; from
+        disk, only those slices are read (the map is closed again)."""
+        if self._image is not None:
+            return np.asarray(self._image[start:stop], dtype=np.float32), np.asarray(self._labels[start:stop])
+        image = np.load(self.folder / "image.npy", mmap_mode="r")
+        labels = np.load(self.folder / "labels.npy", mmap_mode="r")
+        try:
+            return np.array(image[start:stop], dtype=np.float32), np.array(labels[start:stop])
+        finally:
+            del image, labels
 
     @cached_property
     def z_extents(self) -> Dict[int, Tuple[int, int]]:
-        """First and last slice of each label the case has (one pass over
-        the labels, then kept: crop sampling asks for them every iteration)."""
-        return {label: (box[0].start, box[0].stop - 1)
-                for label, box in enumerate(ndimage.find_objects(self.labels), start=1) if box is not None}
+        """First and last slice of each label the case has (kept in the
+        cache's meta.json; computed once for a case in memory)."""
+        if "z_extents" in self.meta:
+            return {int(k): tuple(v) for k, v in self.meta["z_extents"].items()}
+        return _z_extents(self._labels)
+
+    def label_counts(self, num_classes: int) -> np.ndarray:
+        if "label_counts" in self.meta:
+            return np.asarray(self.meta["label_counts"], dtype=np.float64)[:num_classes]
+        return np.bincount(self.labels.ravel(), minlength=num_classes)[:num_classes].astype(np.float64)
+
+
+def _z_extents(labels: np.ndarray) -> Dict[int, Tuple[int, int]]:
+    return {label: (box[0].start, box[0].stop - 1)
+            for label, box in enumerate(ndimage.find_objects(labels), start=1) if box is not None}
 
 
 class PreprocessCache:
-    """Each scan is resampled to the model grid once; the result is kept as
-    ``<cache>/<case>-<key>.npz`` where the key covers the files and settings."""
+    """Each scan is resampled to the model grid once; the result is kept in
+    ``<cache>/<case>-<key>/`` (image.npy float16, labels.npy uint8 and
+    meta.json: present flags, shape, air value, each label's slices and
+    voxel count), where the key covers the files and settings. Written to a
+    private folder and renamed into place: builders on several ranks or
+    workers never see a half-written case, and the first to finish wins."""
 
     def __init__(self, folder, config: PreprocessConfig, organs: OrganSet):
         self.folder = Path(folder)
@@ -173,30 +245,94 @@ class PreprocessCache:
         settings = json.dumps([self.config.to_dict(), self.organs.key, self.organs.names], sort_keys=True)
         return hashlib.sha1((source.fingerprint() + settings).encode()).hexdigest()[:16]
 
+    def path(self, source: CaseSource) -> Path:
+        return self.folder / f"{source.name}-{self.key(source)}"
+
+    def error_path(self, source: CaseSource) -> Path:
+        return self.path(source).with_name(self.path(source).name + ".error")
+
     def get(self, source: CaseSource) -> CachedCase:
-        path = self.folder / f"{source.name}-{self.key(source)}.npz"
-        if path.is_file():
-            data = np.load(path)
-            return CachedCase(source.name, data["image"].astype(np.float32), data["labels"], data["present"])
-        image, labels, present = load_case(source, self.organs)
-        label_image = sitk.GetImageFromArray(labels)
-        label_image.CopyInformation(image)
-        pre = preprocess(image, self.config)
-        model_labels = labels_to_model_grid(label_image, pre.grid)
+        folder = self.path(source)
+        if (folder / "meta.json").is_file():
+            return CachedCase.open(folder)
+        self.build(source)
+        return CachedCase.open(folder)
+
+    def build(self, source: CaseSource) -> None:
+        """Preprocess one case into the cache (nothing when it is there)."""
+        import shutil
+
+        folder = self.path(source)
+        if (folder / "meta.json").is_file():
+            return
+        try:
+            image, labels, present = load_case(source, self.organs)
+            label_image = sitk.GetImageFromArray(labels)
+            label_image.CopyInformation(image)
+            pre = preprocess(image, self.config)
+            model_labels = labels_to_model_grid(label_image, pre.grid)
+        except (ImageReadError, ValueError, RuntimeError, OSError) as error:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.error_path(source).write_text(str(error))  # the other ranks report it too
+            raise
+        stored = pre.image.astype(np.float16)
+        meta = {"format": 2, "name": source.name, "shape": list(stored.shape), "present": present.tolist(),
+                "fill": float(stored.min()),
+                "z_extents": {str(k): list(v) for k, v in _z_extents(model_labels).items()},
+                "label_counts": np.bincount(model_labels.ravel(), minlength=self.organs.num_classes).tolist()}
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez_compressed(tmp, image=pre.image.astype(np.float16), labels=model_labels, present=present)
-        tmp.replace(path)
-        return CachedCase(source.name, pre.image.astype(np.float16).astype(np.float32), model_labels, present)
+        part = self.folder / f".{folder.name}.{os.getpid()}.part"
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir()
+        np.save(part / "image.npy", stored)
+        np.save(part / "labels.npy", model_labels)
+        (part / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(part, folder)
+        except OSError:  # another rank or worker finished it first
+            shutil.rmtree(part, ignore_errors=True)
+            if not (folder / "meta.json").is_file():
+                raise
 
 
-def load_training_cases(folder, cache_folder, config: PreprocessConfig, organs: OrganSet, log=print):
-    """All usable cases, preprocessed; malformed ones are reported by name and skipped."""
+def _build_one(args):
+    cache, source = args
+    try:
+        cache.build(source)
+        return source.name, ""
+    except (ImageReadError, ValueError, RuntimeError, OSError) as error:
+        return source.name, str(error)
+
+
+def load_training_cases(folder, cache_folder, config: PreprocessConfig, organs: OrganSet, log=print,
+                        workers: int = 1, rank: int = 0, world: int = 1, barrier=None):
+    """All usable cases, preprocessed into the cache and opened from it
+    (memory-mapped); malformed ones are reported by name and skipped.
+    Building is shared: rank ``rank`` of ``world`` builds every world-th
+    case, with ``workers`` processes; ``barrier()`` (DDP's) is called before
+    the cases are opened, so every rank sees all of them."""
     sources, problems = discover_cases(folder)
     cache = PreprocessCache(cache_folder, config, organs)
+    mine = [s for k, s in enumerate(sources) if k % world == rank
+            and not (cache.path(s) / "meta.json").is_file()]
+    if mine:
+        log(f"preprocessing {len(mine)} case(s) into {cache.folder}" + (f" with {workers} processes"
+                                                                           if workers > 1 and len(mine) > 1 else ""))
+    if workers > 1 and len(mine) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(mine))) as pool:
+            list(pool.map(_build_one, [(cache, s) for s in mine]))
+    else:
+        for source in mine:
+            _build_one((cache, source))
+    if barrier is not None:
+        barrier()
     cases = []
     for source in sources:
         try:
+            if not (cache.path(source) / "meta.json").is_file() and cache.error_path(source).is_file():
+                raise ValueError(cache.error_path(source).read_text())
             cases.append(cache.get(source))
         except (ImageReadError, ValueError, RuntimeError, OSError) as error:
             problems.append(f"{source.name}: {error}")
@@ -243,7 +379,7 @@ def _pad_depth(array: np.ndarray, depth: int, value) -> np.ndarray:
 def choose_z(case: CachedCase, depth: int, rng: np.random.Generator, small_labels=None) -> int:
     """Start slice of a crop: uniform, or (``small_labels`` given) such that
     every small organ of the case lies inside with a margin."""
-    total = case.image.shape[0]
+    total = case.depth
     if total <= depth:
         return 0
     if small_labels:
@@ -259,7 +395,7 @@ def choose_z_on_organ(case: CachedCase, depth: int, rng: np.random.Generator) ->
     organs the case has, whole if it fits (nnU-Net's foreground
     oversampling, by organ): short crops of a tall scan otherwise show the
     rare organs (ears, joints) in few iterations."""
-    total = case.image.shape[0]
+    total = case.depth
     if total <= depth:
         return 0
     organs = sorted(case.z_extents)
@@ -304,21 +440,31 @@ def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, con
     return out_img[0, 0].numpy(), out_lab[0, 0].numpy().astype(np.uint8)
 
 
-def heatmaps(labels: np.ndarray, small_labels, sigma: float = HEATMAP_SIGMA_VOXELS):
+def organ_centres(labels: np.ndarray, small_labels) -> List[Optional[np.ndarray]]:
+    """Each small organ's centre of mass (z, y, x) in the chunk, None if absent."""
+    out = []
+    for label in small_labels:
+        idx = np.argwhere(labels == label)
+        out.append(idx.mean(axis=0) if len(idx) else None)
+    return out
+
+
+def heatmaps(labels: np.ndarray, small_labels, sigma: float = HEATMAP_SIGMA_VOXELS, with_maps: bool = True):
     """Gaussian heat maps (S, D, H, W) at each small organ's centre (zeros
-    where an organ is not in the chunk) and the centres (None if absent)."""
-    maps = np.zeros((len(small_labels),) + labels.shape, dtype=np.float32)
+    where an organ is not in the chunk) and the centres (None if absent).
+    ``with_maps=False``: the centres only (maps None), for the stages that
+    use no heat map."""
+    maps = np.zeros((len(small_labels),) + labels.shape, dtype=np.float32) if with_maps else None
     centres = []
     grids = [np.arange(n, dtype=np.float32) for n in labels.shape]
-    for k, label in enumerate(small_labels):
-        idx = np.argwhere(labels == label)
-        if not len(idx):
+    for k, c in enumerate(organ_centres(labels, small_labels)):
+        if c is None:
             centres.append(None)
             continue
-        c = idx.mean(axis=0)
         centres.append(tuple(int(round(v)) for v in c))
-        gz, gy, gx = (np.exp(-((g - cv) ** 2) / (2 * sigma ** 2)) for g, cv in zip(grids, c))
-        maps[k] = gz[:, None, None] * gy[None, :, None] * gx[None, None, :]
+        if with_maps:
+            gz, gy, gx = (np.exp(-((g - cv) ** 2) / (2 * sigma ** 2)) for g, cv in zip(grids, c))
+            maps[k] = gz[:, None, None] * gy[None, :, None] * gx[None, None, :]
     return maps, centres
 
 
@@ -343,8 +489,9 @@ def sample_chunk(case: CachedCase, depth: int, rng: np.random.Generator, augment
         start = choose_z_on_organ(case, depth, rng)
     else:
         start = choose_z(case, depth, rng, small_labels if around_small else None)
-    image = _pad_depth(case.image[start:start + depth], depth, float(case.image.min()))
-    labels = _pad_depth(case.labels[start:start + depth], depth, 0)
+    image, labels = case.slab(start, start + depth)
+    image = _pad_depth(image, depth, case.fill)
+    labels = _pad_depth(labels, depth, 0)
     image, labels = augment(image, labels, rng, augment_config)
     present = case.present
     # Drawn last, and only when enabled, so configurations without it sample as before.

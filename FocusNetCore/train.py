@@ -404,25 +404,73 @@ class DiscriminatorStep(nn.Module):
 MAX_BAD_STEPS_IN_A_ROW = 5
 
 
+def default_workers(world: int = 1) -> int:
+    """Crop workers per rank: the CPU cores a rank has, less one for it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(min(cores // max(world, 1) - 1, 8), 0)
+
+
+def _as_is(crop):
+    return crop
+
+
+class Crops(torch.utils.data.Dataset):
+    """A stage's training crops, by iteration: crop ``step`` is drawn with
+    the generator seeded by (seed, stage, step, rank), in whichever process
+    draws it. Around a small organ for the small-organ stages and the joint
+    fine-tune (SOS-Net and the autoencoder learn complete shapes; a crop
+    without one would give their Adam a zero loss to step on). Heat maps
+    only for the stages whose loss uses them (SOL-Net's and the fine-tune's),
+    the small organs' centres for those that place ROIs."""
+
+    MAPS = ("solnet", "finetune")
+    CENTRES = ("aae_pretrain", "sos", "finetune")
+
+    def __init__(self, cases, config: "TrainConfig", organs, stage: str, stage_index: int, rank: int):
+        self.cases, self.config, self.organs = cases, config, organs
+        self.stage, self.stage_index, self.rank = stage, stage_index, rank
+
+    def __len__(self):
+        return self.config.stages[self.stage_index][1] if self.stage_index < len(self.config.stages) else 0
+
+    def __getitem__(self, step: int) -> dict:
+        return self.draw(np.random.default_rng([self.config.seed, self.stage_index, int(step), self.rank]))
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        config, organs = self.config, self.organs
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        small = list(organs.small_labels)
+        depth = config.train_crop_slices or config.network.preprocess.chunk_slices
+        around_small = self.stage in ("aae_pretrain", "sos", "finetune")
+        image, labels, present = sample_chunk(case, depth, rng, config.augment, small, around_small,
+                                              config.organ_crop_fraction, organs.mirror_labels)
+        maps, centres = None, None
+        if self.stage in self.MAPS or self.stage in self.CENTRES:
+            maps, centres = heatmaps(labels, small, with_maps=self.stage in self.MAPS)
+        return {"image": image, "labels": labels, "present": present, "maps": maps, "centres": centres,
+                "rng_state": rng.bit_generator.state}
+
+
 class TrainingDiverged(RuntimeError):
     """Training produced non-finite values; the message names the stage and iteration."""
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, data_dir, run_dir, device: str = "cpu", log=print):
+    def __init__(self, config: TrainConfig, data_dir, run_dir, device: str = "cpu", log=print,
+                 workers: Optional[int] = None):
         self.config = config
         self.run_dir = Path(run_dir)
         self.rank, self.world, self.device = distributed_setup(device)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         net = config.network
         self.organs = net.organs
-        # Rank 0 fills the preprocessing cache; the others then read it.
-        if self.world > 1 and self.rank != 0:
-            dist.barrier()
+        # Every rank preprocesses its share of the cache (with ``workers``
+        # processes), then all open every case from it, memory-mapped.
+        self.workers = default_workers(self.world) if workers is None else int(workers)
         cases, self.problems = load_training_cases(data_dir, self.run_dir / "cache", net.preprocess, self.organs,
-                                                   self.log)
-        if self.world > 1 and self.rank == 0:
-            dist.barrier()
+                                                   self.log, workers=max(self.workers, 1), rank=self.rank,
+                                                   world=self.world,
+                                                   barrier=dist.barrier if self.world > 1 else None)
         if len(cases) < 2:
             raise ValueError(f"{data_dir}: need at least 2 usable cases (1 training, 1 validation), found {len(cases)}")
         n_val = min(config.validation_cases, len(cases) - 1)
@@ -455,7 +503,7 @@ class Trainer:
         counts = np.zeros(self.organs.num_classes)
         seen = np.zeros(self.organs.num_classes)
         for case in self.train_cases:
-            counts += np.bincount(case.labels.ravel(), minlength=self.organs.num_classes)[: self.organs.num_classes]
+            counts += case.label_counts(self.organs.num_classes)
             seen += case.present
         mean = counts / np.maximum(seen, 1)
         return losses.organ_weights(mean, self.config.alpha_power)
@@ -463,16 +511,33 @@ class Trainer:
     def _rng(self, stage: int, step: int) -> np.random.Generator:
         return np.random.default_rng([self.config.seed, stage, step, self.rank])
 
+    def crops(self, stage: str, stage_index: int) -> "Crops":
+        """The stage's training crops by iteration (what the workers run)."""
+        return Crops(self.train_cases, self.config, self.organs, stage, stage_index, self.rank)
+
+    def _loader(self, stage: str, stage_index: int, first: int, length: int):
+        """The crops of iterations first..length-1, made ahead by ``workers``
+        processes (none: in this process). A crop depends only on the seed,
+        the stage, the iteration and the rank, so every worker count gives
+        the same run, and a resumed run the same crops."""
+        crops = self.crops(stage, stage_index)
+        if self.workers <= 0:
+            return (crops[step] for step in range(first, length))
+        return iter(torch.utils.data.DataLoader(crops, batch_size=None, sampler=range(first, length),
+                                                num_workers=self.workers, prefetch_factor=4,
+                                                collate_fn=_as_is, persistent_workers=False))
+
     def _sample(self, rng, around_small: bool):
-        case = self.train_cases[int(rng.integers(len(self.train_cases)))]
-        small = list(self.organs.small_labels)
-        depth = self.config.train_crop_slices or self.config.network.preprocess.chunk_slices
-        image, labels, present = sample_chunk(case, depth, rng, self.config.augment, small, around_small,
-                                              self.config.organ_crop_fraction, self.organs.mirror_labels)
-        maps, centres = heatmaps(labels, small)
+        """One crop drawn in this process (the BatchNorm re-estimation)."""
+        stage = "sos" if around_small else "snet"
+        crop = Crops(self.train_cases, self.config, self.organs, stage, 0, self.rank).draw(rng)
+        return self._tensors(crop)[:4] + (crop["centres"],)
+
+    def _tensors(self, crop: dict):
         to = lambda a, dtype=torch.float32: torch.as_tensor(a, dtype=dtype, device=self.device)  # noqa: E731
-        return (to(image)[None, None], to(labels, torch.long)[None], to(present, torch.bool)[None],
-                to(maps)[None], centres)
+        maps = crop["maps"]
+        return (to(crop["image"])[None, None], to(crop["labels"], torch.long)[None], to(crop["present"], torch.bool)[None],
+                None if maps is None else to(maps)[None])
 
     def _starts(self, centres, rng):
         """ROI corners at the true centres plus noise (the localisation error
@@ -693,8 +758,9 @@ class Trainer:
             if stage == "snet_fixed_bn" and first == 0 and length:
                 self.fix_snet_batchnorm(stage_index)
             self._set_trainable(stage)
+            loader = self._loader(stage, stage_index, first, length)
             for step in range(first, length):
-                loss = self._step(stage, stage_index, step)
+                loss = self._step(stage, stage_index, step, next(loader))
                 self.position = (stage_index, step + 1)
                 global_step = sum(n for _, n in self.config.stages[:stage_index]) + step + 1
                 bar.update(stage, loss)
@@ -736,15 +802,15 @@ class Trainer:
                      "without it")
             return None
 
-    def _step(self, stage: str, stage_index: int, step: int) -> float:
-        rng = self._rng(stage_index, step)
+    def _step(self, stage: str, stage_index: int, step: int, crop: Optional[dict] = None) -> float:
+        crop = crop if crop is not None else self.crops(stage, stage_index)[step]
+        # The crop's generator goes on where drawing the crop left it (the ROI jitter below).
+        rng = np.random.default_rng()
+        rng.bit_generator.state = crop["rng_state"]
         self.lr_scale = self._schedule(stage_index, step)
         model = self.model
-        # The small-organ stages and the joint fine-tune draw crops around a
-        # small organ: SOS-Net and the autoencoder learn complete shapes, and a
-        # crop without one would give their Adam a zero loss to step on.
-        around_small = stage in ("aae_pretrain", "sos", "finetune")
-        ct, labels, present, maps, centres = self._sample(rng, around_small)
+        ct, labels, present, maps = self._tensors(crop)
+        centres = crop["centres"]
         if stage in ("snet", "snet_fixed_bn"):
             opt = self._optimizer(stage, model.snet.parameters())
             runner = self._runner(stage, lambda: SNetStep(model, self.alpha, self.config))
@@ -804,9 +870,10 @@ class Trainer:
             if branch:
                 labels = postprocess.apply(labels.astype(np.uint8), self.postprocess_plan, self.organs)
             present = [lab for lab in range(1, self.organs.num_classes) if case.present[lab]]
-            found = organ_metrics(labels, case.labels, present, spacing)
+            truth = case.labels  # (from the cache on disk: read once per case)
+            found = organ_metrics(labels, truth, present, spacing)
             found.update({lab: {**found.get(lab, {}), **values} for lab, values in
-                          localisation_metrics(out["heatmaps"][0], case.labels, self.organs.small_labels, spacing,
+                          localisation_metrics(out["heatmaps"][0], truth, self.organs.small_labels, spacing,
                                                self.model.config.heatmap_threshold).items()})
             for lab, values in found.items():
                 per_organ.setdefault(self.organs.name_of(lab), []).append(values)
@@ -841,8 +908,9 @@ class Trainer:
         for case in self.val_cases:
             volume = torch.as_tensor(case.image, device=self.device)[None, None]
             heat = self.model.segment(volume, small_organ_branch=False)["heatmaps"][0]
+            truth = case.labels
             for k, label in enumerate(small):
-                if (case.labels == label).any():
+                if (truth == label).any():
                     peaks.append(float(heat[k].max()))
         if peaks:
             threshold = 0.5 * min(peaks)
@@ -1142,9 +1210,10 @@ def sos_samples(model: FocusNetV2, cases, device: str = "cpu") -> Dict[str, List
     for case in cases:
         volume = torch.as_tensor(case.image, device=device)[None, None]
         features = model.segment(volume, small_organ_branch=False, keep_features=True)["features"]
-        labels = torch.as_tensor(case.labels)[None, None]
+        truth_array = case.labels
+        labels = torch.as_tensor(truth_array)[None, None]
         for k, (name, label) in enumerate(zip(organs.small_names, organs.small_labels)):
-            where = np.argwhere(case.labels == label)
+            where = np.argwhere(truth_array == label)
             if not len(where):
                 continue
             start = roi_start(tuple(int(round(v)) for v in where.mean(axis=0)), roi)
@@ -1163,9 +1232,10 @@ def branch_and_snet_labels(model: FocusNetV2, cases, device: str = "cpu"):
     with model.branch_for_every_small_organ():
         for case in cases:
             volume = torch.as_tensor(case.image, device=device)[None, None]
+            truth = case.labels
             for out, alone in ((branch, False), (snet, True)):
                 labels = model.segment(volume, small_organ_branch=not alone)["labels"]
-                out.append((labels[0].cpu().numpy().astype(np.uint8), case.labels))
+                out.append((labels[0].cpu().numpy().astype(np.uint8), truth))
     return branch, snet
 
 
@@ -1219,7 +1289,7 @@ def _plot_history(history: List[dict], path: Path, small_names):
 
 def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "auto", progress: bool = True,
           log=print, branch_from=None, from_model=None, from_stage: Optional[str] = None,
-          fresh_sos: bool = False) -> Path:
+          fresh_sos: bool = False, workers: Optional[int] = None) -> Path:
     """``focusnet train``: returns the path of the model bundle it wrote.
     ``branch_from``: another run's checkpoint after its S-Net and SOL-Net
     stages to continue from (see Trainer.branch_from). ``from_model`` and
@@ -1241,7 +1311,7 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
     if not resume and (run_dir / "checkpoint.pt").exists():
         raise FileExistsError(f"{run_dir}: already holds a training run; pass --resume to continue it "
                               "or choose another --out")
-    trainer = Trainer(config, data_dir, run_dir, device, log)
+    trainer = Trainer(config, data_dir, run_dir, device, log, workers=workers)
     if branch_from is not None and not resume:
         trainer.branch_from(branch_from, fresh_sos)
         resume = True

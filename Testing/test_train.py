@@ -90,12 +90,18 @@ def test_discovers_every_layout_and_reports_bad_cases(tmp_path):
 def test_cache_is_reused(phantom_data, tmp_path):
     config, organs = PreprocessConfig(spacing=(3.0, 3.0, 3.0), crop_size=(64, 64)), ORGAN_SETS["oar22"]
     first, _ = load_training_cases(phantom_data, tmp_path, config, organs)
-    files = sorted(tmp_path.glob("*.npz"))
+    files = sorted(tmp_path.glob("*/image.npy"))
     assert len(files) == 3
     stamp = [f.stat().st_mtime_ns for f in files]
     second, _ = load_training_cases(phantom_data, tmp_path, config, organs)
-    assert [f.stat().st_mtime_ns for f in sorted(tmp_path.glob("*.npz"))] == stamp
+    assert [f.stat().st_mtime_ns for f in sorted(tmp_path.glob("*/image.npy"))] == stamp
     assert np.array_equal(first[0].labels, second[0].labels)
+    # Memory-mappable files: a crop reads its slices; the whole arrays are read on demand only.
+    assert np.load(files[0], mmap_mode="r").dtype == np.float16
+    image, labels = second[0].slab(2, 5)
+    assert image.dtype == np.float32 and np.array_equal(image, second[0].image[2:5])
+    assert np.array_equal(labels, second[0].labels[2:5]) and second[0].depth == second[0].image.shape[0]
+    assert second[0].z_extents == CachedCase("x", second[0].image, second[0].labels, second[0].present).z_extents
 
 
 def test_augmentation_moves_image_and_labels_together():
@@ -504,7 +510,8 @@ def test_snet_fixed_bn_recomputes_snet_statistics_then_holds_them(phantom_data, 
         crops.append(image)
         return image, labels, present
 
-    trainer = Trainer(config, phantom_data, tmp_path / "run", "cpu", log=lambda *a: None)
+    # workers=0: the crops are drawn in this process, where the recording below sees them.
+    trainer = Trainer(config, phantom_data, tmp_path / "run", "cpu", log=lambda *a: None, workers=0)
     trainer.run(progress=False, stop_after=3)
     after_snet = _snet_norms(trainer.model)
     stem = copy.deepcopy(trainer.model.snet.stem[0])  # the convolution before the first BatchNorm
@@ -610,3 +617,25 @@ def test_float16_training_scales_the_loss_and_resumes_exactly(phantom_data, tmp_
         assert torch.equal(a, b), name
         assert not a.is_floating_point() or torch.isfinite(a).all(), name
     assert whole.scaler.get_scale() == resumed.scaler.get_scale()
+
+
+def test_crop_workers_give_the_same_run_as_none(phantom_data, tmp_path):
+    """Issue 47: crops made ahead by worker processes (memory-mapped cases,
+    heat maps only where a stage uses them) train exactly the weights the
+    training process alone trains."""
+    torch.set_num_threads(1)
+    config = _tiny(stages={"snet": 3, "solnet": 2, "aae_pretrain": 1, "sos": 2, "finetune": 1})
+
+    def run(workers, out):
+        trainer = Trainer(config, phantom_data, out, "cpu", log=lambda *a: None, workers=workers)
+        trainer.run(progress=False)
+        return trainer
+
+    alone, helped = run(0, tmp_path / "alone"), run(2, tmp_path / "helped")
+    for (name, a), b in zip(alone.model.state_dict().items(), helped.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    crops = helped.crops("snet", 0)
+    assert crops[0]["maps"] is None and crops[0]["centres"] is None  # S-Net: no heat maps computed
+    assert helped.crops("solnet", 1)[0]["maps"] is not None
+    sos = helped.crops("sos", 3)[0]
+    assert sos["maps"] is None and any(c is not None for c in sos["centres"])
