@@ -253,7 +253,8 @@ def _cmd_train(args) -> int:
 
     bundle = train(args.config, args.data, args.out, resume=args.resume, device=args.device,
                    progress=not args.no_progress, branch_from=args.branch_from, from_model=args.from_model,
-                   from_stage=args.from_stage, fresh_sos=args.fresh_sos, workers=args.workers)
+                   from_stage=args.from_stage, fresh_sos=args.fresh_sos, workers=args.workers,
+                   splits=args.splits)
     print(f"model bundle: {bundle}")
     return EXIT_OK
 
@@ -359,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--splits", default=None, metavar="JSON",
+                   help="the run's train/validation/test split: {\"train\": [case names], \"validation\": [...], "
+                        "\"test\": [...]} (default: from the configuration's validation_cases, test_cases and "
+                        "split_seed; written to <out>/splits.json either way)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes per rank that preprocess the cache and make training crops ahead of the GPU "
                         "(default: the rank's CPU cores less one, at most 8; 0: in the training process). The "

@@ -305,13 +305,16 @@ def _build_one(args):
 
 
 def load_training_cases(folder, cache_folder, config: PreprocessConfig, organs: OrganSet, log=print,
-                        workers: int = 1, rank: int = 0, world: int = 1, barrier=None):
+                        workers: int = 1, rank: int = 0, world: int = 1, barrier=None, only=None):
     """All usable cases, preprocessed into the cache and opened from it
     (memory-mapped); malformed ones are reported by name and skipped.
     Building is shared: rank ``rank`` of ``world`` builds every world-th
     case, with ``workers`` processes; ``barrier()`` (DDP's) is called before
-    the cases are opened, so every rank sees all of them."""
+    the cases are opened, so every rank sees all of them. ``only``: the
+    names of the cases to load (a run's training and validation split)."""
     sources, problems = discover_cases(folder)
+    if only is not None:
+        sources = [s for s in sources if s.name in only]
     cache = PreprocessCache(cache_folder, config, organs)
     mine = [s for k, s in enumerate(sources) if k % world == rank
             and not (cache.path(s) / "meta.json").is_file()]

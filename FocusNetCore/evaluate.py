@@ -60,11 +60,18 @@ def read_prediction(path: Path, organs) -> sitk.Image:
 
 
 def evaluate(pred_dir, gt_dir, organ_set: str = "oar22", out_dir: Optional[Path] = None) -> Tuple[List[dict], List[Path]]:
-    organs = get_organ_set(organ_set)
-    pred_dir, out_dir = Path(pred_dir), Path(out_dir or pred_dir)
     sources, problems = discover_cases(gt_dir)
     if not sources:
         raise ImageReadError(gt_dir, "no ground-truth cases found" + (f" ({problems[0]})" if problems else ""))
+    return evaluate_sources(pred_dir, sources, organ_set, out_dir)
+
+
+def evaluate_sources(pred_dir, sources, organ_set: str = "oar22",
+                     out_dir: Optional[Path] = None) -> Tuple[List[dict], List[Path]]:
+    """``evaluate`` for given ground-truth cases (data.CaseSource), e.g. a
+    training run's test split."""
+    organs = get_organ_set(organ_set)
+    pred_dir, out_dir = Path(pred_dir), Path(out_dir or pred_dir)
     rows: List[dict] = []
     missing = []
     for source in sources:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import losses, postprocess, precision
-from .data import AugmentConfig, CachedCase, heatmaps, load_training_cases, sample_chunk
+from .data import AugmentConfig, CachedCase, discover_cases, heatmaps, load_training_cases, sample_chunk
 from .metrics import nanmean, organ_metrics
 from .networks import FocusNetConfig, FocusNetV2, ShapeAutoencoder, roi_pool, roi_start
 
@@ -96,6 +96,15 @@ class TrainConfig:
     sos_jitter: Tuple[int, int, int] = (1, 3, 3)  # voxels of ROI-centre noise while training SOS
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     validation_cases: int = 2
+    # Cases held out of everything (training, every choice made on the
+    # validation cases, the best checkpoint) and scored once at the end by
+    # the finished bundle through the Segmenter users run (test/evaluation.md).
+    test_cases: int = 0
+    # The split: cases in name order (None), or shuffled with this seed; the
+    # test cases are the last test_cases, the validation cases the
+    # validation_cases before them. Written to the run's splits.json (or
+    # given with --splits); a resumed run keeps its splits.json.
+    split_seed: Optional[int] = None
     validate_every: int = 500
     checkpoint_every: int = 100
     # "auto": bfloat16 autocast where the hardware computes it natively (GPUs
@@ -404,6 +413,52 @@ class DiscriminatorStep(nn.Module):
 MAX_BAD_STEPS_IN_A_ROW = 5
 
 
+def choose_splits(names: List[str], config: "TrainConfig", run_dir: Path, given=None, rank: int = 0,
+                  world: int = 1) -> Dict[str, List[str]]:
+    """{"train", "validation", "test": [case names]}: from ``given`` (a
+    splits.json the user wrote), else the run's own splits.json (a resumed
+    run), else made from the configuration (name order or ``split_seed``).
+    Written to the run folder by rank 0; a case in two parts, or named but
+    not found, is an error naming the file."""
+    path = Path(run_dir) / "splits.json"
+    source = Path(given) if given is not None else path if path.is_file() else None
+    if source is not None:
+        try:
+            splits = json.loads(source.read_text())
+            splits = {part: [str(n) for n in splits.get(part, [])] for part in ("train", "validation", "test")}
+        except (OSError, ValueError, AttributeError) as error:
+            raise ValueError(f"{source}: not a splits file ({error})") from None
+        seen: Dict[str, str] = {}
+        for part, members in splits.items():
+            for name in members:
+                if name in seen:
+                    raise ValueError(f"{source}: case {name!r} is in both {seen[name]} and {part}")
+                seen[name] = part
+        unknown = sorted(set(seen) - set(names))
+        if unknown:
+            raise ValueError(f"{source}: {len(unknown)} case(s) not in the data: {', '.join(unknown[:5])}")
+        left_out = sorted(set(names) - set(seen))
+        if left_out:
+            print(f"{source}: {len(left_out)} case(s) of the data are in no split and are left out: "
+                  f"{', '.join(left_out[:5])}")
+    else:
+        order = sorted(names)
+        if config.split_seed is not None:
+            order = [order[k] for k in np.random.default_rng(config.split_seed).permutation(len(order))]
+        n_test = min(config.test_cases, max(len(order) - 2, 0))
+        n_val = min(config.validation_cases, max(len(order) - n_test - 1, 0))
+        test = order[len(order) - n_test:] if n_test else []
+        rest = order[:len(order) - n_test]
+        splits = {"train": sorted(rest[:len(rest) - n_val]), "validation": sorted(rest[len(rest) - n_val:]),
+                  "test": sorted(test)}
+    if rank == 0 and source != path:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**splits, "counts": {k: len(v) for k, v in splits.items()}}, indent=1))
+        tmp.replace(path)
+    return splits
+
+
 def default_workers(world: int = 1) -> int:
     """Crop workers per rank: the CPU cores a rank has, less one for it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -457,7 +512,7 @@ class TrainingDiverged(RuntimeError):
 
 class Trainer:
     def __init__(self, config: TrainConfig, data_dir, run_dir, device: str = "cpu", log=print,
-                 workers: Optional[int] = None):
+                 workers: Optional[int] = None, splits=None):
         self.config = config
         self.run_dir = Path(run_dir)
         self.rank, self.world, self.device = distributed_setup(device)
@@ -467,15 +522,20 @@ class Trainer:
         # Every rank preprocesses its share of the cache (with ``workers``
         # processes), then all open every case from it, memory-mapped.
         self.workers = default_workers(self.world) if workers is None else int(workers)
+        sources, _ = discover_cases(data_dir)
+        self.splits = choose_splits([s.name for s in sources], config, self.run_dir, splits, self.rank, self.world)
+        self.test_sources = [s for s in sources if s.name in set(self.splits["test"])]
+        wanted = set(self.splits["train"]) | set(self.splits["validation"])  # the test cases are never preprocessed
         cases, self.problems = load_training_cases(data_dir, self.run_dir / "cache", net.preprocess, self.organs,
                                                    self.log, workers=max(self.workers, 1), rank=self.rank,
                                                    world=self.world,
-                                                   barrier=dist.barrier if self.world > 1 else None)
-        if len(cases) < 2:
-            raise ValueError(f"{data_dir}: need at least 2 usable cases (1 training, 1 validation), found {len(cases)}")
-        n_val = min(config.validation_cases, len(cases) - 1)
-        self.train_cases: List[CachedCase] = cases[:len(cases) - n_val]
-        self.val_cases: List[CachedCase] = cases[len(cases) - n_val:]
+                                                   barrier=dist.barrier if self.world > 1 else None, only=wanted)
+        by_name = {case.name: case for case in cases}
+        self.train_cases: List[CachedCase] = [by_name[n] for n in self.splits["train"] if n in by_name]
+        self.val_cases: List[CachedCase] = [by_name[n] for n in self.splits["validation"] if n in by_name]
+        if not self.train_cases or not self.val_cases:
+            raise ValueError(f"{data_dir}: need at least 1 usable training and 1 validation case, found "
+                             f"{len(self.train_cases)} and {len(self.val_cases)} (splits: {self.run_dir / 'splits.json'})")
         self.data_dir = str(data_dir)
         torch.manual_seed(config.seed)
         self.precision, self.precision_reason = precision.choose_for_training(config.precision, self.device)
@@ -1150,6 +1210,7 @@ class Trainer:
         return {"name": self.config.model_name, "intended_use": self.config.intended_use,
                 "dataset": self.data_dir, "training_cases": len(self.train_cases),
                 "validation_cases": len(self.val_cases), "skipped_cases": len(self.problems),
+                "splits": {part: len(names) for part, names in self.splits.items()},
                 "validation_metrics": {r["organ"]: {k: r[k] for k in ("dice", "hd95_paper", "hd95_symmetric")}
                                        for r in last},
                 "training_config": self.config.to_dict(),
@@ -1159,6 +1220,32 @@ class Trainer:
                 "skipped_steps": self.bad_steps["total"], "world_size": self.world,
                 **({"after_training_errors": list(self.report_errors)} if self.report_errors else {}),
                 **({"started_from": self.started_from} if getattr(self, "started_from", None) else {})}
+
+
+def evaluate_test_split(bundle: Path, sources, organs, out_dir: Path, device: str = "cpu", log=print) -> dict:
+    """Segment the test cases with the finished bundle (the Segmenter that
+    ``focusnet segment`` runs, on each case's own CT file and grid) and score
+    them against their contours (``focusnet evaluate``): test/evaluation.csv
+    and .md in the run folder. Returns {organ: mean metrics} and the means
+    over all organs and the small organs."""
+    from .evaluate import evaluate_sources, summary
+    from .imageio import read_image, write_image
+    from .segfile import write_label_table
+    from .segment import Segmenter
+
+    predictions = Path(out_dir) / "predictions"
+    predictions.mkdir(parents=True, exist_ok=True)
+    segmenter = Segmenter(bundle, device=device)
+    for source in sources:
+        result = segmenter.segment(read_image(source.image))
+        write_image(result.labels, predictions / f"{source.name}.nrrd", overwrite=True)
+        write_label_table(organs, predictions / f"{source.name}.labels.json", overwrite=True)
+    rows, _ = evaluate_sources(predictions, sources, organs.key, out_dir)
+    scores = summary(rows, organs)
+    log(f"test set ({len(sources)} case(s), never used for training or any choice): mean Dice "
+        f"{scores.get('mean_dice', float('nan')):.3f}, small organs {scores.get('mean_dice_small', float('nan')):.3f} "
+        f"({Path(out_dir) / 'evaluation.md'})")
+    return {"cases": len(sources), **scores}
 
 
 def _as_json(config: TrainConfig) -> dict:
@@ -1289,7 +1376,7 @@ def _plot_history(history: List[dict], path: Path, small_names):
 
 def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "auto", progress: bool = True,
           log=print, branch_from=None, from_model=None, from_stage: Optional[str] = None,
-          fresh_sos: bool = False, workers: Optional[int] = None) -> Path:
+          fresh_sos: bool = False, workers: Optional[int] = None, splits=None) -> Path:
     """``focusnet train``: returns the path of the model bundle it wrote.
     ``branch_from``: another run's checkpoint after its S-Net and SOL-Net
     stages to continue from (see Trainer.branch_from). ``from_model`` and
@@ -1311,7 +1398,7 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
     if not resume and (run_dir / "checkpoint.pt").exists():
         raise FileExistsError(f"{run_dir}: already holds a training run; pass --resume to continue it "
                               "or choose another --out")
-    trainer = Trainer(config, data_dir, run_dir, device, log, workers=workers)
+    trainer = Trainer(config, data_dir, run_dir, device, log, workers=workers, splits=splits)
     if branch_from is not None and not resume:
         trainer.branch_from(branch_from, fresh_sos)
         resume = True
@@ -1322,9 +1409,21 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
     bundle = run_dir / "model.pt"
     if trainer.rank == 0:
         aae = trainer.aae if config.adversarial else None
-        save_bundle(trainer.model, bundle, trainer.provenance(), overwrite=True, autoencoder=aae,
-                    autoencoder_width=config.autoencoder_width, postprocess=trainer.postprocess_plan)
+
+        def save(provenance):
+            save_bundle(trainer.model, bundle, provenance, overwrite=True, autoencoder=aae,
+                        autoencoder_width=config.autoencoder_width, postprocess=trainer.postprocess_plan)
+
+        provenance = trainer.provenance()
+        save(provenance)
         log(f"wrote {bundle}")
+        if trainer.test_sources:  # scored by the finished bundle, as users run it; never seen before
+            scores = trainer._after_training("test-set evaluation", lambda: evaluate_test_split(
+                bundle, trainer.test_sources, trainer.organs, run_dir / "test", device, log))
+            if scores is not None:
+                save({**provenance, "test_metrics": scores})
+            elif trainer.report_errors:
+                save({**trainer.provenance()})
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

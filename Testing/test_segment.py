@@ -173,7 +173,10 @@ def test_segment_dicom_series_to_rtstruct(tiny_bundle, tmp_path, capsys):
 def test_precision_choice_rules(monkeypatch):
     from FocusNetCore import precision
 
+    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda device="cuda": True)  # (no GPU here)
     assert precision.resolve("auto", "cuda") == "bfloat16"
+    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda device="cuda": False)  # a V100, a T4
+    assert precision.resolve("auto", "cuda") == "float32"
     assert precision.resolve("float32", "cuda") == "float32"
     assert precision.resolve("bfloat16", "cpu") == "bfloat16"
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import pytest
 import torch
 
@@ -639,3 +640,56 @@ def test_crop_workers_give_the_same_run_as_none(phantom_data, tmp_path):
     assert helped.crops("solnet", 1)[0]["maps"] is not None
     sos = helped.crops("sos", 3)[0]
     assert sos["maps"] is None and any(c is not None for c in sos["centres"])
+
+
+def _copy_data(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_the_test_split_is_scored_at_the_end_and_touches_no_choice(phantom_data, tmp_path):
+    """Issue 47: splits.json fixes train / validation / test; everything
+    tuned (thresholds, S-Net's small organs, post-processing, the final
+    validation, the weights) comes from training and validation only: with
+    the test case's contours poisoned, every tuned value is the same, and
+    only the test-set score (segmented by the finished bundle as users run
+    it) changes."""
+    torch.set_num_threads(1)
+    config = tmp_path / "split.yaml"
+    config.write_text(f"base: {TINY}\nvalidation_cases: 1\ntest_cases: 1\n")
+    clean = _copy_data(phantom_data, tmp_path / "clean")
+    poisoned = _copy_data(phantom_data, tmp_path / "poisoned")
+    test_labels = sorted(poisoned.glob("*_labels.nrrd"))[-1]  # the last in name order is the test case
+    truth = sitk.ReadImage(str(test_labels))
+    noise = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 30, sitk.GetArrayViewFromImage(truth).shape)
+                                   .astype(np.uint8))
+    noise.CopyInformation(truth)
+    sitk.WriteImage(noise, str(test_labels))
+
+    bundles = [train(config, data, tmp_path / f"run-{data.name}", device="cpu", progress=False,
+                     log=lambda *a: None, workers=0) for data in (clean, poisoned)]
+    metas = [load_bundle(b)[1] for b in bundles]
+    splits = json.loads((bundles[0].parent / "splits.json").read_text())
+    assert splits["test"] == [test_labels.name.replace("_labels.nrrd", "")] and len(splits["validation"]) == 1
+    assert not set(splits["test"]) & set(splits["validation"] + splits["train"])
+    assert not list((bundles[0].parent / "cache").glob(f"{splits['test'][0]}-*"))  # never preprocessed
+    a, b = (m["provenance"] for m in metas)
+    assert json.dumps(a["validation_metrics"], sort_keys=True) == json.dumps(b["validation_metrics"], sort_keys=True)
+    assert a["splits"] == {"train": 1, "validation": 1, "test": 1}
+    assert metas[0]["postprocess"] == metas[1]["postprocess"]
+    models = [load_bundle(b)[0] for b in bundles]
+    for key in ("heatmap_threshold", "sos_thresholds", "snet_small"):
+        assert getattr(models[0].config, key) == getattr(models[1].config, key), key
+    weights = [m.state_dict() for m in models]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert a["test_metrics"]["cases"] == 1 and b["test_metrics"]["cases"] == 1
+    assert a["test_metrics"]["mean_dice"] != b["test_metrics"]["mean_dice"]  # the poison is seen by the test score only
+    assert (bundles[0].parent / "test" / "evaluation.md").is_file()
+
+    given = tmp_path / "given.json"  # a split the user wrote: a case in two parts is refused by name
+    given.write_text(json.dumps({"train": splits["train"], "validation": splits["train"], "test": []}))
+    with pytest.raises(ValueError, match=f"given.json: case '{splits['train'][0]}' is in both train and validation"):
+        train(config, clean, tmp_path / "run-given", device="cpu", progress=False, log=lambda *a: None,
+              splits=given)
