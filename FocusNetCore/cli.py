@@ -254,7 +254,11 @@ def _cmd_train(args) -> int:
     bundle = train(args.config, args.data, args.out, resume=args.resume, device=args.device,
                    progress=not args.no_progress, branch_from=args.branch_from, from_model=args.from_model,
                    from_stage=args.from_stage, fresh_sos=args.fresh_sos, workers=args.workers,
-                   splits=args.splits)
+                   splits=args.splits, max_minutes=args.max_minutes)
+    if bundle is None:
+        print(f"stopped after {args.max_minutes:g} minutes; continue with: focusnet train --resume --config "
+              f"{args.config} --data {args.data} --out {args.out}")
+        return EXIT_OK
     print(f"model bundle: {bundle}")
     return EXIT_OK
 
@@ -364,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run's train/validation/test split: {\"train\": [case names], \"validation\": [...], "
                         "\"test\": [...]} (default: from the configuration's validation_cases, test_cases and "
                         "split_seed; written to <out>/splits.json either way)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop cleanly after this many minutes with a checkpoint that --resume continues (a queue's "
+                        "time limit); no model.pt until the run has finished")
     p.add_argument("--workers", type=int, default=None,
                    help="processes per rank that preprocess the cache and make training crops ahead of the GPU "
                         "(default: the rank's CPU cores less one, at most 8; 0: in the training process). The "

@@ -557,6 +557,9 @@ class Trainer:
         self.lr_scale = 1.0  # the schedule's factor for the iteration being run
         self.postprocess_plan: Optional[dict] = None  # chosen at the end; the final validation applies it
         self.report_errors: List[str] = []  # steps after training that failed (the model is written anyway)
+        self.best = {"mean_dice": float("-inf"), "step": 0}  # checkpoint-best.pt's validation
+        self.iterations: Optional[IterationLog] = None
+        self.d_loss = float("nan")
 
     # -- data --------------------------------------------------------------
     def _class_weights(self) -> torch.Tensor:
@@ -800,16 +803,20 @@ class Trainer:
                                    f"(precision {self.precision}; try precision: float32 or a lower learning rate)")
         return float("nan")
 
-    def run(self, resume: bool = False, progress: bool = True, stop_after: Optional[int] = None):
+    def run(self, resume: bool = False, progress: bool = True, stop_after: Optional[int] = None,
+            max_minutes: Optional[float] = None):
         """Train to the end of the schedule (or, with ``stop_after``, save a
         checkpoint after that many iterations and return None, as an
-        interrupted run would leave it)."""
+        interrupted run would leave it; with ``max_minutes``, the same once
+        that much time has passed: ``stopped_early`` is then set)."""
         if resume:
             self._load_checkpoint()
         total = sum(n for _, n in self.config.stages)
         done_before = sum(n for _, n in self.config.stages[: self.position[0]]) + self.position[1]
         bar = _progress(total, done_before, enabled=progress and self.rank == 0)
+        self.iterations = IterationLog(self.run_dir, done_before, enabled=self.rank == 0)
         start_time = time.perf_counter()
+        self.stopped_early = False
         for stage_index in range(self.position[0], len(self.config.stages)):
             stage, length = self.config.stages[stage_index]
             first = self.position[1] if stage_index == self.position[0] else 0
@@ -820,15 +827,32 @@ class Trainer:
             self._set_trainable(stage)
             loader = self._loader(stage, stage_index, first, length)
             for step in range(first, length):
-                loss = self._step(stage, stage_index, step, next(loader))
+                waited = time.perf_counter()
+                crop = next(loader)
+                stepped = time.perf_counter()
+                self.d_loss = float("nan")
+                loss = self._step(stage, stage_index, step, crop)
                 self.position = (stage_index, step + 1)
                 global_step = sum(n for _, n in self.config.stages[:stage_index]) + step + 1
                 bar.update(stage, loss)
+                self.iterations.add(step=global_step, stage=stage, iteration=step + 1, loss=loss, d_loss=self.d_loss,
+                                    lr=self.config.rate_of(stage)[0] * self.lr_scale, data_s=stepped - waited,
+                                    step_s=time.perf_counter() - stepped, wall_s=time.perf_counter() - start_time)
                 if self.rank == 0 and global_step % self.config.checkpoint_every == 0:
                     self._save_checkpoint()
-                if stop_after is not None and global_step >= stop_after:
+                out_of_time = max_minutes is not None and time.perf_counter() - start_time > 60 * max_minutes
+                if self.world > 1 and max_minutes is not None:  # every rank stops at the same iteration
+                    flag = torch.tensor([float(out_of_time)], device=self.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    out_of_time = bool(flag.item())
+                if (stop_after is not None and global_step >= stop_after) or out_of_time:
                     if self.rank == 0:
                         self._save_checkpoint()
+                    self.plot_progress()
+                    if out_of_time:
+                        self.stopped_early = True
+                        self.log(f"stopped after {max_minutes:g} minutes at {stage} iteration {step + 1} of "
+                                 f"{length} ({global_step} of {total}); --resume continues the run")
                     bar.close()
                     return None
                 if global_step % self.config.validate_every == 0:
@@ -841,6 +865,7 @@ class Trainer:
                 if stage == "solnet":  # where ablations branch off (Trainer.branch_from)
                     shutil.copyfile(self._checkpoint_path(), self.run_dir / "checkpoint-after-solnet.pt")
         bar.close()
+        self.plot_progress()
         self.training_seconds = time.perf_counter() - start_time
         # Trained: what follows tunes and reports. A failure in any of it is
         # logged and recorded, and the model is written all the same with the
@@ -909,7 +934,7 @@ class Trainer:
             p = torch.cat([preds[k] for k in keep]).float()
             with self._autocast():
                 d_loss = d_runner(t, p) * float(any(valid))
-            self._apply(opt_d, d_loss, stage, step)
+            self.d_loss = self._apply(opt_d, d_loss, stage, step)
         return value
 
     # -- validation ----------------------------------------------------------
@@ -948,6 +973,10 @@ class Trainer:
         # localisation error (issue 47: a KeyError here lost a whole run).
         errors = [summary[n]["peak_error_mm"] for n in self.organs.small_names
                   if "peak_error_mm" in summary.get(n, {})]
+        if stage != "final" and np.isfinite(mean_dice) and mean_dice > self.best["mean_dice"]:
+            self.best = {"mean_dice": float(mean_dice), "step": int(global_step), "stage": stage}
+            self._save_checkpoint()
+            shutil.copyfile(self._checkpoint_path(), self.run_dir / "checkpoint-best.pt")
         self.log(f"validation at step {global_step} ({stage}): mean Dice {mean_dice:.3f}, "
                  f"small organs {np.mean(small) if small else float('nan'):.3f}, SOL-Net peak error "
                  f"{np.median(errors) if errors else float('nan'):.1f} mm (median over small organs)")
@@ -1084,11 +1113,21 @@ class Trainer:
                  "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                  "position": list(self.position), "history": self.history,
                  "config": json.dumps(self.config.to_dict()),
-                 "started_from": getattr(self, "started_from", None),
+                 "started_from": getattr(self, "started_from", None), "best": self.best,
                  **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
         tmp = self._checkpoint_path().with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self._checkpoint_path())
+        if getattr(self, "iterations", None) is not None:
+            self.iterations.flush()  # history.csv holds what the checkpoint holds
+            self.plot_progress(force=False)
+
+    def plot_progress(self, force: bool = True) -> None:
+        """progress.png, at most every 30 s unless ``force``."""
+        if self.rank != 0 or (not force and time.monotonic() - getattr(self, "_plotted", 0.0) < 30):
+            return
+        self._plotted = time.monotonic()
+        _plot_progress(self.run_dir / "history.csv", self.history, self.run_dir / "progress.png")
 
     def _load_checkpoint(self):
         path = self._checkpoint_path()
@@ -1102,6 +1141,7 @@ class Trainer:
         self.position = tuple(state["position"])
         self.history = state["history"]
         self.started_from = state.get("started_from")
+        self.best = state.get("best", self.best)
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         stage = self.config.stages[self.position[0]][0] if self.position[0] < len(self.config.stages) else None
@@ -1263,6 +1303,99 @@ def _stored_config(state: dict) -> dict:
 
 
 
+class IterationLog:
+    """history.csv: one row per iteration (global step, stage, iteration in
+    the stage, loss, the discriminator's loss where there is one, learning
+    rate, seconds waiting for the crop, seconds of the step, wall seconds
+    since the run (re)started), written at each checkpoint; a resumed run
+    first drops the rows past its checkpoint. TensorBoard event files too
+    when tensorboard is installed (focusnet[tensorboard])."""
+
+    FIELDS = ("step", "stage", "iteration", "loss", "d_loss", "lr", "data_s", "step_s", "wall_s")
+
+    def __init__(self, run_dir: Path, done: int, enabled: bool = True):
+        self.path = Path(run_dir) / "history.csv"
+        self.enabled, self.rows = enabled, []
+        self.board = None
+        if not enabled:
+            return
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.is_file():
+            with open(self.path, newline="") as handle:
+                kept = [r for r in csv.DictReader(handle) if int(r["step"]) <= done]
+        with open(self.path.with_suffix(".tmp"), "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(kept)
+        self.path.with_suffix(".tmp").replace(self.path)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=done + 1)
+        except ImportError:  # tensorboard is optional
+            self.board = None
+
+    def add(self, **row) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        if self.board is not None:
+            for key in ("loss", "d_loss", "lr", "data_s", "step_s"):
+                if math.isfinite(row[key]):
+                    self.board.add_scalar(f"{row['stage']}/{key}", row[key], row["step"])
+
+    def flush(self) -> None:
+        if not self.enabled or not self.rows:
+            return
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.FIELDS).writerows(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows)
+        self.rows = []
+        if self.board is not None:
+            self.board.flush()
+
+
+def _plot_progress(history_csv: Path, validation: List[dict], path: Path) -> None:
+    """progress.png: each stage's loss (a running mean) and the learning rate
+    by iteration, and the validation mean Dice where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history_csv.is_file():
+        return
+    with open(history_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return
+    figure, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        mine = [r for r in rows if r["stage"] == stage]
+        steps = np.array([int(r["step"]) for r in mine])
+        loss = np.array([float(r["loss"]) for r in mine])
+        window = max(1, len(loss) // 50)
+        smooth = np.convolve(np.nan_to_num(loss, nan=np.nanmean(loss) if np.isfinite(loss).any() else 0.0),
+                             np.ones(window) / window, mode="same")
+        axes[0].plot(steps, smooth, label=stage)
+        axes[1].plot(steps, [float(r["lr"]) for r in mine], label=stage)
+    axes[0].set_title("training loss (running mean)")
+    axes[1].set_title("learning rate")
+    axes[1].set_yscale("log")
+    val_steps = sorted({r["step"] for r in validation})
+    axes[2].plot(val_steps, [np.nanmean([r["dice"] for r in validation if r["step"] == s]) for s in val_steps], "o-")
+    axes[2].set_title("validation mean Dice")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    figure.savefig(tmp, dpi=80)
+    plt.close(figure)
+    tmp.replace(path)
+
+
 class _progress:
     """A tqdm bar with the loss and the ETA, or nothing."""
 
@@ -1376,7 +1509,8 @@ def _plot_history(history: List[dict], path: Path, small_names):
 
 def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "auto", progress: bool = True,
           log=print, branch_from=None, from_model=None, from_stage: Optional[str] = None,
-          fresh_sos: bool = False, workers: Optional[int] = None, splits=None) -> Path:
+          fresh_sos: bool = False, workers: Optional[int] = None, splits=None,
+          max_minutes: Optional[float] = None) -> Optional[Path]:
     """``focusnet train``: returns the path of the model bundle it wrote.
     ``branch_from``: another run's checkpoint after its S-Net and SOL-Net
     stages to continue from (see Trainer.branch_from). ``from_model`` and
@@ -1405,7 +1539,12 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
     if from_model is not None and not resume:
         trainer.start_from_model(from_model, from_stage)
         resume = True
-    trainer.run(resume=resume, progress=progress)
+    trainer.run(resume=resume, progress=progress, max_minutes=max_minutes)
+    if trainer.stopped_early:  # a checkpoint to --resume from; no model yet
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        return None
     bundle = run_dir / "model.pt"
     if trainer.rank == 0:
         aae = trainer.aae if config.adversarial else None

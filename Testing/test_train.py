@@ -693,3 +693,35 @@ def test_the_test_split_is_scored_at_the_end_and_touches_no_choice(phantom_data,
     with pytest.raises(ValueError, match=f"given.json: case '{splits['train'][0]}' is in both train and validation"):
         train(config, clean, tmp_path / "run-given", device="cpu", progress=False, log=lambda *a: None,
               splits=given)
+
+
+def test_a_run_to_watch_and_to_stop_at_a_time_limit(phantom_data, tmp_path):
+    """Issue 47: history.csv (a row per iteration: stage, loss, the
+    discriminator's loss, learning rate, data and step time), progress.png,
+    checkpoint-best.pt at the best validation; --max-minutes stops cleanly and
+    --resume ends with the weights of an uninterrupted run."""
+    import csv as csv_module
+
+    torch.set_num_threads(1)
+    config = tmp_path / "watch.yaml"
+    config.write_text(f"base: {TINY}\nvalidate_every: 4\nlr_schedule: cosine\n")
+    whole = train(config, phantom_data, tmp_path / "whole", device="cpu", progress=False, log=lambda *a: None,
+                  workers=0)
+    run = tmp_path / "stopped"
+    said = []
+    assert train(config, phantom_data, run, device="cpu", progress=False, log=said.append, workers=0,
+                 max_minutes=1e-9) is None  # out of time after the first iteration
+    assert any("stopped after" in line and "--resume continues" in line for line in said)
+    assert not (run / "model.pt").exists() and (run / "checkpoint.pt").is_file()
+    resumed = train(config, phantom_data, run, resume=True, device="cpu", progress=False, log=lambda *a: None,
+                    workers=0)
+    a, b = load_bundle(whole)[0].state_dict(), load_bundle(resumed)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with open(run / "history.csv", newline="") as handle:
+        rows = list(csv_module.DictReader(handle))
+    total = sum(load_config(TINY).stages[k][1] for k in range(len(load_config(TINY).stages)))
+    assert [int(r["step"]) for r in rows] == list(range(1, total + 1))  # one row per iteration, none twice
+    assert {r["stage"] for r in rows} == {"snet", "solnet", "aae_pretrain", "sos", "finetune"}
+    assert all(float(r["lr"]) > 0 and float(r["step_s"]) > 0 for r in rows)
+    assert any(r["d_loss"] not in ("nan", "") for r in rows if r["stage"] == "sos")
+    assert (run / "progress.png").stat().st_size > 5000 and (run / "checkpoint-best.pt").is_file()
