@@ -452,12 +452,15 @@ def organ_centres(labels: np.ndarray, small_labels) -> List[Optional[np.ndarray]
     return out
 
 
-def heatmaps(labels: np.ndarray, small_labels, sigma: float = HEATMAP_SIGMA_VOXELS, with_maps: bool = True):
+def heatmaps(labels: np.ndarray, small_labels, sigma: float = HEATMAP_SIGMA_VOXELS, with_maps: bool = True,
+             out: Optional[np.ndarray] = None):
     """Gaussian heat maps (S, D, H, W) at each small organ's centre (zeros
     where an organ is not in the chunk) and the centres (None if absent).
     ``with_maps=False``: the centres only (maps None), for the stages that
-    use no heat map."""
-    maps = np.zeros((len(small_labels),) + labels.shape, dtype=np.float32) if with_maps else None
+    use no heat map. ``out``: a zeroed float32 array to write the maps into
+    (a crop worker's shared memory)."""
+    maps = (out if out is not None else np.zeros((len(small_labels),) + labels.shape, dtype=np.float32)) \
+        if with_maps else None
     centres = []
     grids = [np.arange(n, dtype=np.float32) for n in labels.shape]
     for k, c in enumerate(organ_centres(labels, small_labels)):

@@ -499,11 +499,20 @@ class Crops(torch.utils.data.Dataset):
         around_small = self.stage in ("aae_pretrain", "sos", "finetune")
         image, labels, present = sample_chunk(case, depth, rng, config.augment, small, around_small,
                                               config.organ_crop_fraction, organs.mirror_labels)
+        # Tensors: a worker hands them over in shared memory (numpy arrays would be pickled, tens of MB
+        # a crop); the heat maps, the largest, are written straight into it.
+        in_worker = torch.utils.data.get_worker_info() is not None
+        shared = lambda a: torch.from_numpy(np.ascontiguousarray(a)).share_memory_() if in_worker \
+            else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         maps, centres = None, None
         if self.stage in self.MAPS or self.stage in self.CENTRES:
-            maps, centres = heatmaps(labels, small, with_maps=self.stage in self.MAPS)
-        return {"image": image, "labels": labels, "present": present, "maps": maps, "centres": centres,
-                "rng_state": rng.bit_generator.state}
+            with_maps = self.stage in self.MAPS
+            maps = torch.zeros((len(small),) + labels.shape) if with_maps else None
+            if maps is not None and in_worker:
+                maps.share_memory_()
+            _, centres = heatmaps(labels, small, with_maps=with_maps, out=None if maps is None else maps.numpy())
+        return {"image": shared(image), "labels": shared(labels), "present": torch.from_numpy(np.asarray(present)),
+                "maps": maps, "centres": centres, "rng_state": rng.bit_generator.state}
 
 
 class TrainingDiverged(RuntimeError):
@@ -1262,6 +1271,89 @@ class Trainer:
                 **({"started_from": self.started_from} if getattr(self, "started_from", None) else {})}
 
 
+def bootstrap_ci(values, resamples: int = 2000, seed: int = 0) -> Optional[Tuple[float, float]]:
+    """95 % percentile bootstrap interval of the mean over cases (None for
+    fewer than 3 cases: no interval worth printing)."""
+    values = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+    if len(values) < 3:
+        return None
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def write_model_card(run_dir: Path, provenance: dict, config: "TrainConfig") -> Path:
+    """model-card.md for a finished run: what the model is, stage by stage;
+    its data and splits; validation and test figures (test: the mean over
+    cases with a 95 % bootstrap interval, per organ); intended use;
+    precision; limitations. Every figure is this run's."""
+    run_dir = Path(run_dir)
+    net = config.network
+    lines = [f"# Model card: {provenance.get('name', 'FocusNetv2')}", "",
+             f"Written by `focusnet train` for the run in `{run_dir}` (bundle `model.pt`).", "",
+             "## What it is", "",
+             f"FocusNetv2 ({net.organs.key}, {net.organs.num_classes - 1} organs; channel width x{net.width}; "
+             f"voxels {tuple(net.preprocess.spacing)} mm (x, y, z), {tuple(net.preprocess.crop_size)} in-plane "
+             f"window, ROI {tuple(net.roi_size)} voxels), trained in stages:", ""]
+    lines += [f"- `{stage}`: {length} iterations at learning rate {config.rate_of(stage)[0]:g} "
+              f"({config.rate_of(stage)[1]})" for stage, length in config.stages if length]
+    splits = provenance.get("splits", {})
+    lines += ["", "## Data", "",
+              f"`{provenance.get('dataset', '?')}`: {splits.get('train', provenance.get('training_cases'))} training, "
+              f"{splits.get('validation', provenance.get('validation_cases'))} validation and {splits.get('test', 0)} "
+              f"test case(s) (`splits.json`); {provenance.get('skipped_cases', 0)} case(s) skipped as unreadable. "
+              "Every choice made after training (presence and SOS-Net thresholds, S-Net's small organs, "
+              "post-processing, the best checkpoint) used the validation cases only.", "",
+              "## Figures", ""]
+    validation = provenance.get("validation_metrics", {})
+    if validation:
+        dice = [v["dice"] for v in validation.values() if np.isfinite(v.get("dice", float("nan")))]
+        lines.append(f"Validation (development: choices were made on these), mean Dice over organs "
+                     f"{np.mean(dice):.3f}." if dice else "Validation: no figures.")
+    test = provenance.get("test_metrics")
+    csv_path = run_dir / "test" / "evaluation.csv"
+    if test and csv_path.is_file():
+        with open(csv_path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        per_case = {}
+        for r in rows:
+            per_case.setdefault(r["case"], []).append(float(r["dice"]))
+        case_means = [float(np.nanmean(v)) for v in per_case.values()]
+        ci = bootstrap_ci(case_means)
+        lines += ["", f"Test ({test['cases']} case(s) held out of everything, segmented by the finished bundle "
+                      f"through `focusnet segment`'s Segmenter): mean Dice {test['mean_dice']:.3f}"
+                      + (f" (95 % CI {ci[0]:.3f}-{ci[1]:.3f}, bootstrap over cases)" if ci else "")
+                      + f", small organs {test['mean_dice_small']:.3f}.", "",
+                  "| organ | Dice | 95% CI | HD95 (paper form), mm |", "|---|---|---|---|"]
+        for organ, values in test["organs"].items():
+            organ_ci = bootstrap_ci([float(r["dice"]) for r in rows if r["organ"] == organ])
+            lines.append(f"| {organ} | {values['dice']:.3f} | "
+                         f"{f'{organ_ci[0]:.3f}-{organ_ci[1]:.3f}' if organ_ci else 'n/a'} | "
+                         f"{values['hd95_paper']:.1f} |")
+    else:
+        lines += ["", "Test: no test split (`test_cases: 0`): the validation figure above is optimistic, as "
+                      "every choice was made on it."]
+    lines += ["", "## Intended use", "", provenance.get("intended_use") or config.intended_use or
+              "Not stated in the training configuration (`intended_use`).", "",
+              "## How it was trained", "",
+              f"Device {provenance.get('device')}, {provenance.get('world_size', 1)} process(es), precision "
+              f"{provenance.get('precision')} ({provenance.get('precision_reason', '')}); "
+              f"{provenance.get('training_seconds', 0) / 3600:.2f} h of training; "
+              f"{provenance.get('skipped_steps', 0)} step(s) skipped as non-finite."]
+    if provenance.get("after_training_errors"):
+        lines += ["", "Steps after training that failed (the model was written without them): "
+                  + "; ".join(provenance["after_training_errors"])]
+    lines += ["", "## Limitations", "",
+              "- Figures hold for scans like the training data only (scanner, protocol, contouring guideline).",
+              "- Organs outside the scanned field of view may be drawn at its edge; check every organ.",
+              "- Not a medical device: contours are drafts for a qualified person to review and correct.", ""]
+    path = run_dir / "model-card.md"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
 def evaluate_test_split(bundle: Path, sources, organs, out_dir: Path, device: str = "cpu", log=print) -> dict:
     """Segment the test cases with the finished bundle (the Segmenter that
     ``focusnet segment`` runs, on each case's own CT file and grid) and score
@@ -1560,9 +1652,12 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
             scores = trainer._after_training("test-set evaluation", lambda: evaluate_test_split(
                 bundle, trainer.test_sources, trainer.organs, run_dir / "test", device, log))
             if scores is not None:
-                save({**provenance, "test_metrics": scores})
+                provenance = {**provenance, "test_metrics": scores}
+                save(provenance)
             elif trainer.report_errors:
-                save({**trainer.provenance()})
+                provenance = trainer.provenance()
+                save(provenance)
+        trainer._after_training("model card", lambda: log(f"wrote {write_model_card(run_dir, provenance, config)}"))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

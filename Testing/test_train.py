@@ -642,6 +642,14 @@ def test_crop_workers_give_the_same_run_as_none(phantom_data, tmp_path):
     assert sos["maps"] is None and any(c is not None for c in sos["centres"])
 
 
+def test_bootstrap_interval_of_a_mean():
+    from FocusNetCore.train import bootstrap_ci
+
+    assert bootstrap_ci([0.8, 0.9]) is None  # too few cases for an interval
+    low, high = bootstrap_ci([0.70, 0.75, 0.80, 0.85, 0.90, 0.95])
+    assert low < 0.825 < high and high - low < 0.2
+
+
 def _copy_data(source, target):
     import shutil
 
@@ -687,6 +695,10 @@ def test_the_test_split_is_scored_at_the_end_and_touches_no_choice(phantom_data,
     assert a["test_metrics"]["cases"] == 1 and b["test_metrics"]["cases"] == 1
     assert a["test_metrics"]["mean_dice"] != b["test_metrics"]["mean_dice"]  # the poison is seen by the test score only
     assert (bundles[0].parent / "test" / "evaluation.md").is_file()
+    card = (bundles[0].parent / "model-card.md").read_text()
+    for section in ("## What it is", "## Data", "## Figures", "## Intended use", "## Limitations"):
+        assert section in card
+    assert f"mean Dice {a['test_metrics']['mean_dice']:.3f}" in card and "1 training, 1 validation and 1 test" in card
 
     given = tmp_path / "given.json"  # a split the user wrote: a case in two parts is refused by name
     given.write_text(json.dumps({"train": splits["train"], "validation": splits["train"], "test": []}))

@@ -95,6 +95,7 @@ def main():
     parser.add_argument("--large", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--crops", type=int, default=40, help="crops timed per sampling figure")
+    parser.add_argument("--skip-memory", action="store_true", help="sampling and step figures only")
     parser.add_argument("--steps", type=int, default=15, help="S-Net steps timed per step figure")
     args = parser.parse_args()
 
@@ -113,7 +114,7 @@ def main():
 
         # 1. memory
         rows = {}
-        for n in (args.small, args.large):
+        for n in ((args.small, args.large) if not args.skip_memory else ()):
             data = make_data(tmp / f"data{n}", n, templates)
             run = tmp / f"run{n}"
             started = time.perf_counter()
@@ -130,10 +131,13 @@ def main():
             print(f"{n:4d} cases: cache built in {built:.1f} s; training process peak RSS (VmHWM) "
                   f"{rows[n]['vmhwm_kb'] / 1024:.0f} MiB, peak anonymous memory "
                   f"{rows[n]['rss_anon_peak_kb'] / 1024:.0f} MiB", flush=True)
-        small, large = rows[args.small], rows[args.large]
-        print(f"memory ratio {args.large} / {args.small} cases: peak RSS "
-              f"{large['vmhwm_kb'] / small['vmhwm_kb']:.2f}x, anonymous {large['rss_anon_peak_kb'] / small['rss_anon_peak_kb']:.2f}x "
-              "(target: at most 1.25x)")
+        if args.skip_memory:
+            make_data(tmp / f"data{args.small}", args.small, templates)
+        else:
+            small, large = rows[args.small], rows[args.large]
+            print(f"memory ratio {args.large} / {args.small} cases: peak RSS "
+                  f"{large['vmhwm_kb'] / small['vmhwm_kb']:.2f}x, anonymous "
+                  f"{large['rss_anon_peak_kb'] / small['rss_anon_peak_kb']:.2f}x (target: at most 1.25x)")
 
         # 2. sampling throughput, SOL-Net crops (heat maps included), paper-sized
         torch.set_num_threads(1)
