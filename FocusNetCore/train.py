@@ -425,9 +425,16 @@ def choose_splits(names: List[str], config: "TrainConfig", run_dir: Path, given=
     if source is not None:
         try:
             splits = json.loads(source.read_text())
-            splits = {part: [str(n) for n in splits.get(part, [])] for part in ("train", "validation", "test")}
-        except (OSError, ValueError, AttributeError) as error:
-            raise ValueError(f"{source}: not a splits file ({error})") from None
+        except OSError as error:
+            raise ValueError(f"{source}: cannot read the splits file ({error.strerror or error})") from None
+        except ValueError as error:
+            raise ValueError(f"{source}: not a splits file (not JSON: {error})") from None
+        if not isinstance(splits, dict) or not all(
+                isinstance(splits.get(part, []), list) and all(isinstance(n, str) for n in splits.get(part, []))
+                for part in ("train", "validation", "test")):
+            raise ValueError(f"{source}: not a splits file: expected {{\"train\": [case names], "
+                             "\"validation\": [...], \"test\": [...]}, each a list of strings")
+        splits = {part: list(splits.get(part, [])) for part in ("train", "validation", "test")}
         seen: Dict[str, str] = {}
         for part, members in splits.items():
             for name in members:
@@ -446,6 +453,11 @@ def choose_splits(names: List[str], config: "TrainConfig", run_dir: Path, given=
         if config.split_seed is not None:
             order = [order[k] for k in np.random.default_rng(config.split_seed).permutation(len(order))]
         n_test = min(config.test_cases, max(len(order) - 2, 0))
+        if n_test < config.test_cases:
+            print(f"warning: test_cases is {config.test_cases} but {len(order)} case(s) leave room for {n_test} "
+                  "(at least 1 training and 1 validation case come first): the run's figures will come from "
+                  "validation only" if n_test == 0 else f"warning: only {n_test} of the {config.test_cases} test "
+                  f"cases asked for fit among {len(order)} case(s)")
         n_val = min(config.validation_cases, max(len(order) - n_test - 1, 0))
         test = order[len(order) - n_test:] if n_test else []
         rest = order[:len(order) - n_test]
@@ -568,6 +580,7 @@ class Trainer:
         self.report_errors: List[str] = []  # steps after training that failed (the model is written anyway)
         self.best = {"mean_dice": float("-inf"), "step": 0}  # checkpoint-best.pt's validation
         self.iterations: Optional[IterationLog] = None
+        self.seconds_before = 0.0  # training time of the run's earlier sessions (from the checkpoint)
         self.d_loss = float("nan")
 
     # -- data --------------------------------------------------------------
@@ -825,6 +838,7 @@ class Trainer:
         bar = _progress(total, done_before, enabled=progress and self.rank == 0)
         self.iterations = IterationLog(self.run_dir, done_before, enabled=self.rank == 0)
         start_time = time.perf_counter()
+        self._run_started = start_time
         self.stopped_early = False
         for stage_index in range(self.position[0], len(self.config.stages)):
             stage, length = self.config.stages[stage_index]
@@ -846,7 +860,8 @@ class Trainer:
                 bar.update(stage, loss)
                 self.iterations.add(step=global_step, stage=stage, iteration=step + 1, loss=loss, d_loss=self.d_loss,
                                     lr=self.config.rate_of(stage)[0] * self.lr_scale, data_s=stepped - waited,
-                                    step_s=time.perf_counter() - stepped, wall_s=time.perf_counter() - start_time)
+                                    step_s=time.perf_counter() - stepped,
+                                    wall_s=self.seconds_before + time.perf_counter() - start_time)
                 if self.rank == 0 and global_step % self.config.checkpoint_every == 0:
                     self._save_checkpoint()
                 out_of_time = max_minutes is not None and time.perf_counter() - start_time > 60 * max_minutes
@@ -875,7 +890,7 @@ class Trainer:
                     shutil.copyfile(self._checkpoint_path(), self.run_dir / "checkpoint-after-solnet.pt")
         bar.close()
         self.plot_progress()
-        self.training_seconds = time.perf_counter() - start_time
+        self.training_seconds = self.seconds_before + time.perf_counter() - start_time
         # Trained: what follows tunes and reports. A failure in any of it is
         # logged and recorded, and the model is written all the same with the
         # configuration's values for what could not be tuned: a long run never
@@ -1123,6 +1138,8 @@ class Trainer:
                  "position": list(self.position), "history": self.history,
                  "config": json.dumps(self.config.to_dict()),
                  "started_from": getattr(self, "started_from", None), "best": self.best,
+                 "training_seconds": self.seconds_before + (time.perf_counter() - self._run_started
+                                                            if getattr(self, "_run_started", None) else 0.0),
                  **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
         tmp = self._checkpoint_path().with_suffix(".tmp")
         torch.save(state, tmp)
@@ -1151,6 +1168,7 @@ class Trainer:
         self.history = state["history"]
         self.started_from = state.get("started_from")
         self.best = state.get("best", self.best)
+        self.seconds_before = float(state.get("training_seconds", 0.0))  # earlier sessions of this run
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         stage = self.config.stages[self.position[0]][0] if self.position[0] < len(self.config.stages) else None
@@ -1260,6 +1278,7 @@ class Trainer:
                 "dataset": self.data_dir, "training_cases": len(self.train_cases),
                 "validation_cases": len(self.val_cases), "skipped_cases": len(self.problems),
                 "splits": {part: len(names) for part, names in self.splits.items()},
+                "best_validation": dict(self.best),
                 "validation_metrics": {r["organ"]: {k: r[k] for k in ("dice", "hd95_paper", "hd95_symmetric")}
                                        for r in last},
                 "training_config": self.config.to_dict(),
@@ -1299,9 +1318,10 @@ def write_model_card(run_dir: Path, provenance: dict, config: "TrainConfig") -> 
               f"({config.rate_of(stage)[1]})" for stage, length in config.stages if length]
     splits = provenance.get("splits", {})
     lines += ["", "## Data", "",
-              f"`{provenance.get('dataset', '?')}`: {splits.get('train', provenance.get('training_cases'))} training, "
-              f"{splits.get('validation', provenance.get('validation_cases'))} validation and {splits.get('test', 0)} "
-              f"test case(s) (`splits.json`); {provenance.get('skipped_cases', 0)} case(s) skipped as unreadable. "
+              f"`{provenance.get('dataset', '?')}`: {provenance.get('training_cases')} training, "
+              f"{provenance.get('validation_cases')} validation and {splits.get('test', 0)} test case(s) "
+              f"(`splits.json`); {provenance.get('skipped_cases', 0)} training or validation case(s) skipped as "
+              "unreadable. "
               "Every choice made after training (presence and SOS-Net thresholds, S-Net's small organs, "
               "post-processing, the best checkpoint) used the validation cases only.", "",
               "## Figures", ""]
@@ -1330,14 +1350,24 @@ def write_model_card(run_dir: Path, provenance: dict, config: "TrainConfig") -> 
             lines.append(f"| {organ} | {values['dice']:.3f} | "
                          f"{f'{organ_ci[0]:.3f}-{organ_ci[1]:.3f}' if organ_ci else 'n/a'} | "
                          f"{values['hd95_paper']:.1f} |")
+        if test.get("skipped"):
+            lines += ["", "Test cases that could not be read and are not in these figures: "
+                      + "; ".join(test["skipped"])]
+    elif splits.get("test"):
+        lines += ["", f"Test: the {splits['test']} test case(s) could not be scored (see below); the validation "
+                      "figure above is optimistic, as every choice was made on it."]
     else:
-        lines += ["", "Test: no test split (`test_cases: 0`): the validation figure above is optimistic, as "
-                      "every choice was made on it."]
+        lines += ["", f"Test: no test split (the configuration asked for {config.test_cases} test case(s)): the "
+                      "validation figure above is optimistic, as every choice was made on it."]
     lines += ["", "## Intended use", "", provenance.get("intended_use") or config.intended_use or
               "Not stated in the training configuration (`intended_use`).", "",
               "## How it was trained", "",
+              "`model.pt` holds the weights at the end of the schedule; `checkpoint-best.pt` those at the best "
+              f"validation ({provenance.get('best_validation', {}).get('mean_dice', float('nan')):.3f} mean Dice at "
+              f"iteration {provenance.get('best_validation', {}).get('step', '?')}), kept for comparison.", "",
               f"Device {provenance.get('device')}, {provenance.get('world_size', 1)} process(es), precision "
-              f"{provenance.get('precision')} ({provenance.get('precision_reason', '')}); "
+              f"{provenance.get('precision')} ({provenance.get('precision_reason', '')}; per network, measured: "
+              f"{provenance.get('precision_probe')}); "
               f"{provenance.get('training_seconds', 0) / 3600:.2f} h of training; "
               f"{provenance.get('skipped_steps', 0)} step(s) skipped as non-finite."]
     if provenance.get("after_training_errors"):
@@ -1365,15 +1395,27 @@ def evaluate_test_split(bundle: Path, sources, organs, out_dir: Path, device: st
     from .segfile import write_label_table
     from .segment import Segmenter
 
+    from .imageio import ImageReadError
+
     predictions = Path(out_dir) / "predictions"
     predictions.mkdir(parents=True, exist_ok=True)
     segmenter = Segmenter(bundle, device=device)
-    for source in sources:
-        result = segmenter.segment(read_image(source.image))
+    scored, skipped = [], []
+    for source in sources:  # an unreadable test case is reported and the others scored
+        try:
+            result = segmenter.segment(read_image(source.image))
+        except (ImageReadError, ValueError, RuntimeError, OSError) as error:
+            skipped.append(f"{source.name}: {error}")
+            log(f"test case skipped: {source.name}: {error}")
+            continue
         write_image(result.labels, predictions / f"{source.name}.nrrd", overwrite=True)
         write_label_table(organs, predictions / f"{source.name}.labels.json", overwrite=True)
+        scored.append(source)
+    if not scored:
+        raise ValueError(f"none of the {len(sources)} test case(s) could be read: {'; '.join(skipped)}")
+    sources = scored
     rows, _ = evaluate_sources(predictions, sources, organs.key, out_dir)
-    scores = summary(rows, organs)
+    scores = {**summary(rows, organs), "skipped": skipped}
     log(f"test set ({len(sources)} case(s), never used for training or any choice): mean Dice "
         f"{scores.get('mean_dice', float('nan')):.3f}, small organs {scores.get('mean_dice_small', float('nan')):.3f} "
         f"({Path(out_dir) / 'evaluation.md'})")

@@ -737,3 +737,40 @@ def test_a_run_to_watch_and_to_stop_at_a_time_limit(phantom_data, tmp_path):
     assert all(float(r["lr"]) > 0 and float(r["step_s"]) > 0 for r in rows)
     assert any(r["d_loss"] not in ("nan", "") for r in rows if r["stage"] == "sos")
     assert (run / "progress.png").stat().st_size > 5000 and (run / "checkpoint-best.pt").is_file()
+
+
+def test_splits_files_are_checked_and_a_short_test_split_is_said(tmp_path, capsys):
+    """A user's splits file of the wrong shape is refused saying what is
+    expected; asking for more test cases than the data leave room for is
+    said, not silently dropped."""
+    from FocusNetCore.train import choose_splits
+
+    config = _tiny(validation_cases=1, test_cases=1)
+    names = ["a", "b", "c"]
+    for text in ('{"train": "a", "validation": ["b"]}', '["a", "b"]', '{"train": [1], "validation": ["b"]}'):
+        given = tmp_path / "given.json"
+        given.write_text(text)
+        with pytest.raises(ValueError, match="given.json: not a splits file: expected"):
+            choose_splits(names, config, tmp_path / "run", given)
+    with pytest.raises(ValueError, match="missing.json: cannot read the splits file"):
+        choose_splits(names, config, tmp_path / "run", tmp_path / "missing.json")
+    splits = choose_splits(["a", "b"], config, tmp_path / "run2")
+    assert splits["test"] == [] and "test_cases is 1 but 2 case(s) leave room for 0" in capsys.readouterr().out
+
+
+def test_an_unreadable_test_case_is_skipped_and_the_others_scored(tmp_path):
+    from FocusNetCore.bundleinfo import embedded_model_path
+    from FocusNetCore.data import discover_cases
+    from FocusNetCore.organs import ORGAN_SETS
+    from FocusNetCore.train import evaluate_test_split
+
+    for seed in (1000, 1001):
+        write_case(generate_case(seed, "small"), tmp_path / "data", "nrrd")
+    broken = sorted((tmp_path / "data").glob("*_ct.nrrd"))[0]
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated
+    sources, _ = discover_cases(tmp_path / "data")
+    said = []
+    scores = evaluate_test_split(embedded_model_path(), sources, ORGAN_SETS["oar22"], tmp_path / "test", "cpu",
+                                 said.append)
+    assert scores["cases"] == 1 and len(scores["skipped"]) == 1 and broken.name.split("_ct")[0] in scores["skipped"][0]
+    assert scores["mean_dice"] > 0.7 and any("test case skipped" in line for line in said)
