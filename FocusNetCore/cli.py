@@ -604,7 +604,7 @@ def _cmd_postprocess(args) -> int:
     import dataclasses
 
     from .bundle import with_postprocess
-    from .data import discover_cases, load_training_cases
+    from .data import CachedCase, discover_cases, load_training_cases
     from .postprocess import SOS_THRESHOLDS, choose, choose_snet_small, choose_sos_thresholds_from_scores, mean_dice
     from .segment import Segmenter
     from .train import branch_and_snet_labels
@@ -618,6 +618,8 @@ def _cmd_postprocess(args) -> int:
             config, preprocess=dataclasses.replace(config.preprocess, chunk_slices=args.chunk_slices))
     with tempfile.TemporaryDirectory() as cache:
         cases, problems = load_training_cases(args.data, cache, segmenter.config.preprocess, organs, print)
+        # In memory: the cache on disk goes with this block.
+        cases = [CachedCase(c.name, c.image, c.labels, c.present) for c in cases]
     if args.validation_cases < 1 or len(cases) < args.validation_cases:
         raise ValueError(f"{args.data}: {len(cases)} usable case(s), --validation-cases {args.validation_cases}")
     validation = cases[len(cases) - args.validation_cases:]
