@@ -98,7 +98,11 @@ demo: $(STAMP)
 # a 2-core AMD EPYC, as many tests wait on subprocesses or run single-threaded.
 # Files start in Testing/conftest.py's order, the longest first (xdist's own
 # reorder, by number of tests, left the long files with few tests to the end).
-PYTEST := -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+# --max-worker-restart 0: a worker that dies (a native crash, a signal) ends
+# the run at once naming the test it ran, instead of the replacement worker
+# waiting forever (pytest-xdist's loadfile scheduler hangs after a restart:
+# seen once here, 2026-12-07, in test_openvino_backend.py).
+PYTEST := -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart 0
 
 # Both runs happen even when the first fails; the summary names each.
 test: test-tools $(STAMP) $(SLICER_VENV)/.installed
