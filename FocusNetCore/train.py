@@ -414,7 +414,7 @@ MAX_BAD_STEPS_IN_A_ROW = 5
 
 
 def choose_splits(names: List[str], config: "TrainConfig", run_dir: Path, given=None, rank: int = 0,
-                  world: int = 1) -> Dict[str, List[str]]:
+                  world: int = 1, log=print) -> Dict[str, List[str]]:
     """{"train", "validation", "test": [case names]}: from ``given`` (a
     splits.json the user wrote), else the run's own splits.json (a resumed
     run), else made from the configuration (name order or ``split_seed``).
@@ -446,7 +446,7 @@ def choose_splits(names: List[str], config: "TrainConfig", run_dir: Path, given=
             raise ValueError(f"{source}: {len(unknown)} case(s) not in the data: {', '.join(unknown[:5])}")
         left_out = sorted(set(names) - set(seen))
         if left_out:
-            print(f"{source}: {len(left_out)} case(s) of the data are in no split and are left out: "
+            log(f"{source}: {len(left_out)} case(s) of the data are in no split and are left out: "
                   f"{', '.join(left_out[:5])}")
     else:
         order = sorted(names)
@@ -454,7 +454,7 @@ def choose_splits(names: List[str], config: "TrainConfig", run_dir: Path, given=
             order = [order[k] for k in np.random.default_rng(config.split_seed).permutation(len(order))]
         n_test = min(config.test_cases, max(len(order) - 2, 0))
         if n_test < config.test_cases:
-            print(f"warning: test_cases is {config.test_cases} but {len(order)} case(s) leave room for {n_test} "
+            log(f"warning: test_cases is {config.test_cases} but {len(order)} case(s) leave room for {n_test} "
                   "(at least 1 training and 1 validation case come first): the run's figures will come from "
                   "validation only" if n_test == 0 else f"warning: only {n_test} of the {config.test_cases} test "
                   f"cases asked for fit among {len(order)} case(s)")
@@ -544,7 +544,8 @@ class Trainer:
         # processes), then all open every case from it, memory-mapped.
         self.workers = default_workers(self.world) if workers is None else int(workers)
         sources, _ = discover_cases(data_dir)
-        self.splits = choose_splits([s.name for s in sources], config, self.run_dir, splits, self.rank, self.world)
+        self.splits = choose_splits([s.name for s in sources], config, self.run_dir, splits, self.rank, self.world,
+                                    self.log)
         self.test_sources = [s for s in sources if s.name in set(self.splits["test"])]
         wanted = set(self.splits["train"]) | set(self.splits["validation"])  # the test cases are never preprocessed
         cases, self.problems = load_training_cases(data_dir, self.run_dir / "cache", net.preprocess, self.organs,
@@ -592,9 +593,6 @@ class Trainer:
             seen += case.present
         mean = counts / np.maximum(seen, 1)
         return losses.organ_weights(mean, self.config.alpha_power)
-
-    def _rng(self, stage: int, step: int) -> np.random.Generator:
-        return np.random.default_rng([self.config.seed, stage, step, self.rank])
 
     def crops(self, stage: str, stage_index: int) -> "Crops":
         """The stage's training crops by iteration (what the workers run)."""

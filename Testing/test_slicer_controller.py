@@ -29,6 +29,7 @@ from FocusNetSegmentLib.logic import SegmentOARsLogic  # noqa: E402
 from FocusNetCore.organs import ORGAN_SETS, convert_labels  # noqa: E402
 from FocusNetCore.phantom import PHANTOM_SET, generate_case  # noqa: E402
 from FocusNetCore.study import read_records  # noqa: E402
+from test_slicer_logic import process_group_alive as group_alive  # noqa: E402
 
 ORGANS = ORGAN_SETS["oar22"]
 WIDGET_FILE = ROOT / "FocusNetSegment" / "FocusNetSegment.py"
@@ -85,21 +86,6 @@ def launcher(tmp_path) -> str:
     path.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\nstatus=$?\nexit $status\n')
     path.chmod(0o755)
     return str(path)
-
-
-def group_alive(pgid) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    for stat in Path("/proc").glob("[0-9]*/stat"):  # zombies (not yet reaped) are dead too
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 def panel(tmp_path, image, name="CT", answers=()):
@@ -290,7 +276,7 @@ def test_cancel_and_scene_close_during_a_run_end_the_whole_process_tree(phantom,
 def fake_plan(monkeypatch, torch=None, torch_installed=None, packages=("pytest>=7",)):
     """What is missing, as dependencies.install_plan reports it ("pytest>=7"
     is installed already: the real pip runs, and needs no package index)."""
-    plan = dependencies.InstallPlan(torch, torch_installed, list(packages), ["pytest"] * len(packages))
+    plan = dependencies.InstallPlan(torch, torch_installed, list(packages))
     monkeypatch.setattr(dependencies, "install_plan", lambda: plan)
     return plan
 
@@ -328,7 +314,7 @@ def test_an_old_torch_is_upgraded_through_the_pytorch_extension(monkeypatch):
     which version is there."""
     monkeypatch.setattr(dependencies, "torch_available", lambda: True)
     monkeypatch.setattr(dependencies, "torch_version", lambda: "1.13.1+cu117")
-    monkeypatch.setattr(dependencies, "missing_modules", lambda: [])
+    monkeypatch.setattr(dependencies, "missing_requirements", lambda: [])
     plan = dependencies.install_plan()
     assert plan.torch_action == "upgrade" and not plan.ready
     assert "in place of the installed 1.13.1+cu117" in plan.question()

@@ -25,7 +25,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from .logic import SegmentOARsLogic
 
 DEVICES = ("auto", "cuda", "cpu")  # the device combo box's rows
-EXPORT_KINDS = ("seg.nrrd", "nifti", "dicomseg", "rtstruct")
 LOG_LINES = 500  # the log area keeps the last lines of the subprocesses' output
 
 

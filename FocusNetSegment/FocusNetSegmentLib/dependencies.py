@@ -58,10 +58,6 @@ def missing_requirements() -> List[str]:
     return [req for module, req in REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
 
 
-def missing_modules() -> List[str]:
-    return [module for module in REQUIREMENTS if importlib.util.find_spec(module) is None]
-
-
 def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
@@ -102,7 +98,6 @@ class InstallPlan:
     torch_action: Optional[str]
     torch_installed: Optional[str]
     packages: List[str]
-    modules: List[str]
 
     @property
     def ready(self) -> bool:
@@ -127,8 +122,7 @@ class InstallPlan:
 def install_plan() -> InstallPlan:
     version = torch_version()
     action = "install" if not torch_available() else "upgrade" if torch_too_old(version) else None
-    modules = missing_modules()
-    return InstallPlan(action, version, [REQUIREMENTS[m] for m in modules], modules)
+    return InstallPlan(action, version, missing_requirements())
 
 
 def protected_constraints() -> List[str]:
