@@ -477,6 +477,26 @@ def default_workers(world: int = 1) -> int:
     return max(min(cores // max(world, 1) - 1, 8), 0)
 
 
+def _without_sigchld_handler(loader):
+    """Iterate a DataLoader with workers, then take back the SIGCHLD handler
+    it installs for good in this process: left in place, the next child
+    process to exit (a subprocess long after training) crashed the process
+    with SIGSEGV (reproduced: test_openvino_backend after a run with crop
+    workers)."""
+    import signal
+
+    from torch.utils.data._utils import signal_handling
+
+    previous = signal.getsignal(signal.SIGCHLD) if hasattr(signal, "SIGCHLD") else None
+    installed_before = signal_handling._SIGCHLD_handler_set
+    try:
+        yield from loader
+    finally:
+        if previous is not None and not installed_before:
+            signal.signal(signal.SIGCHLD, previous)
+            signal_handling._SIGCHLD_handler_set = False
+
+
 def _as_is(crop):
     return crop
 
@@ -606,7 +626,7 @@ class Trainer:
         crops = self.crops(stage, stage_index)
         if self.workers <= 0:
             return (crops[step] for step in range(first, length))
-        return iter(torch.utils.data.DataLoader(crops, batch_size=None, sampler=range(first, length),
+        return _without_sigchld_handler(torch.utils.data.DataLoader(crops, batch_size=None, sampler=range(first, length),
                                                 num_workers=self.workers, prefetch_factor=4,
                                                 collate_fn=_as_is, persistent_workers=False))
 
