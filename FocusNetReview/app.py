@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -43,6 +45,11 @@ from .access import is_loopback, new_token, page_guard_middleware, token_middlew
 # (the lens in the temporal lobe): organs move less than this between the
 # model's guess and the truth, except when the model missed them entirely.
 PLACEMENT_CONFIRM_MM = 20.0
+# Tests set this to hold the server's thread for so many milliseconds before
+# each input message (view events, button presses, state changes), as a
+# loaded machine does: the page must still apply input in the order it was made.
+SLOW_ENV = "FOCUSNET_REVIEW_SLOW_MS"
+INPUT_METHODS = ("trame.rca.event", "trame.trigger", "trame.state.update")
 
 
 @dataclass
@@ -70,6 +77,32 @@ def _cc(volume) -> str:
     """A volume in words: two decimals under 10 cc (a lens is 0.2 cc), one above."""
     volume = float(volume)
     return f"{volume:.2f} cc" if volume < 10 else f"{volume:.1f} cc"
+
+
+def _slow_input_for_tests(seconds: float):
+    """Hold the server's one thread ``seconds`` before each input message
+    (``SLOW_ENV``): wraps the RPC handlers of the view events, button presses
+    and state changes, before the websocket handler reads them."""
+    import functools
+
+    from trame_rca.protocol import StreamManager
+    from trame_server.protocol import CoreServer
+
+    if seconds <= 0:
+        return
+    for cls in (CoreServer, StreamManager):
+        for name, function in list(vars(cls).items()):
+            uris = [u.get("uri") for u in getattr(function, "_wslinkuris", [])]
+            if not any(uri in INPUT_METHODS for uri in uris) or getattr(function, "_slowed", False):
+                continue
+
+            def slowly(*args, _function=function, **kwargs):
+                time.sleep(seconds)  # blocking: every later message waits, as on a loaded machine
+                return _function(*args, **kwargs)
+
+            functools.update_wrapper(slowly, function)  # keeps wslink's _wslinkuris
+            slowly._slowed = True
+            setattr(cls, name, slowly)
 
 
 def _clock_text(seconds: float) -> str:
@@ -102,9 +135,11 @@ class ReviewStation:
 
         self.server = server or get_server(client_type="vue3")
         self.server.enable_module(trame_slicer_module)
-        # The page reloads itself when the server is back after a restart (www/reconnect.js).
+        # The page reloads itself when the server is back after a restart
+        # (www/reconnect.js), and sends the reviewer's input in the order it
+        # was made, showing when the server is behind (www/ordered-input.js).
         self.server.enable_module({"serve": {"__focusnet": str(Path(__file__).parent / "www")},
-                                   "scripts": ["__focusnet/reconnect.js"]})
+                                   "scripts": ["__focusnet/reconnect.js", "__focusnet/ordered-input.js"]})
         self.state, self.ctrl = self.server.state, self.server.controller
         self.slicer_app = SlicerApp()
         register_rca_factories(self.slicer_app.view_manager, self.server)
@@ -125,7 +160,8 @@ class ReviewStation:
         self._worker_opening = False
         self._pending_place = None  # a far click-to-find answer waiting for the reviewer's word: (organ, mask)
         self.token = None if is_loopback(options.host) else new_token()
-        self.secret = new_token()  # this run's wslink secret: wslink's default authenticates nobody
+        self.secret = new_token()
+        _slow_input_for_tests(float(os.environ.get(SLOW_ENV, "0") or 0) / 1000.0)  # this run's wslink secret: wslink's default authenticates nobody
 
         self.state.trame__title = f"FocusNet review — {self.stem}"
         self.state.update({"fn_progress": 0.0, "fn_progress_text": "starting", "fn_ready": False,

@@ -543,3 +543,65 @@ def test_click_to_find_brings_a_missed_lens_back(phantom_ct, tmp_path):
     organ = records[0]["organs"]["Lens_L"]
     assert organ["assisted_edits"] == 1 and organ["edits"] == 0 and organ["status"] == "edited"
     assert records[0]["activity"].get("assisted_edit") == 1
+
+
+def test_a_slow_server_applies_input_in_order_with_its_tool(phantom_ct, tmp_path, monkeypatch):
+    """Issue 44 fault 4: on a loaded server (held 250 ms before each input
+    message, on purpose), a paint stroke followed at once by "Click to place"
+    still paints (it was taken as a placement), and a click to find followed
+    at once by the paint tool is still a click (it painted). The page says
+    while the server is behind, and says nothing once it has caught up."""
+    from playwright.sync_api import sync_playwright
+
+    monkeypatch.setenv("FOCUSNET_REVIEW_SLOW_MS", "250")
+    out = tmp_path / "review"
+    proc, url = start_review(phantom_ct, out)
+    try:
+        wait_for_line(proc, r"ready: http://", timeout=180)
+        with sync_playwright() as p:
+            browser, page = open_case_page(p, url)
+            page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-organ-name").click()
+            brush = page.locator("#fn-tools button:has(i.mdi-brush)")
+            brush.click()
+            page.wait_for_function("b => b.classList.contains('v-btn--active')", arg=brush.element_handle(),
+                                   timeout=30_000)
+            view = axial_view(page)
+            x = view["x"] + 0.06 * view["width"]
+            page.mouse.move(x, view["y"] + 0.40 * view["height"])
+            page.mouse.down()
+            for k in range(1, 11):
+                page.mouse.move(x, view["y"] + (0.40 + 0.02 * k) * view["height"])
+                time.sleep(0.02)
+            page.mouse.up()
+            page.locator("#fn-click-place").click()  # at once, while the stroke is still on its way
+            busy = page.locator("#fn-busy")
+            busy.wait_for(state="visible", timeout=5_000)
+            assert "in order" in busy.inner_text()
+            parotid = page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-status")
+            page.wait_for_function("s => s.innerText.trim() === 'edited'", arg=parotid.element_handle(),
+                                   timeout=60_000)
+            page.locator("#fn-click-text").wait_for(timeout=30_000)  # click mode is on, after the stroke
+            busy.wait_for(state="hidden", timeout=60_000)
+            assert not [line for line in proc.lines if "click to find" in line], "the stroke became a click"
+
+            page.locator(".fn-organ-row", has_text="Eye_L").locator(".fn-organ-name").click()
+            before = len(proc.lines)
+            page.mouse.click(view["x"] + 0.5 * view["width"], view["y"] + 0.5 * view["height"])
+            brush.click()  # at once, while the click is still on its way
+            page.wait_for_function("b => b.classList.contains('v-btn--active')", arg=brush.element_handle(),
+                                   timeout=60_000)
+            busy.wait_for(state="hidden", timeout=60_000)
+            assert any("click to find Eye_L at LPS" in line for line in proc.lines[before:]), proc.lines[before:]
+            eye = page.locator(".fn-organ-row", has_text="Eye_L").locator(".fn-status")
+            assert eye.inner_text().strip() == "unreviewed", "the click painted"
+            page.locator("#fn-finish").click()
+            page.wait_for_function("document.querySelector('#fn-message').innerText.includes('Exported')",
+                                   timeout=120_000)
+            browser.close()
+    finally:
+        stop(proc)
+    records, problems = read_records(out / "review-log.jsonl")
+    assert len(records) == 1 and not problems
+    organs = records[0]["organs"]
+    assert organs["Parotid_L"]["edits"] >= 1 and organs["Eye_L"]["edits"] == 0
+    assert all(o.get("assisted_edits", 0) == 0 for o in organs.values())
