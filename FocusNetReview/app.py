@@ -820,49 +820,60 @@ class ReviewStation:
             self.layout = layout
             layout.drawer.width = 480  # the organ list's columns and the flags' words fit without wrapping
             layout.title.set_text("FocusNet review")
+            layout.title.style = "user-select: none; flex: 0 0 auto;"
             with layout.appbar:
-                html.Span("{{ fn_model }}", classes="text-caption mx-4", style="opacity: 0.7")
+                # The display controls sit in the bar, always in sight (at 1280 x 800 the
+                # drawer below the organ list is taken by the editing tool's options).
+                self._build_display_controls(html, v)
+                html.Span("{{ fn_model }}", classes="text-caption mx-4", title=("fn_model",), id="fn-model",
+                          style="opacity: 0.7; max-width: 24vw; overflow: hidden; text-overflow: ellipsis; "
+                                "white-space: nowrap;")
                 v.VChip("Review {{ fn_clock }} · active {{ fn_active }}", classes="mx-2", id="fn-clock",
                         prepend_icon="mdi-timer-outline")
             with layout.drawer:
-                with v.VCard(flat=True, classes="pa-2", id="fn-review-panel"):
-                    v.VProgressLinear(v_if="!fn_ready && !fn_error", model_value=("fn_progress",), height=18,
-                                      color="primary", id="fn-progress",
-                                      children=["{{ fn_progress_text }}"])
-                    v.VAlert(v_if="fn_error", type="error", density="compact", text=("fn_error",), id="fn-error")
-                    v.VAlert(v_if="fn_warning", type="warning", density="compact", text=("fn_warning",),
-                             id="fn-warning")
-                    v.VAlert(v_if="fn_missing", type="info", density="compact", text=("fn_missing",),
-                             id="fn-missing", classes="text-caption py-1", icon=False)
-                    html.Div(("{{ fn_selected ? 'Selected: ' + fn_selected : "
-                              "'No organ selected: click one in the list' }}"),
-                             v_if="fn_ready", id="fn-selected", classes="text-body-2 font-weight-bold mt-1")
-                    self._build_organ_list(html, v)
-                    with html.Div(classes="d-flex flex-wrap mt-2", style="gap: 6px;"):
-                        v.VBtn("Accept all unflagged", size="small", id="fn-accept-all",
-                               disabled=("!fn_ready || fn_finished || fn_finishing",), click=self.accept_all)
-                        v.VBtn("Finish & export", size="small", color="primary", id="fn-finish",
-                               loading=("fn_finishing",), disabled=("!fn_ready || fn_finished || fn_finishing",),
-                               click=self.finish)
-                    with html.Div(classes="d-flex flex-wrap align-center mt-2", style="gap: 6px;", v_if="fn_ready"):
-                        v.VBtn("Click to place", size="small", id="fn-click-place", prepend_icon="mdi-target",
-                               variant=("fn_click_mode ? 'flat' : 'tonal'",),
-                               color=("fn_click_mode ? 'primary' : ''",),
-                               disabled=("fn_finished || fn_finishing",), click=self.toggle_click_mode)
-                        v.VBtn("Undo placement", size="small", variant="tonal", id="fn-click-undo",
-                               disabled=("!fn_can_undo || fn_finished || fn_finishing",), click=self.undo_place)
-                    html.Div("{{ fn_click_text }}", classes="text-caption", id="fn-click-text", v_if="fn_click_mode")
-                    with html.Div(classes="d-flex flex-wrap mt-1", style="gap: 6px;", v_if="fn_place_pending"):
-                        v.VBtn("Replace", size="small", color="warning", id="fn-place-confirm",
-                               click=self.confirm_place)
-                        v.VBtn("Discard", size="small", variant="tonal", id="fn-place-discard",
-                               click=self.discard_place)
-                    v.VProgressLinear(v_if="fn_finishing", indeterminate=True, color="primary", classes="mt-1",
-                                      id="fn-finish-progress")
-                    html.Div("{{ fn_message }}", classes="text-caption mt-1", id="fn-message")
-                    self._build_display_controls(html, v)
-                v.VDivider()
-                self.editor_ui = _review_editor_ui()(v_if="!fn_finished && !fn_finishing")
+                # A column the drawer's height: the organ list takes what the panel's other
+                # parts and the editing tool's options leave, and scrolls (all 22 rows fit on
+                # a 900-pixel-high screen with no tool open), so nothing falls under the footer.
+                with html.Div(style="display: flex; flex-direction: column; height: 100%;", id="fn-drawer",
+                              classes="pa-2"):
+                    with html.Div(id="fn-review-panel", style="display: contents;"):  # its parts: the column's
+                        v.VProgressLinear(v_if="!fn_ready && !fn_error", model_value=("fn_progress",), height=18,
+                                          color="primary", id="fn-progress",
+                                          children=["{{ fn_progress_text }}"])
+                        v.VAlert(v_if="fn_error", type="error", density="compact", text=("fn_error",), id="fn-error")
+                        v.VAlert(v_if="fn_warning", type="warning", density="compact", text=("fn_warning",),
+                                 id="fn-warning")
+                        v.VAlert(v_if="fn_missing", type="info", density="compact", text=("fn_missing",),
+                                 id="fn-missing", classes="text-caption py-1", icon=False)
+                        html.Div(("{{ fn_selected ? 'Selected: ' + fn_selected : "
+                                  "'No organ selected: click one in the list' }}"),
+                                 v_if="fn_ready", id="fn-selected", classes="text-body-2 font-weight-bold mt-1")
+                        self._build_organ_list(html, v)
+                        with html.Div(classes="d-flex flex-wrap mt-2", style="gap: 6px;"):
+                            v.VBtn("Accept all unflagged", size="small", id="fn-accept-all",
+                                   disabled=("!fn_ready || fn_finished || fn_finishing",), click=self.accept_all)
+                            v.VBtn("Finish & export", size="small", color="primary", id="fn-finish",
+                                   loading=("fn_finishing",), disabled=("!fn_ready || fn_finished || fn_finishing",),
+                                   click=self.finish)
+                        with html.Div(classes="d-flex flex-wrap align-center mt-2", style="gap: 6px;", v_if="fn_ready"):
+                            v.VBtn("Click to place", size="small", id="fn-click-place", prepend_icon="mdi-target",
+                                   variant=("fn_click_mode ? 'flat' : 'tonal'",),
+                                   color=("fn_click_mode ? 'primary' : ''",),
+                                   disabled=("fn_finished || fn_finishing",), click=self.toggle_click_mode)
+                            v.VBtn("Undo placement", size="small", variant="tonal", id="fn-click-undo",
+                                   disabled=("!fn_can_undo || fn_finished || fn_finishing",), click=self.undo_place)
+                        html.Div("{{ fn_click_text }}", classes="text-caption", id="fn-click-text", v_if="fn_click_mode")
+                        with html.Div(classes="d-flex flex-wrap mt-1", style="gap: 6px;", v_if="fn_place_pending"):
+                            v.VBtn("Replace", size="small", color="warning", id="fn-place-confirm",
+                                   click=self.confirm_place)
+                            v.VBtn("Discard", size="small", variant="tonal", id="fn-place-discard",
+                                   click=self.discard_place)
+                        v.VProgressLinear(v_if="fn_finishing", indeterminate=True, color="primary", classes="mt-1",
+                                          id="fn-finish-progress")
+                        html.Div("{{ fn_message }}", classes="text-caption mt-1", id="fn-message")
+                    v.VDivider()
+                    self.editor_ui = _review_editor_ui()(v_if="!fn_finished && !fn_finishing", id="fn-editor",
+                                                         style="flex: 0 0 auto;")
             with layout.toolbar:
                 self.layout_button = LayoutButton(classes="mt-1")
                 with html.Div(v_if="fn_ready && !fn_finished && !fn_finishing", id="fn-tools",
@@ -886,7 +897,8 @@ class ReviewStation:
         from trame.widgets import client
 
         html.Div("Organs at risk (flagged first)", classes="text-subtitle-2 mt-1")
-        with v.VTable(density="compact", v_if="fn_ready", id="fn-organs", classes="fn-organs"):
+        with html.Div(style="flex: 1 1 auto; min-height: 96px; overflow-y: auto;", id="fn-organs-scroll"), \
+                v.VTable(density="compact", v_if="fn_ready", id="fn-organs", classes="fn-organs"):
             with html.Thead(), html.Tr():
                 for title in ("", "organ", "volume", "conf.", "status", "", ""):
                     html.Th(title)
@@ -916,11 +928,13 @@ class ReviewStation:
                         v.VBtn("Accept", size="x-small", variant="tonal", classes="fn-accept",
                                disabled=("fn_finished || fn_finishing || row.status !== 'unreviewed'",),
                                click=(self.accept, "[row.name]"))
-        client.Style(".fn-organs td { height: 24px !important; font-size: 12px; } "
+        client.Style("#fn-editor.fill-height { height: auto !important; } "  # its options' height, not the drawer's
+                     "#fn-review-panel > * { flex: 0 0 auto; } #fn-review-panel > #fn-organs-scroll { flex: 1 1 auto; } "
+                     ".fn-organs td { height: 24px !important; font-size: 12px; } "
                    ".fn-organs th { height: 20px !important; font-size: 11px; padding: 0 4px !important; }")
 
     def _build_display_controls(self, html, v):
-        with html.Div(classes="d-flex flex-wrap align-center mt-2", style="gap: 4px;", v_if="fn_ready",
+        with html.Div(classes="d-flex align-center mx-2", style="gap: 4px; white-space: nowrap;", v_if="fn_ready",
                       id="fn-display"):
             v.VBtn("3D surfaces", size="x-small", id="fn-show3d", prepend_icon="mdi-cube-outline",
                    variant=("fn_show3d ? 'flat' : 'tonal'",), color=("fn_show3d ? 'primary' : ''",),
@@ -928,9 +942,8 @@ class ReviewStation:
             v.VBtn("{{ preset.name }}", v_for="preset in fn_presets", key="preset.name", size="x-small",
                    variant="tonal", classes="fn-preset",
                    click=(self.set_window, "[preset.window, preset.level]"))
-            html.Span("{{ fn_wl }}", classes="text-caption", id="fn-wl")
-        html.Div("Window/level: drag with the arrow tool (left/right: window, up/down: level).",
-                 classes="text-caption", style="opacity: 0.7;", v_if="fn_ready")
+            html.Span("{{ fn_wl }}", classes="text-caption", id="fn-wl",
+                      title="Window/level: drag with the arrow tool (left/right: window, up/down: level).")
 
 
 def _review_editor_ui():

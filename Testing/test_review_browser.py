@@ -58,13 +58,27 @@ def review_stem(ct) -> str:
     return f"{case_name(ct)}-{identity_of_input(ct).tag}"
 
 
-def open_case_page(p, url):
+def open_case_page(p, url, viewport=VIEWPORT):
     """Debian's Chromium on the review's page, once its 22 organ rows show: (browser, page)."""
     browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-    page = browser.new_page(viewport=VIEWPORT)
+    page = browser.new_page(viewport=viewport)
     page.goto(url)
     page.locator(".fn-organ-row").nth(21).wait_for(timeout=60_000)
     return browser, page
+
+
+def out_of_sight(page, selectors):
+    """The selectors whose element is absent, outside the window or covered
+    (what the page shows at its centre is something else), without scrolling."""
+    return page.evaluate("""selectors => selectors.filter(sel => {
+        const el = document.querySelector(sel);
+        if (!el) return true;
+        const r = el.getBoundingClientRect();
+        const x = r.left + r.width / 2, y = r.top + r.height / 2;
+        if (r.width === 0 || x < 0 || y < 0 || x > window.innerWidth || y > window.innerHeight) return true;
+        const hit = document.elementFromPoint(x, y);
+        return !(hit && (hit === el || el.contains(hit) || hit.contains(el)));
+    })""", selectors)
 
 
 def wait_for_line(proc, pattern, timeout=120):
@@ -550,7 +564,8 @@ def test_a_slow_server_applies_input_in_order_with_its_tool(phantom_ct, tmp_path
     message, on purpose), a paint stroke followed at once by "Click to place"
     still paints (it was taken as a placement), and a click to find followed
     at once by the paint tool is still a click (it painted). The page says
-    while the server is behind, and says nothing once it has caught up."""
+    while the server is behind, and says nothing once it has caught up. On a
+    1280 x 800 screen the review's controls and the brush size are in sight."""
     from playwright.sync_api import sync_playwright
 
     monkeypatch.setenv("FOCUSNET_REVIEW_SLOW_MS", "250")
@@ -559,12 +574,16 @@ def test_a_slow_server_applies_input_in_order_with_its_tool(phantom_ct, tmp_path
     try:
         wait_for_line(proc, r"ready: http://", timeout=180)
         with sync_playwright() as p:
-            browser, page = open_case_page(p, url)
+            browser, page = open_case_page(p, url, viewport={"width": 1280, "height": 800})
             page.locator(".fn-organ-row", has_text="Parotid_L").locator(".fn-organ-name").click()
             brush = page.locator("#fn-tools button:has(i.mdi-brush)")
             brush.click()
             page.wait_for_function("b => b.classList.contains('v-btn--active')", arg=brush.element_handle(),
                                    timeout=30_000)
+            page.locator(".v-navigation-drawer .v-slider").first.wait_for(timeout=30_000)
+            assert not out_of_sight(page, ["#fn-show3d", ".fn-preset", "#fn-wl", "#fn-clock", "#fn-selected",
+                                           "#fn-accept-all", "#fn-finish", "#fn-click-place",
+                                           ".v-navigation-drawer .v-slider"])
             view = axial_view(page)
             x = view["x"] + 0.06 * view["width"]
             page.mouse.move(x, view["y"] + 0.40 * view["height"])
