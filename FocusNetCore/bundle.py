@@ -46,14 +46,15 @@ def non_finite_tensors(state_dict: Dict[str, torch.Tensor], prefix: str = "") ->
 def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, overwrite: bool = False,
                 autoencoder: Optional[nn.Module] = None, autoencoder_width: float = 1.0,
                 postprocess: Optional[dict] = None, click_heads: Optional[dict] = None,
-                fine_heads: Optional[dict] = None) -> Path:
+                fine_heads: Optional[dict] = None, anatomy: Optional[dict] = None) -> Path:
     """Write the bundle; ``autoencoder`` (the trained shape autoencoder) lets
     inference score how plausible each small organ's shape is;
     ``postprocess`` is the plan of FocusNetCore.postprocess; ``click_heads``
     the SOS-Net heads click-to-find uses (see with_click_heads), as
     load_bundle returns them; ``fine_heads`` the organs' fine heads
     (FocusNetCore.finesos, see with_fine_heads), as load_bundle returns
-    them. Refuses
+    them; ``anatomy`` the prior of FocusNetCore.fieldofview (where the
+    organs lie relative to each other in the training cases). Refuses
     weights or a presence threshold that are not finite: such a model would
     draw nothing or anything, on every scan."""
     bad = non_finite_tensors(model.state_dict())
@@ -82,6 +83,8 @@ def save_bundle(model: FocusNetV2, path, provenance: Optional[dict] = None, over
     }
     if postprocess is not None:
         payload["postprocess"] = postprocess
+    if anatomy is not None:
+        payload["anatomy"] = anatomy
     if autoencoder is not None:
         aae_state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
         payload["autoencoder"] = {"width": float(autoencoder_width), "state_dict": aae_state,
@@ -219,7 +222,7 @@ def _resave(base: FocusNetV2, base_meta: dict, out, overwrite: bool, provenance:
     return save_bundle(base, out, provenance=provenance, overwrite=overwrite, autoencoder=autoencoder,
                        autoencoder_width=base_meta.get("autoencoder_width", 1.0),
                        postprocess=base_meta.get("postprocess"), click_heads=click_heads,
-                       fine_heads=base_meta.get("fine_heads"))
+                       fine_heads=base_meta.get("fine_heads"), anatomy=base_meta.get("anatomy"))
 
 
 def _kept_provenance(meta: dict) -> dict:

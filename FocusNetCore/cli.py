@@ -183,6 +183,9 @@ def _cmd_segment(args) -> int:
             with atomic_output(report_path, overwrite=args.overwrite) as tmp:
                 tmp.write_text(json.dumps(report, indent=2))
             progress("done", 1.0, f"wrote {', '.join(map(str, targets.values()))}")
+            if result.outside_scan:
+                print(f"focusnet segment: {name}: not in the scan (judged from where the other organs lie; not "
+                      f"drawn): {', '.join(result.outside_scan)}", file=sys.stderr, flush=True)
         except (ImageReadError, OutputExistsError) as error:
             status = max(status, EXIT_BAD_INPUT)
             _report_failure(args, name, str(error))

@@ -910,6 +910,11 @@ class Node:
         job.update(outputs=outputs, sent=[], segmented_s=round(seconds, 2), organs_found=present)
         self.spool.save(job, "active")
         LOG.info("segmented in %.1f s: series %s, %d of %d organs", seconds, job["series"], present, len(organs.names))
+        if result.outside_scan:
+            job.update(outside_scan=result.outside_scan)
+            self.spool.save(job, "active")
+            LOG.info("not in the scan (judged from where the other organs lie; not drawn): series %s: %s",
+                     job["series"], ", ".join(result.outside_scan))
 
     def deliver(self, job: dict) -> None:
         """C-STORE each output not yet delivered; retried with backoff for

@@ -28,7 +28,7 @@ from .bundleinfo import embedded_model_path
 from .imageio import check_finite, read_image
 from .metrics import dice
 from .networks import PROBABILITY_SCALE, ShapeAutoencoder, roi_paste, roi_pool, roi_start
-from . import finesos, openvino_backend, postprocess
+from . import fieldofview, finesos, openvino_backend, postprocess
 from .organs import CATALOGUE
 from .precision import channels_last, dtype_of, for_inference, output_problem, resolve
 from .preprocess import labels_to_original, preprocess
@@ -57,6 +57,9 @@ class OrganResult:
     # better than the right one, so a flag from it would mark every small
     # organ and tell the reviewer nothing (issue 44).
     shape_threshold: Optional[float] = None
+    # Judged outside the scan's field of view from where the other organs
+    # lie (fieldofview.py): not drawn, and "not in scan" rather than missing.
+    outside_scan: bool = False
 
 
 @dataclass
@@ -71,10 +74,16 @@ class SegmentationResult:
     # small organ at another point later (FocusNetCore.worker): the
     # preprocessed scan, the model-grid volume and S-Net's features.
     state: Optional[dict] = None
+    # fieldofview.Judgement.to_dict(): organs outside the field of view, the anchors, a note
+    field_of_view: Optional[dict] = None
 
     def report(self) -> dict:
         return {"model": self.model, "device": self.device, "precision": self.precision, "timings_s": self.timings,
-                "organs": [asdict(o) for o in self.organs]}
+                "organs": [asdict(o) for o in self.organs], "field_of_view": self.field_of_view}
+
+    @property
+    def outside_scan(self) -> List[str]:
+        return list((self.field_of_view or {}).get("outside", []))
 
 
 def _quiet(stage: str, fraction: float, message: str) -> None:
@@ -127,6 +136,11 @@ class Segmenter:
             self.autoencoder = ShapeAutoencoder(self.config.roi_size, self.meta["autoencoder_width"])
             self.autoencoder.load_state_dict(self.meta["autoencoder_state"])
             self.autoencoder.eval()
+        # Where the organs lie relative to each other (fieldofview.py): the bundle's own,
+        # from its training cases; the embedded model's from its phantoms; else none.
+        self.anatomy = self.meta.get("anatomy")
+        if self.anatomy is None and path.resolve() == EMBEDDED_MODEL.resolve() and fieldofview.PHANTOM_PRIOR.is_file():
+            self.anatomy = fieldofview.phantom_prior()
 
     def _probe_bfloat16(self) -> str:
         """"" when the model in bfloat16 (as inference runs it) gives S-Net logits
@@ -223,7 +237,15 @@ class Segmenter:
             fixed = sitk.GetImageFromArray(array)
             fixed.CopyInformation(labels)
             labels = fixed
+        # Organs the scan cannot hold, judged from where the others are: not drawn.
+        judgement = fieldofview.judge(labels, self.config.organs, self.anatomy)
+        if judgement.removed:
+            labels = fieldofview.remove(labels, self.config.organs, judgement.removed)
+            model_labels = np.where(np.isin(model_labels, [self.config.organs.label_of(n) for n in judgement.removed]),
+                                    0, model_labels)
         organs = self._organ_results(labels, model_labels, out, {r.label: r for r in drawn_fine})
+        for organ in organs:
+            organ.outside_scan = organ.name in judgement.outside
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         progress("done", 1.0, f"{sum(o.present for o in organs)} organs in {timings['total']:.1f} s")
@@ -234,7 +256,7 @@ class Segmenter:
                      "volume": channels_last(torch.as_tensor(pre.image)[None, None].to(self.device,
                                                                                        dtype_of(self.precision)))}
         return SegmentationResult(labels, organs, {k: round(v, 3) for k, v in timings.items()}, self.device,
-                                  self.model_info, self.precision, state)
+                                  self.model_info, self.precision, state, judgement.to_dict())
 
     def model_grid_labels(self, array: np.ndarray) -> np.ndarray:
         """The network's labels for a volume already on the model grid and

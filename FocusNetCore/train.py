@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -1290,6 +1291,23 @@ class Trainer:
         self.log(f"starting at the {stage} stage from {bundle} (checksum {meta.get('checksum', '')[:12]})")
         self._save_checkpoint()
 
+    def anatomy_prior(self) -> dict:
+        """fieldofview's prior from the training cases' contours, on the model
+        grid (LPS order, the preprocessing's spacing), one case at a time."""
+        from .fieldofview import prior_from_cases
+
+        spacing = [float(v) for v in self.config.network.preprocess.spacing]
+
+        def images():
+            for case in self.train_cases:
+                labels = sitk.GetImageFromArray(np.asarray(case.labels))
+                labels.SetSpacing(spacing)
+                yield labels
+
+        prior = prior_from_cases(images(), self.organs)
+        prior["source"] = f"the {len(self.train_cases)} training cases of {self.data_dir}"
+        return prior
+
     def provenance(self) -> dict:
         last = [r for r in self.history if r["stage"] == "final"]
         return {"name": self.config.model_name, "intended_use": self.config.intended_use,
@@ -1701,9 +1719,14 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
     if trainer.rank == 0:
         aae = trainer.aae if config.adversarial else None
 
+        # Where the organs lie relative to each other in the training contours: inference
+        # judges from it which organs a scan cannot hold (fieldofview.py).
+        anatomy = trainer._after_training("anatomy prior", trainer.anatomy_prior)
+
         def save(provenance):
             save_bundle(trainer.model, bundle, provenance, overwrite=True, autoencoder=aae,
-                        autoencoder_width=config.autoencoder_width, postprocess=trainer.postprocess_plan)
+                        autoencoder_width=config.autoencoder_width, postprocess=trainer.postprocess_plan,
+                        anatomy=anatomy)
 
         provenance = trainer.provenance()
         save(provenance)

@@ -37,6 +37,7 @@ from FocusNetCore.caseid import (check_on_grid, check_same_case, check_same_fram
                                   identity_in_header, identity_of_input, stamp)
 from FocusNetCore.imageio import case_name, read_image, write_image
 from FocusNetCore.organs import CATALOGUE
+from FocusNetSegmentLib.review import NOT_IN_SCAN, not_in_scan
 
 from .access import is_loopback, new_token, page_guard_middleware, token_middleware
 
@@ -444,12 +445,15 @@ class ReviewStation:
             self._install_window_level_drag()
             model = self.report.get("model", {})
             missing = [n for n, st in self.case.session.states.items() if "missing" in st.flags]
+            outside = not_in_scan(self.report.get("organs"))
             with self.state:
                 self.state.fn_model = f"{model.get('name', 'contours from ' + str(self.options.seg))}" + (
                     f" — {model['intended_use']}" if model.get("intended_use") else "")
-                self.state.fn_missing = ("No contour for " + ", ".join(missing)
-                                         + ": draw it, or leave it empty if the organ is not in the scan."
-                                         if missing else "")
+                self.state.fn_missing = " ".join(
+                    ([f"No contour for {', '.join(missing)}: draw it, or leave it empty if the organ is not in "
+                      "the scan."] if missing else [])
+                    + ([f"Not in the scan (judged from where the other organs lie): {', '.join(outside)}; draw it "
+                        "if it is."] if outside else []))
                 self.state.fn_small = list(self.case.organs.small_names)
                 self.state.fn_ready = True
                 self.state.fn_progress = 100
@@ -504,6 +508,7 @@ class ReviewStation:
             changed = ai_volume is not None and volume is not None and abs(float(volume) - float(ai_volume)) >= 0.005
             rows.append({"name": name, "color": f"#{r:02x}{g:02x}{b:02x}", "status": st.status, "edits": st.edits,
                          "flags": "; ".join(st.flags), "flagged": bool(st.flags),
+                         "note": NOT_IN_SCAN if result.get("outside_scan") and not st.flags and not volume else "",
                          "volume": "" if volume is None else _cc(volume),
                          "ai_volume": f"AI {_cc(ai_volume)}" if changed else "",
                          "confidence": "" if confidence is None else f"{float(confidence):.2f}",
@@ -912,6 +917,8 @@ class ReviewStation:
                         html.Div("{{ row.name }}", classes="fn-organ-name", style="white-space: nowrap;")
                         html.Div("{{ row.flags }}", v_if="row.flagged", classes="fn-flags text-red",
                                  style="font-size: 11px; line-height: 1.2;")
+                        html.Div("{{ row.note }}", v_if="row.note", classes="fn-note",
+                                 style="font-size: 11px; line-height: 1.2; opacity: 0.7;")
                     with html.Td(style="padding: 0 4px; white-space: nowrap;"):
                         html.Div("{{ row.volume }}", classes="fn-volume")
                         html.Div("{{ row.ai_volume }}", v_if="row.ai_volume", classes="fn-ai-volume",

@@ -14,11 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
+import SimpleITK as sitk
 import pytest
 from pydicom.uid import generate_uid
 
-from FocusNetCore.phantom import generate_case, write_case
+from FocusNetCore.phantom import PHANTOM_SET, generate_case, write_case
 
 RT_STRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -696,3 +698,36 @@ def test_retention_works_with_a_relative_spool_path(series, tmp_path, monkeypatc
     spool.save({"id": "j1", "series": "1.2", "folder": "series/j1", "done": old}, "done")
     assert spool.purge_finished(7) == ["j1"]
     assert not (tmp_path / "spool" / "series" / "j1").exists() and not (tmp_path / "spool" / "results" / "j1").exists()
+
+
+def test_a_short_series_gets_no_organ_it_does_not_hold(series, tmp_path):
+    """Issue 45 fault 8: five slices through the mandible sent to the node
+    come back without the eyes, lenses and optic nerves (which are not in
+    those slices); the node logs which organs it judged outside the scan."""
+    uid, folder = next(iter(series.items()))
+    files = sorted(folder.glob("*.dcm"), key=lambda f: float(pydicom.dcmread(
+        str(f), stop_before_pixels=True).ImagePositionPatient[2]))
+    case = generate_case(810, "small")
+    truth = sitk.GetArrayViewFromImage(case.labels)
+    mandible = [PHANTOM_SET.label_of(n) for n in ("Bone_Mandible_L", "Bone_Mandible_R")]
+    middle = int(np.nonzero(np.isin(truth, mandible).any(axis=(1, 2)))[0].mean())
+    assert not np.isin(truth[middle - 2: middle + 3], [PHANTOM_SET.label_of(n) for n in ("Eye_L", "Eye_R")]).any()
+    short_series = generate_uid()
+    for k, f in enumerate(files[middle - 2: middle + 3]):
+        _variant(f, tmp_path / "short" / f"{k}.dcm", SeriesInstanceUID=short_series, SOPInstanceUID=generate_uid())
+    dest_port = free_port()
+    scp = start_storescp(tmp_path / "planning", dest_port)
+    node = start_node(tmp_path / "spool", dest_port, "--format", "rtstruct")
+    try:
+        assert storescu(node.port, tmp_path / "short").wait(60) == 0
+        wait_for(lambda: len(received(tmp_path / "planning", RT_STRUCT)) == 1, 300, "the RTSTRUCT")
+    finally:
+        node.stop()
+        scp.stop()
+    (rtstruct,) = received(tmp_path / "planning", RT_STRUCT)[short_series]
+    ds = pydicom.dcmread(str(rtstruct))
+    roi_names = {r.ROINumber: r.ROIName for r in ds.StructureSetROISequence}
+    names = {roi_names[c.ReferencedROINumber] for c in ds.ROIContourSequence if "ContourSequence" in c}
+    assert not names & {"Eye_L", "Eye_R", "Lens_L", "Lens_R", "OpticNrv_L", "OpticNrv_R", "OpticChiasm"}, names
+    assert "Bone_Mandible_L" in names or "Bone_Mandible_R" in names, names
+    assert re.search(r"not in the scan .*: series .*Eye_L", node.text()), node.text()[-2000:]

@@ -238,6 +238,13 @@ def test_train_command_writes_a_bundle_with_provenance(phantom_data, tiny_run):
     plan = meta["postprocess"]
     assert plan["cases"] == 1 and set(plan["largest_component"]) <= set(model.config.organs.names)
     assert set(plan["mean_dice_change"]) == {"largest_component", "fill_holes"}
+    # Where the organs lie relative to each other in the training contours (fieldofview): the eyes above the
+    # mandible, as a Segmenter of this bundle uses it to judge which organs a scan cannot hold.
+    anatomy = meta["anatomy"]
+    assert anatomy["cases"] == 2 and anatomy["offset_mm"]["Eye_L"]["Bone_Mandible_L"][0] > 20
+    from FocusNetCore.segment import Segmenter
+
+    assert Segmenter(bundle).anatomy == anatomy
     with pytest.raises(FileExistsError, match="--resume"):
         train(TINY, phantom_data, bundle.parent, progress=False, log=lambda *a: None)
 

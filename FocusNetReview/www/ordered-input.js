@@ -20,7 +20,7 @@
 // banner says so (#fn-busy).
 (function () {
   var VIEW_QUIET_MS = 150;  // a view's queue sends its next event within this of an answer
-  var BUSY_AFTER_MS = 400;  // input unanswered this long: the server is behind, say so
+  var BUSY_AFTER_MS = 1000;  // input unanswered this long: the server is behind, say so (a render takes 0.3 s)
   var METHODS = ["trame.rca.event", "trame.trigger", "trame.state.update"];
   var send = WebSocket.prototype.send;
   var held = [];  // [socket, data, info] in the order the page sent them

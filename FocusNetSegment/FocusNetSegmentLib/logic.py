@@ -31,7 +31,7 @@ import SimpleITK as sitk
 from . import find_core_directory, process  # noqa: F401  (find_core_directory: part of the API)
 from .assist import ClickToFind, ras_to_lps, worker_command
 from .case import ReviewCase
-from .review import ReviewSession
+from .review import NOT_IN_SCAN, ReviewSession
 from .scene import image_from_volume_node
 from .startup import MINIMUM_SLICER, check_slicer_version  # noqa: F401  (part of the API)
 
@@ -359,8 +359,9 @@ class SegmentOARsLogic:
         for name, state in self.session.states.items():
             result = results.get(name, {})
             confidence = result.get("confidence")
+            flags = "; ".join(state.flags) or (NOT_IN_SCAN if result.get("outside_scan") else "")
             rows.append((name, state.status, f"{float(result.get('volume_cc') or 0.0):.2f}",
-                         "" if confidence is None else f"{confidence:.2f}", "; ".join(state.flags)))
+                         "" if confidence is None else f"{confidence:.2f}", flags))
         return rows
 
     def accept(self, name: Optional[str]) -> None:

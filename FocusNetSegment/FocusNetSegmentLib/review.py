@@ -69,6 +69,8 @@ def organ_flags(organs: OrganSet, results: List[dict]) -> Dict[str, List[str]]:
     flags: Dict[str, List[str]] = {name: [] for name in organs.names}
     for name in organs.names:
         r = by_name.get(name)
+        if r is not None and r.get("outside_scan"):
+            continue  # judged outside the field of view (fieldofview.py): "not in scan", no flag
         if r is None or not r.get("present"):
             flags[name].append("missing")
             continue
@@ -90,6 +92,15 @@ def organ_flags(organs: OrganSet, results: List[dict]) -> Dict[str, List[str]]:
         if r.get("confidence") is not None and r["confidence"] < CONFIDENCE_MIN:
             flags[name].append(f"low confidence ({r['confidence']:.2f})")
     return flags
+
+
+NOT_IN_SCAN = "not in scan"
+
+
+def not_in_scan(results: List[dict]) -> List[str]:
+    """The organs the segmentation judged outside the scan's field of view:
+    not drawn, shown as "not in scan" rather than missing."""
+    return [r["name"] for r in results or [] if r.get("outside_scan")]
 
 
 @dataclass
