@@ -159,6 +159,7 @@ class ReviewStation:
         # for contours from a file or a resumed review, of one run on demand).
         self.worker = None
         self._worker_opening = False
+        self._hidden = set()  # organs the reviewer hid (the eye in the list)
         self._pending_place = None  # a far click-to-find answer waiting for the reviewer's word: (organ, mask)
         self.token = None if is_loopback(options.host) else new_token()
         self.secret = new_token()
@@ -672,7 +673,23 @@ class ReviewStation:
             return
         display = self.case.segmentation_node.GetDisplayNode()
         display.SetSegmentVisibility(name, not display.GetSegmentVisibility(name))  # activity: "display"
+        self._hidden = {n for n in self.case.organs.names if not display.GetSegmentVisibility(n)}
         self._refresh_rows()
+
+    def _after_undo_redo(self, *_):
+        """An undo or redo is an edit of the organs it changed, recorded now;
+        the organs the reviewer hid stay hidden, the others shown; the list
+        shows the contours as they now are."""
+        if self.case is None:
+            return
+        self.case.session.record_changes()
+        display = self.case.segmentation_node.GetDisplayNode()
+        if display is not None:
+            for name in self.case.organs.names:
+                if bool(display.GetSegmentVisibility(name)) == (name in self._hidden):
+                    display.SetSegmentVisibility(name, name not in self._hidden)
+        with self.state:
+            self._refresh_rows()
 
     def accept(self, name: str):
         if self._can_review():
@@ -890,6 +907,10 @@ class ReviewStation:
             with layout.content:
                 self.layout_logic.layout_manager.initialize_layout_grid(layout)
         self.editor_logic.set_ui(self.editor_ui)
+        # After trame-slicer's own handlers (connected just above): an undo or redo copies a
+        # saved segmentation in, which neither fires the edit observer nor keeps visibility.
+        self.editor_ui.undo_clicked.connect(self._after_undo_redo)
+        self.editor_ui.redo_clicked.connect(self._after_undo_redo)
         # Choosing an editing tool is an act of reviewing (in Slicer the
         # segment editor node's change says the same).
         self.state.change(self.editor_ui._typed_state.name.active_effect_name)(self._on_tool_chosen)

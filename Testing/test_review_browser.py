@@ -259,6 +259,17 @@ def test_browser_review_paint_accept_finish_export(phantom_ct, tmp_path):
             live = float(row.locator(".fn-volume").inner_text().split()[0])
             ai_cc = float(row.locator(".fn-ai-volume").inner_text().split()[1])
             assert live > ai_cc, (live, ai_cc)
+            # Undo shows the AI's volume again at once, Redo the stroke's; no eye changes (Eye_L stays hidden).
+            eyes = page.locator(".fn-visibility").evaluate_all("es => es.map(e => e.className.includes('eye-off'))")
+            page.locator("button:has(i.mdi-undo)").click()
+            page.wait_for_function("r => !r.querySelector('.fn-ai-volume')", arg=row.element_handle(), timeout=20_000)
+            assert float(row.locator(".fn-volume").inner_text().split()[0]) == ai_cc
+            page.locator("button:has(i.mdi-redo)").click()
+            page.wait_for_function("r => r.querySelector('.fn-ai-volume')", arg=row.element_handle(), timeout=20_000)
+            assert float(row.locator(".fn-volume").inner_text().split()[0]) == live
+            time.sleep(1.0)
+            assert page.locator(".fn-visibility").evaluate_all(
+                "es => es.map(e => e.className.includes('eye-off'))") == eyes
 
             # Closing the page keeps the session and pauses its clock: a new page shows the same review.
             page.close()

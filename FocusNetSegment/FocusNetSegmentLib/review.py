@@ -190,6 +190,19 @@ class ReviewSession:
             self.checkpoint()
         return self
 
+    def record_changes(self) -> List[str]:
+        """Record, as edits now, the organs whose contours changed without a
+        representation-modified event: an undo or redo restores a whole
+        saved segmentation (trame-slicer copies it in). Returns their names."""
+        segmentation = self.node.GetSegmentation()
+        changed = [sid for sid in [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+                   if self._contour_changed(sid)]
+        if changed and not (self.finished or self.closing):
+            for k, sid in enumerate(changed):
+                self.record_edit(sid, save=k == 0)
+        self._seed_counts()
+        return [self._organ_of(sid) or sid for sid in changed]
+
     def _seed_counts(self) -> None:
         """Every segment's voxel count as it is now (see _others_changed)."""
         segmentation = self.node.GetSegmentation()
