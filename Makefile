@@ -47,8 +47,8 @@ venv: $(STAMP)
 # DICOM tools that check what we write (dciodvfy from dicom3tools, dcmtk's
 # dcmdump, plastimatch), and Orthanc, a real PACS the DICOM node's test
 # starts on a loopback port (its service is not started by the package here). Needs root or sudo on Debian. `make demo` needs none.
-TEST_TOOLS := chromium dciodvfy dcmdump plastimatch Orthanc
-TEST_PACKAGES := chromium dicom3tools dcmtk plastimatch orthanc
+TEST_TOOLS := chromium dciodvfy dcmdump plastimatch Orthanc gdcmconv
+TEST_PACKAGES := chromium dicom3tools dcmtk plastimatch orthanc libgdcm-tools
 
 .PHONY: test-tools
 test-tools:

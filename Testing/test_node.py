@@ -29,7 +29,7 @@ MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 def tool(name):
     path = shutil.which(name)
-    assert path, f"{name} is missing: `make test` installs it (Debian packages dcmtk, dicom3tools)"
+    assert path, f"{name} is missing: `make test` installs it (Debian packages dcmtk, dicom3tools, libgdcm-tools)"
     return path
 
 
@@ -429,12 +429,13 @@ def test_scouts_are_not_failed_jobs_and_a_stop_keeps_work_queued(series, tmp_pat
 
 def test_compressed_series_are_accepted_and_lossy_refused_with_a_log_line(series, tmp_path):
     """Issue 45, fault 5: a series compressed by dcmtk as JPEG Lossless SV1
-    (dcmcjpeg), JPEG-LS lossless (dcmcjpls) and RLE (dcmcrle) is accepted,
-    decoded and segmented: one RTSTRUCT each, referencing its series. A lossy
-    JPEG baseline series is refused at association, and the node says so."""
+    (dcmcjpeg), JPEG-LS lossless (dcmcjpls) and RLE (dcmcrle), and by GDCM
+    as JPEG 2000 lossless (gdcmconv --j2k), is accepted, decoded and
+    segmented: one RTSTRUCT each, referencing its series. A lossy JPEG
+    baseline series is refused at association, and the node says so."""
     uid, folder = next(iter(series.items()))
     coders = {"jpeg": [tool("dcmcjpeg"), "+e1"], "jls": [tool("dcmcjpls")], "rle": [tool("dcmcrle")],
-              "lossy": [tool("dcmcjpeg"), "+eb"]}
+              "j2k": [tool("gdcmconv"), "--j2k"], "lossy": [tool("dcmcjpeg"), "+eb"]}
     made = {}
     for kind, command in coders.items():
         series_uid = generate_uid()
@@ -447,12 +448,14 @@ def test_compressed_series_are_accepted_and_lossy_refused_with_a_log_line(series
         made[kind] = series_uid
     assert "JPEG-LS" in subprocess.run([tool("dcmdump"), str(next((tmp_path / "jls").glob("*.dcm")))],
                                        capture_output=True, text=True).stdout
+    assert "JPEG2000LosslessOnly" in subprocess.run([tool("dcmdump"), str(next((tmp_path / "j2k").glob("*.dcm")))],
+                                                    capture_output=True, text=True).stdout
     dest_port = free_port()
     scp = start_storescp(tmp_path / "planning", dest_port)
     node = start_node(tmp_path / "spool", dest_port, "--format", "rtstruct")
     try:
         # Each as a PACS that stores it compressed proposes it: that transfer syntax only (-R: CT only).
-        for kind, propose in (("jpeg", "-xs"), ("jls", "-xt"), ("rle", "-xr")):
+        for kind, propose in (("jpeg", "-xs"), ("jls", "-xt"), ("rle", "-xr"), ("j2k", "-xv")):
             sent = storescu(node.port, tmp_path / kind, extra=(propose, "-R"))
             text = sent.communicate(timeout=120)[0]
             assert sent.returncode == 0 and "Failed" not in text, text[-2000:]
@@ -465,11 +468,11 @@ def test_compressed_series_are_accepted_and_lossy_refused_with_a_log_line(series
         assoc = sender.associate("127.0.0.1", node.port, ae_title="FOCUSNET")
         assert not assoc.is_established, "the only context, lossy, is refused (the sender then aborts)"
         node.wait_line(r"refused at association from STORESCU: CT Image Storage in JPEG Baseline", timeout=30)
-        wait_for(lambda: len(received(tmp_path / "planning", RT_STRUCT)) == 3, 400, "three RTSTRUCTs")
+        wait_for(lambda: len(received(tmp_path / "planning", RT_STRUCT)) == 4, 500, "four RTSTRUCTs")
     finally:
         node.stop()
         scp.stop()
-    assert set(received(tmp_path / "planning", RT_STRUCT)) == {made["jpeg"], made["jls"], made["rle"]}
+    assert set(received(tmp_path / "planning", RT_STRUCT)) == {made["jpeg"], made["jls"], made["rle"], made["j2k"]}
     assert len(re.findall(r"refused at association", node.text())) == 1, "said once, for the lossy series only"
     assert status(tmp_path / "spool")["failed"] == 0
 
