@@ -734,3 +734,26 @@ def test_a_short_series_gets_no_organ_it_does_not_hold(series, tmp_path):
     assert not names & {"Eye_L", "Eye_R", "Lens_L", "Lens_R", "OpticNrv_L", "OpticNrv_R", "OpticChiasm"}, names
     assert "Bone_Mandible_L" in names or "Bone_Mandible_R" in names, names
     assert re.search(r"not in the scan .*: series .*Eye_L", node.text()), node.text()[-2000:]
+
+
+def test_a_read_only_spool_is_refused_naming_it(tmp_path):
+    """Issue 45, fault 13: a spool on a read-only file system (a tmpfs the
+    test mounts read-only) is exit 2 with a message naming it, never a
+    traceback; so is one inside it that does not exist yet."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root (CI and `make test` here run as root)")
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        for spool in (mount, mount / "spool"):
+            result = subprocess.run([sys.executable, "-m", "FocusNetCore", "node", "--spool", str(spool),
+                                     "--destination", "P@127.0.0.1:104", "--port", "0"],
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 2, result.stderr
+            assert str(spool) in result.stderr and "Traceback" not in result.stderr, result.stderr
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
