@@ -15,6 +15,18 @@ import numpy as np
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
 
+def _phantom_variation(args, seed: int):
+    from dataclasses import replace
+
+    from .phantom import Variation
+
+    variation = Variation.random(seed) if args.variation == "random" else Variation()
+    given = {"pose": tuple(args.pose) if args.pose else None, "slice_mm": args.slice_mm, "pixel_mm": args.pixel_mm,
+             "metal": args.metal or None, "z_range": tuple(args.scan_range) if args.scan_range else None,
+             "fov_mm": args.fov_mm}
+    return replace(variation, **{k: v for k, v in given.items() if v is not None})
+
+
 def _cmd_phantom(args) -> int:
     from .phantom import NOISE_HU, generate_case, write_case
 
@@ -22,7 +34,13 @@ def _cmd_phantom(args) -> int:
     for k in range(args.n):
         seed = args.seed + k
         start = time.perf_counter()
-        case = generate_case(seed, size=args.size, noise=tuple(args.noise) if args.noise else NOISE_HU)
+        try:
+            variation = _phantom_variation(args, seed).check()
+        except ValueError as error:
+            print(f"focusnet phantom: error: {error}", file=sys.stderr)
+            return 2
+        case = generate_case(seed, size=args.size, noise=tuple(args.noise) if args.noise else NOISE_HU,
+                             variation=variation)
         paths = write_case(case, out, args.format, overwrite=args.overwrite)
         print(f"{case.name}: {case.image.GetSize()} voxels at "
               f"{tuple(round(s, 3) for s in case.image.GetSpacing())} mm, "
@@ -313,6 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", nargs=2, type=float, metavar=("LO", "HI"),
                    help="range (HU) the noise's standard deviation is drawn from (default 10 30); another "
                         "range gives the same patients with only the noise's level changed")
+    # Scans as departments make them (phantom.Variation): the same patients, the truth painted alike.
+    p.add_argument("--pose", nargs=3, type=float, metavar=("YAW", "PITCH", "ROLL"),
+                   help="head pose in degrees (default: drawn within +-4)")
+    p.add_argument("--slice-mm", type=float, help="slice thickness and spacing in mm (default 2.5-3.5)")
+    p.add_argument("--pixel-mm", type=float, help="in-plane pixel size in mm (default 0.78-1.25)")
+    p.add_argument("--metal", action="store_true", help="dental fillings with streak artefacts")
+    p.add_argument("--scan-range", nargs=2, type=float, metavar=("BOTTOM", "TOP"),
+                   help="the scan's extent in head-frame mm (0 at the eyes, about +90 the vertex, -200 the "
+                        "shoulders)")
+    p.add_argument("--fov-mm", type=float, help="cut the field of view to this width left-right (a truncated scan)")
+    p.add_argument("--variation", choices=("random",),
+                   help="random: each case drawn within issue 48's ranges (pose +-15 deg, slices 1-5 mm, "
+                        "pixels 0.5-1.2 mm, metal in 30 %%, scan from -200..-60 to 0..125 mm, a cut field of "
+                        "view in 30 %%); the options above override it")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("segment", help="segment the organs at risk on CT volumes")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -308,14 +308,115 @@ def _sample(rng: np.random.Generator, lo_hi) -> float:
     return float(lo if lo == hi else rng.uniform(lo, hi))
 
 
+@dataclass
+class Variation:
+    """How a scan differs from the default phantoms, as scans do between
+    departments (issue 48). Each field left None keeps the patient's own
+    draw, so the same seed gives the same patient with only what is named
+    changed; the truth is painted with the image, so it follows exactly.
+
+    - ``pose``: the head's (yaw, pitch, roll) in degrees, about the
+      superior, left-right and anterior-posterior axes (default draws lie
+      within +-4);
+    - ``slice_mm``: slice thickness and spacing (default 2.5-3.5 mm);
+    - ``pixel_mm``: in-plane pixel size (default 0.78-1.25 mm);
+    - ``metal``: dental fillings (3000 HU spheres on the mandible's alveolar
+      ridge) with streak artefacts. An analytic streak model, not a forward
+      projection: in the slices through the fillings, radial streaks around
+      each filling (alternating +-HU, fading with distance) and a dark band
+      along the line between each pair, as filtered back projection gives
+      for metal;
+    - ``z_range``: the scan's bottom and top (head-frame mm: 0 at the eyes'
+      level, the vertex near +90, the shoulders near -200);
+    - ``fov_mm``: the reconstructed field of view's width: the image is cut
+      to it left-right (a truncated scan), and so is the truth.
+    Noise: ``generate_case(noise=(sd, sd))``."""
+
+    pose: Optional[Tuple[float, float, float]] = None
+    slice_mm: Optional[float] = None
+    pixel_mm: Optional[float] = None
+    metal: bool = False
+    z_range: Optional[Tuple[float, float]] = None
+    fov_mm: Optional[float] = None
+
+    def check(self) -> "Variation":
+        if self.pose is not None and (len(self.pose) != 3 or max(abs(float(a)) for a in self.pose) > 30):
+            raise ValueError(f"pose {self.pose!r}: expected yaw, pitch, roll within +-30 degrees")
+        for what, value, lo, hi in (("slice thickness", self.slice_mm, 0.5, 10.0),
+                                    ("pixel size", self.pixel_mm, 0.3, 2.0), ("field of view", self.fov_mm, 100, 600)):
+            if value is not None and not lo <= float(value) <= hi:
+                raise ValueError(f"{what} {value} mm: expected {lo:g}-{hi:g} mm")
+        if self.z_range is not None and not float(self.z_range[0]) < float(self.z_range[1]):
+            raise ValueError(f"scan range {self.z_range!r}: expected bottom < top (head-frame mm)")
+        return self
+
+    @classmethod
+    def random(cls, seed: int) -> "Variation":
+        """The ranges of issue 48, drawn per case (its own generator: the
+        patient drawn from ``seed`` is unchanged)."""
+        rng = np.random.default_rng([seed, 48])
+        bottom = float(rng.uniform(-200.0, -60.0))
+        top = float(rng.uniform(max(bottom + 80.0, 0.0), 125.0))
+        return cls(pose=tuple(float(a) for a in rng.uniform(-15.0, 15.0, 3)),
+                   slice_mm=round(float(rng.uniform(1.0, 5.0)), 1), pixel_mm=round(float(rng.uniform(0.5, 1.2)), 3),
+                   metal=bool(rng.random() < 0.3), z_range=(bottom, top),
+                   fov_mm=None if rng.random() < 0.7 else float(rng.uniform(200.0, 260.0)))
+
+
+def _add_metal(array: np.ndarray, labels: np.ndarray, spacing, rng: np.random.Generator) -> List[Tuple[int, ...]]:
+    """Fillings and their streaks (Variation.metal) on the image array
+    (z, y, x, HU), in place; the fillings' voxel centres."""
+    mandible = np.isin(labels, [PHANTOM_SET.label_of("Bone_Mandible_L"), PHANTOM_SET.label_of("Bone_Mandible_R")])
+    where = np.argwhere(mandible)
+    if not len(where):
+        return []
+    # The mandible's body (its anterior part: LPS y grows posterior; its top is the condyles, behind),
+    # and the body's top: the alveolar ridge, where the teeth are; fillings across it, left to right.
+    body = where[where[:, 1] <= np.percentile(where[:, 1], 35)]
+    ridge = body[body[:, 0] >= body[:, 0].max() - 1]
+    ridge = ridge[np.argsort(ridge[:, 2])]
+    picks = ridge[[int(q * (len(ridge) - 1)) for q in sorted(rng.uniform([0.05, 0.4, 0.75], [0.25, 0.6, 0.95]))]]
+    sz, sy, sx = spacing[2], spacing[1], spacing[0]
+    z, y, x = np.ogrid[: array.shape[0], : array.shape[1], : array.shape[2]]
+    radius = 3.0
+    for k, j, i in picks:
+        array[((z - k) * sz) ** 2 + ((y - j) * sy) ** 2 + ((x - i) * sx) ** 2 <= radius ** 2] = 3000.0
+    yy, xx = np.mgrid[: array.shape[1], : array.shape[2]]
+    for k in sorted({int(p[0]) for p in picks}):
+        for dk in range(-int(np.ceil(3.0 / sz)), int(np.ceil(3.0 / sz)) + 1):
+            if not 0 <= k + dk < array.shape[0]:
+                continue
+            fade = np.exp(-abs(dk) * sz / 3.0)
+            streak = np.zeros(yy.shape, np.float32)
+            for _, j, i in picks:
+                dy, dx = (yy - j) * sy, (xx - i) * sx
+                r = np.hypot(dy, dx)
+                theta = np.arctan2(dy, dx)
+                streak += 180.0 * np.cos(14.0 * theta + 0.7) * np.exp(-r / 40.0) * (1.0 - np.exp(-r / 4.0))
+            for a in range(len(picks)):
+                for b in range(a + 1, len(picks)):
+                    (_, j0, i0), (_, j1, i1) = picks[a], picks[b]
+                    p0, p1 = np.array([j0 * sy, i0 * sx]), np.array([j1 * sy, i1 * sx])
+                    d = p1 - p0
+                    t = np.clip(((yy * sy - p0[0]) * d[0] + (xx * sx - p0[1]) * d[1]) / max(d @ d, 1e-6), 0, 1)
+                    dist = np.hypot(yy * sy - (p0[0] + t * d[0]), xx * sx - (p0[1] + t * d[1]))
+                    streak -= 300.0 * np.exp(-(dist / 3.0) ** 2)
+            tissue = (array[k + dk] > -900) & (array[k + dk] < 2900)  # not the air, not the fillings
+            array[k + dk] += fade * streak * tissue
+    return [tuple(int(v) for v in p) for p in picks]
+
+
 def generate_case(seed: int, size: str = "full", name: Optional[str] = None,
                   z_range: Optional[Tuple[float, float]] = None,
-                  noise: Tuple[float, float] = NOISE_HU) -> PhantomCase:
+                  noise: Tuple[float, float] = NOISE_HU, variation: Optional[Variation] = None) -> PhantomCase:
     """One synthetic patient. ``z_range`` (head-frame mm, bottom and top)
     overrides the scan's extent, e.g. to make a scan that stops below the eyes.
     ``noise`` is the range (HU) the noise's standard deviation is drawn from;
     another range draws the same patient (anatomy, HU, pose) with only the
-    noise's level changed, e.g. noisier scans to train on."""
+    noise's level changed, e.g. noisier scans to train on. ``variation``
+    changes the pose, slices, pixels, metal and field of view (Variation)."""
+    variation = (variation or Variation()).check()
+    z_range = variation.z_range or z_range
     lo, hi = noise
     if not 0.0 <= lo <= hi:
         raise ValueError(f"noise range {noise!r}: expected 0 <= low <= high (HU)")
@@ -326,6 +427,9 @@ def generate_case(seed: int, size: str = "full", name: Optional[str] = None,
     hu = {k: v + rng.normal(0.0, HU_JITTER) for k, v in TISSUE_HU.items()}
     scale = rng.uniform(0.9, 1.1)
     angles = rng.uniform(-4.0, 4.0, 3)
+    if variation.pose is not None:  # (yaw, pitch, roll) -> rotations about x (pitch), y (roll), z (yaw)
+        yaw, pitch, roll = (float(a) for a in variation.pose)
+        angles = np.array([pitch, roll, yaw])
     shift = np.r_[rng.uniform(-15.0, 15.0, 2), 0.0]
     flexion = rng.uniform(-12.0, 12.0)
     transform = PatientTransform(scale, angles, shift, flexion)
@@ -334,6 +438,11 @@ def generate_case(seed: int, size: str = "full", name: Optional[str] = None,
     thickness = round(_sample(rng, setting["thickness"]), 1)
     bottom, top = z_range or (_sample(rng, setting["bottom"]), _sample(rng, setting["top"]))
     matrix = setting["matrix"]
+    if variation.pixel_mm is not None:  # the same field of view in pixels of this size
+        matrix = int(round(matrix * spacing_xy / float(variation.pixel_mm)))
+        spacing_xy = float(variation.pixel_mm)
+    if variation.slice_mm is not None:
+        thickness = float(variation.slice_mm)
     nz = int(round((top - bottom) * scale / thickness)) + 1
     origin = np.array([-(matrix - 1) / 2 * spacing_xy, -(matrix - 1) / 2 * spacing_xy,
                        shift[2] + bottom * scale])
@@ -353,14 +462,21 @@ def generate_case(seed: int, size: str = "full", name: Optional[str] = None,
     image.SetSpacing(tuple(float(s) for s in grid.spacing))
     image = sitk.SmoothingRecursiveGaussian(image, [blur_mm, blur_mm, blur_mm * 0.5])
     array = sitk.GetArrayFromImage(image)
+    fillings = _add_metal(array, canvas.labels, grid.spacing, np.random.default_rng([seed, 49])) \
+        if variation.metal else []
     array += rng.standard_normal(array.shape, dtype=np.float32) * np.float32(noise_sigma)
     ct = sitk.GetImageFromArray(np.clip(np.round(array), -1024, 3071).astype(np.int16))
     ct.CopyInformation(image)
     labels = sitk.GetImageFromArray(canvas.labels)
     labels.CopyInformation(image)
+    if variation.fov_mm is not None:  # a truncated scan: image and truth cut left-right alike
+        keep = min(matrix, int(round(float(variation.fov_mm) / spacing_xy)))
+        first = (matrix - keep) // 2
+        ct, labels = ct[first: first + keep, :, :], labels[first: first + keep, :, :]
     params = dict(seed=seed, scale=scale, yaw=float(angles[2]), pitch=float(angles[0]), roll=float(angles[1]),
                   flexion=flexion, noise_sigma=noise_sigma, blur_mm=blur_mm, spacing_xy=spacing_xy,
-                  thickness=thickness, z_bottom=bottom, z_top=top,
+                  thickness=thickness, z_bottom=bottom, z_top=top, metal_fillings=len(fillings),
+                  fov_mm=float(variation.fov_mm or matrix * spacing_xy),
                   **{f"hu_{tissue}": float(value) for tissue, value in hu.items()})
     world = {k: tuple(float(v) for v in transform.point(c)) for k, c in landmarks.items()}
     return PhantomCase(name or f"phantom_{seed:04d}", ct, labels, world, params)
