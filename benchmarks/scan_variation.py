@@ -47,7 +47,8 @@ def main():
         for seed in args.seeds:
             case = generate_case(seed, variation=variation, **({"noise": noise} if noise else {}))
             truth, _ = convert_labels(sitk.GetArrayViewFromImage(case.labels), PHANTOM_SET, organs)
-            drawn = sitk.GetArrayViewFromImage(segmenter.segment(case.image).labels)
+            result = segmenter.segment(case.image)  # held: the view below reads its memory
+            drawn = sitk.GetArrayViewFromImage(result.labels)
             for organ in organs.names:
                 value = organs.label_of(organ)
                 held, got = truth == value, drawn == value
