@@ -383,16 +383,16 @@ def _add_metal(array: np.ndarray, labels: np.ndarray, spacing, rng: np.random.Ge
         array[((z - k) * sz) ** 2 + ((y - j) * sy) ** 2 + ((x - i) * sx) ** 2 <= radius ** 2] = 3000.0
     yy, xx = np.mgrid[: array.shape[1], : array.shape[2]]
     for k in sorted({int(p[0]) for p in picks}):
-        for dk in range(-int(np.ceil(3.0 / sz)), int(np.ceil(3.0 / sz)) + 1):
+        for dk in range(-int(np.ceil(5.0 / sz)), int(np.ceil(5.0 / sz)) + 1):
             if not 0 <= k + dk < array.shape[0]:
                 continue
-            fade = np.exp(-abs(dk) * sz / 3.0)
+            fade = np.exp(-abs(dk) * sz / 5.0)
             streak = np.zeros(yy.shape, np.float32)
             for _, j, i in picks:
                 dy, dx = (yy - j) * sy, (xx - i) * sx
                 r = np.hypot(dy, dx)
                 theta = np.arctan2(dy, dx)
-                streak += 180.0 * np.cos(14.0 * theta + 0.7) * np.exp(-r / 40.0) * (1.0 - np.exp(-r / 4.0))
+                streak += 400.0 * np.cos(14.0 * theta + 0.7) * np.exp(-r / 60.0) * (1.0 - np.exp(-r / 4.0))
             for a in range(len(picks)):
                 for b in range(a + 1, len(picks)):
                     (_, j0, i0), (_, j1, i1) = picks[a], picks[b]
@@ -400,7 +400,7 @@ def _add_metal(array: np.ndarray, labels: np.ndarray, spacing, rng: np.random.Ge
                     d = p1 - p0
                     t = np.clip(((yy * sy - p0[0]) * d[0] + (xx * sx - p0[1]) * d[1]) / max(d @ d, 1e-6), 0, 1)
                     dist = np.hypot(yy * sy - (p0[0] + t * d[0]), xx * sx - (p0[1] + t * d[1]))
-                    streak -= 300.0 * np.exp(-(dist / 3.0) ** 2)
+                    streak -= 500.0 * np.exp(-(dist / 4.0) ** 2)
             tissue = (array[k + dk] > -900) & (array[k + dk] < 2900)  # not the air, not the fillings
             array[k + dk] += fade * streak * tissue
     return [tuple(int(v) for v in p) for p in picks]

@@ -37,11 +37,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[8600, 8601, 8602])
     parser.add_argument("--model", default=None)
+    parser.add_argument("--only", nargs="+", help="the variants whose names contain one of these words")
     args = parser.parse_args()
     organs = ORGAN_SETS["oar22"]
     segmenter = Segmenter(args.model)
     print(f"| variant | mean Dice | small organs | lowest organs | drawn, not in the scan |\n|---|---|---|---|---|")
     for name, (variation, noise) in VARIANTS.items():
+        if args.only and not any(word in name for word in args.only):
+            continue
         scores, extra = {}, set()
         start = time.perf_counter()
         for seed in args.seeds:
