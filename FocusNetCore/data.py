@@ -359,17 +359,36 @@ class AugmentConfig:
     left-right mirror of the chunk with every left organ relabelled as its
     right partner and back (:func:`mirror_chunk`): each paired organ then
     trains both its classes, and which is which is learnt from where it
-    lies, not from a side-specific look."""
+    lies, not from a side-specific look.
+
+    ``max_tilt_deg`` (not in the paper, 0 there) tilts the chunk out of
+    plane: a rotation about the left-right axis (the head nodding) and one
+    about the anterior-posterior axis (tipping to a shoulder), each drawn
+    within +-max_tilt_deg, in millimetres (the voxels' spacing), about the
+    chunk's centre; the slices it needs above and below are read from the
+    case, so no organ is cut by the chunk's ends (:func:`tilt_chunk`). The
+    in-plane rotation covers the head turned (yaw)."""
 
     enabled: bool = True
     max_translation: float = 40.0
     max_rotation_deg: float = 10.0
     scale: Tuple[float, float] = (0.7, 1.3)
     mirror: float = 0.0
+    max_tilt_deg: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.mirror <= 1.0:
             raise ValueError(f"augment.mirror is a probability between 0 and 1, got {self.mirror}")
+        if not 0.0 <= self.max_tilt_deg <= 30.0:
+            raise ValueError(f"augment.max_tilt_deg is between 0 and 30 degrees, got {self.max_tilt_deg}")
+
+    def tilt_margin(self, shape_hw: Tuple[int, int], spacing) -> int:
+        """Slices a tilted chunk needs beyond its ends: the in-plane
+        half-diagonal times the tilt's tangent, in slices."""
+        if not self.enabled or self.max_tilt_deg <= 0:
+            return 0
+        half = math.hypot(shape_hw[0] * spacing[1], shape_hw[1] * spacing[0]) / 2
+        return int(math.ceil(half * math.tan(math.radians(self.max_tilt_deg)) / spacing[2])) + 1
 
 
 def _pad_depth(array: np.ndarray, depth: int, value) -> np.ndarray:
@@ -443,6 +462,30 @@ def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, con
     return out_img[0, 0].numpy(), out_lab[0, 0].numpy().astype(np.uint8)
 
 
+def tilt_chunk(image: np.ndarray, labels: np.ndarray, pitch_deg: float, roll_deg: float, spacing):
+    """A (D, H, W) chunk rotated about its centre by ``pitch_deg`` about the
+    left-right (x) axis and ``roll_deg`` about the anterior-posterior (y)
+    axis, in millimetres (``spacing`` x, y, z): image trilinear, labels
+    nearest; what comes from beyond the chunk is air and background."""
+    import torch
+    import torch.nn.functional as F
+
+    d, h, w = image.shape
+    a, b = math.radians(pitch_deg), math.radians(roll_deg)
+    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    half = np.array([w * spacing[0], h * spacing[1], d * spacing[2]]) / 2  # x, y, z half-extents in mm
+    rotation = np.diag(1 / half) @ (rx @ ry) @ np.diag(half)  # on affine_grid's [-1, 1] coordinates (x, y, z)
+    theta = torch.tensor(np.c_[rotation, np.zeros(3)], dtype=torch.float32)[None]
+    grid = F.affine_grid(theta, (1, 1, d, h, w), align_corners=False)
+    air = float(image.min())
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    out_img = F.grid_sample(img - air, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + air
+    lab = torch.from_numpy(labels.astype(np.float32))[None, None]
+    out_lab = F.grid_sample(lab, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out_img[0, 0].numpy(), out_lab[0, 0].numpy().astype(np.uint8)
+
+
 def organ_centres(labels: np.ndarray, small_labels) -> List[Optional[np.ndarray]]:
     """Each small organ's centre of mass (z, y, x) in the chunk, None if absent."""
     out = []
@@ -486,18 +529,29 @@ def mirror_chunk(image: np.ndarray, labels: np.ndarray, present: np.ndarray, mir
 
 
 def sample_chunk(case: CachedCase, depth: int, rng: np.random.Generator, augment_config: AugmentConfig,
-                 small_labels=None, around_small: bool = False, organ_fraction: float = 0.0, mirror_labels=None):
+                 small_labels=None, around_small: bool = False, organ_fraction: float = 0.0, mirror_labels=None,
+                 spacing=(1.0, 1.0, 3.0)):
     """One training chunk: image (D, H, W), labels (D, H, W) and the case's
     present flags (swapped if the chunk was mirrored). Unless the crop is
     around the small organs, a share ``organ_fraction`` of crops is centred
-    on an organ (choose_z_on_organ), the rest uniform."""
+    on an organ (choose_z_on_organ), the rest uniform. ``spacing`` (x, y, z
+    mm, the model grid's) is what a tilt rotates in."""
     if not around_small and organ_fraction > 0 and rng.random() < organ_fraction:
         start = choose_z_on_organ(case, depth, rng)
     else:
         start = choose_z(case, depth, rng, small_labels if around_small else None)
-    image, labels = case.slab(start, start + depth)
-    image = _pad_depth(image, depth, case.fill)
-    labels = _pad_depth(labels, depth, 0)
+    margin = 0
+    if augment_config.enabled and augment_config.max_tilt_deg > 0:
+        shape = case.meta.get("shape") or case.slab(0, 1)[0].shape
+        margin = augment_config.tilt_margin(tuple(shape[1:3] if len(shape) == 3 else shape[-2:]), spacing)
+    first = max(start - margin, 0)
+    image, labels = case.slab(first, start + depth + margin)
+    before = margin - (start - first)  # slices above the scan's first: air, as beyond its last
+    if before:
+        image = np.concatenate([np.full((before,) + image.shape[1:], case.fill, np.float32), image])
+        labels = np.concatenate([np.zeros((before,) + labels.shape[1:], labels.dtype), labels])
+    image = _pad_depth(image, depth + 2 * margin, case.fill)
+    labels = _pad_depth(labels, depth + 2 * margin, 0)
     image, labels = augment(image, labels, rng, augment_config)
     present = case.present
     # Drawn last, and only when enabled, so configurations without it sample as before.
@@ -505,4 +559,8 @@ def sample_chunk(case: CachedCase, depth: int, rng: np.random.Generator, augment
         if mirror_labels is None:
             raise ValueError("augment.mirror needs the organ set's mirror_labels")
         image, labels, present = mirror_chunk(image, labels, present, mirror_labels)
+    if margin:  # after every other draw, likewise
+        pitch, roll = rng.uniform(-augment_config.max_tilt_deg, augment_config.max_tilt_deg, 2)
+        image, labels = tilt_chunk(image, labels, pitch, roll, spacing)
+        image, labels = image[margin: margin + depth], labels[margin: margin + depth]
     return image, labels, present

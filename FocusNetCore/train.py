@@ -531,7 +531,8 @@ class Crops(torch.utils.data.Dataset):
         depth = config.train_crop_slices or config.network.preprocess.chunk_slices
         around_small = self.stage in ("aae_pretrain", "sos", "finetune")
         image, labels, present = sample_chunk(case, depth, rng, config.augment, small, around_small,
-                                              config.organ_crop_fraction, organs.mirror_labels)
+                                              config.organ_crop_fraction, organs.mirror_labels,
+                                              config.network.preprocess.spacing)
         # Tensors: a worker hands them over in shared memory (numpy arrays would be pickled, tens of MB
         # a crop); the heat maps, the largest, are written straight into it.
         in_worker = torch.utils.data.get_worker_info() is not None
@@ -713,7 +714,8 @@ class Trainer:
             for _ in range(self.config.precise_bn_crops):
                 case = self.train_cases[int(rng.integers(len(self.train_cases)))]
                 image, _, _ = sample_chunk(case, depth, rng, self.config.augment, None, False,
-                                           self.config.organ_crop_fraction, self.organs.mirror_labels)
+                                           self.config.organ_crop_fraction, self.organs.mirror_labels,
+                                           self.config.network.preprocess.spacing)
                 with self._autocast():
                     snet(torch.as_tensor(image, device=self.device)[None, None])
         finally:

@@ -88,6 +88,20 @@ class Process:
         self.handle.close()
 
 
+def mount_tmpfs(mount: Path, options: str) -> Path:
+    """A tmpfs the test mounts (a small or read-only spool); skipped, saying
+    why, where that is not possible (CI and `make test` here run as root).
+    The test unmounts it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs for the spool needs root (CI and `make test` here run as root)")
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    return mount
+
+
 def start_node(spool: Path, destination_port: int, *extra, log_name="node.log"):
     port = free_port()
     node = Process([sys.executable, "-m", "FocusNetCore", "node", "--spool", str(spool), "--port", str(port),
@@ -527,16 +541,9 @@ def test_a_full_disk_loses_no_acknowledged_slice(series, tmp_path):
     refused with 0xA700, the node keeps running and does not make a job of
     the partial series. Space comes back (the tmpfs grows), the sender sends
     again: the series is segmented and delivered once."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs for the spool needs root (CI and `make test` here run as root)")
     uid, folder = next(iter(series.items()))
     count = len(list(folder.glob("*.dcm")))  # 48-49 slices of 52 kB
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    mount = mount_tmpfs(tmp_path / "small", "size=1500k")
     dest_port = free_port()
     scp = start_storescp(tmp_path / "planning", dest_port)
     node = None
@@ -740,14 +747,7 @@ def test_a_read_only_spool_is_refused_naming_it(tmp_path):
     """Issue 45, fault 13: a spool on a read-only file system (a tmpfs the
     test mounts read-only) is exit 2 with a message naming it, never a
     traceback; so is one inside it that does not exist yet."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root (CI and `make test` here run as root)")
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    mount = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
     try:
         for spool in (mount, mount / "spool"):
             result = subprocess.run([sys.executable, "-m", "FocusNetCore", "node", "--spool", str(spool),

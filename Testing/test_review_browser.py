@@ -144,6 +144,23 @@ def window_level(page):
     return page.locator("#fn-wl").inner_text().strip()
 
 
+def drag_down(page, view, x_fraction: float, steps: int, step: float, pause: float):
+    """A left-button drag down a view, at ``x_fraction`` of its width from 40 % of its height."""
+    x = view["x"] + x_fraction * view["width"]
+    page.mouse.move(x, view["y"] + 0.40 * view["height"])
+    page.mouse.down()
+    for k in range(1, steps + 1):
+        page.mouse.move(x, view["y"] + (0.40 + step * k) * view["height"])
+        time.sleep(pause)
+    page.mouse.up()
+
+
+def finish_and_wait(page, timeout=120_000):
+    """Finish & export, then wait for the page to name what it exported."""
+    page.locator("#fn-finish").click()
+    page.wait_for_function("document.querySelector('#fn-message').innerText.includes('Exported')", timeout=timeout)
+
+
 def paint_stroke(page, organ: str):
     """Select ``organ`` in the list (the slices jump to it), take the
     toolbar's paint tool, and paint a stroke down the left edge of the axial
@@ -156,14 +173,7 @@ def paint_stroke(page, organ: str):
     time.sleep(0.5)
     status = page.locator(".fn-organ-row", has_text=organ).locator(".fn-status")
     for attempt in range(2):  # a busy server has lost a first stroke (seen once on 2 loaded cores)
-        view = axial_view(page)
-        x = view["x"] + (0.06 + 0.02 * attempt) * view["width"]
-        page.mouse.move(x, view["y"] + 0.40 * view["height"])
-        page.mouse.down()
-        for k in range(1, 21):
-            page.mouse.move(x, view["y"] + (0.40 + 0.01 * k) * view["height"])
-            time.sleep(0.05)
-        page.mouse.up()
+        drag_down(page, axial_view(page), 0.06 + 0.02 * attempt, steps=20, step=0.01, pause=0.05)
         try:
             page.wait_for_function("s => s.innerText.trim() === 'edited'", arg=status.element_handle(),
                                    timeout=10_000)
@@ -549,9 +559,7 @@ def test_click_to_find_brings_a_missed_lens_back(phantom_ct, tmp_path):
             page.wait_for_function("document.querySelector('#fn-click-text').innerText.includes('Lens_L placed')",
                                    timeout=30_000)
             assert page.locator("#fn-click-undo").is_enabled()
-            page.locator("#fn-finish").click()
-            page.wait_for_function("document.querySelector('#fn-message').innerText.includes('Exported')",
-                                   timeout=60_000)
+            finish_and_wait(page, timeout=60_000)
             browser.close()
     finally:
         stop(proc)
@@ -596,13 +604,7 @@ def test_a_slow_server_applies_input_in_order_with_its_tool(phantom_ct, tmp_path
                                            "#fn-accept-all", "#fn-finish", "#fn-click-place",
                                            ".v-navigation-drawer .v-slider"])
             view = axial_view(page)
-            x = view["x"] + 0.06 * view["width"]
-            page.mouse.move(x, view["y"] + 0.40 * view["height"])
-            page.mouse.down()
-            for k in range(1, 11):
-                page.mouse.move(x, view["y"] + (0.40 + 0.02 * k) * view["height"])
-                time.sleep(0.02)
-            page.mouse.up()
+            drag_down(page, view, 0.06, steps=10, step=0.02, pause=0.02)
             page.locator("#fn-click-place").click()  # at once, while the stroke is still on its way
             busy = page.locator("#fn-busy")
             busy.wait_for(state="visible", timeout=5_000)
@@ -624,9 +626,7 @@ def test_a_slow_server_applies_input_in_order_with_its_tool(phantom_ct, tmp_path
             assert any("click to find Eye_L at LPS" in line for line in proc.lines[before:]), proc.lines[before:]
             eye = page.locator(".fn-organ-row", has_text="Eye_L").locator(".fn-status")
             assert eye.inner_text().strip() == "unreviewed", "the click painted"
-            page.locator("#fn-finish").click()
-            page.wait_for_function("document.querySelector('#fn-message').innerText.includes('Exported')",
-                                   timeout=120_000)
+            finish_and_wait(page)
             browser.close()
     finally:
         stop(proc)

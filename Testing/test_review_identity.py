@@ -30,7 +30,7 @@ from FocusNetCore.organs import ORGAN_SETS
 from FocusNetCore.phantom import generate_case, write_case
 from FocusNetCore.study import read_records
 
-from test_review_browser import open_case_page, start_review, stop, wait_for_line
+from test_review_browser import finish_and_wait, open_case_page, start_review, stop, wait_for_line
 
 ORGANS = ORGAN_SETS["oar22"]
 
@@ -112,9 +112,7 @@ def test_two_patients_with_one_folder_name_keep_their_own_contours(two_patients,
             expected = {o["name"]: float(o["volume_cc"]) for o in report_a["organs"]}
             assert shown == pytest.approx(expected, abs=0.051), "patient A's page shows other contours"
             page.locator("#fn-accept-all").click()
-            page.locator("#fn-finish").click()
-            page.wait_for_function("document.querySelector('#fn-message').innerText.includes('Exported')",
-                                   timeout=120_000)
+            finish_and_wait(page)
             browser.close()
     finally:
         stop(proc)

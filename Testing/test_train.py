@@ -163,6 +163,38 @@ def test_mirror_augmentation_keeps_left_organs_on_the_patients_left(phantom_data
         AugmentConfig(mirror=1.5)
 
 
+def test_a_tilt_rotates_out_of_plane_in_millimetres_and_reads_the_slices_it_needs():
+    """augment.max_tilt_deg (issue 48: heads nodding or tipped in the scan):
+    a flat layer comes out sloped by the tilt's tangent in millimetres (3 mm
+    slices, 1 mm pixels), and the chunk's ends are filled from the case's
+    slices beyond them, not with air."""
+    from FocusNetCore.data import tilt_chunk
+
+    labels = np.zeros((30, 64, 64), np.uint8)
+    labels[15] = 1  # a flat layer, 3 mm thick
+    _, tilted = tilt_chunk(labels.astype(np.float32), labels, 10.0, 0.0, (1.0, 1.0, 3.0))
+    rows = [y for y in range(8, 56) if tilted[:, y, 32].any()]
+    heights = [np.nonzero(tilted[:, y, 32])[0].mean() * 3.0 for y in rows]
+    slope = np.polyfit(np.array(rows, float), heights, 1)[0]  # mm per mm
+    assert abs(slope) == pytest.approx(np.tan(np.radians(10.0)), abs=0.03)
+    _, rolled = tilt_chunk(labels.astype(np.float32), labels, 0.0, 10.0, (1.0, 1.0, 3.0))
+    assert rolled[:, 32, :].any(axis=0).sum() > 40 and not np.array_equal(rolled, tilted)
+
+    body = np.ones((60, 48, 48), np.uint8)  # organ everywhere: a tilt must not cut it at the chunk's ends
+    case = CachedCase("c", body.astype(np.float32), body, np.ones(2, bool))
+    config = AugmentConfig(max_translation=0, max_rotation_deg=0, scale=(1.0, 1.0), max_tilt_deg=15.0)
+    image, chunk, _ = sample_chunk(case, 20, np.random.default_rng(3), config, spacing=(1.0, 1.0, 3.0))
+    # (beyond the in-plane edges the scan's field of view ends: there the rotation brings in air)
+    assert chunk.shape == (20, 48, 48) and chunk[:, 8:-8, 8:-8].all() and image.shape == chunk.shape
+    without = AugmentConfig(max_translation=0, max_rotation_deg=0, scale=(1.0, 1.0))
+    short = CachedCase("c", body[:20].astype(np.float32), body[:20], np.ones(2, bool))
+    _, cut = tilt_chunk(*sample_chunk(short, 20, np.random.default_rng(3), without)[:2], 15.0, 15.0,
+                        (1.0, 1.0, 3.0))
+    assert not cut[[0, -1], 8:-8, 8:-8].all(), "a tilt of the chunk alone would cut the organ at its ends"
+    with pytest.raises(ValueError, match="max_tilt_deg"):
+        AugmentConfig(max_tilt_deg=45.0)
+
+
 def test_heatmaps_peak_at_organ_centres_and_crops_keep_small_organs():
     labels = np.zeros((40, 32, 32), np.uint8)
     labels[10:13, 5:8, 20:23] = 3
