@@ -183,10 +183,13 @@ class Segmenter:
                                for organ, entry in (self.meta.get("fine_heads") or {}).items()}}
 
     def segment(self, image_or_path, progress: Optional[Progress] = None,
-                small_organ_branch: bool = True, keep_state: bool = False) -> SegmentationResult:
+                small_organ_branch: bool = True, keep_state: bool = False,
+                judge_field_of_view: bool = True) -> SegmentationResult:
         """``small_organ_branch=False`` keeps the S-Net's own small-organ labels
         (the ablation's "S-Net alone"); ``keep_state`` keeps what a later
-        :meth:`place_small_organ` needs (``result.state``)."""
+        :meth:`place_small_organ` needs (``result.state``);
+        ``judge_field_of_view=False`` keeps every organ the network drew
+        (fieldofview.py; measurements of the judgement itself)."""
         progress = progress or _quiet
         timings: Dict[str, float] = {}
         start = time.perf_counter()
@@ -238,7 +241,7 @@ class Segmenter:
             fixed.CopyInformation(labels)
             labels = fixed
         # Organs the scan cannot hold, judged from where the others are: not drawn.
-        judgement = fieldofview.judge(labels, self.config.organs, self.anatomy)
+        judgement = fieldofview.judge(labels, self.config.organs, self.anatomy if judge_field_of_view else None)
         if judgement.removed:
             labels = fieldofview.remove(labels, self.config.organs, judgement.removed)
             model_labels = np.where(np.isin(model_labels, [self.config.organs.label_of(n) for n in judgement.removed]),

@@ -106,3 +106,21 @@ def test_the_panels_say_not_in_scan_rather_than_missing():
     flags = organ_flags(ORGANS, results)
     assert flags["Eye_L"] == [] and flags["Eye_R"] == ["missing"]
     assert not_in_scan(results) == ["Eye_L"] and NOT_IN_SCAN == "not in scan"
+
+
+def test_an_organ_drawn_where_it_cannot_be_is_removed():
+    """A scan of the top of the head with a mandible drawn near the vertex
+    (seen on a phantom scanned from the eyes up): not the mandible; outside
+    the field of view, as its centre lies below the scan. Drawn far from
+    where it lies in a scan that holds it: misplaced (left as missing)."""
+    anatomy = {"Eye_L": (70, 73), "Eye_R": (70, 73), "Brainstem": (45, 65), "Lobe_Temporal_L": (55, 68),
+               "Lobe_Temporal_R": (55, 68), "Bone_Mandible_L": (10, 30), "Parotid_L": (20, 35)}
+    prior = fieldofview.prior_from_cases([_boxes(90, anatomy), _boxes(90, {k: (a + 1, b + 1) for k, (a, b)
+                                                                            in anatomy.items()})], ORGANS)
+    top = {k: (a - 40, b - 40) for k, (a, b) in anatomy.items() if a >= 45}  # slices 40-89 of that anatomy
+    judged = fieldofview.judge(_boxes(50, {**top, "Bone_Mandible_L": (44, 48)}), ORGANS, prior)
+    assert "Bone_Mandible_L" in judged.outside and "Bone_Mandible_L" in judged.removed
+    assert not {"Eye_L", "Brainstem", "Lobe_Temporal_L"} & set(judged.removed)
+    whole = {**anatomy, "Parotid_L": (70, 80)}  # the parotid drawn at the eyes' level, 40 mm too high
+    judged = fieldofview.judge(_boxes(90, whole), ORGANS, prior)
+    assert judged.misplaced == ["Parotid_L"] and "Parotid_L" in judged.removed and "Parotid_L" not in judged.outside

@@ -2,8 +2,8 @@
 scans cut the way real ones are: each phantom whole, cut to 5 slices through
 the mandible, cut at the middle of the eyes (keeping what is below, or
 above), and cut 3 slices below the orbits. For each: the organs judged
-outside, those drawn that the cut scan does not hold, and those judged
-outside that it does hold (must stay empty).
+outside, those drawn that the cut scan does not hold, and those removed
+although the network had drawn some of them right (must stay empty).
 
     .venv/bin/python benchmarks/field_of_view.py [SEED ...]   (default 1000 1001 1002 1003 8500)
 """
@@ -39,12 +39,15 @@ def main():
             result = segmenter.segment(case.image[:, :, a:b])
             held = [o for o in organs.names if (truth[a:b] == organs.label_of(o)).any()]
             drawn = [o.name for o in result.organs if o.present]
-            lost = [o for o in result.field_of_view["removed"] if o in held]
+            # what the judgement removed that was right: the network's voxels of it that the truth has
+            raw = sitk.GetArrayFromImage(segmenter.segment(case.image[:, :, a:b], judge_field_of_view=False).labels)
+            lost = [o for o in result.field_of_view["removed"]
+                    if ((raw == organs.label_of(o)) & (truth[a:b] == organs.label_of(o))).any()]
             wrongly_removed += len(lost)
             print(f"phantom {seed} {name:34s} {b - a:3d} slices: outside {result.outside_scan or '-'}; "
                   f"drawn, not in the scan: {[o for o in drawn if o not in held] or '-'}; "
-                  f"removed although there: {lost or '-'} ({time.perf_counter() - start:.0f} s)", flush=True)
-    print(f"organs removed although in the scan: {wrongly_removed}")
+                  f"removed, some of it right: {lost or '-'} ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(f"organs removed although some of what was drawn was right: {wrongly_removed}")
     return 1 if wrongly_removed else 0
 
 
