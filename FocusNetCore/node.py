@@ -522,6 +522,14 @@ class Receiver:
         if ct:
             LOG.warning("refused at association from %s: CT Image Storage in %s (accepted for CT: uncompressed, "
                         "deflated, %s)", caller, ", ".join(ct), ", ".join(LOSSLESS_COMPRESSED.values()))
+        elif CT_IMAGE_STORAGE in accepted:
+            # CT also proposed in a syntax the node takes: said all the same (dcmtk's storescu always adds
+            # an uncompressed fallback and then fails, in the sender, to convert a lossy file to it)
+            refused = sorted({UID(ts).name for c in event.assoc.rejected_contexts
+                              if str(c.abstract_syntax) == CT_IMAGE_STORAGE for ts in c.transfer_syntax})
+            if refused:
+                LOG.info("refused at association from %s: CT Image Storage in %s (the sender was offered another "
+                         "syntax; images it holds only in the refused one cannot be sent)", caller, ", ".join(refused))
         others = sorted({UID(c.abstract_syntax).name for c in lost if str(c.abstract_syntax) != CT_IMAGE_STORAGE})
         if others:
             LOG.info("refused at association from %s: %d other SOP class(es) in the transfer syntaxes proposed "
