@@ -445,6 +445,9 @@ def choose_splits(names: List[str], config: "TrainConfig", run_dir: Path, given=
         unknown = sorted(set(seen) - set(names))
         if unknown:
             raise ValueError(f"{source}: {len(unknown)} case(s) not in the data: {', '.join(unknown[:5])}")
+        if source == path:  # a resumed run, or a new start in the folder of one that failed early: said
+            log(f"{path}: the splits of the run already in this folder are used (delete the file, or pass "
+                "--splits, for others)")
         left_out = sorted(set(names) - set(seen))
         if left_out:
             log(f"{source}: {len(left_out)} case(s) of the data are in no split and are left out: "
@@ -856,6 +859,7 @@ class Trainer:
             self._load_checkpoint()
         total = sum(n for _, n in self.config.stages)
         done_before = sum(n for _, n in self.config.stages[: self.position[0]]) + self.position[1]
+        self.resumed_finished = resume and done_before >= total  # nothing left to train
         bar = _progress(total, done_before, enabled=progress and self.rank == 0)
         self.iterations = IterationLog(self.run_dir, done_before, enabled=self.rank == 0)
         start_time = time.perf_counter()
@@ -1712,6 +1716,9 @@ def train(config_path, data_dir, run_dir, resume: bool = False, device: str = "a
         trainer.start_from_model(from_model, from_stage)
         resume = True
     trainer.run(resume=resume, progress=progress, max_minutes=max_minutes)
+    if trainer.resumed_finished:
+        log(f"{run_dir}: its training had finished; nothing is trained again, only what follows it runs "
+            "again: model.pt, the test-set evaluation and model-card.md are written anew")
     if trainer.stopped_early:  # a checkpoint to --resume from; no model yet
         if dist.is_initialized():
             dist.barrier()

@@ -776,6 +776,12 @@ def test_a_run_to_watch_and_to_stop_at_a_time_limit(phantom_data, tmp_path):
     assert all(float(r["lr"]) > 0 and float(r["step_s"]) > 0 for r in rows)
     assert any(r["d_loss"] not in ("nan", "") for r in rows if r["stage"] == "sos")
     assert (run / "progress.png").stat().st_size > 5000 and (run / "checkpoint-best.pt").is_file()
+    # --resume on the finished run trains nothing and says what it does instead
+    said = []
+    again = train(config, phantom_data, run, resume=True, device="cpu", progress=False, log=said.append, workers=0)
+    assert any("training had finished" in line and "written anew" in line for line in said), said
+    c = load_bundle(again)[0].state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_splits_files_are_checked_and_a_short_test_split_is_said(tmp_path, capsys):
@@ -795,6 +801,9 @@ def test_splits_files_are_checked_and_a_short_test_split_is_said(tmp_path, capsy
         choose_splits(names, config, tmp_path / "run", tmp_path / "missing.json")
     splits = choose_splits(["a", "b"], config, tmp_path / "run2")
     assert splits["test"] == [] and "test_cases is 1 but 2 case(s) leave room for 0" in capsys.readouterr().out
+    # a second start in that folder (a resume, or a run that failed before its first checkpoint) says whose splits
+    assert choose_splits(["a", "b"], config, tmp_path / "run2") == splits
+    assert "splits of the run already in this folder are used" in capsys.readouterr().out
 
 
 def test_an_unreadable_test_case_is_skipped_and_the_others_scored(tmp_path):
