@@ -391,6 +391,7 @@ def test_scripted_review_active_time_matches_the_interaction(phantom_ct, tmp_pat
             t3 = time.monotonic()
             page.wait_for_function("document.querySelector('#fn-message').innerText.includes('Exported')",
                                    timeout=60_000)
+            t4 = time.monotonic()  # the server's clock stopped at Finish, before the page said so
             browser.close()
     finally:
         stop(proc)
@@ -404,7 +405,10 @@ def test_scripted_review_active_time_matches_the_interaction(phantom_ct, tmp_pat
           json.dumps({k: v for k, v in record.items() if k not in ("metrics", "organs", "timing_definitions")}))
     assert abs(record["active_s"] - scripted) <= 0.10 * scripted
     assert record["active_s"] < scripted + 0.5 * (t2 - t1), "the idle pause is not counted"
-    assert record["wall_s"] <= (t3 - t0) + 2.0, "the time before the page was opened is not counted"
+    # The record's wall clock runs from the page's first authenticated connection (after t0) to Finish as the
+    # server handles it (before t4; on a loaded machine seconds after the click at t3, as the page sends the
+    # click only once the scroll events before it are answered).
+    assert record["wall_s"] <= (t4 - t0) + 0.5, "the time before the page was opened is not counted"
     assert record["wall_s"] >= (t3 - t0) - 2.0
     assert record["idle_threshold_s"] == threshold
     assert record["activity"]["slice"] >= 10 and record["activity"]["window_level"] >= 4
