@@ -542,8 +542,8 @@ def sample_chunk(case: CachedCase, depth: int, rng: np.random.Generator, augment
         start = choose_z(case, depth, rng, small_labels if around_small else None)
     margin = 0
     if augment_config.enabled and augment_config.max_tilt_deg > 0:
-        shape = case.meta.get("shape") or case.slab(0, 1)[0].shape
-        margin = augment_config.tilt_margin(tuple(shape[1:3] if len(shape) == 3 else shape[-2:]), spacing)
+        shape = case.meta.get("shape") or case.slab(0, 1)[0].shape  # (D, H, W) either way
+        margin = augment_config.tilt_margin(tuple(shape)[1:], spacing)
     first = max(start - margin, 0)
     image, labels = case.slab(first, start + depth + margin)
     before = margin - (start - first)  # slices above the scan's first: air, as beyond its last

@@ -200,8 +200,8 @@ def judge(labels: sitk.Image, organs: OrganSet, prior: Optional[dict]) -> Judgem
         if not whole and extent.volume_cc < ANCHOR_MIN_FRACTION * low_cc:
             continue
         interval = _centre_interval(name, extent, scan, tolerance, prior)
-        if interval is not None:
-            anchors[name] = interval
+        if interval is not None:  # a cut anchor's centre: the middle of where it can be
+            anchors[name] = (interval[0] + interval[1]) / 2
     outside, misplaced = [], []
     for name in organs.names:
         half = prior["half_height_mm"].get(name)
@@ -211,12 +211,11 @@ def judge(labels: sitk.Image, organs: OrganSet, prior: Optional[dict]) -> Judgem
         reach = half[0] + K_HALF * max(float(half[1]), MIN_HALF_SD_MM)  # how far from its centre it reaches
         drawn = found.get(name)
         votes = beyond = centre_beyond = elsewhere = 0
-        for anchor, (low, high) in anchors.items():
+        for anchor, at in anchors.items():
             if anchor == name or anchor not in row:
                 continue
-            low = high = (low + high) / 2  # a cut anchor's centre: the middle of where it can be
             mean, sd, _ = row[anchor]
-            centre = (low + mean - K_SD * _sd(sd), high + mean + K_SD * _sd(sd))  # where its centre can be
+            centre = (at + mean - K_SD * _sd(sd), at + mean + K_SD * _sd(sd))  # where its centre can be
             reaches = (centre[0] - reach, centre[1] + reach)  # where any of it can be
             votes += 1
             beyond += reaches[1] < scan[0] - tolerance or reaches[0] > scan[1] + tolerance

@@ -162,8 +162,8 @@ class ReviewStation:
         self._hidden = set()  # organs the reviewer hid (the eye in the list)
         self._pending_place = None  # a far click-to-find answer waiting for the reviewer's word: (organ, mask)
         self.token = None if is_loopback(options.host) else new_token()
-        self.secret = new_token()
-        _slow_input_for_tests(float(os.environ.get(SLOW_ENV, "0") or 0) / 1000.0)  # this run's wslink secret: wslink's default authenticates nobody
+        self.secret = new_token()  # this run's wslink secret: wslink's default authenticates nobody
+        _slow_input_for_tests(float(os.environ.get(SLOW_ENV, "0") or 0) / 1000.0)
 
         self.state.trame__title = f"FocusNet review — {self.stem}"
         self.state.update({"fn_progress": 0.0, "fn_progress_text": "starting", "fn_ready": False,

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
+from FocusNetCore import fieldofview
 from FocusNetCore.organs import ORGAN_SETS, convert_labels
 from FocusNetCore.phantom import PHANTOM_SET, generate_case
 from FocusNetCore.segment import Segmenter
@@ -36,15 +37,15 @@ def main():
                 "top cut 3 slices below the orbits": (0, int(eye.min()) - 3)}
         for name, (a, b) in cuts.items():
             start = time.perf_counter()
-            result = segmenter.segment(case.image[:, :, a:b])
+            unjudged = segmenter.segment(case.image[:, :, a:b], judge_field_of_view=False)
+            judged = fieldofview.judge(unjudged.labels, organs, segmenter.anatomy)  # as segment() does
             held = [o for o in organs.names if (truth[a:b] == organs.label_of(o)).any()]
-            drawn = [o.name for o in result.organs if o.present]
+            drawn = [o.name for o in unjudged.organs if o.present and o.name not in judged.removed]
             # what the judgement removed that was right: the network's voxels of it that the truth has
-            raw = sitk.GetArrayFromImage(segmenter.segment(case.image[:, :, a:b], judge_field_of_view=False).labels)
-            lost = [o for o in result.field_of_view["removed"]
-                    if ((raw == organs.label_of(o)) & (truth[a:b] == organs.label_of(o))).any()]
+            raw = sitk.GetArrayFromImage(unjudged.labels)
+            lost = [o for o in judged.removed if ((raw == organs.label_of(o)) & (truth[a:b] == organs.label_of(o))).any()]
             wrongly_removed += len(lost)
-            print(f"phantom {seed} {name:34s} {b - a:3d} slices: outside {result.outside_scan or '-'}; "
+            print(f"phantom {seed} {name:34s} {b - a:3d} slices: outside {judged.outside or '-'}; "
                   f"drawn, not in the scan: {[o for o in drawn if o not in held] or '-'}; "
                   f"removed, some of it right: {lost or '-'} ({time.perf_counter() - start:.0f} s)", flush=True)
     print(f"organs removed although some of what was drawn was right: {wrongly_removed}")
