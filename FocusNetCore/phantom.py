@@ -340,7 +340,7 @@ class Variation:
     fov_mm: Optional[float] = None
 
     def check(self) -> "Variation":
-        if self.pose is not None and (len(self.pose) != 3 or max(abs(float(a)) for a in self.pose) > 30):
+        if self.pose is not None and (len(self.pose) != 3 or not all(abs(float(a)) <= 30 for a in self.pose)):
             raise ValueError(f"pose {self.pose!r}: expected yaw, pitch, roll within +-30 degrees")
         for what, value, lo, hi in (("slice thickness", self.slice_mm, 0.5, 10.0),
                                     ("pixel size", self.pixel_mm, 0.3, 2.0), ("field of view", self.fov_mm, 100, 600)):

@@ -61,6 +61,8 @@ def test_random_variation_is_drawn_per_case_and_refused_out_of_range():
     assert max(abs(a) for a in drawn.pose) <= 15 and 1.0 <= drawn.slice_mm <= 5.0 and 0.5 <= drawn.pixel_mm <= 1.2
     with pytest.raises(ValueError, match="slice thickness"):
         Variation(slice_mm=0.1).check()
+    with pytest.raises(ValueError, match="pose"):
+        Variation(pose=(float("nan"), 0.0, 0.0)).check()  # NaN compares false: once it drew an all-air CT
     result = subprocess.run([sys.executable, "-m", "FocusNetCore", "phantom", "--out", "/nonexistent-never-written",
                              "--pose", "40", "0", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "pose" in result.stderr and "Traceback" not in result.stderr
